@@ -1,0 +1,45 @@
+# Every set-up step a fresh machine needs lives here: `make demo` and `make test` start from a
+# bare clone (Python 3.10+ with venv) and do the rest.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# mypy cannot follow the editable install's folder mapping; it reads this link tree instead.
+TYPECHECK_TREE := build/typecheck
+
+.PHONY: all venv models demo test lint typecheck bench clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@# The CPU build of torch first (used only to export the model): the export extra's plain
+	@# `torch` requirement is then satisfied and pip does not fetch a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[export,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+models: venv
+	$(PY) -m akidb_embed.models provision
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	@mkdir -p $(TYPECHECK_TREE)/akidb_embed
+	@for f in akidb_embed/*.py akidb_embed/py.typed; do ln -sfn ../../../$$f $(TYPECHECK_TREE)/$$f; done
+	@ln -sfn ../../../worker $(TYPECHECK_TREE)/akidb_embed/worker
+	@ln -sfn ../../../host_client $(TYPECHECK_TREE)/akidb_embed/host_client
+	@ln -sfn ../../../models $(TYPECHECK_TREE)/akidb_embed/models
+	cd $(TYPECHECK_TREE) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
+		-p akidb_embed.host_client -p akidb_embed.wire -p akidb_embed.errors
+
+test: models lint typecheck
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

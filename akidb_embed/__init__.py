@@ -1,0 +1,9 @@
+"""akidb-embed: sentence embeddings from ONNX Runtime through one long-lived worker process.
+
+Subpackages: ``akidb_embed.worker`` (the process that holds the ONNX Runtime session),
+``akidb_embed.host_client`` (spawns, supervises and calls it), ``akidb_embed.models`` (offline
+provisioning of model directories). Shared by all three: ``wire`` (the frame codec) and
+``errors`` (the error hierarchy).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Host client: spawns and supervises the worker and presents embed_batch."""

@@ -1,0 +1,1 @@
+"""The worker process: holds the ONNX Runtime session and serves frames on stdio."""
