@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of the bridge against in-process ONNX Runtime and baselines."""
