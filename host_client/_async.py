@@ -1,0 +1,88 @@
+"""``AsyncEmbeddingClient``: the asyncio twin.
+
+The same core as ``EmbeddingClient`` (its threads do the supervising and the pipe work); each
+method awaits the core's ``concurrent.futures.Future`` through ``asyncio.wrap_future``, so the
+event loop never blocks. Cancelling a task cancels its call: texts not yet sent are dropped,
+and replies already on their way are discarded when they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from akidb_embed.host_client._base import ClientBase
+from akidb_embed.host_client._types import (
+    BatchEmbeddingRequest,
+    BatchEmbeddingResponse,
+    ModelInfo,
+)
+
+__all__ = ["AsyncEmbeddingClient"]
+
+
+class AsyncEmbeddingClient(ClientBase):
+    """The asyncio face of ``EmbeddingClient``: same arguments, same errors, awaitable methods.
+
+    Constructing it spawns nothing; ``await client.start()``, ``async with`` or the first call
+    starts the worker (a start failure raises the worker's own reason, like the sync client's
+    constructor).
+    """
+
+    async def start(self) -> None:
+        """Spawn the worker and wait for its hello (idempotent)."""
+        await asyncio.wrap_future(self._core.start())
+
+    async def embed_batch(self, request: BatchEmbeddingRequest) -> BatchEmbeddingResponse:
+        """One vector per input of ``request``, in order; see ``EmbeddingClient.embed_batch``."""
+        await self.start()
+        return await asyncio.wrap_future(self._core.submit_embed(request))
+
+    async def embed(self, texts: Sequence[str], normalize: bool = True) -> npt.NDArray[np.float32]:
+        """The ``(len(texts), dimension)`` float32 vectors of ``texts`` from the loaded model."""
+        response = await self.embed_batch(BatchEmbeddingRequest(None, texts, normalize))
+        return response.embeddings
+
+    async def model_info(self) -> ModelInfo:
+        """The loaded model as the worker announced it."""
+        await self.start()
+        return self._model_info()
+
+    async def health_check(self) -> bool:
+        """True when the worker's health op passed; raises otherwise."""
+        await self.start()
+        await asyncio.wrap_future(self._core.submit_op("health"))
+        return True
+
+    async def ping(self) -> float:
+        """Seconds for one ``ping`` round trip."""
+        await self.start()
+        started = time.perf_counter()
+        await asyncio.wrap_future(self._core.submit_op("ping"))
+        return time.perf_counter() - started
+
+    async def aclose(self) -> None:
+        """Like ``EmbeddingClient.close``, without blocking the event loop. Idempotent."""
+        self._finalizer.detach()
+        await asyncio.to_thread(self._core.close)
+
+    async def __aenter__(self) -> AsyncEmbeddingClient:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,102 @@
+"""What the two client twins share: construction, configuration, and the worker's facts.
+
+``EmbeddingClient`` and ``AsyncEmbeddingClient`` both build a ``ClientConfig`` and one ``Core``
+here; they differ only in how they wait for the core's futures. Each client registers its
+core's ``close`` with ``weakref.finalize``: it runs when the client is garbage-collected or at
+interpreter exit, whichever comes first, so a forgotten client leaves no worker behind and
+a dropped one can still be collected.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import weakref
+from collections.abc import Mapping, Sequence
+
+from akidb_embed.errors import ServiceUnavailable
+from akidb_embed.host_client._config import (
+    DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_IN_FLIGHT_TEXTS,
+    DEFAULT_PROVIDER,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_RESTART_LIMIT,
+    DEFAULT_STABLE_START_TIME,
+    DEFAULT_START_TIMEOUT,
+    ClientConfig,
+    as_argv,
+    as_path,
+)
+from akidb_embed.host_client._core import Core
+from akidb_embed.host_client._types import ClientStats, ModelInfo
+from akidb_embed.host_client._worker import Hello
+
+__all__ = ["ClientBase"]
+
+
+class ClientBase:
+    """Spawns nothing by itself; see ``EmbeddingClient`` for the meaning of each argument."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | None = None,
+        *,
+        provider: str = DEFAULT_PROVIDER,
+        threads: int | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        restart_limit: int = DEFAULT_RESTART_LIMIT,
+        stable_start_time: float = DEFAULT_STABLE_START_TIME,
+        max_in_flight_texts: int = DEFAULT_MAX_IN_FLIGHT_TEXTS,
+        worker_command: Sequence[str] | str | None = None,
+        worker_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = ClientConfig(
+            model_dir=as_path(model_dir),
+            provider=provider,
+            threads=threads,
+            request_timeout=request_timeout,
+            start_timeout=start_timeout,
+            close_timeout=close_timeout,
+            max_attempts=max_attempts,
+            restart_limit=restart_limit,
+            stable_start_time=stable_start_time,
+            max_in_flight_texts=max_in_flight_texts,
+            worker_command=as_argv(worker_command),
+            worker_args=tuple(worker_args),
+            env=dict(env) if env is not None else None,
+        )
+        self._core = Core(self.config)
+        self._finalizer = weakref.finalize(self, self._core.close)
+        self._after_init()
+
+    def _after_init(self) -> None:
+        """The sync twin starts its worker here; the async one on first use or ``start()``."""
+
+    def _ready_hello(self) -> Hello:
+        hello = self._core.hello
+        if hello is None:
+            raise ServiceUnavailable("the worker has not said hello yet: start the client first")
+        return hello
+
+    def _model_info(self) -> ModelInfo:
+        hello = self._ready_hello()
+        return ModelInfo(model=hello.model, dimension=hello.dimension, max_tokens=hello.max_tokens)
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """ONNX Runtime execution providers of the worker's session, in priority order."""
+        return self._ready_hello().providers
+
+    @property
+    def limits(self) -> Mapping[str, int]:
+        """The worker's limits from its hello (protocol.md section 7), read-only."""
+        return types.MappingProxyType(dict(self._ready_hello().limits))
+
+    def stats(self) -> ClientStats:
+        """Supervision counters: spawns, restarts, re-sent requests, texts in flight."""
+        return self._core.stats()

@@ -1,0 +1,147 @@
+"""The host client's settings and their defaults, defined once.
+
+Both twins (``EmbeddingClient`` and ``AsyncEmbeddingClient``) take these as keyword arguments
+and keep the resolved values as a frozen ``ClientConfig`` (``client.config``). The supervision
+knobs follow jupyter_client's ``KernelRestarter``: a consecutive-restart budget
+(``restart_limit``) that resets once a worker has run for ``stable_start_time``.
+
+Timeouts, precisely:
+
+* ``start_timeout``: how long a freshly spawned worker may take to write its hello.
+* ``request_timeout``: how long a worker holding requests may go without answering any of them.
+  A wire request's clock starts when it is written to a worker and restarts whenever that
+  worker delivers a reply, so a worker that is busy working through a deep queue is not taken
+  for a hung one, while a hung, stopped or deadlocked worker is killed (SIGKILL) after
+  ``request_timeout`` and replaced. For a lone request on an idle worker this is simply "no
+  reply within ``request_timeout``".
+* ``max_attempts``: how many workers one wire request may be sent to. A worker death or a hang
+  costs every request that worker held one attempt; the request is sent again to the next
+  worker while attempts remain, else its call fails with ``RequestTimeout`` (the last attempt
+  hung) or ``ServiceUnavailable`` (the last attempt's worker died). So a call never waits for
+  a worker longer than about ``max_attempts x (request_timeout + start time)`` without progress.
+* ``close_timeout``: how long ``close()`` lets the worker finish the requests it already holds
+  before killing it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_CLOSE_TIMEOUT",
+    "DEFAULT_MAX_ATTEMPTS",
+    "DEFAULT_MAX_IN_FLIGHT_TEXTS",
+    "DEFAULT_PROVIDER",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "DEFAULT_RESTART_LIMIT",
+    "DEFAULT_STABLE_START_TIME",
+    "DEFAULT_START_TIMEOUT",
+    "DEFAULT_WORKER_MODULE",
+    "ClientConfig",
+]
+
+DEFAULT_PROVIDER = "auto"
+DEFAULT_REQUEST_TIMEOUT = 30.0
+DEFAULT_START_TIMEOUT = 60.0
+DEFAULT_CLOSE_TIMEOUT = 10.0
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_RESTART_LIMIT = 5
+DEFAULT_STABLE_START_TIME = 10.0
+DEFAULT_MAX_IN_FLIGHT_TEXTS = 2048
+"""Enough to keep the worker's batcher full (it runs ~2,048 padded tokens at a time) while
+keeping the frames held for re-sending small."""
+
+DEFAULT_WORKER_MODULE = "akidb_embed.worker"
+
+RESTART_BACKOFF_FIRST = 0.05
+RESTART_BACKOFF_MAX = 2.0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client spawns and supervises its worker; see the module docstring for timeouts."""
+
+    model_dir: Path | None = None
+    """Model directory passed to the worker (``--model-dir``); ``None`` lets the worker use its
+    default (``$AKIDB_EMBED_MODEL_DIR`` or the checkout's ``models/all-MiniLM-L6-v2``)."""
+    provider: str = DEFAULT_PROVIDER
+    """Execution provider asked of the worker (``--provider``): auto, cpu, cuda or coreml."""
+    threads: int | None = None
+    """ONNX Runtime intra-op threads of the worker (``--threads``); ``None``: the worker's
+    default (the CPUs this process may use)."""
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    start_timeout: float = DEFAULT_START_TIMEOUT
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    restart_limit: int = DEFAULT_RESTART_LIMIT
+    """Consecutive restarts allowed before the client gives up (every call then fails fast
+    with ``ServiceUnavailable`` naming the last death)."""
+    stable_start_time: float = DEFAULT_STABLE_START_TIME
+    """A worker that ran this long after its hello resets the consecutive-restart count."""
+    max_in_flight_texts: int = DEFAULT_MAX_IN_FLIGHT_TEXTS
+    """Backpressure: texts written to the worker and not yet answered, over all callers. More
+    waits inside the client (as references to the caller's own strings) until replies come."""
+    worker_command: tuple[str, ...] | None = None
+    """Replaces ``[sys.executable, "-m", "akidb_embed.worker"]`` as the start of the argv."""
+    worker_args: tuple[str, ...] = ()
+    """Appended to the argv after the options above (e.g. ``("--max-texts-per-request", "8")``)."""
+    env: Mapping[str, str] | None = field(default=None, hash=False)
+    """Variables added to (and overriding) this process's environment for the worker."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "request_timeout": self.request_timeout,
+            "start_timeout": self.start_timeout,
+            "max_attempts": self.max_attempts,
+            "max_in_flight_texts": self.max_in_flight_texts,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        for name, value in {
+            "close_timeout": self.close_timeout,
+            "restart_limit": self.restart_limit,
+            "stable_start_time": self.stable_start_time,
+        }.items():
+            if value < 0:
+                raise ValueError(f"{name} must not be negative, got {value!r}")
+
+    def worker_argv(self) -> list[str]:
+        """The command line that starts one worker."""
+        command = list(self.worker_command or (sys.executable, "-m", DEFAULT_WORKER_MODULE))
+        if self.model_dir is not None:
+            command += ["--model-dir", str(self.model_dir)]
+        command += ["--provider", self.provider]
+        if self.threads is not None:
+            command += ["--threads", str(self.threads)]
+        return command + list(self.worker_args)
+
+    def worker_env(self) -> dict[str, str]:
+        """This process's environment with ``env`` laid over it."""
+        merged = dict(os.environ)
+        merged.update(self.env or {})
+        return merged
+
+    @staticmethod
+    def restart_delay(consecutive_restarts: int) -> float:
+        """Seconds to wait before the ``consecutive_restarts``-th restart in a row (1-based)."""
+        exponent = max(consecutive_restarts - 1, 0)
+        return float(min(RESTART_BACKOFF_FIRST * 2**exponent, RESTART_BACKOFF_MAX))
+
+
+def as_argv(command: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    """``worker_command`` as a tuple; a single string is one program path, never split by a
+    shell."""
+    if command is None:
+        return None
+    if isinstance(command, str):
+        return (command,)
+    return tuple(str(part) for part in command)
+
+
+def as_path(directory: str | os.PathLike[str] | None) -> Path | None:
+    return Path(directory).expanduser() if directory is not None else None

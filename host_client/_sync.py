@@ -1,0 +1,107 @@
+"""``EmbeddingClient``: the blocking twin, for threads.
+
+Every method hands its work to the shared core (``_core.Core``) and blocks on the
+``concurrent.futures.Future`` it gets back; any number of threads may call at once and their
+requests are in flight together. See ``_core`` for the data path and what happens on failure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from akidb_embed.host_client._base import ClientBase
+from akidb_embed.host_client._types import (
+    BatchEmbeddingRequest,
+    BatchEmbeddingResponse,
+    ModelInfo,
+)
+
+__all__ = ["EmbeddingClient"]
+
+T = TypeVar("T")
+
+
+def _wait(future: Future[T]) -> T:
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()  # interrupted (KeyboardInterrupt): the core drops what is not sent yet
+        raise
+
+
+class EmbeddingClient(ClientBase):
+    """Embeds texts through one supervised worker process; thread-safe and pipelined.
+
+    ``EmbeddingClient(model_dir=None, *, provider="auto", threads=None, request_timeout=30.0,
+    start_timeout=60.0, close_timeout=10.0, max_attempts=3, restart_limit=5,
+    stable_start_time=10.0, max_in_flight_texts=2048, worker_command=None, worker_args=(),
+    env=None)`` spawns ``python -m akidb_embed.worker`` (same interpreter; ``worker_command``
+    replaces that prefix, ``worker_args`` are appended) and returns once its hello has been
+    read and its protocol version checked. A worker that cannot start makes the constructor
+    raise its own reason: ``ModelNotFound`` (no usable model directory) or
+    ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs are
+    described in ``ClientConfig``; the resolved values are ``client.config``.
+
+    Use it as a context manager, or call ``close()``; it is also closed when garbage-collected
+    and at interpreter exit.
+    """
+
+    def embed_batch(self, request: BatchEmbeddingRequest) -> BatchEmbeddingResponse:
+        """One vector per input of ``request``, in order; any number of inputs.
+
+        Raises ``InvalidInput``, ``ModelNotFound`` (``request.model`` is not the loaded model),
+        ``ServiceUnavailable``/``RequestTimeout`` (no worker could answer within the
+        supervision budget, or the client is closed) or ``Internal``.
+        """
+        return _wait(self._core.submit_embed(request))
+
+    def embed(self, texts: Sequence[str], normalize: bool = True) -> npt.NDArray[np.float32]:
+        """The ``(len(texts), dimension)`` float32 vectors of ``texts`` from the loaded model."""
+        return self.embed_batch(BatchEmbeddingRequest(None, texts, normalize)).embeddings
+
+    def model_info(self) -> ModelInfo:
+        """The loaded model as the worker announced it (no round trip)."""
+        return self._model_info()
+
+    def health_check(self) -> bool:
+        """True when the worker embedded its check sentence correctly through its queue;
+        raises ``Internal`` (a failed check) or ``ServiceUnavailable`` otherwise."""
+        _wait(self._core.submit_op("health"))
+        return True
+
+    def ping(self) -> float:
+        """Seconds for one ``ping`` round trip: the cost of the bridge without the model."""
+        started = time.perf_counter()
+        _wait(self._core.submit_op("ping"))
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        """Let the worker answer what it holds (up to ``close_timeout``), then stop it.
+        Calls not yet sent fail with ``ServiceUnavailable``. Idempotent."""
+        self._finalizer.detach()
+        self._core.close()
+
+    def __enter__(self) -> EmbeddingClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _after_init(self) -> None:
+        try:
+            _wait(self._core.start())
+        except BaseException:
+            self.close()
+            raise

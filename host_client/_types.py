@@ -1,0 +1,91 @@
+"""The values a host exchanges with the client: AkiDB's request, response, usage and model info.
+
+They mirror AkiDB's Rust types field for field (``BatchEmbeddingRequest {model, inputs,
+normalize}`` and so on); ``truncate`` is this project's addition (protocol.md, ``embed``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "BatchEmbeddingRequest",
+    "BatchEmbeddingResponse",
+    "ClientStats",
+    "ModelInfo",
+    "Usage",
+]
+
+
+@dataclass(frozen=True)
+class BatchEmbeddingRequest:
+    """Texts to embed with one model.
+
+    ``model`` must name the loaded model (``ModelInfo.model``), or be ``None`` for "whatever
+    is loaded"; any other name fails with ``ModelNotFound``. ``inputs`` may hold any number of
+    texts, including none: the client splits what the worker's limits do not allow in one
+    frame. With ``truncate=False`` an input longer than ``max_tokens`` fails the request with
+    ``InvalidInput`` instead of being cut.
+    """
+
+    model: str | None
+    inputs: Sequence[str]
+    normalize: bool = True
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a call cost.
+
+    ``total_tokens``: tokens the model ran over all inputs (special tokens included, after
+    truncation, padding not counted), summed over the wire requests of the call.
+    ``duration_ms``: wall time of the whole call as the caller saw it, from submission to the
+    last reply (queueing, transport and any re-sending after a worker restart included).
+    """
+
+    total_tokens: int
+    duration_ms: float
+
+
+@dataclass(frozen=True, eq=False)
+class BatchEmbeddingResponse:
+    """One vector per input, in input order: ``embeddings[i]`` belongs to ``inputs[i]``.
+
+    ``embeddings`` is a C-contiguous float32 array of shape ``(len(inputs), dimension)``.
+    """
+
+    model: str
+    embeddings: npt.NDArray[np.float32]
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The loaded model, as its worker announced it."""
+
+    model: str
+    dimension: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """A snapshot of the client's supervision counters, for monitoring and tests."""
+
+    worker_pid: int | None
+    """The serving worker's process id; ``None`` while none is ready."""
+    spawns: int
+    """Worker processes started so far (the first one included)."""
+    restarts: int
+    """Workers that replaced a dead or hung one."""
+    resent_requests: int
+    """Wire requests sent again to a new worker after theirs died or hung."""
+    in_flight_texts: int
+    """Texts written to a worker (or held for re-sending) and not yet answered."""
+    peak_in_flight_texts: int
+    """The most ``in_flight_texts`` ever reached; never above ``max_in_flight_texts``."""

@@ -1,0 +1,391 @@
+"""One worker process: spawn it, read its hello, and move its frames and stderr lines.
+
+::
+
+    core ──send(frame)──► outbox ──► writer thread ──► stdin ─┐
+                                                               ▼
+                                                     python -m akidb_embed.worker
+                                                               │
+    core ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout
+    logger "akidb_embed.worker" + recent lines ◄── stderr thread ◄── stderr
+
+Three daemon threads per process, so that nothing ever blocks on a pipe it does not own: the
+writer alone writes stdin (a worker that stops reading blocks only it), the reader alone reads
+stdout (so the worker can always write its replies), and stderr is drained all the time (a full
+stderr pipe would block the worker).
+
+When stdout ends (the worker exited, crashed or was killed) or turns to garbage, the reader
+reaps the process (no zombie), lets stderr finish so its last lines explain the exit, stops
+the writer, and reports the exit exactly once through ``on_exit``. A worker that ends before
+its hello fails ``hello`` with ``ServiceUnavailable`` carrying its exit status and last stderr
+lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO, cast
+
+from akidb_embed import wire
+from akidb_embed.errors import EmbeddingError, ProtocolError, ServiceUnavailable, from_wire
+
+__all__ = ["Hello", "WorkerProcess", "parse_hello"]
+
+worker_logger = logging.getLogger("akidb_embed.worker")
+"""Where every line the worker writes to stderr ends up (it logs there, and only there)."""
+
+logger = logging.getLogger("akidb_embed.host_client")
+
+STDERR_LINES_KEPT = 40
+"""Recent stderr lines kept per worker to explain a failed start or a crash."""
+REAP_TIMEOUT = 5.0
+"""How long a worker whose stdout ended may take to exit before it is killed."""
+STDERR_DRAIN_TIMEOUT = 2.0
+REPLY_HEADROOM_BYTES = 64 * 1024
+"""Allowance for a reply's fields beyond its embedding bytes (protocol.md: a few hundred)."""
+
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What a ready worker announced about itself (protocol.md section 3)."""
+
+    protocol: int
+    pid: int
+    model: str
+    dimension: int
+    max_tokens: int
+    normalize_default: bool
+    providers: tuple[str, ...]
+    limits: Mapping[str, int]
+    worker_version: str
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return int(self.limits.get("max_frame_bytes", wire.DEFAULT_MAX_FRAME_BYTES))
+
+    @property
+    def max_texts_per_request(self) -> int:
+        return int(self.limits["max_texts_per_request"])
+
+    @property
+    def max_text_bytes(self) -> int:
+        return int(self.limits["max_text_bytes"])
+
+    def max_reply_bytes(self) -> int:
+        """The largest reply this worker can send: its frame limit or a full embed reply."""
+        full_reply = self.max_texts_per_request * self.dimension * 4 + REPLY_HEADROOM_BYTES
+        return max(self.max_frame_bytes, full_reply)
+
+
+def parse_hello(message: Mapping[str, Any]) -> Hello:
+    """The ``Hello`` of a worker's first frame.
+
+    Raises the worker's own error for ``ok: false`` (``ModelNotFound``, ``ServiceUnavailable``
+    ...), and ``ProtocolError`` for another protocol version or a frame that is no hello.
+    """
+    if message.get("op") != "hello":
+        raise ProtocolError(f"the worker's first frame is not a hello: {_summary(message)}")
+    protocol = message.get("protocol")
+    if protocol != wire.PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"the worker speaks protocol {protocol!r}, this client speaks "
+            f"{wire.PROTOCOL_VERSION}: install matching versions of the worker and the client"
+        )
+    if message.get("ok") is not True:
+        error = message.get("error")
+        if not isinstance(error, Mapping):
+            raise ProtocolError(f"failed hello without an error: {_summary(message)}")
+        raise from_wire(error.get("code"), error.get("message"))
+    try:
+        model = message["model"]
+        limits = message["limits"]
+        return Hello(
+            protocol=int(protocol),
+            pid=int(message["pid"]),
+            model=str(model["model"]),
+            dimension=int(model["dimension"]),
+            max_tokens=int(model["max_tokens"]),
+            normalize_default=bool(message.get("normalize_default", True)),
+            providers=tuple(str(name) for name in message.get("providers", ())),
+            limits={str(name): int(value) for name, value in limits.items()},
+            worker_version=str(message.get("worker_version", "")),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ProtocolError(f"malformed hello ({exc!r}): {_summary(message)}") from None
+
+
+def _summary(message: Mapping[str, Any]) -> str:
+    text = repr(dict(message))
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def describe_returncode(returncode: int | None) -> str:
+    if returncode is None:
+        return "is still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class WorkerProcess:
+    """One spawned worker and the three threads that serve its pipes.
+
+    ``on_frame(worker, message)`` gets every frame after the hello, in the reader thread.
+    ``on_exit(worker)`` is called once, in the reader thread, after the process was reaped;
+    ``exit_description`` is set before it.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        generation: int,
+        on_frame: Callable[[WorkerProcess, dict[str, Any]], None],
+        on_exit: Callable[[WorkerProcess], None],
+    ) -> None:
+        self.argv = list(argv)
+        self.generation = generation
+        self.hello: Future[dict[str, Any]] = Future()
+        self.exit_description: str | None = None
+        """How the process ended ("was killed by SIGKILL"); ``None`` while it runs."""
+        self.kill_reason: str | None = None
+        """Why the client killed it, if it did (set before the kill)."""
+        self.hung = False
+        """Killed for answering nothing for ``request_timeout`` (its requests timed out)."""
+        self.ready_at: float | None = None
+        self.last_reply_at = 0.0
+        self.sent_unanswered = 0
+        """Requests written to this worker and not answered yet (kept by the core)."""
+        self._env = dict(env)
+        self._on_frame = on_frame
+        self._on_exit = on_exit
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self._exited = threading.Event()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._frame_reader: wire.FrameReader | None = None
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.returncode if self._process is not None else None
+
+    def start(self) -> None:
+        """Spawn the process and its threads; ``ServiceUnavailable`` if it cannot be spawned."""
+        try:
+            self._process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self._env,
+                close_fds=True,
+                # Its own session: a terminal's Ctrl-C reaches the host, which then closes the
+                # worker in order, instead of killing the worker under it. The worker still
+                # exits when its parent dies (protocol.md section 6), so it cannot be orphaned.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self.exit_description = f"could not be started: {exc}"
+            self._exited.set()
+            raise ServiceUnavailable(f"cannot start the worker {self.argv!r}: {exc}") from None
+        self._frame_reader = wire.FrameReader(_stream(self._process.stdout))
+        name = f"akidb-embed-worker-{self._process.pid}"
+        self._threads = [
+            threading.Thread(target=self._drain_stderr, name=f"{name}-stderr", daemon=True),
+            threading.Thread(target=self._write_frames, name=f"{name}-writer", daemon=True),
+            threading.Thread(target=self._read_frames, name=f"{name}-reader", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def accept_replies_up_to(self, max_reply_bytes: int) -> None:
+        if self._frame_reader is not None:
+            self._frame_reader.max_frame_bytes = max_reply_bytes
+
+    def send(self, frame: bytes) -> None:
+        """Queue one whole frame for the writer thread; never blocks."""
+        self._outbox.put(frame)
+
+    def close_input(self) -> None:
+        """Close stdin once the queued frames are written: the worker answers what it has read
+        and exits (protocol.md section 6)."""
+        self._outbox.put(None)
+
+    def kill(self, reason: str | None = None) -> None:
+        """SIGKILL (it also ends a stopped process); the reader then reports the exit."""
+        if reason is not None and self.kill_reason is None:
+            self.kill_reason = reason
+        process = self._process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(OSError):  # already gone: the reader reports it
+                process.kill()
+
+    def wait_exited(self, timeout: float | None) -> bool:
+        """Whether the process was reaped and reported within ``timeout`` seconds."""
+        return self._exited.wait(timeout)
+
+    def join_threads(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0.0))
+
+    def stderr_tail(self, lines: int = 10) -> str:
+        """The last ``lines`` lines the worker wrote to stderr, oldest first."""
+        recent = list(self._stderr_tail)[-lines:]
+        return "\n".join(recent)
+
+    def describe(self) -> str:
+        """'worker 4242 was killed by SIGKILL' and the like."""
+        state = self.exit_description or "is running"
+        return f"worker {self.pid} {state}"
+
+    def _read_frames(self) -> None:
+        assert self._process is not None and self._frame_reader is not None
+        problem: str | None = None
+        try:
+            while True:
+                payload = self._frame_reader.read()
+                if payload is None:
+                    break
+                try:
+                    message = wire.unpack(payload)
+                except wire.MalformedMessage as exc:
+                    # Still in step (the frame was delimited): report it and read on.
+                    logger.error("worker %s sent a malformed frame: %s", self.pid, exc)
+                    continue
+                if not self.hello.done():
+                    self.hello.set_result(message)
+                    continue
+                try:
+                    self._on_frame(self, message)
+                except Exception:  # a bug in the client must not stop the reader
+                    logger.exception("handling a frame from worker %s failed", self.pid)
+        except wire.FrameError as exc:
+            problem = f"broken stream from the worker: {exc}"
+        except OSError as exc:
+            problem = f"reading the worker's stdout failed: {exc}"
+        finally:
+            if problem is not None:
+                logger.error("worker %s: %s", self.pid, problem)
+                self.kill(problem)
+            self._reap()
+
+    def _reap(self) -> None:
+        assert self._process is not None
+        try:
+            self._process.wait(REAP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # stdout closed yet still alive: it cannot serve any more; make sure it ends.
+            self.kill("closed its stdout without exiting")
+            self._process.wait()
+        self._threads[0].join(STDERR_DRAIN_TIMEOUT)  # its last words explain the exit
+        self.exit_description = describe_returncode(self._process.returncode)
+        if self.kill_reason is not None:
+            self.exit_description += f" ({self.kill_reason})"
+        self._outbox.put(None)  # the writer may be waiting for a frame that will never come
+        for stream in (self._process.stdout, self._process.stderr):
+            if stream is not None:
+                stream.close()
+        if not self.hello.done():
+            tail = self.stderr_tail()
+            reason = f"; its stderr ends with:\n{tail}" if tail else " and wrote nothing to stderr"
+            self.hello.set_exception(
+                ServiceUnavailable(
+                    f"worker {self.pid} {self.exit_description} before its hello{reason}"
+                )
+            )
+        self._exited.set()
+        try:
+            self._on_exit(self)
+        except Exception:
+            logger.exception("handling the exit of worker %s failed", self.pid)
+
+    def _write_frames(self) -> None:
+        assert self._process is not None
+        stdin = _stream(self._process.stdin)
+        try:
+            while True:
+                frame = self._outbox.get()
+                if frame is None:
+                    break
+                stdin.write(frame)
+                # Write whatever else is queued before one flush: fewer system calls when many
+                # callers submit at once.
+                closing = False
+                while True:
+                    try:
+                        more = self._outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        closing = True
+                        break
+                    stdin.write(more)
+                stdin.flush()
+                if closing:
+                    break
+        except (OSError, ValueError):
+            pass  # the worker is gone (broken pipe): the reader sees EOF and reports it
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                stdin.close()
+
+    def _drain_stderr(self) -> None:
+        assert self._process is not None
+        stderr = _stream(self._process.stderr)
+        pid = self._process.pid
+        try:
+            for raw in stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if not line:
+                    continue
+                self._stderr_tail.append(line)
+                worker_logger.log(_level_of(line), "[worker %d] %s", pid, line)
+        except (OSError, ValueError):
+            pass  # closed under us after the process was reaped
+
+
+def _level_of(line: str) -> int:
+    """The logging level a worker line announces ("WARNING ...", "[ERROR] ..."), else INFO."""
+    for word in line.replace("[", " ").replace("]", " ").replace(":", " ").split()[:4]:
+        level = _LEVELS.get(word.upper())
+        if level is not None:
+            return level
+    if line.startswith("Traceback"):
+        return logging.ERROR
+    return logging.INFO
+
+
+def _stream(stream: IO[bytes] | None) -> BinaryIO:
+    if stream is None:  # cannot happen with PIPE; keeps the types honest
+        raise EmbeddingError("worker pipe missing")
+    return cast(BinaryIO, stream)
