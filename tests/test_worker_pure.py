@@ -1,0 +1,299 @@
+"""The worker's pure parts, without a process: provider choice, micro-batch planning, request
+validation and the frame decoder (property tests), and the golden frames of protocol.md."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from akidb_embed.errors import InvalidInput, ModelNotFound, ProtocolError, ServiceUnavailable
+from akidb_embed.wire import (
+    FrameError,
+    FrameReader,
+    MalformedMessage,
+    TruncatedFrame,
+    error_reply,
+    pack,
+    unpack,
+)
+from akidb_embed.worker.batcher import plan_micro_batches
+from akidb_embed.worker.config import CoreMLOptions
+from akidb_embed.worker.providers import COREML, CPU, CUDA, choose_providers
+from akidb_embed.worker.validation import (
+    EmbedRequest,
+    OpRequest,
+    RejectedRequest,
+    RequestLimits,
+    parse_request,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden"
+MODEL = "some-org/some-model"
+LIMITS = RequestLimits(max_texts_per_request=4, max_text_bytes=32)
+
+# -- execution providers -------------------------------------------------------------------
+# CoreML and CUDA cannot run on this CI machine (Linux, CPU-only onnxruntime): the choice is
+# tested as a pure function of fake "available" lists, the only place these providers appear.
+
+COREML_OPTIONS = CoreMLOptions(compute_units="ALL", model_format="MLProgram", cache_dir=Path("/c"))
+LINUX_CPU = ["AzureExecutionProvider", CPU]
+LINUX_GPU = ["TensorrtExecutionProvider", CUDA, CPU]
+MAC = [COREML, "AzureExecutionProvider", CPU]
+
+
+def names(choice: list[tuple[str, dict[str, str]]]) -> list[str]:
+    return [name for name, _ in choice]
+
+
+def test_auto_on_macos_prefers_coreml_with_its_options() -> None:
+    choice = choose_providers("auto", MAC, "darwin", COREML_OPTIONS)
+    assert names(choice) == [COREML, CPU]
+    assert choice[0][1] == {
+        "MLComputeUnits": "ALL",
+        "ModelFormat": "MLProgram",
+        "ModelCacheDirectory": "/c",
+    }
+
+
+def test_auto_takes_cuda_when_offered_and_cpu_otherwise() -> None:
+    assert names(choose_providers("auto", LINUX_GPU, "linux", COREML_OPTIONS)) == [CUDA, CPU]
+    assert names(choose_providers("auto", LINUX_CPU, "linux", COREML_OPTIONS)) == [CPU]
+
+
+def test_auto_ignores_coreml_outside_macos() -> None:
+    assert names(choose_providers("auto", MAC, "linux", COREML_OPTIONS)) == [CPU]
+
+
+def test_forced_provider_is_used_with_cpu_as_fallback() -> None:
+    assert names(choose_providers("cuda", LINUX_GPU, "linux", COREML_OPTIONS)) == [CUDA, CPU]
+    assert names(choose_providers("cpu", LINUX_GPU, "linux", COREML_OPTIONS)) == [CPU]
+    assert names(choose_providers("coreml", MAC, "darwin", COREML_OPTIONS)) == [COREML, CPU]
+
+
+@pytest.mark.parametrize("forced", ["cuda", "coreml"])
+def test_forced_provider_that_is_missing_names_what_is_available(forced: str) -> None:
+    with pytest.raises(ServiceUnavailable) as raised:
+        choose_providers(forced, LINUX_CPU, "linux", COREML_OPTIONS)
+    assert forced in raised.value.message
+    assert "AzureExecutionProvider, CPUExecutionProvider" in raised.value.message
+
+
+# -- micro-batch planning ------------------------------------------------------------------
+
+
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=600), max_size=200),
+    budget=st.integers(min_value=1, max_value=4096),
+)
+def test_micro_batches_cover_every_text_once_and_respect_the_budget(
+    lengths: list[int], budget: int
+) -> None:
+    batches = plan_micro_batches(lengths, budget)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded <= budget or len(batch) == 1  # an over-long text runs alone
+
+
+def test_micro_batches_group_similar_lengths() -> None:
+    lengths = [200, 5, 190, 6, 7, 210]
+    assert plan_micro_batches(lengths, 600) == [[1, 3, 4], [2, 0], [5]]
+
+
+def test_text_longer_than_the_budget_runs_alone() -> None:
+    assert plan_micro_batches([300, 10, 10], 100) == [[1, 2], [0]]
+
+
+# -- request validation --------------------------------------------------------------------
+
+
+def parse(message: dict[str, Any]) -> Any:
+    return parse_request(message, LIMITS, MODEL)
+
+
+def rejected(message: dict[str, Any]) -> RejectedRequest:
+    with pytest.raises(RejectedRequest) as raised:
+        parse(message)
+    return raised.value
+
+
+def test_embed_request_defaults() -> None:
+    request = parse({"id": 1, "op": "embed", "inputs": ["a", ""]})
+    assert request == EmbedRequest(id=1, inputs=["a", ""], normalize=True, truncate=True)
+    explicit = parse(
+        {"id": 2, "op": "embed", "inputs": ["a"], "model": MODEL, "normalize": False,
+         "truncate": False, "future_field": [1, 2]}
+    )  # fmt: skip
+    assert explicit == EmbedRequest(id=2, inputs=["a"], normalize=False, truncate=False)
+
+
+@pytest.mark.parametrize(
+    ("message", "request_id", "error", "words"),
+    [
+        ({"op": "ping"}, None, ProtocolError, "id missing"),
+        ({"id": -1, "op": "ping"}, None, ProtocolError, "not a uint64"),
+        ({"id": True, "op": "ping"}, None, ProtocolError, "not a uint64"),
+        ({"id": "7", "op": "ping"}, None, ProtocolError, "not a uint64"),
+        ({"id": 3}, 3, ProtocolError, "op missing"),
+        ({"id": 3, "op": 5}, 3, ProtocolError, "op a int"),
+        ({"id": 3, "op": "nope"}, 3, ProtocolError, "unknown op 'nope'"),
+        ({"id": 4, "op": "embed"}, 4, InvalidInput, "inputs must be an array"),
+        ({"id": 4, "op": "embed", "inputs": "text"}, 4, InvalidInput, "not str"),
+        ({"id": 4, "op": "embed", "inputs": []}, 4, InvalidInput, "empty"),
+        ({"id": 4, "op": "embed", "inputs": ["a"] * 5}, 4, InvalidInput, "max_texts_per_request"),
+        ({"id": 4, "op": "embed", "inputs": ["a", 1]}, 4, InvalidInput, "inputs[1] is a int"),
+        ({"id": 4, "op": "embed", "inputs": ["é" * 17]}, 4, InvalidInput, "34 UTF-8 bytes"),
+        ({"id": 4, "op": "embed", "inputs": ["a"], "model": 1}, 4, InvalidInput, "model must"),
+        ({"id": 4, "op": "embed", "inputs": ["a"], "model": "x"}, 4, ModelNotFound, "'x'"),
+        ({"id": 4, "op": "embed", "inputs": ["a"], "normalize": 1}, 4, InvalidInput, "normalize"),
+        ({"id": 4, "op": "embed", "inputs": ["a"], "truncate": "no"}, 4, InvalidInput, "truncate"),
+    ],
+)
+def test_invalid_request_is_rejected_with_its_id_when_readable(
+    message: dict[str, Any], request_id: int | None, error: type, words: str
+) -> None:
+    rejection = rejected(message)
+    assert rejection.request_id == request_id
+    assert type(rejection.error) is error
+    assert words in rejection.error.message
+
+
+def test_text_of_exactly_max_text_bytes_is_accepted() -> None:
+    assert parse({"id": 1, "op": "embed", "inputs": ["é" * 16]}).inputs == ["é" * 16]
+
+
+msgpack_scalars = (
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats() | st.text(max_size=40) | st.binary(max_size=20)
+)  # fmt: skip
+msgpack_values = st.recursive(
+    msgpack_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+request_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.integers(min_value=0, max_value=2**64 - 1) | msgpack_values,
+        "op": st.sampled_from(["embed", "info", "health", "ping", "shutdown", "nope"])
+        | msgpack_values,
+        "inputs": st.lists(st.text(max_size=12), max_size=6) | msgpack_values,
+        "model": st.just(MODEL) | msgpack_values,
+        "normalize": msgpack_values,
+        "truncate": msgpack_values,
+    },
+).flatmap(lambda d: st.dictionaries(st.text(max_size=6), msgpack_values, max_size=2).map(
+    lambda extra: {**extra, **d}))  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(request_like)
+def test_any_map_yields_a_request_or_an_error_reply(message: dict[str, Any]) -> None:
+    try:
+        request = parse(message)
+    except RejectedRequest as rejection:
+        reply = unpack(pack(error_reply(rejection.request_id, rejection.error))[4:])
+        assert reply["ok"] is False
+        assert reply["error"]["code"] in {"protocol_error", "invalid_input", "model_not_found"}
+        if rejection.request_id is not None:
+            assert rejection.request_id == message["id"]
+        return
+    assert isinstance(request, EmbedRequest | OpRequest)
+    assert request.id == message["id"]
+
+
+# -- frame decoder -------------------------------------------------------------------------
+
+
+def read_all(data: bytes, max_frame_bytes: int) -> tuple[list[bytes], FrameError | None]:
+    reader = FrameReader(io.BytesIO(data), max_frame_bytes)
+    payloads: list[bytes] = []
+    for _ in range(len(data) + 1):  # each frame consumes at least 4 bytes: this always ends
+        try:
+            payload = reader.read()
+        except FrameError as error:
+            return payloads, error
+        if payload is None:
+            return payloads, None
+        payloads.append(payload)
+    raise AssertionError("the reader did not reach the end of a finite stream")
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=300), max_frame_bytes=st.integers(min_value=0, max_value=64))
+def test_random_bytes_give_frames_or_a_frame_error(data: bytes, max_frame_bytes: int) -> None:
+    payloads, _ = read_all(data, max_frame_bytes)
+    for payload in payloads:
+        with contextlib.suppress(MalformedMessage):
+            assert isinstance(unpack(payload), dict)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    messages=st.lists(st.dictionaries(st.text(max_size=5), msgpack_values, max_size=3), max_size=5),
+    cut=st.integers(min_value=0),
+)
+def test_cut_stream_yields_the_whole_frames_then_truncation(
+    messages: list[dict[str, Any]], cut: int
+) -> None:
+    frames = [pack(message) for message in messages]
+    stream = b"".join(frames)
+    cut %= len(stream) + 1
+    payloads, error = read_all(stream[:cut], max_frame_bytes=1 << 20)
+    boundaries = [sum(len(f) for f in frames[:n]) for n in range(len(frames) + 1)]
+    whole = max(n for n, end in enumerate(boundaries) if end <= cut)
+    assert payloads == [frame[4:] for frame in frames[:whole]]
+    if cut in boundaries:
+        assert error is None
+    else:
+        assert isinstance(error, TruncatedFrame)
+
+
+def test_non_map_payload_is_malformed_not_broken() -> None:
+    with pytest.raises(MalformedMessage):
+        unpack(msgpack.packb([1, 2]))
+    with pytest.raises(MalformedMessage):
+        unpack(b"\xc1")  # a byte msgpack never uses
+
+
+# -- golden frames -------------------------------------------------------------------------
+
+GOLDEN_MESSAGES = {
+    "ping_request.bin": {"id": 1, "op": "ping"},
+    "ping_reply.bin": {"id": 1, "ok": True},
+    "embed_request.bin": {
+        "id": 7, "op": "embed", "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "inputs": ["hi"], "normalize": True, "truncate": True,
+    },
+    "unknown_op_request.bin": {"id": 9, "op": "nope"},
+    "unknown_op_reply.bin": {
+        "id": 9, "ok": False,
+        "error": {"code": "protocol_error", "message": "unknown op 'nope'"},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_MESSAGES))
+def test_golden_frame_matches_the_codec_byte_for_byte(name: str) -> None:
+    golden = (GOLDEN / name).read_bytes()
+    assert pack(GOLDEN_MESSAGES[name]) == golden
+    assert unpack(golden[4:]) == GOLDEN_MESSAGES[name]
+
+
+def test_protocol_md_examples_are_the_golden_files() -> None:
+    text = (ROOT / "protocol.md").read_text(encoding="utf-8")
+    examples = re.findall(r"\[`([a-z_]+\.bin)`\]:\s*```\n(.*?)```", text, flags=re.S)
+    assert sorted(name for name, _ in examples) == sorted(GOLDEN_MESSAGES)
+    for name, hex_text in examples:
+        assert bytes.fromhex(hex_text) == (GOLDEN / name).read_bytes(), name

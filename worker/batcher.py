@@ -1,0 +1,251 @@
+"""Dynamic batching: the texts of every pending request share ONNX Runtime runs.
+
+::
+
+    reader thread                       inference thread (one)
+    -------------                       ----------------------
+    submit(job) --> FIFO queue of jobs --> snapshot: the next texts of the queued jobs, in
+      (blocks while more than              FIFO order, each job first given a fair share,
+       max_pending_texts texts             up to snapshot_tokens tokens in all
+       wait: backpressure)                        |
+                                           plan_micro_batches: sort the snapshot by length,
+                                           cut under max_batch_tokens padded tokens
+                                                  |
+                                           engine.run per micro-batch --> vectors into jobs
+                                                  |
+                                           a job whose texts are all done is finished at
+                                           once: job.on_done(job) writes its reply
+
+Fairness: a snapshot is bounded in tokens and fills in FIFO order, so a flood of later requests
+cannot starve an earlier one; every job in the queue first gets up to one micro-batch worth of
+its texts before any job gets more, so one huge request does not hold back small later ones
+for more than a snapshot. Within a snapshot the shortest texts run first, so small requests
+answer first.
+
+Failure: an exception inside a run is retried once per request of that micro-batch, so that a
+request whose own texts fail gets ``Internal`` (its remaining texts are dropped) and the others
+are served; the thread goes on with the next micro-batch. An exception anywhere else in the
+thread is a bug: it is logged, ``on_fatal`` is called and the thread ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from akidb_embed.errors import EmbeddingError, Internal, ServiceUnavailable
+from akidb_embed.pooling import l2_normalize
+
+if TYPE_CHECKING:  # the engine imports onnxruntime; the batcher itself does not need it
+    from akidb_embed.worker.engine import Engine, TokenIds
+
+__all__ = ["SNAPSHOT_BATCHES", "Batcher", "Job", "plan_micro_batches"]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_BATCHES = 4
+"""A snapshot holds about this many micro-batches of texts: enough to sort lengths well, small
+enough that a request arriving meanwhile waits at most about one snapshot's run time."""
+
+
+def plan_micro_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Indices into ``lengths`` grouped into micro-batches of similar length.
+
+    Sorting by length keeps padding small; each micro-batch holds as many texts as fit in
+    ``max_batch_tokens`` padded tokens (rows x longest row). A text longer than the budget on
+    its own still runs, alone, so nothing waits forever.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # ascending order: the text being added is the longest of the batch so far
+        if current and (len(current) + 1) * lengths[index] > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass(eq=False)
+class Job:
+    """The texts of one request on their way through the model, and what to do when done."""
+
+    request_id: int
+    token_ids: list[TokenIds]
+    normalize: bool
+    on_done: Callable[[Job], None]
+    """Called once, from the inference thread, when ``vectors`` or ``error`` is final."""
+    received_at: float = field(default_factory=time.perf_counter)
+    vectors: npt.NDArray[np.float32] | None = None
+    error: EmbeddingError | None = None
+    scheduled: int = 0
+    """Texts handed to a snapshot so far (they are taken in order)."""
+    completed: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+
+_SnapshotItem = tuple[Job, int]
+"""A text in a snapshot: its job and its index in the job's inputs."""
+
+
+class Batcher:
+    """The queue of jobs and the one thread that runs them through the engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch_tokens: int,
+        max_pending_texts: int,
+        on_fatal: Callable[[BaseException], None] = lambda exc: None,
+    ) -> None:
+        self._engine = engine
+        self._dimension = engine.metadata.dimension
+        self.max_batch_tokens = max_batch_tokens
+        self.max_pending_texts = max_pending_texts
+        self.snapshot_tokens = SNAPSHOT_BATCHES * max_batch_tokens
+        self._on_fatal = on_fatal
+        self._changed = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._pending_texts = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; blocks while too many texts wait (the caller stops reading input).
+        Raises ``ServiceUnavailable`` once the batcher is closed."""
+        with self._changed:
+            while (
+                not self._closed
+                and self._pending_texts > 0
+                and self._pending_texts + job.size > self.max_pending_texts
+            ):
+                self._changed.wait()
+            if self._closed:
+                raise ServiceUnavailable("the worker is shutting down")
+            job.vectors = np.empty((job.size, self._dimension), dtype=np.float32)
+            self._queue.append(job)
+            self._pending_texts += job.size
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Accept no more jobs; the thread finishes the queued ones, then ends."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end; ``True`` if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def pending_texts(self) -> int:
+        return self._pending_texts
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    while not self._queue and not self._closed:
+                        self._changed.wait()
+                    if not self._queue:
+                        return
+                    snapshot = self._take_snapshot()
+                self._run_snapshot(snapshot)
+        except BaseException as exc:  # a bug: report it rather than leave requests hanging
+            log.exception("inference thread failed")
+            self._on_fatal(exc)
+
+    def _take_snapshot(self) -> list[_SnapshotItem]:
+        """The next texts to run (called with the lock held); fully taken jobs leave the queue."""
+        snapshot: list[_SnapshotItem] = []
+        budget = self.snapshot_tokens
+        # first pass: every queued job its fair share; second pass: fill up in FIFO order
+        for share in (self.max_batch_tokens, budget):
+            for job in self._queue:
+                if budget <= 0:
+                    break
+                taken = 0
+                while budget > 0 and taken < share and job.scheduled < job.size:
+                    length = len(job.token_ids[job.scheduled])
+                    snapshot.append((job, job.scheduled))
+                    job.scheduled += 1
+                    taken += length
+                    budget -= length
+        self._queue = deque(job for job in self._queue if job.scheduled < job.size)
+        return snapshot
+
+    def _run_snapshot(self, snapshot: list[_SnapshotItem]) -> None:
+        lengths = [len(job.token_ids[index]) for job, index in snapshot]
+        for batch in plan_micro_batches(lengths, self.max_batch_tokens):
+            items = [snapshot[position] for position in batch]
+            live = [(job, index) for job, index in items if job.error is None]
+            if live:
+                self._run_micro_batch(live)
+            with self._changed:
+                self._pending_texts -= len(items)
+                self._changed.notify_all()
+
+    def _run_micro_batch(self, items: list[_SnapshotItem]) -> None:
+        try:
+            vectors = self._engine.run([job.token_ids[index] for job, index in items])
+        except Exception as exc:  # one bad run fails its requests, not the worker
+            jobs = list(dict.fromkeys(job for job, _ in items))
+            if len(jobs) > 1:
+                # run each request's share alone, so that one poisonous input fails only its
+                # own request and not the others that happened to share the batch
+                log.warning("inference failed (%s); retrying its %d requests apart", exc, len(jobs))
+                for job in jobs:
+                    self._run_micro_batch([item for item in items if item[0] is job])
+                return
+            log.exception("inference failed for request %s", jobs[0].request_id)
+            self._fail(jobs[0], Internal(f"inference failed: {type(exc).__name__}: {exc}"))
+            return
+        for row, (job, index) in enumerate(items):
+            assert job.vectors is not None
+            job.vectors[index] = vectors[row]
+            job.completed += 1
+            if job.completed == job.size:
+                if job.normalize:
+                    job.vectors = l2_normalize(job.vectors)
+                self._finish(job)
+
+    def _fail(self, job: Job, error: EmbeddingError) -> None:
+        job.error = error
+        job.vectors = None
+        with self._changed:
+            # texts not yet in a snapshot will never run: they no longer count as pending
+            unscheduled = job.size - job.scheduled
+            job.scheduled = job.size
+            if job in self._queue:
+                self._queue.remove(job)
+            self._pending_texts -= unscheduled
+            self._changed.notify_all()
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        try:
+            job.on_done(job)
+        except Exception:  # a failed reply must not stop the other requests
+            log.exception("could not deliver the reply to request %s", job.request_id)

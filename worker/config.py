@@ -1,0 +1,127 @@
+"""The worker's settings and their defaults, defined once.
+
+``WorkerConfig`` is what the command line (``__main__``) builds and what the engine, the batcher
+and the server read. The limits announced in the hello (protocol.md section 7) are its fields;
+their defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from akidb_embed.models import default_model_dir
+from akidb_embed.wire import DEFAULT_MAX_FRAME_BYTES
+
+__all__ = [
+    "PROVIDER_CHOICES",
+    "CoreMLOptions",
+    "WorkerConfig",
+    "default_coreml_cache_dir",
+    "default_threads",
+]
+
+PROVIDER_CHOICES = ("auto", "cpu", "cuda", "coreml")
+
+
+def default_coreml_cache_dir() -> Path:
+    """A per-user directory where CoreML keeps compiled models, so a restart skips compiling."""
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "akidb-embed" / "coreml"
+
+
+def _usable_cpus() -> set[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def _physical_cores(cpus: set[int]) -> int:
+    """Distinct physical cores among ``cpus`` (hyper-thread siblings count once), Linux only."""
+    cores = set()
+    for cpu in cpus:
+        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            cores.add(siblings.read_text().strip())
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """The CPU quota of a cgroup v2 container, rounded up, if one is set."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+def default_threads() -> int:
+    """ONNX Runtime intra-op threads: the cores this process may use, at most the physical ones.
+
+    ONNX Runtime's own default counts the machine's physical cores and ignores CPU affinity and
+    container quotas, which oversubscribes a constrained worker. ``0`` (outside Linux) leaves the
+    choice to ONNX Runtime, which there means one thread per physical core.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    cpus = _usable_cpus()
+    threads = _physical_cores(cpus)
+    quota = _cgroup_cpu_limit()
+    return max(1, min(threads, quota) if quota else threads)
+
+
+@dataclass(frozen=True)
+class CoreMLOptions:
+    """Options of ONNX Runtime's CoreML execution provider (used on macOS only)."""
+
+    compute_units: str = "ALL"
+    model_format: str = "MLProgram"
+    cache_dir: Path = field(default_factory=default_coreml_cache_dir)
+
+    def provider_options(self) -> dict[str, str]:
+        return {
+            "MLComputeUnits": self.compute_units,
+            "ModelFormat": self.model_format,
+            "ModelCacheDirectory": str(self.cache_dir),
+        }
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything the worker can be told; the defaults are the documented ones."""
+
+    model_dir: Path = field(default_factory=default_model_dir)
+    provider: str = "auto"
+    threads: int = field(default_factory=default_threads)
+    """ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose."""
+    coreml: CoreMLOptions = field(default_factory=CoreMLOptions)
+
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_texts_per_request: int = 1024
+    max_text_bytes: int = 256 * 1024
+    max_batch_tokens: int = 2048
+    max_pending_texts: int = 16 * 1024
+
+    def limits(self) -> dict[str, int]:
+        """The limits as announced in the hello (protocol.md section 7)."""
+        return {
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_texts_per_request": self.max_texts_per_request,
+            "max_text_bytes": self.max_text_bytes,
+            "max_batch_tokens": self.max_batch_tokens,
+            "max_pending_texts": self.max_pending_texts,
+        }
+
+    def describe(self) -> str:
+        """One log line with every setting."""
+        settings = asdict(self)
+        return " ".join(f"{name}={value}" for name, value in settings.items())

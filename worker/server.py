@@ -1,0 +1,370 @@
+"""The worker's serving loop: frames in on the private stdin, frames out on the private stdout.
+
+::
+
+    host --frame--> reader thread --validate--> queue --> batcher (inference thread)
+                     | unpack                               | snapshot, sort by length,
+                     | ping/info: reply at once             | micro-batches under
+                     | embed/health: tokenize, submit       | max_batch_tokens
+                     | shutdown/EOF: stop reading           v
+                     |                                   ONNX Runtime --> vectors
+                     v                                      |
+    host <--frame-- writer (one lock, private stdout) <-----+ reply when a request's texts
+                                                              are all done (any order)
+
+What happens when something fails:
+
+* A frame that is not a msgpack map, a bad envelope (id, op), bad embed fields: one error reply
+  (protocol_error / invalid_input / model_not_found, with the id when it could be read), and
+  the reader goes on.
+* A broken stream (frame over ``max_frame_bytes``, EOF inside a frame): one protocol_error
+  reply with id nil, the queued requests are finished and answered, exit code 3.
+* An exception while running a micro-batch: each request in it is retried alone; those that
+  still fail get an ``internal`` reply, the others their vectors; the worker keeps serving.
+  An exception anywhere else is a bug: logged, exit code 1.
+* EOF on stdin, ``shutdown``, SIGTERM: stop reading, answer everything already read (then the
+  shutdown's own reply), exit 0. The host closing our stdout: nobody can read replies; exit 0.
+* The parent process dies: exit at once (code 0), so a crashed host leaves no orphan.
+* The model or provider cannot load: a hello with ``ok: false``, exit 4 or 5, nothing read.
+
+Nothing from a request is ever used as a path, unpickled or evaluated: requests carry texts and
+flags only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from akidb_embed import __version__
+from akidb_embed.errors import EmbeddingError, Internal, ModelNotFound, ServiceUnavailable
+from akidb_embed.wire import (
+    PROTOCOL_VERSION,
+    FrameError,
+    FrameReader,
+    MalformedMessage,
+    embeddings_to_bytes,
+    error_reply,
+    pack,
+    unpack,
+)
+from akidb_embed.worker.batcher import Batcher, Job
+from akidb_embed.worker.config import WorkerConfig
+from akidb_embed.worker.validation import (
+    EmbedRequest,
+    RejectedRequest,
+    RequestLimits,
+    parse_request,
+)
+
+if TYPE_CHECKING:  # imported for real inside serve(), where a missing dependency is reported
+    from akidb_embed.worker.engine import Engine
+
+__all__ = [
+    "EXIT_BAD_ARGUMENTS",
+    "EXIT_BROKEN_STREAM",
+    "EXIT_INTERNAL",
+    "EXIT_MODEL_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "HEALTH_SENTENCE",
+    "FrameWriter",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+# exit codes, protocol.md section 8
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_ARGUMENTS = 2
+EXIT_BROKEN_STREAM = 3
+EXIT_MODEL_NOT_FOUND = 4
+EXIT_UNAVAILABLE = 5
+
+HEALTH_SENTENCE = "The quick brown fox jumps over the lazy dog."
+HEALTH_NORM_TOLERANCE = 1e-3
+PARENT_POLL_SECONDS = 0.5
+STOP_POLL_SECONDS = 0.2
+"""How often the main thread looks at the SIGTERM flag (the handler itself takes no lock)."""
+
+
+class FrameWriter:
+    """The only writer of the protocol's stdout: whole frames, one at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self.on_broken: Callable[[], None] = lambda: None
+        self.broken = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        frame = memoryview(pack(message))
+        with self._lock:
+            if self.broken:
+                return
+            try:
+                while frame:
+                    written = os.write(self._fd, frame)
+                    frame = frame[written:]
+            except OSError as exc:
+                self.broken = True
+                log.warning("cannot write replies any more (%s); the host is gone", exc)
+                self.on_broken()
+
+
+def _hello(engine: Engine, config: WorkerConfig) -> dict[str, Any]:
+    metadata = engine.metadata
+    return {
+        "op": "hello",
+        "ok": True,
+        "protocol": PROTOCOL_VERSION,
+        "worker_version": __version__,
+        "pid": os.getpid(),
+        "model": {
+            "model": metadata.model,
+            "dimension": metadata.dimension,
+            "max_tokens": metadata.max_tokens,
+        },
+        "normalize_default": metadata.normalize,
+        "providers": engine.providers,
+        "limits": config.limits(),
+    }
+
+
+def _failed_hello(error: EmbeddingError) -> dict[str, Any]:
+    return {
+        "op": "hello",
+        "ok": False,
+        "protocol": PROTOCOL_VERSION,
+        "pid": os.getpid(),
+        "worker_version": __version__,
+        "error": {"code": error.code, "message": error.message},
+    }
+
+
+def serve(config: WorkerConfig, protocol_in: int, protocol_out: int) -> int:
+    """Load the model, send the hello, serve until told to stop; returns the exit code."""
+    writer = FrameWriter(protocol_out)
+    log.info("starting: %s", config.describe())
+    started = time.perf_counter()
+    try:
+        # imported here so that a missing onnxruntime or tokenizers becomes a failed hello
+        from akidb_embed.worker.engine import Engine
+
+        engine = Engine.load(config)
+    except ImportError as exc:
+        error: EmbeddingError = ServiceUnavailable(f"missing dependency: {exc}")
+    except EmbeddingError as exc:
+        error = exc
+    else:
+        log.info(
+            "model %s loaded in %.2f s, providers %s",
+            engine.metadata.model,
+            time.perf_counter() - started,
+            ", ".join(engine.providers),
+        )
+        writer.send(_hello(engine, config))
+        return _Server(engine, config, writer, protocol_in).run()
+    log.error("cannot start: %s", error.message)
+    writer.send(_failed_hello(error))
+    return EXIT_MODEL_NOT_FOUND if isinstance(error, ModelNotFound) else EXIT_UNAVAILABLE
+
+
+class _Server:
+    """The running worker: reader thread, batcher, parent watch; the main thread waits."""
+
+    def __init__(
+        self, engine: Engine, config: WorkerConfig, writer: FrameWriter, protocol_in: int
+    ) -> None:
+        self._engine = engine
+        self._config = config
+        self._writer = writer
+        self._writer.on_broken = lambda: self._stop(EXIT_OK, "the host closed our stdout")
+        self._input = os.fdopen(protocol_in, "rb")
+        self._limits = RequestLimits(config.max_texts_per_request, config.max_text_bytes)
+        self._model = engine.metadata.model
+        self._batcher = Batcher(
+            engine,
+            max_batch_tokens=config.max_batch_tokens,
+            max_pending_texts=config.max_pending_texts,
+            on_fatal=lambda exc: self._stop(EXIT_INTERNAL, f"inference thread failed: {exc}"),
+        )
+        self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._exit_code = EXIT_OK
+        self._shutdown_id: int | None = None
+        self._sigterm = False
+
+    # -- lifecycle (main thread) ---------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._batcher.start()
+        threading.Thread(target=self._read_loop, name="reader", daemon=True).start()
+        threading.Thread(
+            target=self._watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True
+        ).start()
+        while not self._stopping.wait(STOP_POLL_SECONDS):
+            if self._sigterm:
+                self._stop(EXIT_OK, "SIGTERM")
+        self._batcher.close()
+        self._batcher.join()
+        if self._shutdown_id is not None:
+            self._writer.send({"id": self._shutdown_id, "ok": True})
+        log.info("exiting with code %d", self._exit_code)
+        return self._exit_code
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        # no locks in a signal handler: the main thread may hold one when it runs
+        self._sigterm = True
+
+    def _stop(self, exit_code: int, reason: str) -> None:
+        with self._stop_lock:
+            if self._stopping.is_set():
+                return
+            self._exit_code = exit_code
+            log.info(
+                "stopping (%s): finishing %d queued texts", reason, self._batcher.pending_texts
+            )
+            self._stopping.set()
+
+    def _watch_parent(self, parent_pid: int) -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        log.warning("parent process %d is gone: exiting", parent_pid)
+        os._exit(EXIT_OK)  # nobody is left to read replies: do not finish the queue
+
+    # -- reader thread -------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        try:
+            reader = FrameReader(self._input, self._config.max_frame_bytes)
+            while not self._stopping.is_set():
+                try:
+                    payload = reader.read()
+                except FrameError as exc:
+                    log.error("broken input stream: %s", exc.message)
+                    self._writer.send(error_reply(None, exc))
+                    self._stop(EXIT_BROKEN_STREAM, "broken input stream")
+                    return
+                if payload is None:
+                    self._stop(EXIT_OK, "end of input")
+                    return
+                self._handle(payload, time.perf_counter())
+        except BaseException as exc:  # a bug: exit visibly rather than stop reading silently
+            log.exception("reader thread failed")
+            self._stop(EXIT_INTERNAL, f"reader thread failed: {exc}")
+
+    def _handle(self, payload: bytes, received_at: float) -> None:
+        try:
+            request = parse_request(unpack(payload), self._limits, self._model)
+        except MalformedMessage as exc:
+            self._writer.send(error_reply(None, exc))
+            return
+        except RejectedRequest as rejected:
+            self._writer.send(error_reply(rejected.request_id, rejected.error))
+            return
+        if request.op == "ping":
+            self._writer.send({"id": request.id, "ok": True})
+        elif request.op == "info":
+            self._writer.send(self._info_reply(request.id))
+        elif request.op == "shutdown":
+            self._shutdown_id = request.id
+            self._stop(EXIT_OK, "shutdown request")
+        elif isinstance(request, EmbedRequest):
+            self._submit(
+                request.id,
+                request.inputs,
+                request.normalize,
+                request.truncate,
+                received_at,
+                self._embed_done,
+            )
+        else:  # health: one fixed sentence through the same queue and batches as any request
+            self._submit(request.id, [HEALTH_SENTENCE], True, True, received_at, self._health_done)
+
+    def _submit(
+        self,
+        request_id: int,
+        inputs: list[str],
+        normalize: bool,
+        truncate: bool,
+        received_at: float,
+        on_done: Callable[[Job], None],
+    ) -> None:
+        try:
+            token_ids = self._engine.tokenize(inputs, truncate)
+            job = Job(request_id, token_ids, normalize, on_done, received_at=received_at)
+            self._batcher.submit(job)
+        except EmbeddingError as error:
+            self._writer.send(error_reply(request_id, error))
+        except Exception as exc:  # e.g. the tokenizer choking on one text: fail that request
+            log.exception("could not tokenize request %s", request_id)
+            self._writer.send(error_reply(request_id, Internal(f"tokenization failed: {exc}")))
+
+    # -- replies (inference thread) ------------------------------------------------------
+
+    def _info_reply(self, request_id: int) -> dict[str, Any]:
+        metadata = self._engine.metadata
+        return {
+            "id": request_id,
+            "ok": True,
+            "model": metadata.model,
+            "dimension": metadata.dimension,
+            "max_tokens": metadata.max_tokens,
+            "normalize_default": metadata.normalize,
+            "providers": self._engine.providers,
+        }
+
+    def _embed_done(self, job: Job) -> None:
+        if job.error is not None or job.vectors is None:
+            self._writer.send(error_reply(job.request_id, job.error or Internal("no vectors")))
+            return
+        self._writer.send(
+            {
+                "id": job.request_id,
+                "ok": True,
+                "model": self._model,
+                "shape": list(job.vectors.shape),
+                "embeddings": embeddings_to_bytes(job.vectors),
+                "usage": {
+                    "total_tokens": job.total_tokens,
+                    "duration_ms": (time.perf_counter() - job.received_at) * 1000.0,
+                },
+            }
+        )
+
+    def _health_done(self, job: Job) -> None:
+        if job.error is not None or job.vectors is None:
+            self._writer.send(error_reply(job.request_id, job.error or Internal("no vectors")))
+            return
+        vector = job.vectors[0]
+        dimension = self._engine.metadata.dimension
+        norm = float(np.linalg.norm(vector))
+        if vector.shape != (dimension,):
+            problem = f"vector has shape {vector.shape}, expected ({dimension},)"
+        elif not np.isfinite(vector).all():
+            problem = "vector has non-finite values"
+        elif abs(norm - 1.0) > HEALTH_NORM_TOLERANCE:
+            problem = f"vector norm is {norm:.6f}, expected 1"
+        else:
+            self._writer.send(
+                {
+                    "id": job.request_id,
+                    "ok": True,
+                    "status": "ok",
+                    "dimension": int(vector.shape[0]),
+                    "norm": norm,
+                    "duration_ms": (time.perf_counter() - job.received_at) * 1000.0,
+                }
+            )
+            return
+        self._writer.send(error_reply(job.request_id, Internal(f"health check failed: {problem}")))
