@@ -1,0 +1,341 @@
+"""The host client against a real worker and the real model: results, errors, splitting,
+backpressure, the asyncio twin and what importing it loads.
+
+Supervision under faults (kill -9, SIGSTOP, failed starts, close under load) is in
+test_host_client_supervision.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from akidb_embed.host_client import (
+    AsyncEmbeddingClient,
+    BatchEmbeddingRequest,
+    BatchEmbeddingResponse,
+    EmbeddingClient,
+    InvalidInput,
+    ModelInfo,
+    ModelNotFound,
+    ServiceUnavailable,
+)
+from akidb_embed.models import ModelMetadata
+
+GOLDEN_MIN_COSINE = 0.99999
+CALL_TIMEOUT = 300.0
+"""Only a guard against a hang: joins and waits give up after this long."""
+
+
+def min_cosine(actual: npt.NDArray[np.float32], expected: npt.NDArray[Any]) -> float:
+    expected = np.asarray(expected, dtype=np.float64)
+    actual64 = actual.astype(np.float64)
+    dots = np.sum(actual64 * expected, axis=1)
+    norms = np.linalg.norm(actual64, axis=1) * np.linalg.norm(expected, axis=1)
+    return float(np.min(dots / norms))
+
+
+def words(count: int, prefix: str = "w") -> list[str]:
+    return [f"{prefix}{index}" for index in range(count)]
+
+
+@pytest.fixture(scope="module")
+def client(metadata: ModelMetadata) -> Iterator[EmbeddingClient]:
+    """One client with default settings for this module's tests."""
+    with EmbeddingClient(metadata.directory, request_timeout=120.0) as shared:
+        yield shared
+
+
+@pytest.fixture(scope="module")
+def small_frames_client(metadata: ModelMetadata) -> Iterator[EmbeddingClient]:
+    """A worker allowing 8 texts and 4 KiB per frame, and a client allowing 16 texts in flight:
+    cheap ways to make the client split and hold back."""
+    with EmbeddingClient(
+        metadata.directory,
+        request_timeout=120.0,
+        max_in_flight_texts=16,
+        worker_args=("--max-texts-per-request", "8", "--max-frame-bytes", "4096"),
+    ) as shared:
+        yield shared
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def test_embed_batch_matches_golden_vectors(
+    client: EmbeddingClient, golden: dict[str, Any], metadata: ModelMetadata
+) -> None:
+    response = client.embed_batch(BatchEmbeddingRequest(metadata.model, golden["sentences"]))
+
+    assert isinstance(response, BatchEmbeddingResponse)
+    assert response.model == metadata.model
+    assert response.embeddings.dtype == np.float32
+    assert response.embeddings.shape == (len(golden["sentences"]), metadata.dimension)
+    assert response.embeddings.flags.c_contiguous
+    assert min_cosine(response.embeddings, golden["embeddings"]) >= GOLDEN_MIN_COSINE
+    assert response.usage.total_tokens == sum(golden["token_counts"])
+    assert response.usage.duration_ms > 0
+
+
+def test_embed_returns_unit_vectors_and_honours_normalize_false(client: EmbeddingClient) -> None:
+    texts = ["A cat sleeps on the warm windowsill.", "Interest rates rose again."]
+
+    normalized = client.embed(texts)
+    raw = client.embed(texts, normalize=False)
+
+    np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    rescaled = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    assert min_cosine(normalized, rescaled) >= GOLDEN_MIN_COSINE
+
+
+def test_model_info_comes_from_the_model_metadata(
+    client: EmbeddingClient, metadata: ModelMetadata
+) -> None:
+    assert client.model_info() == ModelInfo(
+        model=metadata.model, dimension=metadata.dimension, max_tokens=metadata.max_tokens
+    )
+    assert client.providers
+    assert client.limits["max_texts_per_request"] >= 1
+
+
+def test_health_check_and_ping_answer(client: EmbeddingClient) -> None:
+    assert client.health_check() is True
+    assert client.ping() > 0
+
+
+def test_empty_batch_returns_no_vectors_without_a_round_trip(
+    client: EmbeddingClient, metadata: ModelMetadata
+) -> None:
+    response = client.embed_batch(BatchEmbeddingRequest(metadata.model, []))
+
+    assert response.embeddings.shape == (0, metadata.dimension)
+    assert response.usage.total_tokens == 0
+
+
+def test_any_number_of_threads_share_one_client(
+    client: EmbeddingClient, golden: dict[str, Any]
+) -> None:
+    sentences, expected = golden["sentences"], np.asarray(golden["embeddings"])
+    results: dict[int, npt.NDArray[np.float32]] = {}
+
+    def call(index: int) -> None:
+        picked = [(index + offset) % len(sentences) for offset in range(3)]
+        vectors = client.embed([sentences[i] for i in picked])
+        results[index] = vectors
+        assert min_cosine(vectors, expected[picked]) >= GOLDEN_MIN_COSINE
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CALL_TIMEOUT)
+    assert sorted(results) == list(range(16))
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def test_wrong_model_is_model_not_found_and_the_worker_stays_usable(
+    client: EmbeddingClient,
+) -> None:
+    with pytest.raises(ModelNotFound):
+        client.embed_batch(BatchEmbeddingRequest("someone/another-model", ["hello"]))
+
+    assert client.embed(["still here"]).shape[0] == 1
+
+
+def test_over_long_input_without_truncation_is_invalid_input(
+    client: EmbeddingClient, metadata: ModelMetadata
+) -> None:
+    over_long = " ".join(["word"] * (metadata.max_tokens * 2))
+
+    with pytest.raises(InvalidInput):
+        client.embed_batch(
+            BatchEmbeddingRequest(metadata.model, ["fine", over_long], truncate=False)
+        )
+
+    truncated = client.embed_batch(BatchEmbeddingRequest(metadata.model, [over_long]))
+    assert truncated.usage.total_tokens == metadata.max_tokens
+    assert client.embed(["still here"]).shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        pytest.param("one string, not a list", id="a-bare-string"),
+        pytest.param(["fine", 42], id="a-non-string-input"),
+        pytest.param(["fine", "\ud800 lone surrogate"], id="text-that-is-not-unicode"),
+    ],
+)
+def test_inputs_that_cannot_be_sent_are_invalid_input(client: EmbeddingClient, inputs: Any) -> None:
+    with pytest.raises(InvalidInput):
+        client.embed_batch(BatchEmbeddingRequest(None, inputs))
+
+    assert client.stats().in_flight_texts == 0
+    assert client.embed(["still here"]).shape[0] == 1
+
+
+def test_text_over_the_workers_byte_limit_is_refused_before_sending(
+    client: EmbeddingClient,
+) -> None:
+    too_big = "x" * (client.limits["max_text_bytes"] + 1)
+
+    with pytest.raises(InvalidInput, match="input 1"):
+        client.embed(["fine", too_big])
+
+    assert client.stats().spawns == 1  # the worker never saw it, let alone died of it
+
+
+# -------------------------------------------------------------- splitting and backpressure
+
+
+def test_batch_over_the_worker_limits_is_split_and_reassembled_in_order(
+    small_frames_client: EmbeddingClient, client: EmbeddingClient
+) -> None:
+    # 8 texts per frame at most, and 4 KiB per frame: the multi-byte texts of ~1,000 UTF-8
+    # bytes split on size long before 8 texts; the short ones on count.
+    texts = [f"text number {index}" for index in range(60)]
+    texts += [f"{index} " + "é" * 490 for index in range(10)]
+    texts += [f"closing line {index}" for index in range(13)]
+
+    split = small_frames_client.embed_batch(BatchEmbeddingRequest(None, texts))
+    whole = client.embed_batch(BatchEmbeddingRequest(None, texts))
+
+    assert split.embeddings.shape == whole.embeddings.shape
+    assert min_cosine(split.embeddings, whole.embeddings) >= GOLDEN_MIN_COSINE
+    assert split.usage.total_tokens == whole.usage.total_tokens
+
+
+def test_texts_in_flight_never_exceed_the_bound(small_frames_client: EmbeddingClient) -> None:
+    bound = small_frames_client.config.max_in_flight_texts
+    results: dict[int, npt.NDArray[np.float32]] = {}
+
+    def call(index: int) -> None:
+        results[index] = small_frames_client.embed(words(300, prefix=f"t{index}-"))
+
+    threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CALL_TIMEOUT)
+
+    stats = small_frames_client.stats()
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(vectors.shape[0] == 300 for vectors in results.values())
+    assert 0 < stats.peak_in_flight_texts <= bound
+    assert stats.in_flight_texts == 0
+
+
+def test_many_thousand_texts_make_as_many_vectors(client: EmbeddingClient) -> None:
+    count = 4000  # ~4 frames of 1,024; 100,000 behaves the same, only slower
+    texts = words(count)
+
+    vectors = client.embed(texts)
+
+    assert vectors.shape == (count, client.model_info().dimension)
+    spot_checks = [0, 1023, 1024, 2500, count - 1]
+    expected = client.embed([texts[index] for index in spot_checks])
+    assert min_cosine(vectors[spot_checks], expected) >= GOLDEN_MIN_COSINE
+    assert client.stats().peak_in_flight_texts <= client.config.max_in_flight_texts
+
+
+# ---------------------------------------------------------------------------- asyncio twin
+
+
+def test_async_client_serves_many_concurrent_tasks(
+    metadata: ModelMetadata, golden: dict[str, Any]
+) -> None:
+    sentences, expected = golden["sentences"], np.asarray(golden["embeddings"])
+
+    async def scenario() -> list[float]:
+        async with AsyncEmbeddingClient(metadata.directory, request_timeout=120.0) as client:
+            assert await client.model_info() == ModelInfo(
+                metadata.model, metadata.dimension, metadata.max_tokens
+            )
+            assert await client.health_check() is True
+
+            async def task(index: int) -> float:
+                picked = [index % len(sentences), (index * 7) % len(sentences)]
+                request = BatchEmbeddingRequest(metadata.model, [sentences[i] for i in picked])
+                response = await client.embed_batch(request)
+                return min_cosine(response.embeddings, expected[picked])
+
+            cosines = await asyncio.gather(*(task(index) for index in range(200)))
+            assert client.stats().in_flight_texts == 0
+            return cosines
+
+    cosines = asyncio.run(asyncio.wait_for(scenario(), CALL_TIMEOUT))
+    assert len(cosines) == 200
+    assert min(cosines) >= GOLDEN_MIN_COSINE
+
+
+def test_cancelled_async_call_leaves_the_client_usable(metadata: ModelMetadata) -> None:
+    async def scenario() -> None:
+        async with AsyncEmbeddingClient(
+            metadata.directory,
+            request_timeout=120.0,
+            max_in_flight_texts=64,
+            worker_args=("--max-texts-per-request", "32"),
+        ) as client:
+            big = asyncio.ensure_future(client.embed(words(3000)))
+            while client.stats().in_flight_texts == 0:
+                await asyncio.sleep(0.001)
+            big.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await big
+            vectors = await client.embed(["after the cancel"])
+            assert vectors.shape[0] == 1
+            while client.stats().in_flight_texts:  # replies already on their way drain
+                await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(scenario(), CALL_TIMEOUT))
+
+
+# ----------------------------------------------------------------------------- lifecycle
+
+
+def test_closed_client_refuses_calls_and_close_is_idempotent(metadata: ModelMetadata) -> None:
+    client = EmbeddingClient(metadata.directory)
+    pid = client.stats().worker_pid
+    assert pid is not None
+
+    client.close()
+    client.close()
+
+    with pytest.raises(ServiceUnavailable):
+        client.embed(["too late"])
+    with pytest.raises(ChildProcessError):  # reaped: no zombie left behind
+        os.waitpid(pid, os.WNOHANG)
+
+
+def test_importing_the_client_loads_neither_onnxruntime_nor_tokenizers() -> None:
+    probe = (
+        "import sys, akidb_embed.host_client\n"
+        "heavy = {'onnxruntime', 'tokenizers'}\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == ""
+
+
+def test_public_api_is_what_all_lists_and_errors_are_the_shared_tree() -> None:
+    import akidb_embed.errors as errors
+    import akidb_embed.host_client as host_client
+
+    for name in host_client.__all__:
+        assert hasattr(host_client, name), name
+    for name in errors.__all__:
+        if name != "from_wire":
+            assert getattr(host_client, name) is getattr(errors, name)
