@@ -17,13 +17,19 @@ $(VENV)/.installed: pyproject.toml
 	@# The CPU build of torch first (used only to export the model): the export extra's plain
 	@# `torch` requirement is then satisfied and pip does not fetch a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[export,dev]'
+	$(PIP) install --quiet -e '.[export,dev,cli]'
 	touch $@
 
 venv: $(VENV)/.installed
 
 models: venv
 	$(PY) -m akidb_embed.models provision
+
+demo: models
+	$(PY) -m akidb_embed.cli demo
+
+bench: models
+	$(PY) -m akidb_embed.cli bench
 
 lint: venv
 	$(VENV)/bin/ruff check .

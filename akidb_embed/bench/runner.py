@@ -1,0 +1,336 @@
+"""``akidb-embed bench``: the bridge measured side by side with what it replaces, in one run.
+
+Implementations, all on the same model file with the same ONNX Runtime thread count:
+
+    in-process      the worker's own engine called directly: no pipe, no process (the limit)
+    bridge          akidb_embed.host_client -> worker process (what a host uses)
+    jsonl           a JSON-lines subprocess, one request at a time, floats as text (the naive
+                    design the bridge replaces)
+    st              sentence-transformers in PyTorch, when it is importable
+
+Workloads:
+
+    single          one short sentence per call, one caller: p50/p95/p99 latency
+    concurrent      16 callers (threads) each sending one sentence per call: requests/s
+    bulk            one call over a mixed-length corpus of real text: texts/s
+    cold start      a fresh process to its first answer
+
+Every figure is printed with its ratio to in-process, and all of it is written as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from akidb_embed.bench.corpus import build_corpus, corpus_digest
+from akidb_embed.models import load_metadata
+
+__all__ = ["run_benchmark"]
+
+CONCURRENT_CALLERS = 16
+COLD_START_RUNS = 3
+EmbedFn = Callable[[Sequence[str]], Any]
+
+
+@dataclass
+class Results:
+    settings: dict[str, Any]
+    # figures[workload][metric][implementation] = value
+    figures: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def put(self, workload: str, metric: str, implementation: str, value: float) -> None:
+        self.figures.setdefault(workload, {}).setdefault(metric, {})[implementation] = value
+
+
+def _percentiles(samples_ms: list[float]) -> dict[str, float]:
+    p50, p95, p99 = np.percentile(samples_ms, [50, 95, 99])
+    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
+
+
+def _single(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, float]:
+    for sentence in sentences[:10]:  # warm-up
+        embed([sentence])
+    samples = []
+    for index in range(calls):
+        started = time.perf_counter()
+        embed([sentences[index % len(sentences)]])
+        samples.append((time.perf_counter() - started) * 1000)
+    return _percentiles(samples)
+
+
+def _concurrent(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, float]:
+    per_caller = max(1, calls // CONCURRENT_CALLERS)
+    samples: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(CONCURRENT_CALLERS + 1)
+
+    def caller(offset: int) -> None:
+        mine = []
+        barrier.wait()
+        for index in range(per_caller):
+            started = time.perf_counter()
+            embed([sentences[(offset + index) % len(sentences)]])
+            mine.append((time.perf_counter() - started) * 1000)
+        with lock:
+            samples.extend(mine)
+
+    threads = [threading.Thread(target=caller, args=(i * 7,)) for i in range(CONCURRENT_CALLERS)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return {"requests_per_s": len(samples) / elapsed, **_percentiles(samples)}
+
+
+def _bulk(embed: EmbedFn, corpus: Sequence[str]) -> dict[str, float]:
+    started = time.perf_counter()
+    vectors = embed(list(corpus))
+    elapsed = time.perf_counter() - started
+    if len(vectors) != len(corpus):
+        raise RuntimeError(f"bulk returned {len(vectors)} vectors for {len(corpus)} texts")
+    return {"texts_per_s": len(corpus) / elapsed, "seconds": elapsed}
+
+
+def _cold_start(argv: list[str], stdin_line: str | None = None) -> float:
+    """Milliseconds from spawning ``argv`` to its first line on stdout (after ``stdin_line``)."""
+    samples = []
+    for _ in range(COLD_START_RUNS):
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert process.stdin is not None and process.stdout is not None
+        if stdin_line is not None:
+            process.stdout.readline()  # the "ready" line
+            process.stdin.write(stdin_line + "\n")
+            process.stdin.flush()
+        line = process.stdout.readline()
+        samples.append((time.perf_counter() - started) * 1000)
+        process.stdin.close()
+        process.wait(timeout=60)
+        if not line:
+            raise RuntimeError(f"{argv} printed nothing")
+    return statistics.median(samples)
+
+
+class _JsonLinesBaseline:
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        self.argv = [
+            sys.executable, "-m", "akidb_embed.bench.jsonl_baseline",
+            "--model-dir", str(model_dir), "--threads", str(threads),
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._lock = threading.Lock()  # one request at a time: the baseline has no ids
+        assert self._process.stdout is not None
+        self._process.stdout.readline()
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        with self._lock:
+            self._process.stdin.write(json.dumps({"inputs": list(texts)}) + "\n")
+            self._process.stdin.flush()
+            reply = json.loads(self._process.stdout.readline())
+        return np.asarray(reply["embeddings"], dtype=np.float32)
+
+    def close(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait(timeout=30)
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    """The high-water resident set of a live process, where /proc tells it (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _sentence_transformers(gt_threads: int) -> tuple[EmbedFn, str] | None:
+    try:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        from akidb_embed.models.sources import export_package_model_dir
+    except ImportError:
+        return None
+    weights = export_package_model_dir()
+    if weights is None:
+        return None
+    torch.set_num_threads(gt_threads)
+    model = SentenceTransformer(str(weights), device="cpu")
+
+    def embed(texts: Sequence[str]) -> Any:
+        return model.encode(list(texts), batch_size=32, normalize_embeddings=True)
+
+    import sentence_transformers
+
+    version = f"sentence-transformers {sentence_transformers.__version__}"
+    version += f", torch {torch.__version__}"
+    return embed, version
+
+
+def _format(value: float, reference: float | None) -> str:
+    text = f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
+    if reference:
+        ratio = value / reference
+        text += f" ({ratio:.2f}x)"
+    return text
+
+
+def _print_table(results: Results, implementations: list[str]) -> None:
+    headers = ["workload", "metric", *implementations]
+    rows = []
+    for workload, metrics in results.figures.items():
+        for metric, values in metrics.items():
+            reference = values.get("in-process")
+            rows.append(
+                [workload, metric]
+                + [
+                    _format(values[name], reference) if name in values else "-"
+                    for name in implementations
+                ]
+            )
+    widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def run_benchmark(
+    *,
+    model_dir: Path | None,
+    provider: str,
+    corpus_size: int,
+    single_calls: int,
+    output: Path,
+    quick: bool = False,
+) -> int:
+    from akidb_embed.host_client import EmbeddingClient
+    from akidb_embed.worker.config import WorkerConfig, default_threads
+    from akidb_embed.worker.engine import Engine
+
+    if quick:
+        corpus_size, single_calls = min(corpus_size, 64), min(single_calls, 32)
+    metadata = load_metadata(model_dir)
+    threads = default_threads() or os.cpu_count() or 1
+    corpus = build_corpus(corpus_size)
+    short = [text for text in corpus if len(text) < 120][:50] or corpus[:50]
+    results = Results(
+        settings={
+            "model": metadata.model,
+            "model_dir": str(metadata.directory),
+            "provider": provider,
+            "threads": threads,
+            "corpus_size": len(corpus),
+            "corpus_digest": corpus_digest(corpus),
+            "single_calls": single_calls,
+            "concurrent_callers": CONCURRENT_CALLERS,
+            "python": platform.python_version(),
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        }
+    )
+    print(
+        f"akidb-embed bench: {metadata.model}, {threads} ONNX Runtime threads, corpus of "
+        f"{len(corpus)} texts ({results.settings['corpus_digest']})",
+        file=sys.stderr,
+    )
+    implementations = ["in-process", "bridge", "jsonl"]
+
+    def measure(name: str, embed: EmbedFn) -> None:
+        print(f"  {name}: single, concurrent, bulk", file=sys.stderr)
+        for metric, value in _single(embed, short, single_calls).items():
+            results.put("single", metric, name, value)
+        for metric, value in _concurrent(embed, short, single_calls).items():
+            results.put(f"concurrent x{CONCURRENT_CALLERS}", metric, name, value)
+        for metric, value in _bulk(embed, corpus).items():
+            results.put("bulk", metric, name, value)
+
+    config = WorkerConfig(model_dir=metadata.directory, provider=provider, threads=threads)
+    engine = Engine.load(config)
+    measure("in-process", engine.embed)
+    del engine
+
+    with EmbeddingClient(metadata.directory, provider=provider, threads=threads) as client:
+        measure("bridge", client.embed)
+        pid = client.stats().worker_pid
+        rss = _peak_rss_mb(pid) if pid is not None else None
+        if rss is not None:
+            results.put("worker", "peak_rss_mb", "bridge", rss)
+
+    baseline = _JsonLinesBaseline(metadata.directory, threads)
+    try:
+        measure("jsonl", baseline.embed)
+    finally:
+        baseline.close()
+
+    reference = _sentence_transformers(threads)
+    if reference is None:
+        results.notes.append("sentence-transformers is not importable: its column is omitted")
+    else:
+        embed, version = reference
+        implementations.append("st")
+        results.notes.append(f"st = {version}")
+        measure("st", embed)
+
+    print("  cold start", file=sys.stderr)
+    model = str(metadata.directory)
+    first = "vectors = {}.embed(['hello world']); print('ready', flush=True)"
+    results.put(
+        "cold start", "ms_to_first_answer", "in-process",
+        _cold_start([sys.executable, "-c",
+            "from akidb_embed.worker.config import WorkerConfig; "
+            "from akidb_embed.worker.engine import Engine; "
+            f"e = Engine.load(WorkerConfig(model_dir={model!r}, threads={threads})); "
+            + first.format("e")]),
+    )  # fmt: skip
+    results.put(
+        "cold start", "ms_to_first_answer", "bridge",
+        _cold_start([sys.executable, "-c",
+            "from akidb_embed.host_client import EmbeddingClient; "
+            f"c = EmbeddingClient({model!r}, threads={threads}); " + first.format("c")]),
+    )  # fmt: skip
+    results.put(
+        "cold start",
+        "ms_to_first_answer",
+        "jsonl",
+        _cold_start(baseline.argv, json.dumps({"inputs": ["hello world"]})),
+    )
+
+    print()
+    _print_table(results, implementations)
+    print("\n(x) = ratio to in-process; *_ms lower is better, *_per_s higher is better")
+    for note in results.notes:
+        print(f"note: {note}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    document = {"settings": results.settings, "figures": results.figures, "notes": results.notes}
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results written to {output}")
+    return 0
