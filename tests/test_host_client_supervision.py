@@ -1,0 +1,356 @@
+"""Supervision with a real worker and the real model: kill -9 under load, a stopped worker, workers
+that cannot start, the restart budget, close under load, and a bounded stress run.
+
+Every fault is real (signals to the real worker process) except one: no worker speaking another
+protocol version exists, so ``test_worker_of_another_protocol_version_is_refused`` uses a
+stand-in that writes such a hello and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from akidb_embed.host_client import (
+    AsyncEmbeddingClient,
+    BatchEmbeddingRequest,
+    EmbeddingClient,
+    InvalidInput,
+    ModelNotFound,
+    ProtocolError,
+    RequestTimeout,
+    ServiceUnavailable,
+)
+from akidb_embed.models import ModelMetadata
+
+MIN_COSINE = 0.99999
+GUARD_TIMEOUT = 300.0
+"""Only a guard against a hang; no test measures time."""
+STRESS_SECONDS = 8.0
+
+TOPICS = ("cats", "interest rates", "guitars", "vector search", "the weather", "rust", "tea")
+
+
+def sentences(count: int) -> list[str]:
+    return [
+        f"Sentence {index} is about {TOPICS[index % len(TOPICS)]} and number {index * 7 % 31}."
+        for index in range(count)
+    ]
+
+
+def min_cosine(actual: npt.NDArray[np.float32], expected: npt.NDArray[np.float32]) -> float:
+    dots = np.sum(actual.astype(np.float64) * expected, axis=1)
+    norms = np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1)
+    return float(np.min(dots / norms))
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + GUARD_TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.005)
+
+
+def assert_reaped(pid: int) -> None:
+    """The process was waited for by the client: neither running nor a zombie."""
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def join_all(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(GUARD_TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads), "a caller never got an answer"
+
+
+def resume(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+# --------------------------------------------------------------------- deaths and hangs
+
+
+def test_killed_worker_loses_no_request(metadata: ModelMetadata) -> None:
+    texts = sentences(240)
+    with EmbeddingClient(metadata.directory, request_timeout=120.0) as client:
+        reference = client.embed(texts)  # the same texts without faults
+        doomed = client.stats().worker_pid
+        assert doomed is not None
+        # Stopped first so that the kill is sure to find requests in flight.
+        os.kill(doomed, signal.SIGSTOP)
+        results: dict[tuple[int, int], npt.NDArray[np.float32]] = {}
+        failures: list[BaseException] = []
+
+        def caller(thread_index: int) -> None:
+            try:
+                for round_index in range(4):
+                    start = (thread_index * 40 + round_index * 13) % 200
+                    results[(thread_index, start)] = client.embed(texts[start : start + 40])
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(index,)) for index in range(6)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: client.stats().in_flight_texts >= 6 * 40, "every caller in flight")
+        os.kill(doomed, signal.SIGKILL)
+        join_all(threads)
+
+        assert failures == []
+        assert len(results) == 6 * 4
+        for (_, start), vectors in results.items():
+            assert min_cosine(vectors, reference[start : start + 40]) >= MIN_COSINE
+        stats = client.stats()
+        assert stats.restarts == 1
+        assert stats.resent_requests >= 6
+        assert stats.worker_pid not in (None, doomed)
+        assert_reaped(doomed)
+
+
+def test_stopped_worker_times_out_and_a_new_one_answers(metadata: ModelMetadata) -> None:
+    with EmbeddingClient(metadata.directory, request_timeout=3.0, max_attempts=2) as client:
+        expected = client.embed(["is anybody there?"])
+        stopped = client.stats().worker_pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            vectors = client.embed(["is anybody there?"])
+        finally:
+            resume(stopped)
+
+        assert min_cosine(vectors, expected) >= MIN_COSINE
+        stats = client.stats()
+        assert stats.spawns == 2
+        assert stats.worker_pid not in (None, stopped)
+        assert_reaped(stopped)
+
+
+def test_request_times_out_when_its_attempts_run_out(metadata: ModelMetadata) -> None:
+    with EmbeddingClient(metadata.directory, request_timeout=2.0, max_attempts=1) as client:
+        stopped = client.stats().worker_pid
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout, match="no reply"):
+                client.embed(["will time out"])
+        finally:
+            resume(stopped)
+
+        assert client.embed(["the next worker answers"]).shape[0] == 1
+        assert_reaped(stopped)
+
+
+def test_restart_budget_spent_makes_calls_fail_fast(metadata: ModelMetadata) -> None:
+    with EmbeddingClient(
+        metadata.directory, restart_limit=1, stable_start_time=3600.0, request_timeout=120.0
+    ) as client:
+        first = client.stats().worker_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: client.stats().worker_pid not in (None, first), "a new worker")
+        second = client.stats().worker_pid
+        assert second is not None
+        assert client.embed(["the replacement works"]).shape[0] == 1
+
+        os.kill(second, signal.SIGKILL)
+        wait_until(lambda: client.stats().worker_pid is None, "the death to be noticed")
+        with pytest.raises(ServiceUnavailable, match="restart_limit=1"):
+            client.embed(["no more workers"])
+        with pytest.raises(ServiceUnavailable, match="SIGKILL"):
+            client.health_check()
+        assert client.stats().spawns == 2
+        assert_reaped(first)
+        assert_reaped(second)
+
+
+# -------------------------------------------------------------- workers that cannot start
+
+EXIT_WITH_REASON = (
+    "import sys\n"
+    "with open(sys.argv[1], 'a') as spawns: spawns.write('spawned\\n')\n"
+    "sys.stderr.write('loading libonnxruntime_providers_cuda.so failed: no such file\\n')\n"
+    "sys.exit(1)\n"
+)
+
+
+def test_missing_model_directory_fails_fast_with_the_workers_reason(tmp_path: Path) -> None:
+    missing = tmp_path / "no-model-here"
+
+    with pytest.raises(ModelNotFound, match="no-model-here"):
+        EmbeddingClient(missing)
+
+
+def test_worker_that_exits_at_start_fails_fast_with_its_stderr(tmp_path: Path) -> None:
+    spawns = tmp_path / "spawns.txt"
+    command = [sys.executable, "-c", EXIT_WITH_REASON, str(spawns)]
+
+    with pytest.raises(ServiceUnavailable, match="exited with code 1") as raised:
+        EmbeddingClient(worker_command=command)
+
+    assert "libonnxruntime_providers_cuda.so failed" in raised.value.message
+    assert spawns.read_text().splitlines() == ["spawned"]
+
+
+def test_failed_start_is_never_retried_in_a_loop(tmp_path: Path) -> None:
+    spawns = tmp_path / "spawns.txt"
+    command = [sys.executable, "-c", EXIT_WITH_REASON, str(spawns)]
+
+    async def scenario() -> None:
+        client = AsyncEmbeddingClient(worker_command=command, restart_limit=5)
+        try:
+            with pytest.raises(ServiceUnavailable, match="cuda"):
+                await client.start()
+            for _ in range(3):
+                with pytest.raises(ServiceUnavailable, match="cuda"):
+                    await client.embed(["anyone?"])
+            assert client.stats().spawns == 1
+        finally:
+            await client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), GUARD_TIMEOUT))
+    assert spawns.read_text().splitlines() == ["spawned"]
+
+
+def test_worker_without_a_hello_is_killed_after_start_timeout(tmp_path: Path) -> None:
+    silent = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+    with pytest.raises(ServiceUnavailable, match="no hello within 1 s"):
+        EmbeddingClient(worker_command=silent, start_timeout=1.0)
+
+
+def test_worker_of_another_protocol_version_is_refused() -> None:
+    # A stand-in: no worker of protocol 2 exists. It waits for its stdin to close, as the
+    # protocol asks a refusing client to do.
+    future_worker = (
+        "import os, sys\n"
+        "from akidb_embed import wire\n"
+        "hello = {'op': 'hello', 'ok': True, 'protocol': wire.PROTOCOL_VERSION + 1,\n"
+        "         'pid': os.getpid(), 'model': {}, 'limits': {}}\n"
+        "sys.stdout.buffer.write(wire.pack(hello)); sys.stdout.flush()\n"
+        "sys.stdin.buffer.read()\n"
+    )
+
+    with pytest.raises(ProtocolError, match="protocol 2"):
+        EmbeddingClient(worker_command=[sys.executable, "-c", future_worker])
+
+
+# ----------------------------------------------------------------------------------- close
+
+
+def test_close_with_requests_in_flight_answers_or_fails_every_caller(
+    metadata: ModelMetadata,
+) -> None:
+    client = EmbeddingClient(
+        metadata.directory,
+        request_timeout=120.0,
+        max_in_flight_texts=64,
+        worker_args=("--max-texts-per-request", "32"),
+    )
+    pid = client.stats().worker_pid
+    assert pid is not None
+    outcomes: dict[int, Any] = {}
+
+    def caller(index: int) -> None:
+        try:
+            outcomes[index] = client.embed(sentences(400))
+        except ServiceUnavailable as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=caller, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: client.stats().in_flight_texts > 0, "texts in flight")
+    client.close()
+    join_all(threads)
+
+    assert sorted(outcomes) == [0, 1, 2, 3]
+    for outcome in outcomes.values():
+        assert isinstance(outcome, ServiceUnavailable) or outcome.shape[0] == 400
+    assert_reaped(pid)
+
+
+def test_close_kills_a_stopped_worker_and_fails_its_callers(metadata: ModelMetadata) -> None:
+    client = EmbeddingClient(metadata.directory, request_timeout=120.0, close_timeout=1.0)
+    pid = client.stats().worker_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    outcome: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            client.embed(["never answered"])
+        except ServiceUnavailable as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    try:
+        wait_until(lambda: client.stats().in_flight_texts > 0, "the call in flight")
+        client.close()
+    finally:
+        resume(pid)
+    join_all([thread])
+
+    assert len(outcome) == 1
+    assert_reaped(pid)
+
+
+# ---------------------------------------------------------------------------------- stress
+
+
+def test_stress_mixed_calls_with_a_kill_lose_nothing(metadata: ModelMetadata) -> None:
+    pool = sentences(300)
+    with EmbeddingClient(metadata.directory, request_timeout=120.0) as client:
+        reference = client.embed(pool)
+        stop_at = time.monotonic() + STRESS_SECONDS
+        checked: list[int] = []
+        failures: list[BaseException] = []
+
+        def caller(seed: int) -> None:
+            chooser = random.Random(seed)
+            try:
+                while time.monotonic() < stop_at:
+                    action = chooser.random()
+                    if action < 0.8:
+                        picked = chooser.sample(range(len(pool)), chooser.randint(1, 60))
+                        request = BatchEmbeddingRequest(None, [pool[i] for i in picked])
+                        vectors = client.embed_batch(request).embeddings
+                        assert min_cosine(vectors, reference[picked]) >= MIN_COSINE
+                        checked.append(len(picked))
+                    elif action < 0.9:
+                        assert client.health_check() is True
+                    else:
+                        over_long = BatchEmbeddingRequest(None, ["x " * 600], truncate=False)
+                        with pytest.raises(InvalidInput):
+                            client.embed_batch(over_long)
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(5)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(checked) >= 10, "some load")
+        victim = client.stats().worker_pid
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        join_all(threads)
+
+        assert failures == []
+        assert client.stats().restarts == 1
+        assert len(checked) > 10
+        assert_reaped(victim)
