@@ -40,7 +40,7 @@ def export_onnx(weights_dir: Path, onnx_path: Path, opset: int = EXPORT_OPSET) -
     from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     class _LastHiddenState(torch.nn.Module):
         """Positional inputs for the exporter (transformers' forward wants keywords)."""
@@ -58,7 +58,8 @@ def export_onnx(weights_dir: Path, onnx_path: Path, opset: int = EXPORT_OPSET) -
             output = self.encoder(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             )
-            return output.last_hidden_state
+            hidden: torch.Tensor = output.last_hidden_state
+            return hidden
 
     # Eager attention exports as plain MatMul/Softmax, the pattern ONNX Runtime's graph
     # optimiser recognises and fuses.

@@ -183,7 +183,7 @@ def embed_with_onnxruntime(
 ) -> tuple[npt.NDArray[np.float32], list[int]]:
     """Vectors of ``sentences`` from ``model_path`` through our pipeline, and the number of
     tokens each one ran with. Truncation and padding are set here, whatever tokenizer.json says."""
-    import onnxruntime
+    import onnxruntime  # type: ignore[import-untyped]
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -222,7 +222,7 @@ def reference_embeddings(
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model = SentenceTransformer(str(reference_dir), device="cpu", local_files_only=True)
     vectors = model.encode(
         list(sentences),

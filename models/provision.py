@@ -20,7 +20,9 @@
     "provisioned" or "replaced"
 
 A run killed at any point leaves either the previous directory or the new complete one under the
-model directory's name; leftovers in the work folder are removed by the next run. Only numpy,
+model directory's name; leftovers in the work folder are removed by the next run. Files are not
+fsync'ed (flushing 90 MB can stall for a long time on a busy disk): after a power loss, a file the
+disk lost shows up as a size or sha256 mismatch, which the next run repairs. Only numpy,
 tokenizers and onnxruntime (worker dependencies) are needed unless the model must be exported or
 checked against sentence-transformers; checking an intact directory imports none of them.
 """
@@ -150,19 +152,6 @@ def _replaceable(target: Path) -> bool:
     return METADATA_FILE in entries or entries <= {*REQUIRED_FILES, METADATA_FILE}
 
 
-def _sync_tree(directory: Path) -> None:
-    """Flush the files and the directory entry, so a crash after the rename finds whole files."""
-    for path in directory.iterdir():
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
-    if os.name == "posix":
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
 def _golden_and_parity(
     source: Source, config: ModelConfig, build: Path, log: Log
 ) -> dict[str, Any]:
@@ -266,7 +255,6 @@ def _build(source: Source, target: Path, build: Path, log: Log) -> None:
     )
     text = json.dumps(metadata.to_json(), indent=2, ensure_ascii=False) + "\n"
     (build / METADATA_FILE).write_text(text, encoding="utf-8")
-    _sync_tree(build)
 
 
 def provision(

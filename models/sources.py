@@ -188,7 +188,7 @@ def directory_source(
     missing = [name for name in (TOKENIZER_FILE, *ST_CONFIG_FILES) if not (root / name).is_file()]
     if onnx_path is None:
         missing.insert(0, f"{MODEL_FILE} (or onnx/{MODEL_FILE})")
-    if missing:
+    if onnx_path is None or missing:
         raise SourceUnavailable(f"{root} lacks {', '.join(missing)}")
     has_weights = any((root / name).is_file() for name in _WEIGHT_FILES)
     return Source(
