@@ -105,6 +105,11 @@ class FrameWriter:
         self.on_broken: Callable[[], None] = lambda: None
         self.broken = False
 
+    def close(self) -> None:
+        """Write nothing more; waits for a frame being written to be complete."""
+        with self._lock:
+            self.broken = True
+
     def send(self, message: dict[str, Any]) -> None:
         frame = memoryview(pack(message))
         with self._lock:
@@ -219,6 +224,9 @@ class _Server:
         self._batcher.join()
         if self._shutdown_id is not None:
             self._writer.send({"id": self._shutdown_id, "ok": True})
+        # the reader thread may still be answering a last frame: let it finish that frame, so
+        # that the process never ends in the middle of one
+        self._writer.close()
         log.info("exiting with code %d", self._exit_code)
         return self._exit_code
 
