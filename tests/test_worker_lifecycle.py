@@ -361,3 +361,16 @@ def test_bad_arguments_exit_2_without_a_hello(spawn_worker: Any) -> None:
     assert worker.frames_until_end() == []
     assert worker.wait(EXIT_TIMEOUT) == 2
     assert "--threads" in worker.stderr()
+
+
+def test_missing_dependency_fails_the_hello_with_service_unavailable_and_exit_5(
+    spawn_worker: Any, tmp_path: Path
+) -> None:
+    # a module named onnxruntime that fails to import, first on the path: as if not installed
+    (tmp_path / "onnxruntime.py").write_text("raise ImportError('onnxruntime is not installed')\n")
+    worker = spawn_worker(env={"PYTHONPATH": str(tmp_path)})
+    assert worker.hello["ok"] is False
+    assert worker.hello["error"]["code"] == "service_unavailable"
+    assert "onnxruntime is not installed" in worker.hello["error"]["message"]
+    assert worker.wait(EXIT_TIMEOUT) == 5
+    assert "Traceback" not in worker.stderr()

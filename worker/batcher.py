@@ -52,8 +52,9 @@ __all__ = ["SNAPSHOT_BATCHES", "Batcher", "Job", "plan_micro_batches"]
 log = logging.getLogger(__name__)
 
 SNAPSHOT_BATCHES = 4
-"""A snapshot holds about this many micro-batches of texts: enough to sort lengths well, small
-enough that a request arriving meanwhile waits at most about one snapshot's run time."""
+"""A snapshot holds about this many micro-batches of texts (or of the longest texts, if
+max_batch_tokens is below max_tokens): enough to sort lengths well, small enough that a request
+arriving meanwhile waits at most about one snapshot's run time."""
 
 
 def plan_micro_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -120,7 +121,8 @@ class Batcher:
         self._dimension = engine.metadata.dimension
         self.max_batch_tokens = max_batch_tokens
         self.max_pending_texts = max_pending_texts
-        self.snapshot_tokens = SNAPSHOT_BATCHES * max_batch_tokens
+        # never smaller than a few of the longest texts, or one text could fill a snapshot alone
+        self.snapshot_tokens = SNAPSHOT_BATCHES * max(max_batch_tokens, engine.metadata.max_tokens)
         self._on_fatal = on_fatal
         self._changed = threading.Condition()
         self._queue: deque[Job] = deque()

@@ -1,0 +1,125 @@
+"""The engine and the batcher in-process, with the real model: the API the benchmark uses
+(``Engine.load(...).embed``), and the batcher's order guarantees (fair share, FIFO,
+backpressure), observed through the order in which requests finish. No timing is asserted."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from akidb_embed.errors import InvalidInput
+from akidb_embed.models import ModelMetadata
+from akidb_embed.worker.batcher import Batcher, Job
+from akidb_embed.worker.config import WorkerConfig
+from akidb_embed.worker.engine import Engine
+
+MIN_COSINE = 0.99999
+
+
+@pytest.fixture(scope="module")
+def engine(metadata: ModelMetadata) -> Engine:
+    return Engine.load(WorkerConfig(model_dir=metadata.directory, max_batch_tokens=64))
+
+
+def test_in_process_engine_embeds_like_the_golden_vectors(
+    engine: Engine, golden: dict[str, Any]
+) -> None:
+    vectors = engine.embed(golden["sentences"])
+    expected = np.asarray(golden["embeddings"], dtype=np.float32)
+    assert vectors.shape == expected.shape
+    assert np.sum(vectors * expected, axis=1).min() >= MIN_COSINE
+    lengths = [len(ids) for ids in engine.tokenize(golden["sentences"])]
+    assert lengths == golden["token_counts"]
+
+
+def test_in_process_engine_refuses_overlong_input_without_truncation(
+    engine: Engine, golden: dict[str, Any], metadata: ModelMetadata
+) -> None:
+    long_index = golden["token_counts"].index(metadata.max_tokens)
+    with pytest.raises(InvalidInput, match=r"inputs\[1\] has \d+ tokens"):
+        engine.embed(["fine", golden["sentences"][long_index]], truncate=False)
+
+
+class Recorder:
+    """Collects the order in which jobs finish."""
+
+    def __init__(self) -> None:
+        self.finished: list[int] = []
+        self.all_done = threading.Event()
+        self.expected = 0
+        self._lock = threading.Lock()
+
+    def job(self, engine: Engine, request_id: int, texts: list[str]) -> Job:
+        self.expected += 1
+        return Job(request_id, engine.tokenize(texts), normalize=True, on_done=self.done)
+
+    def done(self, job: Job) -> None:
+        assert job.error is None, job.error
+        with self._lock:
+            self.finished.append(job.request_id)
+            if len(self.finished) == self.expected:
+                self.all_done.set()
+
+
+@pytest.fixture
+def batcher(engine: Engine) -> Iterator[Batcher]:
+    batcher = Batcher(engine, max_batch_tokens=64, max_pending_texts=10_000)
+    yield batcher
+    batcher.close()
+    assert batcher.join(timeout=120)
+
+
+def test_small_request_behind_a_huge_one_finishes_first(
+    engine: Engine, batcher: Batcher, golden: dict[str, Any], metadata: ModelMetadata
+) -> None:
+    long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
+    recorder = Recorder()
+    batcher.submit(recorder.job(engine, 1, [long_text] * 12))  # 12 snapshots of 256 tokens
+    batcher.submit(recorder.job(engine, 2, ["a small request"]))
+    batcher.start()
+    assert recorder.all_done.wait(120)
+    assert recorder.finished == [2, 1]
+
+
+def test_flood_of_later_requests_does_not_starve_an_earlier_one(
+    engine: Engine, batcher: Batcher, golden: dict[str, Any]
+) -> None:
+    # The flood holds many snapshots' worth of short texts. Sorting everything pending by length
+    # would run the early request's long texts last; its fair share of every snapshot makes it
+    # finish while much of the flood still waits.
+    recorder = Recorder()
+    batcher.submit(recorder.job(engine, 0, golden["sentences"][:12]))
+    for request_id in range(1, 2001):
+        batcher.submit(recorder.job(engine, request_id, [f"small request number {request_id}"]))
+    assert batcher.pending_texts * 8 > 10 * batcher.snapshot_tokens
+    batcher.start()
+    assert recorder.all_done.wait(300)
+    assert recorder.finished.index(0) < len(recorder.finished) - 200
+
+
+def test_reading_pauses_while_too_many_texts_are_pending(
+    engine: Engine, golden: dict[str, Any]
+) -> None:
+    batcher = Batcher(engine, max_batch_tokens=64, max_pending_texts=4)
+    events: list[str] = []
+    first = Job(1, engine.tokenize(["a"] * 4), True, on_done=lambda job: events.append("done 1"))
+    second = Job(2, engine.tokenize(["b"]), True, on_done=lambda job: events.append("done 2"))
+    batcher.submit(first)
+
+    def submit_second() -> None:
+        batcher.submit(second)
+        events.append("submitted 2")
+
+    submitter = threading.Thread(target=submit_second)
+    submitter.start()
+    submitter.join(0.5)
+    assert submitter.is_alive(), "submit returned although max_pending_texts was reached"
+    batcher.start()
+    submitter.join(120)
+    batcher.close()
+    assert batcher.join(120)
+    assert events == ["done 1", "submitted 2", "done 2"]
