@@ -1,0 +1,487 @@
+//! `WorkerClient`: AkiDB's embedding calls over one supervised worker (see the crate docs for
+//! the whole data path).
+//!
+//! Every call becomes one or more wire requests. Each one is kept in the shared `pending`
+//! table (its encoded frame, the caller's oneshot, the attempts spent) until its reply arrives:
+//! that table is what lets the supervisor send every unanswered request again to a new worker.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::WorkerConfig;
+use crate::process::start_worker;
+use crate::supervisor::{Event, Supervisor};
+use crate::types::{
+    BatchEmbeddingRequest, BatchEmbeddingResponse, EmbeddingError, EmbeddingProvider,
+    EmbeddingResult, ModelInfo, Usage,
+};
+use crate::wire::{
+    self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, ReadyHello, ReplyEnvelope,
+};
+
+/// A frame shared by the pending table (for re-sending) and the writer task.
+pub(crate) type Frame = Arc<Vec<u8>>;
+
+/// Bytes of an embed request's map besides its texts: keys, id, op, flags (generous).
+const REQUEST_ENVELOPE_BYTES: usize = 128;
+/// Largest msgpack header of one string (str32).
+const STRING_HEADER_BYTES: usize = 5;
+/// Bytes of an embed reply's map besides its vectors and model id (generous).
+const REPLY_ENVELOPE_BYTES: usize = 256;
+
+/// One wire request waiting for its reply.
+pub(crate) struct Pending {
+    pub frame: Frame,
+    pub reply: oneshot::Sender<EmbeddingResult<Vec<u8>>>,
+    /// The worker generation it was last written to, and when; `None` while no worker runs.
+    pub sent_to: Option<(u64, Instant)>,
+    /// Workers it has been written to.
+    pub attempts: u32,
+    /// Its share of `max_in_flight_texts`, given back when the entry goes.
+    pub _texts: Option<OwnedSemaphorePermit>,
+}
+
+/// Where new requests go.
+pub(crate) enum Slot {
+    /// A worker is serving; frames for it go through `frames` to its writer task.
+    Running { generation: u64, frames: mpsc::UnboundedSender<Frame>, last_reply_at: Instant },
+    /// The worker is being replaced: requests wait in `pending` and are written to the next one.
+    Starting,
+    /// The supervisor gave up; every call fails with this error.
+    Failed(EmbeddingError),
+    /// `close()` ran or the last handle was dropped.
+    Closed,
+}
+
+pub(crate) struct Shared {
+    pub pending: HashMap<u64, Pending>,
+    pub slot: Slot,
+    /// The latest ready worker's hello (kept across restarts for model info and limits).
+    pub hello: ReadyHello,
+}
+
+/// What the client handles, the supervisor and the I/O tasks share.
+pub(crate) struct State {
+    pub config: WorkerConfig,
+    shared: Mutex<Shared>,
+    in_flight_texts: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+impl State {
+    /// The shared table; never held across an await.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic while holding the lock leaves the table consistent (single-step updates).
+        self.shared.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Hands a reply to the caller waiting for request `id`, if any still is.
+    pub(crate) fn deliver(&self, id: u64, generation: u64, payload: Vec<u8>) {
+        let pending = {
+            let mut shared = self.lock();
+            if let Slot::Running { generation: current, last_reply_at, .. } = &mut shared.slot {
+                if *current == generation {
+                    *last_reply_at = Instant::now();
+                }
+            }
+            shared.pending.remove(&id)
+        };
+        // Unknown ids are replies to requests already answered by an earlier worker, or whose
+        // caller has gone: nothing waits for them.
+        if let Some(pending) = pending {
+            let _ = pending.reply.send(Ok(payload));
+        }
+    }
+}
+
+fn closed() -> EmbeddingError {
+    EmbeddingError::ServiceUnavailable("the client is closed".into())
+}
+
+/// Sends `Event::HandlesDropped` when the last `WorkerClient` clone goes, so the supervisor
+/// stops the worker.
+struct Handle {
+    state: Arc<State>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.events.send(Event::HandlesDropped);
+    }
+}
+
+/// A reply on its way; dropping it withdraws the request (its texts stop counting against
+/// `max_in_flight_texts`).
+struct PendingReply {
+    state: Arc<State>,
+    id: u64,
+    reply: Option<oneshot::Receiver<EmbeddingResult<Vec<u8>>>>,
+}
+
+impl PendingReply {
+    async fn wait(mut self) -> EmbeddingResult<Vec<u8>> {
+        let reply = self.reply.take().expect("a reply is awaited once");
+        reply.await.unwrap_or_else(|_| Err(closed()))
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        if self.reply.is_some() {
+            self.state.lock().pending.remove(&self.id);
+        }
+    }
+}
+
+/// AkiDB's embedding calls served by one supervised `akidb-embed` worker process.
+///
+/// Cheap to clone: clones share the worker. Calls from many tasks are pipelined over it. The
+/// worker is stopped when [`close`](Self::close) is awaited or the last clone is dropped; it is
+/// spawned with `kill_on_drop`, so not even a runtime shutdown leaves it running.
+#[derive(Clone)]
+pub struct WorkerClient {
+    handle: Arc<Handle>,
+}
+
+impl WorkerClient {
+    /// Starts a worker and waits for its hello. Fails fast, without retrying, when the worker
+    /// cannot start: `ModelNotFound` or `ServiceUnavailable` with the worker's own reason (its
+    /// failed hello, or its exit status and the last lines of its stderr).
+    ///
+    /// Must be called inside a tokio runtime (the supervisor and I/O are tokio tasks).
+    pub async fn spawn(config: WorkerConfig) -> EmbeddingResult<Self> {
+        if let Some(problem) = config.problem() {
+            return Err(EmbeddingError::InvalidInput(format!("WorkerConfig: {problem}")));
+        }
+        let started = start_worker(&config).await.map_err(|failure| failure.error)?;
+        let state = Arc::new(State {
+            in_flight_texts: Arc::new(Semaphore::new(
+                config.max_in_flight_texts.min(Semaphore::MAX_PERMITS),
+            )),
+            config,
+            shared: Mutex::new(Shared {
+                pending: HashMap::new(),
+                slot: Slot::Starting,
+                hello: started.hello.clone(),
+            }),
+            next_id: AtomicU64::new(1),
+        });
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let mut supervisor = Supervisor::new(state.clone(), events.clone(), events_rx);
+        supervisor.install(started);
+        tokio::spawn(supervisor.run());
+        Ok(Self { handle: Arc::new(Handle { state, events }) })
+    }
+
+    fn state(&self) -> &Arc<State> {
+        &self.handle.state
+    }
+
+    /// Embeds every input, in order. Batches over the worker's limits (texts per request,
+    /// frame size, `max_in_flight_texts`) are split into several wire requests whose vectors
+    /// are concatenated in order; see [`Usage`] for how their usage adds up.
+    pub async fn embed_batch(
+        &self,
+        request: BatchEmbeddingRequest,
+    ) -> EmbeddingResult<BatchEmbeddingResponse> {
+        let (limits, dimension, hello_model_bytes) = {
+            let shared = self.state().lock();
+            let model = &shared.hello.model;
+            (shared.hello.limits.clone(), model.dimension, model.model.len())
+        };
+        let model = Some(request.model.as_str()).filter(|model| !model.is_empty());
+        let model_bytes = hello_model_bytes.max(request.model.len());
+        let plan = ChunkPlan::new(
+            &limits,
+            dimension,
+            self.state().config.max_in_flight_texts,
+            model_bytes,
+        );
+        let chunks = plan.split(&request.inputs)?;
+        let split = chunks.len() > 1;
+
+        // Every chunk is written before any reply is awaited, so the worker batches them
+        // together; the in-flight permits make a huge batch wait here rather than grow memory.
+        let mut replies = Vec::with_capacity(chunks.len());
+        for range in chunks {
+            let inputs = &request.inputs[range.clone()];
+            let pending = self
+                .submit(inputs.len(), |id| {
+                    wire::encode_frame(&EmbedRequest {
+                        id,
+                        op: EmbedRequest::OP,
+                        model,
+                        inputs,
+                        normalize: request.normalize,
+                        truncate: request.truncate,
+                    })
+                })
+                .await?;
+            replies.push((range, pending));
+        }
+
+        let mut embeddings = Vec::with_capacity(request.inputs.len());
+        let mut usage = Usage::default();
+        let mut reply_model = None;
+        for (range, pending) in replies {
+            let context = |error: EmbeddingError| {
+                if split {
+                    error.with_context(&format!("inputs {}..{}", range.start, range.end))
+                } else {
+                    error
+                }
+            };
+            let payload = pending.wait().await.map_err(context)?;
+            wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result().map_err(context)?;
+            let reply: EmbedReply<'_> = wire::decode_payload(&payload)?;
+            let (count, dimension) = reply.shape;
+            if count != range.len() {
+                return Err(wire::protocol_violation(&format!(
+                    "{count} vectors for {} inputs",
+                    range.len()
+                )));
+            }
+            embeddings.extend(wire::embeddings_from_bytes(reply.embeddings, count, dimension)?);
+            usage.total_tokens += reply.usage.total_tokens;
+            usage.duration_ms = usage.duration_ms.max(reply.usage.duration_ms);
+            reply_model.get_or_insert(reply.model);
+        }
+        let model = reply_model.unwrap_or(request.model);
+        Ok(BatchEmbeddingResponse { model, embeddings, usage })
+    }
+
+    /// The loaded model's id, dimension and token limit, from the worker's hello (no round
+    /// trip). Fails when the client has given up or is closed.
+    pub async fn model_info(&self) -> EmbeddingResult<ModelInfo> {
+        let shared = self.state().lock();
+        match &shared.slot {
+            Slot::Failed(error) => Err(error.clone()),
+            Slot::Closed => Err(closed()),
+            Slot::Running { .. } | Slot::Starting => Ok(shared.hello.model.clone()),
+        }
+    }
+
+    /// Asks the worker to embed its fixed sentence and check the vector (the `health` op).
+    pub async fn health_check(&self) -> EmbeddingResult<()> {
+        let payload = self.call_op("health").await?;
+        let health: HealthReply = wire::decode_payload(&payload)?;
+        if health.status == "ok" {
+            Ok(())
+        } else {
+            Err(EmbeddingError::Internal(format!("worker health status {:?}", health.status)))
+        }
+    }
+
+    /// One `ping` round trip: the cost of the bridge alone, without the model.
+    pub async fn ping(&self) -> EmbeddingResult<()> {
+        self.call_op("ping").await.map(drop)
+    }
+
+    /// What the current worker announced in its hello (pid, providers, limits, ...), or the
+    /// last one while a replacement starts.
+    pub fn hello(&self) -> ReadyHello {
+        self.state().lock().hello.clone()
+    }
+
+    /// The pid of the worker serving now; `None` while it is being replaced, after the client
+    /// gave up, or after `close`.
+    pub fn worker_pid(&self) -> Option<u32> {
+        let shared = self.state().lock();
+        matches!(shared.slot, Slot::Running { .. }).then_some(shared.hello.pid)
+    }
+
+    /// Stops the worker gracefully: no new calls are taken, the worker finishes and answers
+    /// every request already written to it (within `close_timeout`, then it is killed), and
+    /// is reaped. Calls still waiting afterwards fail with `ServiceUnavailable`. Idempotent.
+    pub async fn close(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.handle.events.send(Event::Close { done }).is_ok() {
+            let _ = finished.await;
+        }
+    }
+
+    async fn call_op(&self, op: &str) -> EmbeddingResult<Vec<u8>> {
+        let pending = self.submit(0, |id| wire::encode_frame(&OpRequest { id, op })).await?;
+        let payload = pending.wait().await?;
+        wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()?;
+        Ok(payload)
+    }
+
+    /// Enters one wire request in the pending table and writes it to the worker if one runs
+    /// (else the supervisor writes it to the next one). Waits first for `texts` in-flight
+    /// permits.
+    async fn submit(
+        &self,
+        texts: usize,
+        encode: impl FnOnce(u64) -> EmbeddingResult<Vec<u8>>,
+    ) -> EmbeddingResult<PendingReply> {
+        let state = self.state();
+        let permit = match texts {
+            0 => None,
+            _ => {
+                // A chunk never holds more texts than the semaphore has (ChunkPlan).
+                let wanted = u32::try_from(texts).unwrap_or(u32::MAX);
+                let permit = state.in_flight_texts.clone().acquire_many_owned(wanted).await;
+                Some(permit.map_err(|_| closed())?)
+            }
+        };
+        let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = Arc::new(encode(id)?);
+        let (reply, receiver) = oneshot::channel();
+        let mut shared = state.lock();
+        let sent_to = match &shared.slot {
+            Slot::Running { generation, frames, .. } => {
+                // A closed channel means the worker just died; the supervisor re-sends.
+                let _ = frames.send(frame.clone());
+                Some((*generation, Instant::now()))
+            }
+            Slot::Starting => None,
+            Slot::Failed(error) => return Err(error.clone()),
+            Slot::Closed => return Err(closed()),
+        };
+        let attempts = u32::from(sent_to.is_some());
+        shared.pending.insert(id, Pending { frame, reply, sent_to, attempts, _texts: permit });
+        drop(shared);
+        Ok(PendingReply { state: state.clone(), id, reply: Some(receiver) })
+    }
+}
+
+impl EmbeddingProvider for WorkerClient {
+    async fn embed_batch(
+        &self,
+        request: BatchEmbeddingRequest,
+    ) -> EmbeddingResult<BatchEmbeddingResponse> {
+        WorkerClient::embed_batch(self, request).await
+    }
+
+    async fn model_info(&self) -> EmbeddingResult<ModelInfo> {
+        WorkerClient::model_info(self).await
+    }
+
+    async fn health_check(&self) -> EmbeddingResult<()> {
+        WorkerClient::health_check(self).await
+    }
+}
+
+/// How a batch is cut into wire requests that the worker accepts and whose replies fit in a
+/// frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChunkPlan {
+    max_texts: usize,
+    max_request_text_bytes: usize,
+    max_text_bytes: usize,
+}
+
+impl ChunkPlan {
+    fn new(
+        limits: &Limits,
+        dimension: u32,
+        max_in_flight_texts: usize,
+        model_bytes: usize,
+    ) -> Self {
+        let frame_budget = |envelope: usize| {
+            limits.max_frame_bytes.saturating_sub(envelope + model_bytes + STRING_HEADER_BYTES)
+        };
+        let reply_row_bytes = (dimension as usize).saturating_mul(wire::BYTES_PER_VALUE);
+        let max_rows_in_reply = frame_budget(REPLY_ENVELOPE_BYTES) / reply_row_bytes.max(1);
+        let max_texts =
+            limits.max_texts_per_request.min(max_in_flight_texts).min(max_rows_in_reply).max(1);
+        let max_request_text_bytes = frame_budget(REQUEST_ENVELOPE_BYTES);
+        let max_text_bytes =
+            limits.max_text_bytes.min(max_request_text_bytes.saturating_sub(STRING_HEADER_BYTES));
+        Self { max_texts, max_request_text_bytes, max_text_bytes }
+    }
+
+    /// Consecutive ranges covering `inputs` (one empty range for no inputs, so that the worker
+    /// gives its own answer to an empty request).
+    fn split(&self, inputs: &[String]) -> EmbeddingResult<Vec<Range<usize>>> {
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        let mut bytes = 0;
+        for (index, text) in inputs.iter().enumerate() {
+            if text.len() > self.max_text_bytes {
+                return Err(EmbeddingError::InvalidInput(format!(
+                    "input {index} is {} UTF-8 bytes, over the worker's limit of {}",
+                    text.len(),
+                    self.max_text_bytes
+                )));
+            }
+            let cost = text.len() + STRING_HEADER_BYTES;
+            if index > start
+                && (index - start == self.max_texts || bytes + cost > self.max_request_text_bytes)
+            {
+                chunks.push(start..index);
+                start = index;
+                bytes = 0;
+            }
+            bytes += cost;
+        }
+        chunks.push(start..inputs.len());
+        Ok(chunks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_frame_bytes: usize, max_texts_per_request: usize) -> Limits {
+        Limits {
+            max_frame_bytes,
+            max_texts_per_request,
+            max_text_bytes: 1000,
+            max_batch_tokens: 2048,
+            max_pending_texts: 16384,
+        }
+    }
+
+    fn texts(lengths: &[usize]) -> Vec<String> {
+        lengths.iter().map(|&n| "x".repeat(n)).collect()
+    }
+
+    #[test]
+    fn batches_are_cut_at_the_worker_text_limit() {
+        let plan = ChunkPlan::new(&limits(1 << 20, 4), 8, 100, 10);
+        assert_eq!(plan.split(&texts(&[1; 10])).unwrap(), vec![0..4, 4..8, 8..10]);
+    }
+
+    #[test]
+    fn batches_are_cut_at_the_in_flight_limit() {
+        let plan = ChunkPlan::new(&limits(1 << 20, 1024), 8, 3, 10);
+        assert_eq!(plan.split(&texts(&[1; 7])).unwrap(), vec![0..3, 3..6, 6..7]);
+    }
+
+    #[test]
+    fn batches_are_cut_so_that_request_frames_fit() {
+        // 1000-byte budget: 128 + 10 + 5 of envelope leave 857 bytes for texts and headers.
+        let plan = ChunkPlan::new(&limits(1000, 1024), 8, 1024, 10);
+        let chunks = plan.split(&texts(&[400, 400, 400, 10])).unwrap();
+        assert_eq!(chunks, vec![0..2, 2..4]);
+    }
+
+    #[test]
+    fn batches_are_cut_so_that_reply_frames_fit() {
+        // Rows of 100 x 4 bytes; (4096 - 256 - 10 - 5) / 400 = 9 rows per reply.
+        let plan = ChunkPlan::new(&limits(4096, 1024), 100, 1024, 10);
+        assert_eq!(plan.max_texts, 9);
+    }
+
+    #[test]
+    fn an_empty_batch_is_one_empty_request() {
+        let plan = ChunkPlan::new(&limits(1 << 20, 4), 8, 100, 10);
+        assert_eq!(plan.split(&[]).unwrap(), vec![0..0]);
+    }
+
+    #[test]
+    fn a_text_over_the_worker_limit_is_invalid_input() {
+        let plan = ChunkPlan::new(&limits(1 << 20, 4), 8, 100, 10);
+        let error = plan.split(&texts(&[3, 1001])).unwrap_err();
+        assert!(matches!(error, EmbeddingError::InvalidInput(ref m) if m.starts_with("input 1 ")));
+    }
+}

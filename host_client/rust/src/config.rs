@@ -1,0 +1,210 @@
+//! How a [`WorkerClient`](crate::WorkerClient) spawns and supervises its worker, with every
+//! default defined once (the same values as the Python host client's).
+//!
+//! Timeouts, precisely:
+//!
+//! * `start_timeout`: how long a freshly spawned worker may take to write its hello.
+//! * `request_timeout`: how long a worker holding requests may go without answering any of
+//!   them. A request's clock starts when it is written to a worker and restarts whenever that
+//!   worker delivers a reply, so a worker busy with a deep queue is not taken for a hung one,
+//!   while a hung, stopped or deadlocked worker is killed (SIGKILL) and replaced.
+//! * `max_attempts`: how many workers one wire request may be sent to. A worker death or hang
+//!   costs every request that worker held one attempt; the request is sent again to the next
+//!   worker while attempts remain, else its call fails with `ServiceUnavailable`.
+//! * `close_timeout`: how long [`WorkerClient::close`](crate::WorkerClient::close) (and dropping
+//!   the last handle) lets the worker finish what it holds before killing it.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where each line the worker writes on its stderr goes; arguments: worker pid, the line.
+pub type StderrSink = Arc<dyn Fn(u32, &str) + Send + Sync>;
+
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_RESTART_LIMIT: u32 = 5;
+pub const DEFAULT_STABLE_START_TIME: Duration = Duration::from_secs(10);
+/// Enough to keep the worker's batcher full while keeping the frames held for re-sending small.
+pub const DEFAULT_MAX_IN_FLIGHT_TEXTS: usize = 2048;
+/// The start of the worker's command line when none is configured.
+pub const DEFAULT_WORKER_COMMAND: [&str; 3] = ["python3", "-m", "akidb_embed.worker"];
+
+const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Lines of the worker's stderr kept to explain a failed start or a death.
+pub(crate) const STDERR_TAIL_LINES: usize = 20;
+
+/// How to start one worker and how to supervise it.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// Program and leading arguments of the worker, e.g.
+    /// `["/srv/akidb/.venv/bin/python", "-m", "akidb_embed.worker"]` or
+    /// `["akidb-embed-worker"]`. Never run through a shell.
+    pub command: Vec<OsString>,
+    /// `--model-dir`; `None` lets the worker use its default (`$AKIDB_EMBED_MODEL_DIR`).
+    pub model_dir: Option<PathBuf>,
+    /// `--provider` (auto, cpu, cuda, coreml); `None`: the worker's default (auto).
+    pub provider: Option<String>,
+    /// `--threads` (ONNX Runtime intra-op threads); `None`: the worker's default.
+    pub threads: Option<usize>,
+    /// Appended to the command line after the options above, e.g.
+    /// `["--max-texts-per-request", "64"]`.
+    pub extra_args: Vec<OsString>,
+    /// Variables set for the worker on top of this process's environment.
+    pub env: Vec<(OsString, OsString)>,
+    pub request_timeout: Duration,
+    pub start_timeout: Duration,
+    pub close_timeout: Duration,
+    pub max_attempts: u32,
+    /// Consecutive restarts allowed before the client gives up (every call then fails fast with
+    /// `ServiceUnavailable` naming the last death).
+    pub restart_limit: u32,
+    /// A worker that ran this long after its hello resets the consecutive-restart count.
+    pub stable_start_time: Duration,
+    /// Backpressure: texts written to the worker and not yet answered, over all callers. More
+    /// wait in `embed_batch` until replies come back.
+    pub max_in_flight_texts: usize,
+    /// Receives the worker's stderr, line by line. Default: this process's stderr, each line
+    /// prefixed with `akidb-embed-worker[pid]`.
+    pub stderr_sink: StderrSink,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            command: DEFAULT_WORKER_COMMAND.iter().map(OsString::from).collect(),
+            model_dir: None,
+            provider: None,
+            threads: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            start_timeout: DEFAULT_START_TIMEOUT,
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            restart_limit: DEFAULT_RESTART_LIMIT,
+            stable_start_time: DEFAULT_STABLE_START_TIME,
+            max_in_flight_texts: DEFAULT_MAX_IN_FLIGHT_TEXTS,
+            stderr_sink: Arc::new(|pid, line| eprintln!("akidb-embed-worker[{pid}] {line}")),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// The defaults with `command` as the worker's program and leading arguments.
+    pub fn with_command<I, S>(command: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        Self { command: command.into_iter().map(Into::into).collect(), ..Self::default() }
+    }
+
+    /// The full command line of one worker: `command`, then the options, then `extra_args`.
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut argv = self.command.clone();
+        if let Some(model_dir) = &self.model_dir {
+            argv.push("--model-dir".into());
+            argv.push(model_dir.clone().into_os_string());
+        }
+        if let Some(provider) = &self.provider {
+            argv.push("--provider".into());
+            argv.push(provider.into());
+        }
+        if let Some(threads) = self.threads {
+            argv.push("--threads".into());
+            argv.push(threads.to_string().into());
+        }
+        argv.extend(self.extra_args.iter().cloned());
+        argv
+    }
+
+    /// Settings that cannot work, as a message; `None` when all is well.
+    pub(crate) fn problem(&self) -> Option<String> {
+        if self.command.is_empty() {
+            return Some("the worker command is empty".into());
+        }
+        let zero = |name: &str| Some(format!("{name} must be positive"));
+        if self.request_timeout.is_zero() {
+            return zero("request_timeout");
+        }
+        if self.start_timeout.is_zero() {
+            return zero("start_timeout");
+        }
+        if self.max_attempts == 0 {
+            return zero("max_attempts");
+        }
+        if self.max_in_flight_texts == 0 {
+            return zero("max_in_flight_texts");
+        }
+        None
+    }
+
+    /// How long to wait before the `consecutive_restarts`-th restart in a row (1-based).
+    pub(crate) fn restart_delay(consecutive_restarts: u32) -> Duration {
+        let exponent = consecutive_restarts.saturating_sub(1).min(16);
+        (RESTART_BACKOFF_FIRST * 2u32.pow(exponent)).min(RESTART_BACKOFF_MAX)
+    }
+}
+
+impl fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("argv", &self.argv())
+            .field("env", &self.env)
+            .field("request_timeout", &self.request_timeout)
+            .field("start_timeout", &self.start_timeout)
+            .field("close_timeout", &self.close_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("restart_limit", &self.restart_limit)
+            .field("stable_start_time", &self.stable_start_time)
+            .field("max_in_flight_texts", &self.max_in_flight_texts)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_puts_options_between_command_and_extra_args() {
+        let config = WorkerConfig {
+            model_dir: Some("/m".into()),
+            provider: Some("cpu".into()),
+            threads: Some(1),
+            extra_args: vec!["--max-texts-per-request".into(), "8".into()],
+            ..WorkerConfig::with_command(["py", "-m", "w"])
+        };
+        let argv: Vec<String> =
+            config.argv().into_iter().map(|a| a.into_string().unwrap()).collect();
+        assert_eq!(
+            argv,
+            [
+                "py",
+                "-m",
+                "w",
+                "--model-dir",
+                "/m",
+                "--provider",
+                "cpu",
+                "--threads",
+                "1",
+                "--max-texts-per-request",
+                "8"
+            ]
+        );
+    }
+
+    #[test]
+    fn restart_delay_doubles_up_to_its_ceiling() {
+        assert_eq!(WorkerConfig::restart_delay(1), RESTART_BACKOFF_FIRST);
+        assert_eq!(WorkerConfig::restart_delay(2), RESTART_BACKOFF_FIRST * 2);
+        assert_eq!(WorkerConfig::restart_delay(40), RESTART_BACKOFF_MAX);
+    }
+}

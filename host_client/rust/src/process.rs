@@ -1,0 +1,207 @@
+//! Starting one worker process: spawn it with three pipes, drain its stderr, read its hello.
+//!
+//! ```text
+//! argv ──spawn──▶ child ──stdout──▶ first frame ──▶ Hello::into_ready ──▶ StartedWorker
+//!                   └──stderr──▶ drain task ──▶ sink (every line) + tail (last lines)
+//! no hello (exit, EOF, start_timeout) ─▶ SIGKILL + reap ─▶ error naming the exit status
+//!                                                          and the stderr tail
+//! hello ok: false / wrong protocol    ─▶ the worker's own error (not retryable)
+//! ```
+
+use std::collections::VecDeque;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::task::JoinHandle;
+
+use crate::config::{StderrSink, WorkerConfig, STDERR_TAIL_LINES};
+use crate::types::EmbeddingError;
+use crate::wire::{self, Hello, ReadyHello};
+
+/// How long a worker that failed to start gets to exit by itself before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// How long to wait for the last stderr lines of a worker that has exited.
+const STDERR_FLUSH_GRACE: Duration = Duration::from_secs(1);
+/// Lines of the stderr tail quoted in an error message.
+const QUOTED_STDERR_LINES: usize = 5;
+/// Exit code of a worker that found no usable model (protocol.md section 8).
+const EXIT_MODEL_NOT_LOADED: i32 = 4;
+
+/// The last lines a worker wrote on its stderr.
+#[derive(Clone, Default)]
+pub(crate) struct StderrTail(Arc<Mutex<VecDeque<String>>>);
+
+impl StderrTail {
+    fn push(&self, line: &str) {
+        let mut lines = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        if lines.len() == STDERR_TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line.to_owned());
+    }
+
+    /// `"; its stderr ends: a | b"`, or nothing when the worker wrote nothing.
+    pub(crate) fn quoted(&self) -> String {
+        let lines = self.0.lock().unwrap_or_else(|poison| poison.into_inner());
+        let skip = lines.len().saturating_sub(QUOTED_STDERR_LINES);
+        let last: Vec<&str> = lines.iter().skip(skip).map(String::as_str).collect();
+        if last.is_empty() {
+            String::new()
+        } else {
+            format!("; its stderr ends: {}", last.join(" | "))
+        }
+    }
+}
+
+/// A worker that wrote a usable hello, with its pipes not yet handed to the I/O tasks.
+pub(crate) struct StartedWorker {
+    pub child: Child,
+    pub stdin: ChildStdin,
+    pub stdout: BufReader<ChildStdout>,
+    pub hello: ReadyHello,
+    pub stderr_tail: StderrTail,
+    pub stderr_task: JoinHandle<()>,
+    pub ready_at: Instant,
+}
+
+/// Why a worker did not start, and whether starting another one may help.
+pub(crate) struct StartFailure {
+    pub error: EmbeddingError,
+    /// False when the worker itself said why it cannot run (failed hello, wrong protocol): a
+    /// new worker would say the same.
+    pub retryable: bool,
+}
+
+/// Spawns one worker and waits (at most `start_timeout`) for its hello.
+pub(crate) async fn start_worker(config: &WorkerConfig) -> Result<StartedWorker, StartFailure> {
+    let argv = config.argv();
+    let shown = argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .envs(config.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| StartFailure {
+            error: EmbeddingError::ServiceUnavailable(format!(
+                "cannot run the worker `{shown}`: {error}"
+            )),
+            retryable: !matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ),
+        })?;
+    let pid = child.id().unwrap_or_default();
+    let (stdin, stdout, stderr) =
+        match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+            (Some(stdin), Some(stdout), Some(stderr)) => (stdin, stdout, stderr),
+            _ => unreachable!("all three pipes were requested"),
+        };
+    let stderr_tail = StderrTail::default();
+    let stderr_task =
+        tokio::spawn(drain_stderr(stderr, pid, config.stderr_sink.clone(), stderr_tail.clone()));
+    let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
+
+    let first_frame = tokio::time::timeout(
+        config.start_timeout,
+        wire::read_frame(&mut stdout, wire::DEFAULT_MAX_FRAME_BYTES),
+    )
+    .await;
+    let what = match first_frame {
+        Ok(Ok(Some(payload))) => Ok(payload),
+        Ok(Ok(None)) => Err(("exited before its hello".to_owned(), EXIT_GRACE)),
+        Ok(Err(error)) => Err((format!("broke its stream before its hello ({error})"), EXIT_GRACE)),
+        Err(_) => {
+            Err((format!("wrote no hello within {:?}", config.start_timeout), Duration::ZERO))
+        }
+    };
+    let payload = match what {
+        Ok(payload) => payload,
+        Err((what, grace)) => {
+            let status = exit_status_within(&mut child, grace).await;
+            let _ = tokio::time::timeout(STDERR_FLUSH_GRACE, stderr_task).await;
+            let message =
+                format!("worker `{shown}` {what}{}{}", describe(status), stderr_tail.quoted());
+            let error = match status.and_then(|s| s.code()) {
+                Some(EXIT_MODEL_NOT_LOADED) => EmbeddingError::ModelNotFound(message),
+                _ => EmbeddingError::ServiceUnavailable(message),
+            };
+            return Err(StartFailure { error, retryable: true });
+        }
+    };
+    let hello = wire::decode_payload::<Hello>(&payload).and_then(Hello::into_ready);
+    match hello {
+        Ok(hello) => Ok(StartedWorker {
+            child,
+            stdin,
+            stdout,
+            hello,
+            stderr_tail,
+            stderr_task,
+            ready_at: Instant::now(),
+        }),
+        Err(error) => {
+            // The worker exits by itself after a failed hello; closing stdin tells it to also
+            // when it is a worker this client refuses (another protocol version).
+            drop(stdin);
+            let status = exit_status_within(&mut child, EXIT_GRACE).await;
+            let _ = tokio::time::timeout(STDERR_FLUSH_GRACE, stderr_task).await;
+            let context = format!("worker `{shown}` could not start{}", describe(status));
+            let error = error.with_context(&context);
+            let quoted = stderr_tail.quoted();
+            Err(StartFailure { error: append(error, &quoted), retryable: false })
+        }
+    }
+}
+
+/// The exit status of `child` if it exits by itself within `grace`, else after a SIGKILL.
+pub(crate) async fn exit_status_within(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => status.ok(),
+        Err(_) => stop(child).await,
+    }
+}
+
+/// SIGKILLs `child` (if it still runs) and reaps it.
+pub(crate) async fn stop(child: &mut Child) -> Option<ExitStatus> {
+    let _ = child.start_kill();
+    child.wait().await.ok()
+}
+
+/// `" (exit status: 4)"`, or nothing when the status is unknown.
+pub(crate) fn describe(status: Option<ExitStatus>) -> String {
+    status.map(|s| format!(" ({s})")).unwrap_or_default()
+}
+
+fn append(error: EmbeddingError, suffix: &str) -> EmbeddingError {
+    match error {
+        EmbeddingError::ModelNotFound(m) => EmbeddingError::ModelNotFound(m + suffix),
+        EmbeddingError::InvalidInput(m) => EmbeddingError::InvalidInput(m + suffix),
+        EmbeddingError::ServiceUnavailable(m) => EmbeddingError::ServiceUnavailable(m + suffix),
+        EmbeddingError::Internal(m) => EmbeddingError::Internal(m + suffix),
+    }
+}
+
+/// Forwards every stderr line to the sink and keeps the last ones, until the pipe closes: a
+/// full stderr pipe would block the worker.
+async fn drain_stderr(stderr: ChildStderr, pid: u32, sink: StderrSink, tail: StderrTail) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches(['\n', '\r']);
+                sink(pid, text);
+                tail.push(text);
+            }
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The wire codec of protocol.md version 1: the only place where frames are built and parsed.
+//!
+//! A frame is a 4-byte unsigned big-endian length `N` followed by `N` bytes holding one msgpack
+//! map with string keys. serde and rmp-serde do all the msgpack; this module adds the length
+//! prefix, the size limit and the message types. Fields are declared in the order of the
+//! protocol's examples, so that encoding them gives the golden frames byte for byte.
+//!
+//! Replies are decoded in two steps: the client's reader task decodes only the envelope
+//! ([`ReplyEnvelope`]: `id`, `ok`, `error`) to route the payload to its caller, and the caller
+//! decodes the op-specific body ([`EmbedReply`], [`HealthReply`]) from the same bytes. The
+//! embeddings `bin` is borrowed from the payload, not copied, and becomes `f32`s in one bulk
+//! conversion ([`embeddings_from_bytes`]).
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::types::{EmbeddingError, EmbeddingResult, ModelInfo, Usage};
+
+/// Major version of the wire contract; a worker announcing another one is refused.
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// Largest payload either side accepts unless the worker's hello says otherwise.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes of the big-endian `u32` length that precedes every payload.
+pub const LENGTH_PREFIX_BYTES: usize = 4;
+
+/// Bytes of one embedding value on the wire (little-endian IEEE 754 binary32).
+pub const BYTES_PER_VALUE: usize = 4;
+
+/// An `embed` request: AkiDB's `BatchEmbeddingRequest` with the envelope.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbedRequest<'a> {
+    pub id: u64,
+    /// Always `"embed"`; kept as a field so that it is encoded second, as in the examples.
+    pub op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<&'a str>,
+    pub inputs: &'a [String],
+    pub normalize: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
+}
+
+impl<'a> EmbedRequest<'a> {
+    pub const OP: &'static str = "embed";
+}
+
+/// A request that is only an envelope: `info`, `health`, `ping`, `shutdown`.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpRequest<'a> {
+    pub id: u64,
+    pub op: &'a str,
+}
+
+/// The `error` map of a failed reply or hello.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct WireError {
+    pub code: String,
+    pub message: String,
+}
+
+impl From<WireError> for EmbeddingError {
+    fn from(error: WireError) -> Self {
+        EmbeddingError::from_wire(&error.code, &error.message)
+    }
+}
+
+/// The part of every reply the reader needs to route it. Unknown keys are ignored (serde's
+/// default), as the protocol requires.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReplyEnvelope {
+    /// The request's id; `None` when the worker could not read one (a protocol error).
+    pub id: Option<u64>,
+    pub ok: bool,
+    pub error: Option<WireError>,
+}
+
+impl ReplyEnvelope {
+    /// `Ok(())` for a successful reply, else the error it carries.
+    pub fn into_result(self) -> EmbeddingResult<()> {
+        match (self.ok, self.error) {
+            (true, _) => Ok(()),
+            (false, Some(error)) => Err(error.into()),
+            (false, None) => Err(protocol_violation("error reply without an `error` map")),
+        }
+    }
+}
+
+/// The body of a successful `embed` reply, borrowing its vectors from the payload.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbedReply<'a> {
+    pub model: String,
+    pub shape: (usize, usize),
+    #[serde(borrow)]
+    pub embeddings: &'a serde_bytes::Bytes,
+    pub usage: Usage,
+}
+
+/// The body of a successful `health` reply.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HealthReply {
+    pub status: String,
+    pub dimension: Option<u32>,
+    pub norm: Option<f64>,
+    pub duration_ms: Option<f64>,
+}
+
+/// The worker's limits (protocol.md section 7), as announced in its hello.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_texts_per_request: usize,
+    pub max_text_bytes: usize,
+    pub max_batch_tokens: usize,
+    pub max_pending_texts: usize,
+}
+
+/// The first frame a worker writes (protocol.md section 3). Fields that only a ready worker
+/// sends are optional here so that a failed hello (`ok: false`) decodes too.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Hello {
+    pub op: String,
+    pub ok: bool,
+    pub protocol: u64,
+    pub worker_version: Option<String>,
+    pub pid: Option<u32>,
+    pub model: Option<ModelInfo>,
+    pub normalize_default: Option<bool>,
+    #[serde(default)]
+    pub providers: Vec<String>,
+    pub limits: Option<Limits>,
+    pub error: Option<WireError>,
+}
+
+/// What a ready worker announced, checked: see [`Hello::into_ready`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyHello {
+    pub pid: u32,
+    pub worker_version: Option<String>,
+    pub model: ModelInfo,
+    pub normalize_default: bool,
+    pub providers: Vec<String>,
+    pub limits: Limits,
+}
+
+impl Hello {
+    /// The announcement of a worker ready to serve, or why it is not usable: the worker's own
+    /// error for a failed hello, `Internal` for a protocol version or a hello this client
+    /// cannot use.
+    pub fn into_ready(self) -> EmbeddingResult<ReadyHello> {
+        if self.op != "hello" {
+            return Err(protocol_violation(&format!(
+                "the worker's first frame is op {:?}, not a hello",
+                self.op
+            )));
+        }
+        if self.protocol != PROTOCOL_VERSION {
+            return Err(EmbeddingError::Internal(format!(
+                "the worker speaks protocol {}, this client speaks {PROTOCOL_VERSION}",
+                self.protocol
+            )));
+        }
+        if !self.ok {
+            return Err(match self.error {
+                Some(error) => error.into(),
+                None => protocol_violation("failed hello without an `error` map"),
+            });
+        }
+        let missing = |field: &str| protocol_violation(&format!("hello without `{field}`"));
+        Ok(ReadyHello {
+            pid: self.pid.ok_or_else(|| missing("pid"))?,
+            worker_version: self.worker_version,
+            model: self.model.ok_or_else(|| missing("model"))?,
+            normalize_default: self
+                .normalize_default
+                .ok_or_else(|| missing("normalize_default"))?,
+            providers: self.providers,
+            limits: self.limits.ok_or_else(|| missing("limits"))?,
+        })
+    }
+}
+
+/// An `Internal` error for a frame that broke the wire contract.
+pub fn protocol_violation(what: &str) -> EmbeddingError {
+    EmbeddingError::Internal(format!("[protocol_error] {what}"))
+}
+
+/// One whole frame (length prefix and payload) holding `message` as a msgpack map.
+pub fn encode_frame<T: Serialize>(message: &T) -> EmbeddingResult<Vec<u8>> {
+    let mut frame = vec![0; LENGTH_PREFIX_BYTES];
+    rmp_serde::encode::write_named(&mut frame, message)
+        .map_err(|error| EmbeddingError::Internal(format!("cannot encode a request: {error}")))?;
+    let payload_len = u32::try_from(frame.len() - LENGTH_PREFIX_BYTES).map_err(|_| {
+        EmbeddingError::InvalidInput("request does not fit in one frame".to_owned())
+    })?;
+    frame[..LENGTH_PREFIX_BYTES].copy_from_slice(&payload_len.to_be_bytes());
+    Ok(frame)
+}
+
+/// A message decoded from one frame's payload (the bytes after the length prefix).
+pub fn decode_payload<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> EmbeddingResult<T> {
+    rmp_serde::from_slice(payload)
+        .map_err(|error| protocol_violation(&format!("undecodable reply: {error}")))
+}
+
+/// Why no further frame can be read from a stream.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {length} bytes exceeds max_frame_bytes={max_frame_bytes}")]
+    TooLarge { length: usize, max_frame_bytes: usize },
+    #[error("stream ended inside a frame ({read} of {expected} bytes)")]
+    Truncated { read: usize, expected: usize },
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The next frame's payload, or `None` at a clean end of stream (between frames).
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_frame_bytes: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+    let mut filled = 0;
+    while filled < LENGTH_PREFIX_BYTES {
+        let read = reader.read(&mut prefix[filled..]).await?;
+        if read == 0 {
+            if filled == 0 {
+                return Ok(None);
+            }
+            return Err(FrameError::Truncated { read: filled, expected: LENGTH_PREFIX_BYTES });
+        }
+        filled += read;
+    }
+    let length = u32::from_be_bytes(prefix) as usize;
+    if length > max_frame_bytes {
+        return Err(FrameError::TooLarge { length, max_frame_bytes });
+    }
+    let mut payload = vec![0; length];
+    let mut filled = 0;
+    while filled < length {
+        let read = reader.read(&mut payload[filled..]).await?;
+        if read == 0 {
+            return Err(FrameError::Truncated { read: filled, expected: length });
+        }
+        filled += read;
+    }
+    Ok(Some(payload))
+}
+
+/// The `count` vectors of `dimension` values held by `data` (row-major little-endian f32), in
+/// one pass over the bytes; a length that does not match the shape is a protocol violation.
+pub fn embeddings_from_bytes(
+    data: &[u8],
+    count: usize,
+    dimension: usize,
+) -> EmbeddingResult<Vec<Vec<f32>>> {
+    let expected = count.checked_mul(dimension).and_then(|n| n.checked_mul(BYTES_PER_VALUE));
+    if expected != Some(data.len()) || (dimension == 0 && count != 0) {
+        return Err(protocol_violation(&format!(
+            "embeddings hold {} bytes, shape {count}x{dimension} needs {}",
+            data.len(),
+            count.saturating_mul(dimension).saturating_mul(BYTES_PER_VALUE)
+        )));
+    }
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(data
+        .chunks_exact(dimension * BYTES_PER_VALUE)
+        .map(|row| {
+            row.chunks_exact(BYTES_PER_VALUE)
+                .map(|value| f32::from_le_bytes([value[0], value[1], value[2], value[3]]))
+                .collect()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_decode_little_endian_rows() {
+        let values = [1.0f32, -2.5, 0.125, 3.0e-3, 7.0, -0.0];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let rows = embeddings_from_bytes(&bytes, 2, 3).unwrap();
+        assert_eq!(rows, vec![values[..3].to_vec(), values[3..].to_vec()]);
+    }
+
+    #[test]
+    fn embeddings_of_the_wrong_length_are_a_protocol_violation() {
+        let error = embeddings_from_bytes(&[0; 20], 2, 3).unwrap_err();
+        assert!(matches!(error, EmbeddingError::Internal(ref m) if m.contains("protocol_error")));
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_inside_a_frame_is_truncated() {
+        let mut whole = &[0u8, 0, 0, 2, 0x80, 0x80][..];
+        assert_eq!(read_frame(&mut whole, 16).await.unwrap(), Some(vec![0x80, 0x80]));
+        assert!(read_frame(&mut whole, 16).await.unwrap().is_none());
+        let mut cut = &[0u8, 0, 0, 3, 0x80][..];
+        assert!(matches!(read_frame(&mut cut, 16).await, Err(FrameError::Truncated { .. })));
+        let mut cut_prefix = &[0u8, 0][..];
+        assert!(matches!(read_frame(&mut cut_prefix, 16).await, Err(FrameError::Truncated { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_limit_is_refused() {
+        let mut stream = &[0u8, 1, 0, 0][..];
+        assert!(matches!(read_frame(&mut stream, 1024).await, Err(FrameError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_hello_of_another_protocol_version_is_refused() {
+        let hello = Hello {
+            op: "hello".into(),
+            ok: true,
+            protocol: 2,
+            worker_version: None,
+            pid: Some(1),
+            model: None,
+            normalize_default: None,
+            providers: vec![],
+            limits: None,
+            error: None,
+        };
+        let error = hello.into_ready().unwrap_err();
+        assert!(matches!(error, EmbeddingError::Internal(ref m) if m.contains("protocol 2")));
+    }
+
+    #[test]
+    fn unknown_error_codes_become_internal_with_the_code_kept() {
+        assert_eq!(
+            EmbeddingError::from_wire("brand_new", "x"),
+            EmbeddingError::Internal("[brand_new] x".into())
+        );
+        assert_eq!(
+            EmbeddingError::from_wire("invalid_input", "x"),
+            EmbeddingError::InvalidInput("x".into())
+        );
+    }
+}
