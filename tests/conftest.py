@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import tempfile
@@ -154,9 +153,6 @@ class RawWorker:
     def stderr(self) -> str:
         self._stderr_file.seek(0)
         return self._stderr_file.read().decode("utf-8", "replace")
-
-    def terminate(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from akidb_embed.models import METADATA_FILE, ModelMetadata
 from akidb_embed.wire import LENGTH_PREFIX, embeddings_from_bytes
@@ -122,8 +123,9 @@ def test_eof_mid_load_answers_everything_then_exits_0(
     assert "Traceback" not in worker.stderr()
 
 
-def test_sigterm_finishes_the_requests_already_read_then_exits_0(
-    spawn_worker: Any, metadata: ModelMetadata, golden: dict[str, Any]
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_stop_signal_finishes_the_requests_already_read_then_exits_0(
+    spawn_worker: Any, metadata: ModelMetadata, golden: dict[str, Any], stop_signal: int
 ) -> None:
     worker = spawn_worker()
     requests = mixed_requests(golden, 40)
@@ -134,13 +136,14 @@ def test_sigterm_finishes_the_requests_already_read_then_exits_0(
     frames = []
     while not any(frame["id"] == ping_id for frame in frames):
         frames.append(worker.recv())
-    worker.terminate()
+    worker.process.send_signal(stop_signal)
     frames += worker.frames_until_end()
     replies = {frame["id"]: frame for frame in frames if frame["id"] != ping_id}
     assert replies.keys() == {request["id"] for request in requests}
     for reply in replies.values():
         assert_embedded(reply, metadata.dimension)
     assert worker.wait(EXIT_TIMEOUT) == 0
+    assert "Traceback" not in worker.stderr()
 
 
 def test_worker_exits_when_its_parent_dies(spawn_worker: Any) -> None:

@@ -73,16 +73,18 @@ def _session_options(threads: int) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    # Memory, measured on the bench corpus (peak RSS of the whole process, 2 threads): the peak
-    # follows the largest micro-batch (704 MB at 32x256 tokens, ~300 MB at max_batch_tokens
-    # 2048, ~250 MB at 1024), so max_batch_tokens is the real bound. Keeping ONNX Runtime's CPU
-    # arena is lower than going without it (589 MB vs 325 MB at 2048: freed activations then
-    # fragment glibc's per-thread heaps); memory patterns are planned and cached per input
-    # shape, and nearly every micro-batch has a new shape, so they only add (295 vs 325 MB).
+    # Memory, measured with the bench corpus (peak RSS of the whole worker, 2 threads): the peak
+    # follows the largest micro-batch (682 MB with ONNX Runtime's defaults at 32x256 tokens,
+    # 236 MB with these settings at max_batch_tokens 1024), so max_batch_tokens is the real
+    # bound. Keeping the CPU arena is lower than going without it (589 vs 325 MB in-process at
+    # 2048: freed activations then fragment glibc's per-thread heaps); memory patterns are
+    # planned and cached per input shape, and nearly every micro-batch has a new shape, so
+    # they only add (325 vs 295 MB at 2048, 259 vs 236 MB in the worker at 1024).
     options.enable_cpu_mem_arena = True
     options.enable_mem_pattern = False
-    # Between micro-batches the pool threads would spin for a while; they would steal the
-    # CPU from the reader thread's tokenisation on small machines.
+    # Between runs the pool threads would spin for a while, taking CPU from the reader's
+    # tokenisation and from the host's own work (AkiDB shares the machine). Measured cost of
+    # not spinning: ~0.5 ms on a one-sentence request (2.25 vs 1.7 ms), none in bulk.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 

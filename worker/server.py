@@ -22,8 +22,9 @@ What happens when something fails:
 * An exception while running a micro-batch: each request in it is retried alone; those that
   still fail get an ``internal`` reply, the others their vectors; the worker keeps serving.
   An exception anywhere else is a bug: logged, exit code 1.
-* EOF on stdin, ``shutdown``, SIGTERM: stop reading, answer everything already read (then the
-  shutdown's own reply), exit 0. The host closing our stdout: nobody can read replies; exit 0.
+* EOF on stdin, ``shutdown``, SIGTERM or SIGINT: stop reading, answer everything already read
+  (then the shutdown's own reply), exit 0. The host closing our stdout: nobody can read
+  replies; exit 0.
 * The parent process dies: exit at once (code 0), so a crashed host leaves no orphan.
 * The model or provider cannot load: a hello with ``ok: false``, exit 4 or 5, nothing read.
 
@@ -93,7 +94,7 @@ HEALTH_SENTENCE = "The quick brown fox jumps over the lazy dog."
 HEALTH_NORM_TOLERANCE = 1e-3
 PARENT_POLL_SECONDS = 0.5
 STOP_POLL_SECONDS = 0.2
-"""How often the main thread looks at the SIGTERM flag (the handler itself takes no lock)."""
+"""How often the main thread looks at the stop-signal flag (the handler itself takes no lock)."""
 
 
 class FrameWriter:
@@ -157,6 +158,7 @@ def _failed_hello(error: EmbeddingError) -> dict[str, Any]:
 
 def serve(config: WorkerConfig, protocol_in: int, protocol_out: int) -> int:
     """Load the model, send the hello, serve until told to stop; returns the exit code."""
+    parent_pid = os.getppid()  # before loading: a parent dying meanwhile is noticed too
     writer = FrameWriter(protocol_out)
     log.info("starting: %s", config.describe())
     started = time.perf_counter()
@@ -177,7 +179,7 @@ def serve(config: WorkerConfig, protocol_in: int, protocol_out: int) -> int:
             ", ".join(engine.providers),
         )
         writer.send(_hello(engine, config))
-        return _Server(engine, config, writer, protocol_in).run()
+        return _Server(engine, config, writer, protocol_in).run(parent_pid)
     log.error("cannot start: %s", error.message)
     writer.send(_failed_hello(error))
     return EXIT_MODEL_NOT_FOUND if isinstance(error, ModelNotFound) else EXIT_UNAVAILABLE
@@ -206,20 +208,22 @@ class _Server:
         self._stop_lock = threading.Lock()
         self._exit_code = EXIT_OK
         self._shutdown_id: int | None = None
-        self._sigterm = False
+        self._stop_signal: int | None = None
 
     # -- lifecycle (main thread) ---------------------------------------------------------
 
-    def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+    def run(self, parent_pid: int) -> int:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        # Ctrl-C in a terminal reaches the whole process group: stop as cleanly as on SIGTERM
+        signal.signal(signal.SIGINT, self._on_stop_signal)
         self._batcher.start()
         threading.Thread(target=self._read_loop, name="reader", daemon=True).start()
         threading.Thread(
-            target=self._watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True
+            target=self._watch_parent, args=(parent_pid,), name="parent-watch", daemon=True
         ).start()
         while not self._stopping.wait(STOP_POLL_SECONDS):
-            if self._sigterm:
-                self._stop(EXIT_OK, "SIGTERM")
+            if self._stop_signal is not None:
+                self._stop(EXIT_OK, signal.Signals(self._stop_signal).name)
         self._batcher.close()
         self._batcher.join()
         if self._shutdown_id is not None:
@@ -230,9 +234,9 @@ class _Server:
         log.info("exiting with code %d", self._exit_code)
         return self._exit_code
 
-    def _on_sigterm(self, signum: int, frame: object) -> None:
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
         # no locks in a signal handler: the main thread may hold one when it runs
-        self._sigterm = True
+        self._stop_signal = signum
 
     def _stop(self, exit_code: int, reason: str) -> None:
         with self._stop_lock:
