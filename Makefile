@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # mypy cannot follow the editable install's folder mapping; it reads this link tree instead.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: all venv models demo test lint typecheck bench clean
+.PHONY: all venv models demo test test-rust lint typecheck bench clean
 
 all: test
 
@@ -44,7 +44,12 @@ typecheck: venv
 	cd $(TYPECHECK_TREE) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
 		-p akidb_embed.host_client -p akidb_embed.wire -p akidb_embed.errors
 
-test: models lint typecheck
+# The Rust host client (host_client/rust) against the same worker and model; the script takes
+# the crates from Debian's packages, so no crates.io access is needed.
+test-rust: models
+	AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/cargo-offline test
+
+test: models lint typecheck test-rust
 	$(PY) -m pytest
 
 clean:

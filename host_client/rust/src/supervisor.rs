@@ -69,6 +69,8 @@ pub(crate) struct Supervisor {
     worker: Option<LiveWorker>,
     generation: u64,
     consecutive_restarts: u32,
+    /// The pid of the latest worker, to label the client's notes after it is gone.
+    last_pid: u32,
 }
 
 enum Wake {
@@ -82,7 +84,15 @@ impl Supervisor {
         events_tx: mpsc::UnboundedSender<Event>,
         events: mpsc::UnboundedReceiver<Event>,
     ) -> Self {
-        Self { state, events_tx, events, worker: None, generation: 0, consecutive_restarts: 0 }
+        Self {
+            state,
+            events_tx,
+            events,
+            worker: None,
+            generation: 0,
+            consecutive_restarts: 0,
+            last_pid: 0,
+        }
     }
 
     fn config(&self) -> &WorkerConfig {
@@ -168,6 +178,7 @@ impl Supervisor {
         let StartedWorker { child, stdin, stdout, hello, stderr_tail, stderr_task, ready_at } =
             started;
         let pid = hello.pid;
+        self.last_pid = pid;
         let max_reply_bytes = hello.limits.max_frame_bytes.max(wire::DEFAULT_MAX_FRAME_BYTES);
         let (frames, frames_rx) = mpsc::unbounded_channel();
         tokio::spawn(write_frames(stdin, frames_rx, self.events_tx.clone(), generation));
@@ -276,7 +287,7 @@ impl Supervisor {
 
     /// Stops for good: every waiting call and every later one fails with `error`.
     fn give_up(&mut self, error: EmbeddingError) {
-        self.note(0, &format!("giving up: {error}"));
+        self.note(self.last_pid, &format!("giving up: {error}"));
         let mut shared = self.state.lock();
         shared.slot = Slot::Failed(error.clone());
         for (_, pending) in shared.pending.drain() {

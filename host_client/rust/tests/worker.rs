@@ -1,0 +1,535 @@
+//! The client against the real worker (`python -m akidb_embed.worker`) and the real model.
+//!
+//! The worker's interpreter is `$AKIDB_EMBED_PYTHON`, else the checkout's `.venv/bin/python`;
+//! the model is the checkout's provisioned `models/all-MiniLM-L6-v2` (`make models`). Either
+//! missing is a set-up error: the tests fail, they do not skip.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use akidb_embed_client::{
+    BatchEmbeddingRequest, EmbeddingError, EmbeddingProvider, WorkerClient, WorkerConfig,
+};
+use serde::Deserialize;
+
+/// Generous: a loaded 2-core machine may be slow, but a hang must still end the test.
+const TEST_TIMEOUT: Duration = Duration::from_secs(240);
+const MIN_COSINE: f64 = 0.99999;
+
+fn checkout() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn python() -> PathBuf {
+    let python = std::env::var_os("AKIDB_EMBED_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| checkout().join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "no Python for the worker at {} (set AKIDB_EMBED_PYTHON or run `make venv`)",
+        python.display()
+    );
+    python
+}
+
+fn model_dir() -> PathBuf {
+    let dir = checkout().join("models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("akidb-embed.json").exists(),
+        "no provisioned model in {} (run `make models`)",
+        dir.display()
+    );
+    dir
+}
+
+#[derive(Deserialize)]
+struct ModelMetadata {
+    model: String,
+    dimension: u32,
+    max_tokens: usize,
+}
+
+fn metadata() -> ModelMetadata {
+    let text = std::fs::read_to_string(model_dir().join("akidb-embed.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[derive(Deserialize)]
+struct Golden {
+    sentences: Vec<String>,
+    token_counts: Vec<usize>,
+    embeddings: Vec<Vec<f32>>,
+    normalize: bool,
+}
+
+fn golden() -> Golden {
+    let text = std::fs::read_to_string(model_dir().join("golden.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Collects the worker's stderr and the client's notes, for tests that look at them.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn contains(&self, needle: &str) -> bool {
+        self.0.lock().unwrap().iter().any(|line| line.contains(needle))
+    }
+}
+
+fn config_with_log(log: &Log) -> WorkerConfig {
+    let lines = log.0.clone();
+    WorkerConfig {
+        model_dir: Some(model_dir()),
+        // Tests run two at a time on small machines: one ONNX Runtime thread per worker.
+        threads: Some(1),
+        stderr_sink: Arc::new(move |pid, line| {
+            eprintln!("worker[{pid}] {line}");
+            lines.lock().unwrap().push(line.to_owned());
+        }),
+        ..WorkerConfig::with_command([
+            python().into_os_string(),
+            "-m".into(),
+            "akidb_embed.worker".into(),
+        ])
+    }
+}
+
+fn config() -> WorkerConfig {
+    config_with_log(&Log::default())
+}
+
+async fn spawn(config: WorkerConfig) -> WorkerClient {
+    WorkerClient::spawn(config).await.expect("the worker starts")
+}
+
+async fn within<T>(test: impl Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("the test finished in time")
+}
+
+/// Waits (bounded) until `condition` holds.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    for _ in 0..2400 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+fn process_exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
+    assert_eq!(got.len(), want.len(), "number of vectors");
+    for (index, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "dimension of vector {index}");
+        let similarity = cosine(g, w);
+        assert!(similarity >= MIN_COSINE, "vector {index}: cosine {similarity}");
+    }
+}
+
+fn request(client_model: &str, inputs: &[String]) -> BatchEmbeddingRequest {
+    BatchEmbeddingRequest::new(client_model, inputs.to_vec())
+}
+
+#[tokio::test]
+async fn golden_sentences_embed_like_sentence_transformers() {
+    within(async {
+        let golden = golden();
+        let client = spawn(config()).await;
+        let model = client.model_info().await.unwrap().model;
+        let mut batch = request(&model, &golden.sentences);
+        batch.normalize = golden.normalize;
+        let response = client.embed_batch(batch).await.unwrap();
+        assert_eq!(response.model, model);
+        assert_close(&response.embeddings, &golden.embeddings);
+        assert_eq!(response.usage.total_tokens, golden.token_counts.iter().sum::<usize>());
+        assert!(response.usage.duration_ms > 0.0);
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn model_info_and_hello_match_the_model_directory() {
+    within(async {
+        let expected = metadata();
+        let client = spawn(config()).await;
+        let info = EmbeddingProvider::model_info(&client).await.unwrap();
+        assert_eq!(info.model, expected.model);
+        assert_eq!(info.dimension, expected.dimension);
+        assert_eq!(info.max_tokens, expected.max_tokens);
+        let hello = client.hello();
+        assert_eq!(Some(hello.pid), client.worker_pid());
+        assert!(!hello.providers.is_empty());
+        assert!(hello.limits.max_texts_per_request > 0);
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn health_check_and_ping_succeed() {
+    within(async {
+        let client = spawn(config()).await;
+        EmbeddingProvider::health_check(&client).await.unwrap();
+        client.ping().await.unwrap();
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_for_another_model_is_model_not_found() {
+    within(async {
+        let client = spawn(config()).await;
+        let error = client
+            .embed_batch(request("sentence-transformers/not-this-one", &["hi".to_owned()]))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, EmbeddingError::ModelNotFound(_)), "{error:?}");
+        // The worker keeps serving after an error reply.
+        client.embed_batch(request("", &["hi".to_owned()])).await.unwrap();
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_over_long_input_is_invalid_input_only_without_truncation() {
+    within(async {
+        let client = spawn(config()).await;
+        let info = client.model_info().await.unwrap();
+        let long_text = vec!["word ".repeat(info.max_tokens * 2)];
+        let mut refused = request(&info.model, &long_text);
+        refused.truncate = Some(false);
+        let error = client.embed_batch(refused).await.unwrap_err();
+        assert!(matches!(error, EmbeddingError::InvalidInput(_)), "{error:?}");
+        let truncated = client.embed_batch(request(&info.model, &long_text)).await.unwrap();
+        assert_eq!(truncated.usage.total_tokens, info.max_tokens);
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_empty_batch_is_invalid_input() {
+    within(async {
+        let client = spawn(config()).await;
+        let error = client.embed_batch(request("", &[])).await.unwrap_err();
+        assert!(matches!(error, EmbeddingError::InvalidInput(_)), "{error:?}");
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn many_concurrent_tasks_each_get_their_own_vectors() {
+    within(async {
+        let golden = Arc::new(golden());
+        let client = spawn(config()).await;
+        let tasks: Vec<_> = (0..64)
+            .map(|task| {
+                let (client, golden) = (client.clone(), golden.clone());
+                tokio::spawn(async move {
+                    let index = task % golden.sentences.len();
+                    let text = golden.sentences[index].clone();
+                    let response = client.embed_batch(request("", &[text])).await.unwrap();
+                    (index, response.embeddings)
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (index, embeddings) = task.await.unwrap();
+            assert_close(&embeddings, &golden.embeddings[index..=index]);
+        }
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_batch_over_the_worker_limit_is_split_and_reassembled_in_order() {
+    within(async {
+        let golden = golden();
+        let mut config = config();
+        config.extra_args = vec!["--max-texts-per-request".into(), "4".into()];
+        let client = spawn(config).await;
+        assert_eq!(client.hello().limits.max_texts_per_request, 4);
+        let texts: Vec<String> =
+            golden.sentences.iter().rev().chain(&golden.sentences).cloned().collect();
+        let want: Vec<Vec<f32>> =
+            golden.embeddings.iter().rev().chain(&golden.embeddings).cloned().collect();
+        let response = client.embed_batch(request("", &texts)).await.unwrap();
+        assert_close(&response.embeddings, &want);
+        assert_eq!(response.usage.total_tokens, 2 * golden.token_counts.iter().sum::<usize>());
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_loses_no_request() {
+    within(async {
+        let golden = Arc::new(golden());
+        let log = Log::default();
+        let client = spawn(config_with_log(&log)).await;
+        let first_pid = client.worker_pid().unwrap();
+        let done = Arc::new(AtomicUsize::new(0));
+        const TASKS: usize = 8;
+        const CALLS_PER_TASK: usize = 25;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let (client, golden, done) = (client.clone(), golden.clone(), done.clone());
+                tokio::spawn(async move {
+                    let mut results = Vec::new();
+                    for call in 0..CALLS_PER_TASK {
+                        // batches of 1 to 4 sentences, different in every call
+                        let start = (task * 7 + call * 3) % golden.sentences.len();
+                        let count = 1 + (task + call) % 4;
+                        let indices: Vec<usize> =
+                            (start..start + count).map(|i| i % golden.sentences.len()).collect();
+                        let texts: Vec<String> =
+                            indices.iter().map(|&i| golden.sentences[i].clone()).collect();
+                        let response = client.embed_batch(request("", &texts)).await;
+                        done.fetch_add(1, Ordering::SeqCst);
+                        results.push((indices, response));
+                    }
+                    results
+                })
+            })
+            .collect();
+        eventually("some calls answered", || done.load(Ordering::SeqCst) >= TASKS * 3).await;
+        assert!(done.load(Ordering::SeqCst) < TASKS * CALLS_PER_TASK, "load still running");
+        signal(first_pid, "KILL");
+        let mut answered = 0;
+        for task in tasks {
+            for (indices, response) in task.await.unwrap() {
+                let response = response.expect("no call fails because the worker was killed");
+                let want: Vec<Vec<f32>> =
+                    indices.iter().map(|&i| golden.embeddings[i].clone()).collect();
+                assert_close(&response.embeddings, &want);
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, TASKS * CALLS_PER_TASK);
+        let second_pid = client.worker_pid().expect("a new worker serves");
+        assert_ne!(second_pid, first_pid);
+        assert!(log.contains("starting a new worker"));
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stopped_worker_times_out_and_is_replaced() {
+    within(async {
+        let mut config = config();
+        config.request_timeout = Duration::from_secs(3);
+        let client = spawn(config).await;
+        let stopped_pid = client.worker_pid().unwrap();
+        signal(stopped_pid, "STOP");
+        let response = client.embed_batch(request("", &["still answered".to_owned()])).await;
+        assert_eq!(response.unwrap().embeddings.len(), 1);
+        assert_ne!(client.worker_pid(), Some(stopped_pid));
+        eventually("the stopped worker is killed and reaped", || !process_exists(stopped_pid))
+            .await;
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_that_always_times_out_fails_with_service_unavailable() {
+    within(async {
+        let mut config = config();
+        config.request_timeout = Duration::from_secs(2);
+        config.max_attempts = 1;
+        let client = spawn(config).await;
+        signal(client.worker_pid().unwrap(), "STOP");
+        let error = client.embed_batch(request("", &["never".to_owned()])).await.unwrap_err();
+        match error {
+            EmbeddingError::ServiceUnavailable(message) => {
+                assert!(message.contains("timed out"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The replacement serves the next call.
+        client.embed_batch(request("", &["answered".to_owned()])).await.unwrap();
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_restart_budget_ends_in_service_unavailable() {
+    within(async {
+        let mut config = config();
+        config.restart_limit = 1;
+        config.stable_start_time = Duration::from_secs(3600);
+        let client = spawn(config).await;
+        let first_pid = client.worker_pid().unwrap();
+        signal(first_pid, "KILL");
+        eventually("a replacement serves", || {
+            client.worker_pid().is_some_and(|pid| pid != first_pid)
+        })
+        .await;
+        signal(client.worker_pid().unwrap(), "KILL");
+        // With the budget spent the client gives up instead of starting a third worker.
+        eventually("the client stops serving", || client.worker_pid().is_none()).await;
+        let error = client.embed_batch(request("", &["x".to_owned()])).await.unwrap_err();
+        match error {
+            EmbeddingError::ServiceUnavailable(message) => {
+                assert!(message.contains("restart_limit"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(client.model_info().await, Err(EmbeddingError::ServiceUnavailable(_))));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_worker_without_its_model_fails_fast_with_model_not_found() {
+    within(async {
+        let mut config = config();
+        config.model_dir = Some(checkout().join("models/no-such-model"));
+        let error = WorkerClient::spawn(config).await.err().expect("no worker starts");
+        match error {
+            EmbeddingError::ModelNotFound(message) => {
+                assert!(message.contains("no-such-model"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_worker_command_that_exits_at_start_is_service_unavailable_with_its_reason() {
+    within(async {
+        let config = WorkerConfig {
+            command: vec![
+                python().into_os_string(),
+                "-c".into(),
+                "import sys; sys.stderr.write('cannot go on\\n'); sys.exit(3)".into(),
+            ],
+            ..config()
+        };
+        let error = WorkerClient::spawn(config).await.err().expect("no worker starts");
+        match error {
+            EmbeddingError::ServiceUnavailable(message) => {
+                assert!(message.contains("cannot go on"), "{message}");
+                assert!(message.contains("exit status: 3"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = WorkerConfig::with_command([checkout().join("no-such-program")]);
+        let error = WorkerClient::spawn(missing).await.err().expect("nothing to run");
+        assert!(matches!(error, EmbeddingError::ServiceUnavailable(_)), "{error:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn closing_answers_requests_in_flight_and_reaps_the_worker() {
+    within(async {
+        let golden = golden();
+        let client = spawn(config()).await;
+        let pid = client.worker_pid().unwrap();
+        // join! polls the call first, so its request is written before close begins.
+        let (response, ()) =
+            tokio::join!(client.embed_batch(request("", &golden.sentences)), client.close());
+        assert_close(&response.unwrap().embeddings, &golden.embeddings);
+        assert!(!process_exists(pid), "worker {pid} reaped");
+        let error = client.embed_batch(request("", &["late".to_owned()])).await.unwrap_err();
+        assert!(matches!(error, EmbeddingError::ServiceUnavailable(_)), "{error:?}");
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_the_client_leaves_no_worker_process() {
+    within(async {
+        let client = spawn(config()).await;
+        let clone = client.clone();
+        let pid = client.worker_pid().unwrap();
+        drop(client);
+        clone.ping().await.unwrap();
+        drop(clone);
+        eventually("the worker is gone and reaped", || !process_exists(pid)).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn distinct_ids_route_replies_under_pipelining() {
+    within(async {
+        let client = spawn(config()).await;
+        let texts: Vec<String> = (0..200).map(|i| format!("sentence number {i}")).collect();
+        let calls =
+            texts.iter().map(|text| client.embed_batch(request("", std::slice::from_ref(text))));
+        let mut seen = HashSet::new();
+        let mut single = Vec::new();
+        for response in futures_join_all(calls).await {
+            let vector = response.unwrap().embeddings.remove(0);
+            seen.insert(vector.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            single.push(vector);
+        }
+        assert_eq!(seen.len(), texts.len(), "every call got a vector of its own");
+        let batch = client.embed_batch(request("", &texts)).await.unwrap();
+        assert_close(&single, &batch.embeddings);
+        client.close().await;
+    })
+    .await;
+}
+
+/// Awaits all futures concurrently on this task, keeping their order (no futures crate).
+async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let futures: Vec<_> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    let mut futures: Vec<Option<_>> = futures.into_iter().map(Some).collect();
+    std::future::poll_fn(|context| {
+        let mut pending = false;
+        for (slot, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(context) {
+                    std::task::Poll::Ready(value) => {
+                        *output = Some(value);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().map(|o| o.expect("every future finished")).collect()
+}
