@@ -13,7 +13,9 @@ Timeouts, precisely:
   worker delivers a reply, so a worker that is busy working through a deep queue is not taken
   for a hung one, while a hung, stopped or deadlocked worker is killed (SIGKILL) after
   ``request_timeout`` and replaced. For a lone request on an idle worker this is simply "no
-  reply within ``request_timeout``".
+  reply within ``request_timeout``". To keep replies coming from a busy worker, the client cuts
+  calls into wire requests of about four of the worker's ONNX Runtime runs each (estimated
+  from text lengths against ``max_batch_tokens``), a second or so of work on a 2-core CPU.
 * ``max_attempts``: how many workers one wire request may be sent to. A worker death or a hang
   costs every request that worker held one attempt; the request is sent again to the next
   worker while attempts remain, else its call fails with ``RequestTimeout`` (the last attempt

@@ -48,6 +48,7 @@ import enum
 import functools
 import itertools
 import logging
+import signal
 import threading
 import time
 from collections import deque
@@ -100,7 +101,12 @@ ENVELOPE_BYTES = 256
 """Room in an embed frame for everything but the texts and the model name (id, op, flags)."""
 TEXT_HEADER_BYTES = 5
 """Largest msgpack header of one str."""
-UTF8_MAX_BYTES_PER_CHAR = 4
+SPECIAL_TOKENS = 2
+"""[CLS] and [SEP] around every input (an estimate: only chunk sizes depend on it)."""
+CHUNK_MICRO_BATCHES = 4
+"""An embed wire request carries about this many of the worker's ONNX Runtime runs
+(``max_batch_tokens``) of estimated tokens: a busy worker then answers something every few
+seconds, which is how ``request_timeout`` tells a busy worker from a hung one."""
 
 NOT_SENT = 0
 """``sent_generation`` of a request that no live worker holds; generations start at 1."""
@@ -131,14 +137,21 @@ class _WireRequest:
     sent_generation: int = NOT_SENT
     sent_at: float = 0.0
     attempts: int = 0
+    proves_progress: bool = True
+    """Whether its reply shows the worker's model at work. A ``ping`` is answered by the
+    worker's reader alone, so a worker stuck in the model would still answer it."""
 
 
 class _EmbedCall:
     """One ``embed_batch`` call: its texts, how far they were admitted, and its output."""
 
-    def __init__(self, request: BatchEmbeddingRequest, texts: list[str], dimension: int) -> None:
+    def __init__(
+        self, request: BatchEmbeddingRequest, texts: list[str], sizes: list[int], dimension: int
+    ) -> None:
         self.future: Future[BatchEmbeddingResponse] = Future()
         self.texts = texts
+        self.sizes = sizes
+        """UTF-8 bytes of each text."""
         self.model = request.model
         self.normalize = request.normalize
         self.truncate = request.truncate
@@ -180,29 +193,57 @@ def _run(deferred: Deferred) -> None:
 
 
 def utf8_size(text: str, index: int) -> int:
+    """Bytes of ``text`` in UTF-8 (ASCII text, the common case, without encoding it)."""
+    if text.isascii():
+        return len(text)
     try:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise InvalidInput(f"input {index} is not valid Unicode text: {exc}") from None
 
 
-def chunk_end(texts: Sequence[str], start: int, max_texts: int, max_payload_bytes: int) -> int:
-    """End of the chunk starting at ``start``: at most ``max_texts`` texts whose encoded sizes
-    fit ``max_payload_bytes``; a single text always makes a chunk (sizes were checked before).
+@dataclass(frozen=True)
+class ChunkLimits:
+    """How much one embed wire request may carry, from a worker's hello."""
 
-    Four bytes per character bounds a text's UTF-8 size without encoding it; the exact size is
-    computed only for the texts that might not fit.
+    max_texts: int
+    max_payload_bytes: int
+    max_tokens_per_text: int
+    max_chunk_tokens: int
+
+    @classmethod
+    def of(cls, hello: Hello, max_in_flight_texts: int, model: str | None) -> ChunkLimits:
+        model_bytes = len((model or "").encode("utf-8"))
+        return cls(
+            max_texts=min(hello.max_texts_per_request, max_in_flight_texts),
+            max_payload_bytes=hello.max_frame_bytes - ENVELOPE_BYTES - model_bytes,
+            max_tokens_per_text=hello.max_tokens,
+            max_chunk_tokens=CHUNK_MICRO_BATCHES * max(hello.max_batch_tokens, hello.max_tokens),
+        )
+
+
+def chunk_end(texts: Sequence[str], sizes: Sequence[int], start: int, limits: ChunkLimits) -> int:
+    """End of the chunk starting at ``start``: at most ``max_texts`` texts whose UTF-8 ``sizes``
+    fit ``max_payload_bytes`` and whose estimated tokens fit ``max_chunk_tokens``; a single
+    text always makes a chunk (its size was checked before).
+
+    Tokens are estimated without a tokenizer: WordPiece makes at most one token per character,
+    plus the special tokens, and truncation caps the count at ``max_tokens``.
     """
-    stop_limit = min(len(texts), start + max_texts)
-    used = 0
+    stop_limit = min(len(texts), start + limits.max_texts)
+    used_bytes = used_tokens = 0
     for index in range(start, stop_limit):
         text = texts[index]
-        size = len(text) * UTF8_MAX_BYTES_PER_CHAR + TEXT_HEADER_BYTES
-        if used + size > max_payload_bytes:
-            size = utf8_size(text, index) + TEXT_HEADER_BYTES
-            if used + size > max_payload_bytes and index > start:
-                return index
-        used += size
+        tokens = min(len(text) + SPECIAL_TOKENS, limits.max_tokens_per_text)
+        size = sizes[index] + TEXT_HEADER_BYTES
+        over = (
+            used_bytes + size > limits.max_payload_bytes
+            or used_tokens + tokens > limits.max_chunk_tokens
+        )
+        if over and index > start:
+            return index
+        used_bytes += size
+        used_tokens += tokens
     return stop_limit
 
 
@@ -270,8 +311,8 @@ class Core:
             with self._lock:
                 error = self._refusal_locked() or ServiceUnavailable("the client is not started")
             raise error
-        texts = self._checked_texts(request, hello)
-        call = _EmbedCall(request, texts, hello.dimension)
+        texts, sizes = self._checked_texts(request, hello)
+        call = _EmbedCall(request, texts, sizes, hello.dimension)
         if not texts:
             if request.model is not None and request.model != hello.model:
                 raise ModelNotFound(f"model {request.model!r} is not loaded ({hello.model!r} is)")
@@ -301,7 +342,13 @@ class Core:
             if refusal is not None:
                 raise refusal
             request_id = next(self._ids)
-            request = _WireRequest(request_id, 0, settle, message={"id": request_id, "op": op})
+            request = _WireRequest(
+                request_id,
+                0,
+                settle,
+                message={"id": request_id, "op": op},
+                proves_progress=op != "ping",
+            )
             self._pending[request_id] = request
         self._pump([request])
         return future
@@ -374,26 +421,30 @@ class Core:
             return _copy(self._failure)
         return None
 
-    def _checked_texts(self, request: BatchEmbeddingRequest, hello: Hello) -> list[str]:
-        """The inputs as a list of str, each small enough for the worker (a text too large for
-        one frame would break the stream and kill the worker)."""
+    def _checked_texts(
+        self, request: BatchEmbeddingRequest, hello: Hello
+    ) -> tuple[list[str], list[int]]:
+        """The inputs as a list of str and their UTF-8 sizes, each text encodable and small
+        enough for the worker (a text too large for one frame would break the stream and kill
+        the worker). Checked here, in the caller's thread, so that admission cannot fail."""
         if isinstance(request.inputs, (str, bytes)):
             raise InvalidInput("inputs must be a sequence of strings, not a single string")
         texts = list(request.inputs)
         model_bytes = len((request.model or "").encode("utf-8"))
         frame_room = hello.max_frame_bytes - ENVELOPE_BYTES - model_bytes - TEXT_HEADER_BYTES
         max_text_bytes = min(hello.max_text_bytes, frame_room)
+        sizes = []
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InvalidInput(f"input {index} is a {type(text).__name__}, not a str")
-            if len(text) * UTF8_MAX_BYTES_PER_CHAR > max_text_bytes:
-                size = utf8_size(text, index)
-                if size > max_text_bytes:
-                    raise InvalidInput(
-                        f"input {index} has {size} UTF-8 bytes, over the worker's limit of "
-                        f"{max_text_bytes} (max_text_bytes)"
-                    )
-        return texts
+            size = utf8_size(text, index)
+            if size > max_text_bytes:
+                raise InvalidInput(
+                    f"input {index} has {size} UTF-8 bytes, over the worker's limit of "
+                    f"{max_text_bytes} (max_text_bytes)"
+                )
+            sizes.append(size)
+        return texts, sizes
 
     def _admit_locked(self) -> list[_WireRequest]:
         """Turn waiting texts into wire requests while the in-flight bound has room."""
@@ -401,7 +452,6 @@ class Core:
         if hello is None or self._state not in _SUPERVISED:
             return []
         bound = self.config.max_in_flight_texts
-        max_texts = min(hello.max_texts_per_request, bound)
         admitted: list[_WireRequest] = []
         while self._waiting:
             call = self._waiting[0]
@@ -411,9 +461,8 @@ class Core:
                 continue
             start = call.next_index
             if call.chunk_stop is None:
-                model_bytes = len((call.model or "").encode("utf-8"))
-                room = hello.max_frame_bytes - ENVELOPE_BYTES - model_bytes
-                call.chunk_stop = chunk_end(call.texts, start, max_texts, room)
+                limits = ChunkLimits.of(hello, bound, call.model)
+                call.chunk_stop = chunk_end(call.texts, call.sizes, start, limits)
             stop = call.chunk_stop
             count = stop - start
             if self._in_flight_texts + count > bound:
@@ -496,11 +545,12 @@ class Core:
         with self._lock:
             if worker is not self._worker:
                 return  # from a worker already given up on; its requests went elsewhere
-            worker.last_reply_at = time.monotonic()
             request = self._pending.get(request_id) if isinstance(request_id, int) else None
             if request is None or request.sent_generation != worker.generation:
                 self._log_unmatched(worker, message)
                 return
+            if request.proves_progress:
+                worker.last_reply_at = time.monotonic()
             del self._pending[request.request_id]
             worker.sent_unanswered -= 1
             self._in_flight_texts -= request.text_count
@@ -753,10 +803,11 @@ class Core:
         of attempts), and a restart is scheduled."""
         if self._worker is worker:
             self._worker = None
-        reason = worker.describe()
-        tail = worker.stderr_tail(5)
-        if tail and not worker.hung:
-            reason += f"; its stderr ends with:\n{tail}"
+        uptime = time.monotonic() - (worker.ready_at or time.monotonic())
+        reason = f"{worker.describe()} after {uptime:.1f} s of service"
+        if worker.returncode != -signal.SIGKILL:  # a crash may have said why; a SIGKILL cannot
+            tail = worker.stderr_tail(5)
+            reason += f"; its stderr ends with:\n{tail}" if tail else ""
         if self._state is _State.CLOSING:
             gone = ServiceUnavailable(f"the client was closing and {reason}")
             return self._drop_requests_locked(list(self._pending.values()), gone)
@@ -772,12 +823,11 @@ class Core:
                 error_type = RequestTimeout if worker.hung else ServiceUnavailable
                 error = error_type(f"gave up after {request.attempts} attempt(s): {reason}")
                 deferred += self._drop_requests_locked([request], error)
-        uptime = time.monotonic() - (worker.ready_at or time.monotonic())
         logger.warning(
-            "%s after %.1f s of service; %d request(s) it held will be sent to the next worker",
+            "%s; %d request(s) it held go to the next worker, %d ran out of attempts",
             reason,
-            uptime,
             held - len(deferred),
+            len(deferred),
         )
         stable = uptime >= self.config.stable_start_time
         return deferred + self._schedule_restart_locked(reason, stable=stable)
@@ -802,6 +852,7 @@ class Core:
     def _fail_locked(self, error: EmbeddingError) -> Deferred:
         """Give up for good: every waiting and pending call fails with ``error``, and so will
         every later one."""
+        logger.error("akidb-embed client gives up: %s", error.message)
         self._state = _State.FAILED
         self._failure = error
         self._start_due = None

@@ -54,6 +54,9 @@ STDERR_DRAIN_TIMEOUT = 2.0
 REPLY_HEADROOM_BYTES = 64 * 1024
 """Allowance for a reply's fields beyond its embedding bytes (protocol.md: a few hundred)."""
 
+REQUIRED_LIMITS = ("max_frame_bytes", "max_texts_per_request", "max_text_bytes", "max_batch_tokens")
+"""The hello's limits a client needs to split requests (protocol.md section 7)."""
+
 _LEVELS = {
     "DEBUG": logging.DEBUG,
     "INFO": logging.INFO,
@@ -79,7 +82,7 @@ class Hello:
 
     @property
     def max_frame_bytes(self) -> int:
-        return int(self.limits.get("max_frame_bytes", wire.DEFAULT_MAX_FRAME_BYTES))
+        return int(self.limits["max_frame_bytes"])
 
     @property
     def max_texts_per_request(self) -> int:
@@ -88,6 +91,10 @@ class Hello:
     @property
     def max_text_bytes(self) -> int:
         return int(self.limits["max_text_bytes"])
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return int(self.limits["max_batch_tokens"])
 
     def max_reply_bytes(self) -> int:
         """The largest reply this worker can send: its frame limit or a full embed reply."""
@@ -117,7 +124,7 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
     try:
         model = message["model"]
         limits = message["limits"]
-        return Hello(
+        hello = Hello(
             protocol=int(protocol),
             pid=int(message["pid"]),
             model=str(model["model"]),
@@ -128,6 +135,10 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
             limits={str(name): int(value) for name, value in limits.items()},
             worker_version=str(message.get("worker_version", "")),
         )
+        for name in REQUIRED_LIMITS:
+            if name not in hello.limits:
+                raise KeyError(f"limits.{name}")
+        return hello
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProtocolError(f"malformed hello ({exc!r}): {_summary(message)}") from None
 
@@ -369,7 +380,10 @@ class WorkerProcess:
                 if not line:
                     continue
                 self._stderr_tail.append(line)
-                worker_logger.log(_level_of(line), "[worker %d] %s", pid, line)
+                if f"[{pid}]" in line:  # the worker's own log format names its pid already
+                    worker_logger.log(_level_of(line), "%s", line)
+                else:
+                    worker_logger.log(_level_of(line), "[worker %d] %s", pid, line)
         except (OSError, ValueError):
             pass  # closed under us after the process was reaped
 
