@@ -40,7 +40,8 @@ class AsyncEmbeddingClient(ClientBase):
 
     async def embed_batch(self, request: BatchEmbeddingRequest) -> BatchEmbeddingResponse:
         """One vector per input of ``request``, in order; see ``EmbeddingClient.embed_batch``."""
-        await self.start()
+        if self._core.hello is None:  # after the first hello the core itself refuses if need be
+            await self.start()
         return await asyncio.wrap_future(self._core.submit_embed(request))
 
     async def embed(self, texts: Sequence[str], normalize: bool = True) -> npt.NDArray[np.float32]:

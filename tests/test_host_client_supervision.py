@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -308,6 +310,46 @@ def test_close_kills_a_stopped_worker_and_fails_its_callers(metadata: ModelMetad
 
     assert len(outcome) == 1
     assert_reaped(pid)
+
+
+def test_dropped_client_closes_its_worker(metadata: ModelMetadata) -> None:
+    client = EmbeddingClient(metadata.directory)
+    pid = client.stats().worker_pid
+    assert pid is not None
+
+    del client
+    gc.collect()
+
+    assert_reaped(pid)
+
+
+def test_client_left_open_at_exit_leaves_no_worker_behind(metadata: ModelMetadata) -> None:
+    script = (
+        "import sys\n"
+        "from akidb_embed.host_client import EmbeddingClient\n"
+        "client = EmbeddingClient(sys.argv[1])\n"
+        "client.embed(['hello'])\n"
+        "print(client.stats().worker_pid, flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(metadata.directory)],
+        capture_output=True,
+        text=True,
+        timeout=GUARD_TIMEOUT,
+        check=True,
+    )
+    pid = int(result.stdout.strip())
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(gone, f"worker {pid} to end with its host")
+    assert "Traceback" not in result.stderr
+    assert "Exception ignored" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------- stress
