@@ -126,8 +126,11 @@ struct PendingReply {
 
 impl PendingReply {
     async fn wait(mut self) -> EmbeddingResult<Vec<u8>> {
-        let reply = self.reply.take().expect("a reply is awaited once");
-        reply.await.unwrap_or_else(|_| Err(closed()))
+        let reply = self.reply.as_mut().expect("a reply is awaited once");
+        // Borrowed, not taken: if this future is dropped mid-wait, `drop` still withdraws.
+        let result = reply.await.unwrap_or_else(|_| Err(closed()));
+        self.reply = None;
+        result
     }
 }
 
