@@ -6,9 +6,10 @@
        │ submit_embed(request) ──► Future           submit_op("health") ──► Future
        ▼                                             │
     waiting calls (round robin) ──admit──► pending table {id: wire request + its frame}
-       one chunk per turn, split by the     │  ▲ texts in flight ≤ max_in_flight_texts
-       hello's max_texts_per_request and    │  │ (the rest waits here, as references)
-       max_frame_bytes                      ▼  │
+       one chunk per turn, cut to the       │  ▲ texts in flight ≤ max_in_flight_texts
+       hello's max_texts_per_request,       │  │ (the rest waits here, as references)
+       max_frame_bytes and ~4 runs of       │  │
+       max_batch_tokens (estimated)         ▼  │
                             WorkerProcess.send ─► worker ─► reader thread ─► reply by id
                                                                │
        call's output array ◄── rows copied in place ◄──────────┘
@@ -34,9 +35,10 @@ What a caller sees on failure:
   (``ModelNotFound``/``ServiceUnavailable``); on a restart, a failed start counts against
   ``restart_limit``; a refused hello (``ok: false``) is final at once. Once given up, every
   call fails fast with the same error: there is no restart loop;
-* ``close()``: texts not yet written fail with ``ServiceUnavailable``; the worker's stdin is
-  closed so it answers what it holds, and whatever it has not answered within
-  ``close_timeout`` fails with ``ServiceUnavailable`` after a SIGKILL. Every process is reaped.
+* ``close()``: calls with texts not yet written fail with ``ServiceUnavailable``; the worker's
+  stdin is closed so it answers what it holds (calls wholly written complete), and whatever it
+  has not answered within ``close_timeout`` fails with ``ServiceUnavailable`` after a SIGKILL.
+  Every process is reaped.
 
 Futures are always resolved outside the core's lock: their callbacks (asyncio's, the chunk
 assembly) may take it.
