@@ -231,7 +231,9 @@ impl Supervisor {
             if lived >= self.config().stable_start_time {
                 self.consecutive_restarts = 0;
             }
-            self.note(pid, &format!("{last_reason}; starting a new worker"));
+            let unanswered = self.state.lock().pending.len();
+            let note = format!("{last_reason}; starting a new worker for {unanswered} requests");
+            self.note(pid, &note);
         }
         loop {
             self.consecutive_restarts += 1;

@@ -76,8 +76,12 @@ fn golden() -> Golden {
 struct Log(Arc<Mutex<Vec<String>>>);
 
 impl Log {
-    fn contains(&self, needle: &str) -> bool {
-        self.0.lock().unwrap().iter().any(|line| line.contains(needle))
+    /// The number right after the first occurrence of `prefix` in a line.
+    fn number_after(&self, prefix: &str) -> Option<usize> {
+        let lines = self.0.lock().unwrap();
+        let line = lines.iter().find(|line| line.contains(prefix))?;
+        let rest = &line[line.find(prefix)? + prefix.len()..];
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
     }
 }
 
@@ -298,7 +302,7 @@ async fn a_killed_worker_loses_no_request() {
         let first_pid = client.worker_pid().unwrap();
         let done = Arc::new(AtomicUsize::new(0));
         const TASKS: usize = 8;
-        const CALLS_PER_TASK: usize = 25;
+        const CALLS_PER_TASK: usize = 40;
         let tasks: Vec<_> = (0..TASKS)
             .map(|task| {
                 let (client, golden, done) = (client.clone(), golden.clone(), done.clone());
@@ -320,9 +324,12 @@ async fn a_killed_worker_loses_no_request() {
                 })
             })
             .collect();
-        eventually("some calls answered", || done.load(Ordering::SeqCst) >= TASKS * 3).await;
-        assert!(done.load(Ordering::SeqCst) < TASKS * CALLS_PER_TASK, "load still running");
+        while done.load(Ordering::SeqCst) < TASKS * 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         signal(first_pid, "KILL");
+        let done_before_kill = done.load(Ordering::SeqCst);
+        assert!(done_before_kill < TASKS * CALLS_PER_TASK, "the kill came under load");
         let mut answered = 0;
         for task in tasks {
             for (indices, response) in task.await.unwrap() {
@@ -336,7 +343,8 @@ async fn a_killed_worker_loses_no_request() {
         assert_eq!(answered, TASKS * CALLS_PER_TASK);
         let second_pid = client.worker_pid().expect("a new worker serves");
         assert_ne!(second_pid, first_pid);
-        assert!(log.contains("starting a new worker"));
+        let resent = log.number_after("starting a new worker for ").expect("a restart note");
+        assert!(resent > 0, "requests were in flight when the worker was killed");
         client.close().await;
     })
     .await;
