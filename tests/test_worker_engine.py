@@ -85,20 +85,37 @@ def test_small_request_behind_a_huge_one_finishes_first(
     assert recorder.finished == [2, 1]
 
 
+def test_query_arriving_behind_a_bulk_of_requests_finishes_first(
+    engine: Engine, batcher: Batcher, golden: dict[str, Any]
+) -> None:
+    # many big requests already queued hold many snapshots of work; in arrival order the query
+    # would wait for all of them
+    recorder = Recorder()
+    for request_id in range(1, 31):
+        batcher.submit(recorder.job(engine, request_id, golden["sentences"]))
+    assert 30 * sum(golden["token_counts"]) > 10 * batcher.snapshot_tokens
+    batcher.submit(recorder.job(engine, 99, ["a search query typed by someone"]))
+    batcher.start()
+    assert recorder.all_done.wait(300)
+    assert recorder.finished[0] == 99
+
+
 def test_flood_of_later_requests_does_not_starve_an_earlier_one(
     engine: Engine, batcher: Batcher, golden: dict[str, Any]
 ) -> None:
-    # The flood holds many snapshots' worth of short texts. Sorting everything pending by length
-    # would run the early request's long texts last; its fair share of every snapshot makes it
-    # finish while much of the flood still waits.
+    # The flood holds many snapshots' worth of short texts, each request smaller than the early
+    # one: by size alone the early request's long texts would run last. As the oldest it gets a
+    # share of every snapshot, so it finishes while much of the flood still waits.
+    longest_first = sorted(golden["sentences"], key=len, reverse=True)
     recorder = Recorder()
-    batcher.submit(recorder.job(engine, 0, golden["sentences"][:12]))
-    for request_id in range(1, 2001):
-        batcher.submit(recorder.job(engine, request_id, [f"small request number {request_id}"]))
-    assert batcher.pending_texts * 8 > 10 * batcher.snapshot_tokens
+    batcher.submit(recorder.job(engine, 0, longest_first[:4]))
+    flood = [recorder.job(engine, n, [f"small request number {n}"]) for n in range(1, 3001)]
+    assert sum(job.total_tokens for job in flood) > 8 * batcher.snapshot_tokens
+    for job in flood:
+        batcher.submit(job)
     batcher.start()
     assert recorder.all_done.wait(300)
-    assert recorder.finished.index(0) < len(recorder.finished) - 200
+    assert recorder.finished.index(0) < len(recorder.finished) - 500
 
 
 def test_reading_pauses_while_too_many_texts_are_pending(
