@@ -33,6 +33,12 @@ const REQUEST_ENVELOPE_BYTES: usize = 128;
 const STRING_HEADER_BYTES: usize = 5;
 /// Bytes of an embed reply's map besides its vectors and model id (generous).
 const REPLY_ENVELOPE_BYTES: usize = 256;
+/// [CLS] and [SEP] around every input (an estimate: only chunk sizes depend on it).
+const SPECIAL_TOKENS: usize = 2;
+/// An embed wire request carries about this many of the worker's ONNX Runtime runs
+/// (`max_batch_tokens`) of estimated tokens: a busy worker then answers something every few
+/// seconds, which is how `request_timeout` tells a busy worker from a hung one.
+const CHUNK_MICRO_BATCHES: usize = 4;
 
 /// One wire request waiting for its reply.
 pub(crate) struct Pending {
@@ -44,6 +50,9 @@ pub(crate) struct Pending {
     pub attempts: u32,
     /// Its share of `max_in_flight_texts`, given back when the entry goes.
     pub _texts: Option<OwnedSemaphorePermit>,
+    /// Whether its reply shows the worker's model path is alive (a `ping` is answered by the
+    /// worker's reader alone, so it does not).
+    pub shows_progress: bool,
 }
 
 /// Where new requests go.
@@ -84,12 +93,14 @@ impl State {
     pub(crate) fn deliver(&self, id: u64, generation: u64, payload: Vec<u8>) {
         let pending = {
             let mut shared = self.lock();
+            let pending = shared.pending.remove(&id);
+            let shows_progress = pending.as_ref().is_some_and(|p| p.shows_progress);
             if let Slot::Running { generation: current, last_reply_at, .. } = &mut shared.slot {
-                if *current == generation {
+                if *current == generation && shows_progress {
                     *last_reply_at = Instant::now();
                 }
             }
-            shared.pending.remove(&id)
+            pending
         };
         // Unknown ids are replies to requests already answered by an earlier worker, or whose
         // caller has gone: nothing waits for them.
@@ -186,26 +197,26 @@ impl WorkerClient {
         &self.handle.state
     }
 
-    /// Embeds every input, in order. Batches over the worker's limits (texts per request,
-    /// frame size, `max_in_flight_texts`) are split into several wire requests whose vectors
-    /// are concatenated in order; see [`Usage`] for how their usage adds up.
+    /// Embeds every input, in order. A batch is split into wire requests that fit the worker's
+    /// limits (texts per request, frame size), `max_in_flight_texts`, and about four of the
+    /// worker's ONNX Runtime batches of estimated tokens (so that a busy worker answers
+    /// something every few seconds and is not taken for a hung one); their vectors are
+    /// concatenated in order, see [`Usage`] for how their usage adds up.
     pub async fn embed_batch(
         &self,
         request: BatchEmbeddingRequest,
     ) -> EmbeddingResult<BatchEmbeddingResponse> {
-        let (limits, dimension, hello_model_bytes) = {
+        let plan = {
             let shared = self.state().lock();
-            let model = &shared.hello.model;
-            (shared.hello.limits.clone(), model.dimension, model.model.len())
+            let model_bytes = shared.hello.model.model.len().max(request.model.len());
+            ChunkPlan::new(
+                &shared.hello.limits,
+                &shared.hello.model,
+                self.state().config.max_in_flight_texts,
+                model_bytes,
+            )
         };
         let model = Some(request.model.as_str()).filter(|model| !model.is_empty());
-        let model_bytes = hello_model_bytes.max(request.model.len());
-        let plan = ChunkPlan::new(
-            &limits,
-            dimension,
-            self.state().config.max_in_flight_texts,
-            model_bytes,
-        );
         let chunks = plan.split(&request.inputs)?;
         let split = chunks.len() > 1;
 
@@ -215,7 +226,7 @@ impl WorkerClient {
         for range in chunks {
             let inputs = &request.inputs[range.clone()];
             let pending = self
-                .submit(inputs.len(), |id| {
+                .submit(inputs.len(), true, |id| {
                     wire::encode_frame(&EmbedRequest {
                         id,
                         op: EmbedRequest::OP,
@@ -310,7 +321,9 @@ impl WorkerClient {
     }
 
     async fn call_op(&self, op: &str) -> EmbeddingResult<Vec<u8>> {
-        let pending = self.submit(0, |id| wire::encode_frame(&OpRequest { id, op })).await?;
+        let shows_progress = op != "ping";
+        let pending =
+            self.submit(0, shows_progress, |id| wire::encode_frame(&OpRequest { id, op })).await?;
         let payload = pending.wait().await?;
         wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()?;
         Ok(payload)
@@ -322,6 +335,7 @@ impl WorkerClient {
     async fn submit(
         &self,
         texts: usize,
+        shows_progress: bool,
         encode: impl FnOnce(u64) -> EmbeddingResult<Vec<u8>>,
     ) -> EmbeddingResult<PendingReply> {
         let state = self.state();
@@ -349,7 +363,8 @@ impl WorkerClient {
             Slot::Closed => return Err(closed()),
         };
         let attempts = u32::from(sent_to.is_some());
-        shared.pending.insert(id, Pending { frame, reply, sent_to, attempts, _texts: permit });
+        let pending = Pending { frame, reply, sent_to, attempts, _texts: permit, shows_progress };
+        shared.pending.insert(id, pending);
         drop(shared);
         Ok(PendingReply { state: state.clone(), id, reply: Some(receiver) })
     }
@@ -372,41 +387,57 @@ impl EmbeddingProvider for WorkerClient {
     }
 }
 
-/// How a batch is cut into wire requests that the worker accepts and whose replies fit in a
-/// frame.
+/// How a batch is cut into wire requests that the worker accepts, whose replies fit in a
+/// frame, and that the worker answers within a few of its batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ChunkPlan {
     max_texts: usize,
     max_request_text_bytes: usize,
     max_text_bytes: usize,
+    max_tokens_per_text: usize,
+    max_chunk_tokens: usize,
 }
 
 impl ChunkPlan {
     fn new(
         limits: &Limits,
-        dimension: u32,
+        model: &ModelInfo,
         max_in_flight_texts: usize,
         model_bytes: usize,
     ) -> Self {
         let frame_budget = |envelope: usize| {
             limits.max_frame_bytes.saturating_sub(envelope + model_bytes + STRING_HEADER_BYTES)
         };
-        let reply_row_bytes = (dimension as usize).saturating_mul(wire::BYTES_PER_VALUE);
+        let reply_row_bytes = (model.dimension as usize).saturating_mul(wire::BYTES_PER_VALUE);
         let max_rows_in_reply = frame_budget(REPLY_ENVELOPE_BYTES) / reply_row_bytes.max(1);
         let max_texts =
             limits.max_texts_per_request.min(max_in_flight_texts).min(max_rows_in_reply).max(1);
         let max_request_text_bytes = frame_budget(REQUEST_ENVELOPE_BYTES);
         let max_text_bytes =
             limits.max_text_bytes.min(max_request_text_bytes.saturating_sub(STRING_HEADER_BYTES));
-        Self { max_texts, max_request_text_bytes, max_text_bytes }
+        Self {
+            max_texts,
+            max_request_text_bytes,
+            max_text_bytes,
+            max_tokens_per_text: model.max_tokens.max(1),
+            max_chunk_tokens: CHUNK_MICRO_BATCHES * limits.max_batch_tokens.max(model.max_tokens),
+        }
+    }
+
+    /// At most the tokens `text` runs as, without a tokenizer: WordPiece makes at most one
+    /// token per character, plus the special tokens, and truncation caps the count.
+    fn estimated_tokens(&self, text: &str) -> usize {
+        (text.chars().take(self.max_tokens_per_text).count() + SPECIAL_TOKENS)
+            .min(self.max_tokens_per_text)
     }
 
     /// Consecutive ranges covering `inputs` (one empty range for no inputs, so that the worker
-    /// gives its own answer to an empty request).
+    /// gives its own answer to an empty request). A single text always makes a chunk.
     fn split(&self, inputs: &[String]) -> EmbeddingResult<Vec<Range<usize>>> {
         let mut chunks = Vec::new();
         let mut start = 0;
         let mut bytes = 0;
+        let mut tokens = 0;
         for (index, text) in inputs.iter().enumerate() {
             if text.len() > self.max_text_bytes {
                 return Err(EmbeddingError::InvalidInput(format!(
@@ -415,15 +446,19 @@ impl ChunkPlan {
                     self.max_text_bytes
                 )));
             }
-            let cost = text.len() + STRING_HEADER_BYTES;
-            if index > start
-                && (index - start == self.max_texts || bytes + cost > self.max_request_text_bytes)
-            {
+            let text_bytes = text.len() + STRING_HEADER_BYTES;
+            let text_tokens = self.estimated_tokens(text);
+            let full = index - start == self.max_texts
+                || bytes + text_bytes > self.max_request_text_bytes
+                || tokens + text_tokens > self.max_chunk_tokens;
+            if full && index > start {
                 chunks.push(start..index);
                 start = index;
                 bytes = 0;
+                tokens = 0;
             }
-            bytes += cost;
+            bytes += text_bytes;
+            tokens += text_tokens;
         }
         chunks.push(start..inputs.len());
         Ok(chunks)
@@ -444,26 +479,30 @@ mod tests {
         }
     }
 
+    fn model(dimension: u32, max_tokens: usize) -> ModelInfo {
+        ModelInfo { model: "m".into(), dimension, max_tokens }
+    }
+
     fn texts(lengths: &[usize]) -> Vec<String> {
         lengths.iter().map(|&n| "x".repeat(n)).collect()
     }
 
     #[test]
     fn batches_are_cut_at_the_worker_text_limit() {
-        let plan = ChunkPlan::new(&limits(1 << 20, 4), 8, 100, 10);
+        let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
         assert_eq!(plan.split(&texts(&[1; 10])).unwrap(), vec![0..4, 4..8, 8..10]);
     }
 
     #[test]
     fn batches_are_cut_at_the_in_flight_limit() {
-        let plan = ChunkPlan::new(&limits(1 << 20, 1024), 8, 3, 10);
+        let plan = ChunkPlan::new(&limits(1 << 20, 1024), &model(8, 256), 3, 10);
         assert_eq!(plan.split(&texts(&[1; 7])).unwrap(), vec![0..3, 3..6, 6..7]);
     }
 
     #[test]
     fn batches_are_cut_so_that_request_frames_fit() {
         // 1000-byte budget: 128 + 10 + 5 of envelope leave 857 bytes for texts and headers.
-        let plan = ChunkPlan::new(&limits(1000, 1024), 8, 1024, 10);
+        let plan = ChunkPlan::new(&limits(1000, 1024), &model(8, 1024), 1024, 10);
         let chunks = plan.split(&texts(&[400, 400, 400, 10])).unwrap();
         assert_eq!(chunks, vec![0..2, 2..4]);
     }
@@ -471,19 +510,29 @@ mod tests {
     #[test]
     fn batches_are_cut_so_that_reply_frames_fit() {
         // Rows of 100 x 4 bytes; (4096 - 256 - 10 - 5) / 400 = 9 rows per reply.
-        let plan = ChunkPlan::new(&limits(4096, 1024), 100, 1024, 10);
+        let plan = ChunkPlan::new(&limits(4096, 1024), &model(100, 256), 1024, 10);
         assert_eq!(plan.max_texts, 9);
     }
 
     #[test]
+    fn batches_are_cut_at_a_few_worker_batches_of_estimated_tokens() {
+        // max_batch_tokens 2048 x 4 = 8192 tokens; texts of 1000+ chars count 256 tokens each.
+        let plan = ChunkPlan::new(&limits(1 << 24, 1024), &model(8, 256), 4096, 10);
+        let chunks = plan.split(&texts(&[1000; 70])).unwrap();
+        assert_eq!(chunks, vec![0..32, 32..64, 64..70]);
+        // short texts: 8 chars + 2 special tokens = 10 tokens each
+        assert_eq!(plan.split(&texts(&[8; 1000])).unwrap(), vec![0..819, 819..1000]);
+    }
+
+    #[test]
     fn an_empty_batch_is_one_empty_request() {
-        let plan = ChunkPlan::new(&limits(1 << 20, 4), 8, 100, 10);
+        let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
         assert_eq!(plan.split(&[]).unwrap(), vec![0..0]);
     }
 
     #[test]
     fn a_text_over_the_worker_limit_is_invalid_input() {
-        let plan = ChunkPlan::new(&limits(1 << 20, 4), 8, 100, 10);
+        let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
         let error = plan.split(&texts(&[3, 1001])).unwrap_err();
         assert!(matches!(error, EmbeddingError::InvalidInput(ref m) if m.starts_with("input 1 ")));
     }

@@ -7,7 +7,10 @@
 //! * `request_timeout`: how long a worker holding requests may go without answering any of
 //!   them. A request's clock starts when it is written to a worker and restarts whenever that
 //!   worker delivers a reply, so a worker busy with a deep queue is not taken for a hung one,
-//!   while a hung, stopped or deadlocked worker is killed (SIGKILL) and replaced.
+//!   while a hung, stopped or deadlocked worker is killed (SIGKILL) and replaced. `ping`
+//!   replies do not count (the worker's reader answers them even when its model is stuck).
+//!   Batches are cut into wire requests of a few of the worker's batches each, so that a busy
+//!   worker answers something well within this time.
 //! * `max_attempts`: how many workers one wire request may be sent to. A worker death or hang
 //!   costs every request that worker held one attempt; the request is sent again to the next
 //!   worker while attempts remain, else its call fails with `ServiceUnavailable`.
