@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from akidb_embed.models import METADATA_FILE, ModelMetadata
-from akidb_embed.wire import LENGTH_PREFIX, embeddings_from_bytes
+from akidb_embed.wire import LENGTH_PREFIX, FrameReader, embeddings_from_bytes, pack, unpack
 
 EXIT_TIMEOUT = 120.0
 _ids = itertools.count(1)
@@ -144,6 +145,27 @@ def test_stop_signal_finishes_the_requests_already_read_then_exits_0(
         assert_embedded(reply, metadata.dimension)
     assert worker.wait(EXIT_TIMEOUT) == 0
     assert "Traceback" not in worker.stderr()
+
+
+def test_worker_exits_0_when_the_host_stops_reading_its_replies(metadata: ModelMetadata) -> None:
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "akidb_embed.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert worker.stdout is not None and worker.stdin is not None
+        assert unpack(FrameReader(worker.stdout).read() or b"")["ok"] is True
+        worker.stdout.close()  # stdin stays open: only the failed write can tell the worker
+        worker.stdin.write(pack(embed_request(["nobody will read this"])))
+        worker.stdin.flush()
+        assert worker.wait(EXIT_TIMEOUT) == 0
+    finally:
+        worker.kill()
+        worker.wait(EXIT_TIMEOUT)
+        if worker.stdin is not None:
+            worker.stdin.close()
 
 
 def test_worker_exits_when_its_parent_dies(spawn_worker: Any) -> None:

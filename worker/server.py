@@ -216,6 +216,8 @@ class _Server:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         # Ctrl-C in a terminal reaches the whole process group: stop as cleanly as on SIGTERM
         signal.signal(signal.SIGINT, self._on_stop_signal)
+        if self._writer.broken:  # the hello could not be written: nobody is listening
+            self._stop(EXIT_OK, "the host closed our stdout")
         self._batcher.start()
         threading.Thread(target=self._read_loop, name="reader", daemon=True).start()
         threading.Thread(
