@@ -297,3 +297,31 @@ def test_protocol_md_examples_are_the_golden_files() -> None:
     assert sorted(name for name, _ in examples) == sorted(GOLDEN_MESSAGES)
     for name, hex_text in examples:
         assert bytes.fromhex(hex_text) == (GOLDEN / name).read_bytes(), name
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def test_options_come_from_the_environment_unless_given_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from akidb_embed.worker.__main__ import config_from_args
+
+    monkeypatch.setenv("AKIDB_EMBED_MAX_BATCH_TOKENS", "512")
+    monkeypatch.setenv("AKIDB_EMBED_PROVIDER", "cpu")
+    monkeypatch.setenv("AKIDB_EMBED_MODEL_DIR", str(tmp_path))
+    config = config_from_args(["--max-batch-tokens", "256", "--coreml-compute-units", "CPUOnly"])
+    assert config.max_batch_tokens == 256
+    assert config.provider == "cpu"
+    assert config.model_dir == tmp_path
+    assert config.coreml.compute_units == "CPUOnly"
+    assert config_from_args([]).max_batch_tokens == 512
+
+
+def test_bad_environment_value_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from akidb_embed.worker.__main__ import config_from_args
+
+    monkeypatch.setenv("AKIDB_EMBED_MAX_PENDING_TEXTS", "0")
+    with pytest.raises(SystemExit) as exited:
+        config_from_args([])
+    assert exited.value.code == 2
