@@ -37,12 +37,12 @@ lint: venv
 
 typecheck: venv
 	@mkdir -p $(TYPECHECK_TREE)/akidb_embed
-	@for f in akidb_embed/*.py akidb_embed/py.typed; do ln -sfn ../../../$$f $(TYPECHECK_TREE)/$$f; done
+	@for f in akidb_embed/*; do ln -sfn ../../../$$f $(TYPECHECK_TREE)/$$f; done
 	@ln -sfn ../../../worker $(TYPECHECK_TREE)/akidb_embed/worker
 	@ln -sfn ../../../host_client $(TYPECHECK_TREE)/akidb_embed/host_client
 	@ln -sfn ../../../models $(TYPECHECK_TREE)/akidb_embed/models
 	cd $(TYPECHECK_TREE) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
-		-p akidb_embed.host_client -p akidb_embed.wire -p akidb_embed.errors
+		-p akidb_embed
 
 # The Rust host client (host_client/rust) against the same worker and model; the script takes
 # the crates from Debian's packages, so no crates.io access is needed.

@@ -94,3 +94,13 @@ def test_quick_bench_measures_every_implementation_side_by_side(tmp_path: Path) 
     assert "st" in figures["bulk"]["texts_per_s"]  # sentence-transformers is in the dev set-up
     assert figures["worker"]["peak_rss_mb"]["bridge"] > 0
     assert "ratio to in-process" in result.stdout
+
+
+def test_readme_python_example_runs_as_written() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Usage(total_tokens=" in result.stdout
