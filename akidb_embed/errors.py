@@ -39,9 +39,28 @@ class EmbeddingError(Exception):
 
 
 class InvalidInput(EmbeddingError):
-    """The request is malformed or exceeds a documented limit. Not retryable."""
+    """The request is malformed or exceeds a documented limit. Not retryable.
+
+    ``index`` is the position of the offending text in the caller's inputs when the error is
+    about one text (its message then starts with ``inputs[index]``), else None.
+    """
 
     code = "invalid_input"
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def at(self, index: int) -> InvalidInput:
+        """The same error about the text found at ``index`` of a larger batch (a client that
+        split a batch, or reordered it, maps the worker's index back to its caller's)."""
+        if self.index is None:
+            return InvalidInput(self.message)
+        prefix = f"inputs[{self.index}]"
+        message = self.message
+        if message.startswith(prefix):
+            message = f"inputs[{index}]" + message[len(prefix) :]
+        return InvalidInput(message, index)
 
 
 class ModelNotFound(EmbeddingError):
@@ -78,10 +97,14 @@ _BY_CODE: dict[str, type[EmbeddingError]] = {
 }
 
 
-def from_wire(code: object, message: object) -> EmbeddingError:
-    """The exception for an error reply's ``code`` and ``message``; unknown codes are Internal."""
+def from_wire(code: object, message: object, index: object = None) -> EmbeddingError:
+    """The exception for an error reply's ``code``, ``message`` and optional ``index``;
+    unknown codes are Internal."""
     cls = _BY_CODE.get(code, Internal) if isinstance(code, str) else Internal
     text = message if isinstance(message, str) else repr(message)
+    if cls is InvalidInput:
+        valid_index = isinstance(index, int) and not isinstance(index, bool) and index >= 0
+        return InvalidInput(text, index if valid_index else None)  # type: ignore[arg-type]
     if cls is Internal and code != Internal.code:
         text = f"[{code}] {text}"
     return cls(text)

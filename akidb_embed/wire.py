@@ -152,7 +152,11 @@ async def read_frame_async(
 
 def error_reply(request_id: object, error: EmbeddingError) -> dict[str, Any]:
     """The reply that carries ``error`` back to the sender of request ``request_id``."""
-    return {"id": request_id, "ok": False, "error": {"code": error.code, "message": error.message}}
+    body: dict[str, Any] = {"code": error.code, "message": error.message}
+    index = getattr(error, "index", None)
+    if index is not None:
+        body["index"] = index
+    return {"id": request_id, "ok": False, "error": body}
 
 
 def embeddings_to_bytes(embeddings: npt.NDArray[np.floating[Any]]) -> bytes:

@@ -151,9 +151,14 @@ class _EmbedCall:
         self, request: BatchEmbeddingRequest, texts: list[str], sizes: list[int], dimension: int
     ) -> None:
         self.future: Future[BatchEmbeddingResponse] = Future()
-        self.texts = texts
-        self.sizes = sizes
-        """UTF-8 bytes of each text."""
+        # The texts go out shortest first: each wire request, and so each of the worker's
+        # micro-batches, then holds texts of similar length and pads little (measured: +10%
+        # texts/s on the mixed-length bench corpus). ``order[i]`` is the caller's index of the
+        # i-th text sent; replies are written back to those rows.
+        self.order = np.argsort(np.asarray(sizes, dtype=np.int64), kind="stable")
+        self.texts = [texts[i] for i in self.order]
+        self.sizes = [sizes[i] for i in self.order]
+        """UTF-8 bytes of each text, in sending order."""
         self.model = request.model
         self.normalize = request.normalize
         self.truncate = request.truncate
@@ -176,6 +181,8 @@ class _EmbedCall:
 def _copy(error: EmbeddingError) -> EmbeddingError:
     """A fresh instance per waiter: one exception object raised in many threads would share
     (and keep growing) one traceback."""
+    if isinstance(error, InvalidInput):
+        return InvalidInput(error.message, error.index)
     return type(error)(error.message)
 
 
@@ -201,7 +208,7 @@ def utf8_size(text: str, index: int) -> int:
     try:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise InvalidInput(f"input {index} is not valid Unicode text: {exc}") from None
+        raise InvalidInput(f"inputs[{index}] is not valid Unicode text: {exc}", index) from None
 
 
 @dataclass(frozen=True)
@@ -438,12 +445,13 @@ class Core:
         sizes = []
         for index, text in enumerate(texts):
             if not isinstance(text, str):
-                raise InvalidInput(f"input {index} is a {type(text).__name__}, not a str")
+                raise InvalidInput(f"inputs[{index}] is a {type(text).__name__}, not a str", index)
             size = utf8_size(text, index)
             if size > max_text_bytes:
                 raise InvalidInput(
-                    f"input {index} has {size} UTF-8 bytes, over the worker's limit of "
-                    f"{max_text_bytes} (max_text_bytes)"
+                    f"inputs[{index}] has {size} UTF-8 bytes, over the worker's limit of "
+                    f"{max_text_bytes} (max_text_bytes)",
+                    index,
                 )
             sizes.append(size)
         return texts, sizes
@@ -577,7 +585,7 @@ class Core:
         error = reply.get("error")
         if not isinstance(error, dict):
             return ProtocolError(f"reply without ok and error: {sorted(reply)}")
-        return from_wire(error.get("code"), error.get("message"))
+        return from_wire(error.get("code"), error.get("message"), error.get("index"))
 
     def _settle_chunk(self, call: _EmbedCall, start: int, stop: int, outcome: Outcome) -> None:
         """One chunk's outcome: rows copied into the call's output, or the call failed."""
@@ -587,14 +595,19 @@ class Core:
             if isinstance(outcome, EmbeddingError):
                 raise outcome
             if outcome.get("ok") is not True:
-                raise self._reply_error(outcome)
+                error = self._reply_error(outcome)
+                if isinstance(error, InvalidInput) and error.index is not None:
+                    if not 0 <= error.index < stop - start:
+                        raise ProtocolError(f"error about inputs[{error.index}] of {stop - start}")
+                    error = error.at(int(call.order[start + error.index]))
+                raise error
             vectors, tokens, model = self._decode_embeddings(outcome, stop - start, call)
         except EmbeddingError as error:
             with self._lock:
                 deferred = self._finish_call_locked(call, error)
             _run(deferred)
             return
-        call.embeddings[start:stop] = vectors
+        call.embeddings[call.order[start:stop]] = vectors
         with self._lock:
             call.total_tokens += tokens
             call.reply_model = model

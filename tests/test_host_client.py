@@ -170,6 +170,20 @@ def test_over_long_input_without_truncation_is_invalid_input(
     assert client.embed(["still here"]).shape[0] == 1
 
 
+def test_invalid_input_names_the_callers_index_in_a_split_and_sorted_batch(
+    small_frames_client: EmbeddingClient, metadata: ModelMetadata
+) -> None:
+    # texts go out sorted by length in frames of 8: the over-long text (the longest) is sent
+    # as inputs[n] of the last frame, and the error must still name the caller's index 13
+    texts = [f"short text {index}" for index in range(30)]
+    texts[13] = " ".join(["word"] * (metadata.max_tokens * 2))
+
+    with pytest.raises(InvalidInput, match=r"^inputs\[13\] has \d+ tokens") as raised:
+        small_frames_client.embed_batch(BatchEmbeddingRequest(None, texts, truncate=False))
+
+    assert raised.value.index == 13
+
+
 @pytest.mark.parametrize(
     "inputs",
     [
@@ -191,7 +205,7 @@ def test_text_over_the_workers_byte_limit_is_refused_before_sending(
 ) -> None:
     too_big = "x" * (client.limits["max_text_bytes"] + 1)
 
-    with pytest.raises(InvalidInput, match="input 1"):
+    with pytest.raises(InvalidInput, match=r"^inputs\[1\]"):
         client.embed(["fine", too_big])
 
     assert client.stats().spawns == 1  # the worker never saw it, let alone died of it

@@ -165,7 +165,8 @@ def test_truncate_false_rejects_an_overlong_input_naming_its_index_and_length(
     assert reply["id"] == request_id
     assert reply["ok"] is False
     assert reply["error"]["code"] == "invalid_input"
-    assert f"inputs[1] has {real_length} tokens" in reply["error"]["message"]
+    assert reply["error"]["message"].startswith(f"inputs[1] has {real_length} tokens")
+    assert reply["error"]["index"] == 1
     assert real_length > metadata.max_tokens
 
 

@@ -176,7 +176,8 @@ class Engine:
                 if len(encoding.ids) > limit:
                     raise InvalidInput(
                         f"inputs[{index}] has {len(encoding.ids)} tokens, more than max_tokens="
-                        f"{limit}; shorten it or send truncate: true"
+                        f"{limit}; shorten it or send truncate: true",
+                        index,
                     )
         return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
 

@@ -101,14 +101,15 @@ def _inputs(message: dict[str, Any], limits: RequestLimits) -> list[str]:
         )
     for index, text in enumerate(inputs):
         if not isinstance(text, str):
-            raise InvalidInput(f"inputs[{index}] is a {_type_name(text)}, not a string")
+            raise InvalidInput(f"inputs[{index}] is a {_type_name(text)}, not a string", index)
         # a str of n code points holds at most 4n UTF-8 bytes: encode only when it might be over
         if len(text) * 4 > limits.max_text_bytes:
             size = len(text.encode("utf-8"))
             if size > limits.max_text_bytes:
                 raise InvalidInput(
                     f"inputs[{index}] holds {size} UTF-8 bytes, more than max_text_bytes="
-                    f"{limits.max_text_bytes}"
+                    f"{limits.max_text_bytes}",
+                    index,
                 )
     return inputs
 
