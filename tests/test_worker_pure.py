@@ -325,3 +325,18 @@ def test_bad_environment_value_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as exited:
         config_from_args([])
     assert exited.value.code == 2
+
+
+def test_spin_wait_is_off_by_default_and_set_by_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from akidb_embed.worker.__main__ import config_from_args
+
+    assert config_from_args([]).spin_wait is False
+    assert config_from_args(["--spin-wait"]).spin_wait is True
+    monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", "true")
+    assert config_from_args([]).spin_wait is True
+    assert config_from_args(["--no-spin-wait"]).spin_wait is False
+    monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", "sometimes")
+    with pytest.raises(SystemExit):
+        config_from_args([])

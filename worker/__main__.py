@@ -48,6 +48,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+
+
 def _env_default(option: str, convert: Callable[[str], Any], default: Any) -> Any:
     variable = ENV_PREFIX + option.lstrip("-").replace("-", "_").upper()
     raw = os.environ.get(variable)
@@ -95,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         _DEFAULTS.threads,
         "ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (default: usable cores, "
         "at most the physical ones: %(default)s)",
+    )
+    parser.add_argument(
+        "--spin-wait",
+        action=argparse.BooleanOptionalAction,
+        default=_env_default("--spin-wait", _boolean, _DEFAULTS.spin_wait),
+        help="let ONNX Runtime's threads spin between runs: lower latency for lone requests, "
+        "more CPU taken from the host (default: %(default)s)",
     )
     option(
         "--max-batch-tokens",
