@@ -197,11 +197,13 @@ impl WorkerClient {
         &self.handle.state
     }
 
-    /// Embeds every input, in order. A batch is split into wire requests that fit the worker's
-    /// limits (texts per request, frame size), `max_in_flight_texts`, and about four of the
-    /// worker's ONNX Runtime batches of estimated tokens (so that a busy worker answers
-    /// something every few seconds and is not taken for a hung one); their vectors are
-    /// concatenated in order, see [`Usage`] for how their usage adds up.
+    /// Embeds every input, in order. The texts go out shortest first (by UTF-8 bytes; ties
+    /// keep the caller's order), split into wire requests that fit the worker's limits (texts
+    /// per request, frame size), `max_in_flight_texts`, and about four of the worker's ONNX
+    /// Runtime batches of estimated tokens (so that a busy worker answers something every few
+    /// seconds and is not taken for a hung one). Each reply's vectors are put back at their
+    /// texts' positions; see [`Usage`] for how the replies' usage adds up. An `InvalidInput`
+    /// about one text starts with `inputs[i]`, `i` its position in `request.inputs`.
     pub async fn embed_batch(
         &self,
         request: BatchEmbeddingRequest,
@@ -216,15 +218,17 @@ impl WorkerClient {
                 model_bytes,
             )
         };
-        let model = Some(request.model.as_str()).filter(|model| !model.is_empty());
-        let chunks = plan.split(&request.inputs)?;
-        let split = chunks.len() > 1;
+        plan.check_text_sizes(&request.inputs)?;
+        let BatchEmbeddingRequest { model: request_model, inputs, normalize, truncate } = request;
+        let total_texts = inputs.len();
+        let (order, texts) = shortest_first(inputs);
+        let model = Some(request_model.as_str()).filter(|model| !model.is_empty());
 
         // Every chunk is written before any reply is awaited, so the worker batches them
         // together; the in-flight permits make a huge batch wait here rather than grow memory.
-        let mut replies = Vec::with_capacity(chunks.len());
-        for range in chunks {
-            let inputs = &request.inputs[range.clone()];
+        let mut replies = Vec::new();
+        for range in plan.split(&texts) {
+            let inputs = &texts[range.clone()];
             let pending = self
                 .submit(inputs.len(), true, |id| {
                     wire::encode_frame(&EmbedRequest {
@@ -232,41 +236,42 @@ impl WorkerClient {
                         op: EmbedRequest::OP,
                         model,
                         inputs,
-                        normalize: request.normalize,
-                        truncate: request.truncate,
+                        normalize,
+                        truncate,
                     })
                 })
                 .await?;
             replies.push((range, pending));
         }
+        // The frames hold the texts now (and are what a new worker would be sent).
+        drop(texts);
 
-        let mut embeddings = Vec::with_capacity(request.inputs.len());
+        // Empty vectors do not allocate; each is replaced by its row, moved, not copied.
+        let mut embeddings = vec![Vec::new(); total_texts];
         let mut usage = Usage::default();
         let mut reply_model = None;
         for (range, pending) in replies {
-            let context = |error: EmbeddingError| {
-                if split {
-                    error.with_context(&format!("inputs {}..{}", range.start, range.end))
-                } else {
-                    error
-                }
-            };
-            let payload = pending.wait().await.map_err(context)?;
-            wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result().map_err(context)?;
+            let sent_order = &order[range];
+            let payload = pending.wait().await?;
+            wire::decode_payload::<ReplyEnvelope>(&payload)?
+                .into_embed_result(sent_order.len(), |index| sent_order[index])?;
             let reply: EmbedReply<'_> = wire::decode_payload(&payload)?;
             let (count, dimension) = reply.shape;
-            if count != range.len() {
+            if count != sent_order.len() {
                 return Err(wire::protocol_violation(&format!(
                     "{count} vectors for {} inputs",
-                    range.len()
+                    sent_order.len()
                 )));
             }
-            embeddings.extend(wire::embeddings_from_bytes(reply.embeddings, count, dimension)?);
+            let rows = wire::embeddings_from_bytes(reply.embeddings, count, dimension)?;
+            for (row, &caller_index) in rows.into_iter().zip(sent_order) {
+                embeddings[caller_index] = row;
+            }
             usage.total_tokens += reply.usage.total_tokens;
             usage.duration_ms = usage.duration_ms.max(reply.usage.duration_ms);
             reply_model.get_or_insert(reply.model);
         }
-        let model = reply_model.unwrap_or(request.model);
+        let model = reply_model.unwrap_or(request_model);
         Ok(BatchEmbeddingResponse { model, embeddings, usage })
     }
 
@@ -431,21 +436,27 @@ impl ChunkPlan {
             .min(self.max_tokens_per_text)
     }
 
+    /// `InvalidInput` naming the first of `inputs` that no wire request could carry.
+    fn check_text_sizes(&self, inputs: &[String]) -> EmbeddingResult<()> {
+        match inputs.iter().position(|text| text.len() > self.max_text_bytes) {
+            None => Ok(()),
+            Some(index) => Err(EmbeddingError::InvalidInput(format!(
+                "inputs[{index}] has {} UTF-8 bytes, over the worker's limit of {}",
+                inputs[index].len(),
+                self.max_text_bytes
+            ))),
+        }
+    }
+
     /// Consecutive ranges covering `inputs` (one empty range for no inputs, so that the worker
-    /// gives its own answer to an empty request). A single text always makes a chunk.
-    fn split(&self, inputs: &[String]) -> EmbeddingResult<Vec<Range<usize>>> {
+    /// gives its own answer to an empty request). A single text always makes a chunk, even
+    /// one over the limits ([`Self::check_text_sizes`] refuses those first).
+    fn split(&self, inputs: &[String]) -> Vec<Range<usize>> {
         let mut chunks = Vec::new();
         let mut start = 0;
         let mut bytes = 0;
         let mut tokens = 0;
         for (index, text) in inputs.iter().enumerate() {
-            if text.len() > self.max_text_bytes {
-                return Err(EmbeddingError::InvalidInput(format!(
-                    "input {index} is {} UTF-8 bytes, over the worker's limit of {}",
-                    text.len(),
-                    self.max_text_bytes
-                )));
-            }
             let text_bytes = text.len() + STRING_HEADER_BYTES;
             let text_tokens = self.estimated_tokens(text);
             let full = index - start == self.max_texts
@@ -461,8 +472,20 @@ impl ChunkPlan {
             tokens += text_tokens;
         }
         chunks.push(start..inputs.len());
-        Ok(chunks)
+        chunks
     }
+}
+
+/// The texts in sending order, shortest first by UTF-8 bytes (a stable sort), and `order`:
+/// `order[i]` is the caller's index of the `i`-th text sent. Each wire request, and so each of
+/// the worker's micro-batches, then holds texts of similar length and pads little (measured
+/// with the Python client, which does the same: +10% texts/s on a mixed-length corpus). The
+/// strings are moved, not copied.
+fn shortest_first(mut inputs: Vec<String>) -> (Vec<usize>, Vec<String>) {
+    let mut order: Vec<usize> = (0..inputs.len()).collect();
+    order.sort_by_key(|&index| inputs[index].len());
+    let texts = order.iter().map(|&index| std::mem::take(&mut inputs[index])).collect();
+    (order, texts)
 }
 
 #[cfg(test)]
@@ -490,20 +513,20 @@ mod tests {
     #[test]
     fn batches_are_cut_at_the_worker_text_limit() {
         let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
-        assert_eq!(plan.split(&texts(&[1; 10])).unwrap(), vec![0..4, 4..8, 8..10]);
+        assert_eq!(plan.split(&texts(&[1; 10])), vec![0..4, 4..8, 8..10]);
     }
 
     #[test]
     fn batches_are_cut_at_the_in_flight_limit() {
         let plan = ChunkPlan::new(&limits(1 << 20, 1024), &model(8, 256), 3, 10);
-        assert_eq!(plan.split(&texts(&[1; 7])).unwrap(), vec![0..3, 3..6, 6..7]);
+        assert_eq!(plan.split(&texts(&[1; 7])), vec![0..3, 3..6, 6..7]);
     }
 
     #[test]
     fn batches_are_cut_so_that_request_frames_fit() {
         // 1000-byte budget: 128 + 10 + 5 of envelope leave 857 bytes for texts and headers.
         let plan = ChunkPlan::new(&limits(1000, 1024), &model(8, 1024), 1024, 10);
-        let chunks = plan.split(&texts(&[400, 400, 400, 10])).unwrap();
+        let chunks = plan.split(&texts(&[400, 400, 400, 10]));
         assert_eq!(chunks, vec![0..2, 2..4]);
     }
 
@@ -518,22 +541,33 @@ mod tests {
     fn batches_are_cut_at_a_few_worker_batches_of_estimated_tokens() {
         // max_batch_tokens 2048 x 4 = 8192 tokens; texts of 1000+ chars count 256 tokens each.
         let plan = ChunkPlan::new(&limits(1 << 24, 1024), &model(8, 256), 4096, 10);
-        let chunks = plan.split(&texts(&[1000; 70])).unwrap();
+        let chunks = plan.split(&texts(&[1000; 70]));
         assert_eq!(chunks, vec![0..32, 32..64, 64..70]);
         // short texts: 8 chars + 2 special tokens = 10 tokens each
-        assert_eq!(plan.split(&texts(&[8; 1000])).unwrap(), vec![0..819, 819..1000]);
+        assert_eq!(plan.split(&texts(&[8; 1000])), vec![0..819, 819..1000]);
     }
 
     #[test]
     fn an_empty_batch_is_one_empty_request() {
         let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
-        assert_eq!(plan.split(&[]).unwrap(), vec![0..0]);
+        assert_eq!(plan.split(&[]), vec![0..0]);
     }
 
     #[test]
     fn a_text_over_the_worker_limit_is_invalid_input() {
         let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
-        let error = plan.split(&texts(&[3, 1001])).unwrap_err();
-        assert!(matches!(error, EmbeddingError::InvalidInput(ref m) if m.starts_with("input 1 ")));
+        let error = plan.check_text_sizes(&texts(&[3, 1001, 1002])).unwrap_err();
+        let expected = "inputs[1] has 1001 UTF-8 bytes, over the worker's limit of 1000";
+        assert_eq!(error, EmbeddingError::InvalidInput(expected.into()));
+        assert_eq!(plan.check_text_sizes(&texts(&[3, 1000])), Ok(()));
+    }
+
+    #[test]
+    fn texts_are_sent_shortest_first_keeping_ties_in_order() {
+        let inputs: Vec<String> = ["ccc", "a", "bb", "é", "dd", ""].map(String::from).to_vec();
+        let (order, texts) = shortest_first(inputs.clone());
+        assert_eq!(order, vec![5, 1, 2, 3, 4, 0]); // "é" is two UTF-8 bytes
+        let caller_texts: Vec<&String> = order.iter().map(|&index| &inputs[index]).collect();
+        assert_eq!(texts.iter().collect::<Vec<_>>(), caller_texts);
     }
 }

@@ -4,14 +4,16 @@
 //! repository; this crate implements version 1 of it.
 //!
 //! ```text
-//!  caller tasks ── embed_batch(request) ──▶ split by the hello's limits into wire requests
+//!  caller tasks ── embed_batch(request) ──▶ texts sorted shortest first, split by the
+//!    │  hello's limits into wire requests (a text over them: InvalidInput "inputs[i] ...")
 //!    │  wait for in-flight text permits (backpressure: max_in_flight_texts)
 //!    ▼
 //!  pending: id ─▶ {frame, oneshot, attempts} ──▶ writer task ──frames──▶ worker stdin
 //!    ▲                                                              │ batcher ─▶ ONNX Runtime
 //!    │ oneshot(reply payload)                                       ▼
 //!  reader task (routes by id) ◀──────────frames, any order──── worker stdout
-//!    caller decodes its reply: bin ─▶ Vec<Vec<f32>> in one bulk little-endian conversion
+//!    caller decodes its reply: bin ─▶ Vec<Vec<f32>> in one bulk little-endian conversion,
+//!    rows moved to the caller's positions; an error about one text has its index mapped back
 //!                                                              worker stderr ─▶ drain task
 //!                                                                 ─▶ stderr_sink + tail
 //!  supervisor task: stdout EOF, failed write, or no reply for request_timeout

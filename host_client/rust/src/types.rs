@@ -6,7 +6,9 @@
 //! ```text
 //! EmbeddingError
 //! ├── ModelNotFound        the model named is not the loaded one, or no usable model directory
-//! ├── InvalidInput         the request itself is wrong (empty, too many texts, too long)
+//! ├── InvalidInput         the request itself is wrong (empty, too many texts, too long);
+//! │                        about one text: the message starts with `inputs[i]`, i its index
+//! │                        in the caller's `inputs`
 //! ├── ServiceUnavailable   no worker can answer now: it could not start, it died or hung more
 //! │                        often than the budgets allow, or the client is closed
 //! │                        (request timeouts are here; the message says "timed out")
@@ -25,7 +27,9 @@ pub enum EmbeddingError {
     /// The model named is not the loaded one, or the worker found no usable model directory.
     #[error("model not found: {0}")]
     ModelNotFound(String),
-    /// The request is malformed or exceeds a limit the worker announced. Not retryable.
+    /// The request is malformed or exceeds a limit the worker announced. Not retryable. When
+    /// it is about one text, the message starts with `inputs[i]`, `i` that text's index in the
+    /// caller's `inputs` (however the batch was split and ordered on the wire).
     #[error("invalid input: {0}")]
     InvalidInput(String),
     /// No worker can answer now (start failure, deaths or hangs beyond the budgets, timeouts,

@@ -58,6 +58,37 @@ pub struct OpRequest<'a> {
 pub struct WireError {
     pub code: String,
     pub message: String,
+    /// For an error about one text: its position in the request's `inputs` (the message then
+    /// starts with `inputs[index]`).
+    #[serde(default)]
+    pub index: Option<usize>,
+}
+
+impl WireError {
+    /// The error about a request whose `inputs[i]` is the caller's `inputs[caller_index(i)]`
+    /// (the request holds `texts` of them): an `index` is mapped to the caller's position and
+    /// the message's `inputs[index]` prefix rewritten to match. An `index` outside the request
+    /// is a protocol violation.
+    pub fn for_caller(
+        self,
+        texts: usize,
+        caller_index: impl FnOnce(usize) -> usize,
+    ) -> EmbeddingError {
+        let Some(index) = self.index else {
+            return self.into();
+        };
+        if index >= texts {
+            return protocol_violation(&format!(
+                "error about inputs[{index}] of a request of {texts} texts"
+            ));
+        }
+        let wire_prefix = format!("inputs[{index}]");
+        let message = match self.message.strip_prefix(&wire_prefix) {
+            Some(rest) => format!("inputs[{}]{rest}", caller_index(index)),
+            None => self.message,
+        };
+        EmbeddingError::from_wire(&self.code, &message)
+    }
 }
 
 impl From<WireError> for EmbeddingError {
@@ -79,9 +110,26 @@ pub struct ReplyEnvelope {
 impl ReplyEnvelope {
     /// `Ok(())` for a successful reply, else the error it carries.
     pub fn into_result(self) -> EmbeddingResult<()> {
+        self.into_wire_result()?.map_err(EmbeddingError::from)
+    }
+
+    /// [`Self::into_result`] of a reply to an embed request of `texts` texts whose `inputs[i]`
+    /// is the caller's `inputs[caller_index(i)]`: an error about one text names the caller's
+    /// position ([`WireError::for_caller`]).
+    pub fn into_embed_result(
+        self,
+        texts: usize,
+        caller_index: impl FnOnce(usize) -> usize,
+    ) -> EmbeddingResult<()> {
+        self.into_wire_result()?.map_err(|error| error.for_caller(texts, caller_index))
+    }
+
+    /// The outcome as the wire has it; an error reply without an `error` map breaks the
+    /// contract.
+    fn into_wire_result(self) -> EmbeddingResult<Result<(), WireError>> {
         match (self.ok, self.error) {
-            (true, _) => Ok(()),
-            (false, Some(error)) => Err(error.into()),
+            (true, _) => Ok(Ok(())),
+            (false, Some(error)) => Ok(Err(error)),
             (false, None) => Err(protocol_violation("error reply without an `error` map")),
         }
     }
@@ -327,6 +375,60 @@ mod tests {
         };
         let error = hello.into_ready().unwrap_err();
         assert!(matches!(error, EmbeddingError::Internal(ref m) if m.contains("protocol 2")));
+    }
+
+    fn invalid_input_about(index: Option<usize>, message: &str) -> WireError {
+        WireError { code: "invalid_input".into(), message: message.into(), index }
+    }
+
+    #[test]
+    fn an_error_about_one_text_names_the_callers_position() {
+        let error = invalid_input_about(Some(1), "inputs[1] has 600 tokens, more than 256");
+        assert_eq!(
+            error.for_caller(4, |index| index + 12),
+            EmbeddingError::InvalidInput("inputs[13] has 600 tokens, more than 256".into())
+        );
+        // Only a prefix naming that same index is rewritten.
+        let error = invalid_input_about(Some(1), "the text inputs[1] is odd");
+        let mapped = error.for_caller(4, |index| index + 12);
+        assert_eq!(mapped, EmbeddingError::InvalidInput("the text inputs[1] is odd".into()));
+        let error = invalid_input_about(None, "inputs is empty");
+        let unmapped = error.for_caller(4, |_| unreachable!("no index to map"));
+        assert_eq!(unmapped, EmbeddingError::InvalidInput("inputs is empty".into()));
+    }
+
+    #[test]
+    fn an_error_about_a_text_outside_the_request_is_a_protocol_violation() {
+        let error = invalid_input_about(Some(4), "inputs[4] has 600 tokens").for_caller(4, |i| i);
+        assert!(matches!(error, EmbeddingError::Internal(ref m) if m.contains("protocol_error")));
+    }
+
+    /// An error reply as the worker writes it.
+    #[derive(Serialize)]
+    struct ErrorReply {
+        id: u64,
+        ok: bool,
+        error: ErrorMap,
+    }
+
+    #[derive(Serialize)]
+    struct ErrorMap {
+        code: &'static str,
+        message: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        index: Option<usize>,
+    }
+
+    fn error_reply_index(index: Option<usize>) -> Option<usize> {
+        let error = ErrorMap { code: "invalid_input", message: "inputs[2] holds 9 bytes", index };
+        let payload = rmp_serde::to_vec_named(&ErrorReply { id: 3, ok: false, error }).unwrap();
+        decode_payload::<ReplyEnvelope>(&payload).unwrap().error.unwrap().index
+    }
+
+    #[test]
+    fn the_error_index_is_decoded_when_present_and_optional() {
+        assert_eq!(error_reply_index(Some(2)), Some(2));
+        assert_eq!(error_reply_index(None), None);
     }
 
     #[test]

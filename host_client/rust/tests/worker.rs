@@ -273,21 +273,76 @@ async fn many_concurrent_tasks_each_get_their_own_vectors() {
     .await;
 }
 
+/// A client whose worker takes at most 8 texts per request, so that batches are split.
+async fn spawn_with_small_requests(extra_args: &[&str]) -> WorkerClient {
+    let mut config = config();
+    config.extra_args =
+        ["--max-texts-per-request", "8"].iter().chain(extra_args).map(|arg| arg.into()).collect();
+    let client = spawn(config).await;
+    assert_eq!(client.hello().limits.max_texts_per_request, 8);
+    client
+}
+
 #[tokio::test]
-async fn a_batch_over_the_worker_limit_is_split_and_reassembled_in_order() {
+async fn a_mixed_length_batch_split_and_sent_shortest_first_comes_back_in_order() {
     within(async {
         let golden = golden();
-        let mut config = config();
-        config.extra_args = vec!["--max-texts-per-request".into(), "4".into()];
-        let client = spawn(config).await;
-        assert_eq!(client.hello().limits.max_texts_per_request, 4);
-        let texts: Vec<String> =
-            golden.sentences.iter().rev().chain(&golden.sentences).cloned().collect();
-        let want: Vec<Vec<f32>> =
-            golden.embeddings.iter().rev().chain(&golden.embeddings).cloned().collect();
+        let client = spawn_with_small_requests(&[]).await;
+        // The golden sentences shuffled, then reversed: 42 texts of 0 to 1838 bytes, which go
+        // out shortest first in 6 wire requests.
+        let count = golden.sentences.len();
+        let shuffled = (0..count).map(|i| (i * 8 + 5) % count);
+        let indices: Vec<usize> = shuffled.chain((0..count).rev()).collect();
+        let texts: Vec<String> = indices.iter().map(|&i| golden.sentences[i].clone()).collect();
+        let want: Vec<Vec<f32>> = indices.iter().map(|&i| golden.embeddings[i].clone()).collect();
+        assert!(
+            texts.windows(2).any(|pair| pair[0].len() > pair[1].len()),
+            "the batch is not already shortest first"
+        );
         let response = client.embed_batch(request("", &texts)).await.unwrap();
         assert_close(&response.embeddings, &want);
         assert_eq!(response.usage.total_tokens, 2 * golden.token_counts.iter().sum::<usize>());
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_error_about_one_text_of_a_split_batch_names_the_callers_index() {
+    within(async {
+        let client = spawn_with_small_requests(&["--max-text-bytes", "4096"]).await;
+        let info = client.model_info().await.unwrap();
+        let with_text_13 = |text: String| {
+            let mut texts: Vec<String> =
+                (0..30).map(|i| format!("short text number {i} {}", "x".repeat(i % 7))).collect();
+            texts.insert(13, text);
+            texts
+        };
+
+        // The worker refuses it: sent last (the longest), in the fourth wire request.
+        let mut over_long =
+            request(&info.model, &with_text_13("word ".repeat(info.max_tokens * 2)));
+        over_long.truncate = Some(false);
+        match client.embed_batch(over_long).await.unwrap_err() {
+            EmbeddingError::InvalidInput(message) => {
+                assert!(message.starts_with("inputs[13] has "), "{message}");
+                assert!(message.contains("tokens"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // The client refuses it before sending anything.
+        let too_big = request(&info.model, &with_text_13("y".repeat(5000)));
+        match client.embed_batch(too_big).await.unwrap_err() {
+            EmbeddingError::InvalidInput(message) => {
+                assert!(message.starts_with("inputs[13] has 5000 UTF-8 bytes"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // The worker keeps serving after the error reply.
+        let fine = client.embed_batch(request(&info.model, &with_text_13("fine".into()))).await;
+        assert_eq!(fine.unwrap().embeddings.len(), 31);
         client.close().await;
     })
     .await;
