@@ -73,7 +73,7 @@ pub struct WorkerConfig {
     /// wait in `embed_batch` until replies come back.
     pub max_in_flight_texts: usize,
     /// Receives the worker's stderr, line by line. Default: this process's stderr, each line
-    /// prefixed with `akidb-embed-worker[pid]`.
+    /// prefixed with `akidb-embed-worker[pid]` (the worker's own log lines already are).
     pub stderr_sink: StderrSink,
 }
 
@@ -93,7 +93,15 @@ impl Default for WorkerConfig {
             restart_limit: DEFAULT_RESTART_LIMIT,
             stable_start_time: DEFAULT_STABLE_START_TIME,
             max_in_flight_texts: DEFAULT_MAX_IN_FLIGHT_TEXTS,
-            stderr_sink: Arc::new(|pid, line| eprintln!("akidb-embed-worker[{pid}] {line}")),
+            stderr_sink: Arc::new(|pid, line| {
+                // the worker's log lines carry this prefix already; anything else it prints
+                // (a traceback, a C library's output) gets it here
+                if line.starts_with("akidb-embed-worker[") {
+                    eprintln!("{line}");
+                } else {
+                    eprintln!("akidb-embed-worker[{pid}] {line}");
+                }
+            }),
         }
     }
 }
