@@ -126,20 +126,25 @@ class FrameWriter:
                 self.on_broken()
 
 
-def _hello(engine: Engine, config: WorkerConfig) -> dict[str, Any]:
+def _model_info(engine: Engine) -> dict[str, Any]:
+    """AkiDB's ModelInfo, as the hello and the ``info`` reply carry it."""
     metadata = engine.metadata
+    return {
+        "model": metadata.model,
+        "dimension": metadata.dimension,
+        "max_tokens": metadata.max_tokens,
+    }
+
+
+def _hello(engine: Engine, config: WorkerConfig) -> dict[str, Any]:
     return {
         "op": "hello",
         "ok": True,
         "protocol": PROTOCOL_VERSION,
         "worker_version": __version__,
         "pid": os.getpid(),
-        "model": {
-            "model": metadata.model,
-            "dimension": metadata.dimension,
-            "max_tokens": metadata.max_tokens,
-        },
-        "normalize_default": metadata.normalize,
+        "model": _model_info(engine),
+        "normalize_default": engine.metadata.normalize,
         "providers": engine.providers,
         "limits": config.limits(),
     }
@@ -327,14 +332,11 @@ class _Server:
     # -- replies (inference thread) ------------------------------------------------------
 
     def _info_reply(self, request_id: int) -> dict[str, Any]:
-        metadata = self._engine.metadata
         return {
             "id": request_id,
             "ok": True,
-            "model": metadata.model,
-            "dimension": metadata.dimension,
-            "max_tokens": metadata.max_tokens,
-            "normalize_default": metadata.normalize,
+            **_model_info(self._engine),
+            "normalize_default": self._engine.metadata.normalize,
             "providers": self._engine.providers,
         }
 
