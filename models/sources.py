@@ -272,6 +272,12 @@ def read_model_config(config_dir: Path) -> ModelConfig:
         raise SourceUnavailable(
             f"default_prompt_name {default_prompt!r} is not among the prompts {sorted(prompts)}"
         )
+    modalities = st_config.get("modality_config") or {}
+    if "message" in modalities:
+        raise UnsupportedModel(
+            f"{transformer_dir / 'sentence_bert_config.json'} feeds the model chat messages "
+            "(modality 'message': a chat template); akidb-embed serves plain-text models only"
+        )
     causal = st_config.get("transformer_task") in _CAUSAL_TASKS
     return ModelConfig(
         dimension=dimension,
