@@ -261,12 +261,12 @@ def test_stray_output_inside_the_worker_cannot_corrupt_the_stream(
     worker = spawn_worker(
         command=patched_worker(
             """
-            def patched_run(self, token_ids, normalize=False):
+            def patched_run(self, token_ids, normalize=False, skip_tokens=None):
                 import os, subprocess
                 print("stray print() output")
                 os.write(1, b"stray write to fd 1\\n")
                 subprocess.run(["sh", "-c", "echo stray child output; cat"], timeout=60, check=True)
-                return original_run(self, token_ids, normalize)
+                return original_run(self, token_ids, normalize, skip_tokens)
             """
         )
     )
@@ -292,10 +292,10 @@ def test_failed_batch_fails_its_requests_and_the_worker_keeps_serving(
     worker = spawn_worker(
         command=patched_worker(
             """
-            def patched_run(self, token_ids, normalize=False):
+            def patched_run(self, token_ids, normalize=False, skip_tokens=None):
                 if any(len(ids) > 40 for ids in token_ids):
                     raise RuntimeError("injected failure for a long text")
-                return original_run(self, token_ids, normalize)
+                return original_run(self, token_ids, normalize, skip_tokens)
             """
         )
     )
