@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::types::{EmbeddingError, EmbeddingResult, ModelInfo, Usage};
+use crate::types::{EmbeddingError, EmbeddingResult, ModelDescription, ModelInfo, Usage};
 
 /// Major version of the wire contract; a worker announcing another one is refused.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -40,6 +40,8 @@ pub struct EmbedRequest<'a> {
     pub normalize: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_name: Option<&'a str>,
 }
 
 impl<'a> EmbedRequest<'a> {
@@ -142,7 +144,22 @@ pub struct EmbedReply<'a> {
     pub shape: (usize, usize),
     #[serde(borrow)]
     pub embeddings: &'a serde_bytes::Bytes,
-    pub usage: Usage,
+    pub usage: WireUsage,
+}
+
+/// An embed reply's `usage` as the wire has it (the worker measures fractions of a
+/// millisecond).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct WireUsage {
+    pub total_tokens: usize,
+    pub duration_ms: f64,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(usage: WireUsage) -> Self {
+        // a negative or NaN duration (a broken clock) saturates to 0
+        Usage { total_tokens: usage.total_tokens, duration_ms: usage.duration_ms.round() as u64 }
+    }
 }
 
 /// The body of a successful `health` reply.
@@ -175,6 +192,9 @@ pub struct Hello {
     pub pid: Option<u32>,
     pub model: Option<ModelInfo>,
     pub normalize_default: Option<bool>,
+    /// Every loaded model, the default first; absent from a worker that serves one model only.
+    #[serde(default)]
+    pub models: Option<Vec<ModelDescription>>,
     #[serde(default)]
     pub providers: Vec<String>,
     pub limits: Option<Limits>,
@@ -186,10 +206,30 @@ pub struct Hello {
 pub struct ReadyHello {
     pub pid: u32,
     pub worker_version: Option<String>,
+    /// The default model (the first model directory).
     pub model: ModelInfo,
+    /// Whether the default model normalises by default.
     pub normalize_default: bool,
+    /// Every loaded model, the default first; never empty.
+    pub models: Vec<ModelDescription>,
     pub providers: Vec<String>,
     pub limits: Limits,
+}
+
+impl ReadyHello {
+    /// The loaded model `id` names; the empty id names the default model.
+    pub fn find_model(&self, id: &str) -> Option<&ModelDescription> {
+        if id.is_empty() {
+            return self.models.first();
+        }
+        self.models.iter().find(|model| model.model == id)
+    }
+
+    /// The ids of the loaded models, for messages: `"a", "b"`.
+    pub fn model_ids(&self) -> String {
+        let ids: Vec<String> = self.models.iter().map(|m| format!("{:?}", m.model)).collect();
+        ids.join(", ")
+    }
 }
 
 impl Hello {
@@ -216,13 +256,35 @@ impl Hello {
             });
         }
         let missing = |field: &str| protocol_violation(&format!("hello without `{field}`"));
+        let model = self.model.ok_or_else(|| missing("model"))?;
+        let normalize_default =
+            self.normalize_default.ok_or_else(|| missing("normalize_default"))?;
+        let models = match self.models {
+            Some(models) => {
+                if models.first().map(ModelDescription::info).as_ref() != Some(&model) {
+                    return Err(protocol_violation(
+                        "the hello's `models` does not start with its default `model`",
+                    ));
+                }
+                models
+            }
+            // a worker from before several models: its one model
+            None => vec![ModelDescription {
+                model: model.model.clone(),
+                dimension: model.dimension,
+                max_tokens: model.max_tokens,
+                normalize_default,
+                pooling: None,
+                prompts: Vec::new(),
+                default_prompt_name: None,
+            }],
+        };
         Ok(ReadyHello {
             pid: self.pid.ok_or_else(|| missing("pid"))?,
             worker_version: self.worker_version,
-            model: self.model.ok_or_else(|| missing("model"))?,
-            normalize_default: self
-                .normalize_default
-                .ok_or_else(|| missing("normalize_default"))?,
+            model,
+            normalize_default,
+            models,
             providers: self.providers,
             limits: self.limits.ok_or_else(|| missing("limits"))?,
         })
@@ -369,6 +431,7 @@ mod tests {
             pid: Some(1),
             model: None,
             normalize_default: None,
+            models: None,
             providers: vec![],
             limits: None,
             error: None,
