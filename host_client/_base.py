@@ -9,7 +9,6 @@ a dropped one can still be collected.
 
 from __future__ import annotations
 
-import os
 import types
 import weakref
 from collections.abc import Mapping, Sequence
@@ -25,8 +24,9 @@ from akidb_embed.host_client._config import (
     DEFAULT_STABLE_START_TIME,
     DEFAULT_START_TIMEOUT,
     ClientConfig,
+    PathArgument,
     as_argv,
-    as_path,
+    as_paths,
 )
 from akidb_embed.host_client._core import Core
 from akidb_embed.host_client._types import ClientStats, ModelInfo
@@ -40,7 +40,7 @@ class ClientBase:
 
     def __init__(
         self,
-        model_dir: str | os.PathLike[str] | None = None,
+        model_dir: PathArgument | Sequence[PathArgument] | None = None,
         *,
         provider: str = DEFAULT_PROVIDER,
         threads: int | None = None,
@@ -56,7 +56,7 @@ class ClientBase:
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.config = ClientConfig(
-            model_dir=as_path(model_dir),
+            model_dirs=as_paths(model_dir),
             provider=provider,
             threads=threads,
             request_timeout=request_timeout,
@@ -83,9 +83,11 @@ class ClientBase:
             raise ServiceUnavailable("the worker has not said hello yet: start the client first")
         return hello
 
-    def _model_info(self) -> ModelInfo:
-        hello = self._ready_hello()
-        return ModelInfo(model=hello.model, dimension=hello.dimension, max_tokens=hello.max_tokens)
+    def _model_info(self, model: str | None) -> ModelInfo:
+        return self._ready_hello().served(model)
+
+    def _models(self) -> list[ModelInfo]:
+        return list(self._ready_hello().models)
 
     @property
     def providers(self) -> tuple[str, ...]:

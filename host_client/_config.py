@@ -67,9 +67,10 @@ RESTART_BACKOFF_MAX = 2.0
 class ClientConfig:
     """How a client spawns and supervises its worker; see the module docstring for timeouts."""
 
-    model_dir: Path | None = None
-    """Model directory passed to the worker (``--model-dir``); ``None`` lets the worker use its
-    default (``$AKIDB_EMBED_MODEL_DIR`` or the checkout's ``models/all-MiniLM-L6-v2``)."""
+    model_dirs: tuple[Path, ...] = ()
+    """Model directories passed to the worker (one ``--model-dir`` each; the first is the
+    default model); empty lets the worker use its default (``$AKIDB_EMBED_MODEL_DIR`` or the
+    checkout's ``models/all-MiniLM-L6-v2``)."""
     provider: str = DEFAULT_PROVIDER
     """Execution provider asked of the worker (``--provider``): auto, cpu, cuda or coreml."""
     threads: int | None = None
@@ -115,8 +116,8 @@ class ClientConfig:
     def worker_argv(self) -> list[str]:
         """The command line that starts one worker."""
         command = list(self.worker_command or (sys.executable, "-m", DEFAULT_WORKER_MODULE))
-        if self.model_dir is not None:
-            command += ["--model-dir", str(self.model_dir)]
+        for model_dir in self.model_dirs:
+            command += ["--model-dir", str(model_dir)]
         command += ["--provider", self.provider]
         if self.threads is not None:
             command += ["--threads", str(self.threads)]
@@ -145,5 +146,13 @@ def as_argv(command: Sequence[str] | str | None) -> tuple[str, ...] | None:
     return tuple(str(part) for part in command)
 
 
-def as_path(directory: str | os.PathLike[str] | None) -> Path | None:
-    return Path(directory).expanduser() if directory is not None else None
+PathArgument = str | os.PathLike[str]
+
+
+def as_paths(directories: PathArgument | Sequence[PathArgument] | None) -> tuple[Path, ...]:
+    """``model_dir`` as a tuple of paths: none, one, or several."""
+    if directories is None:
+        return ()
+    if isinstance(directories, (str, os.PathLike)):
+        directories = [directories]
+    return tuple(Path(directory).expanduser() for directory in directories)

@@ -68,7 +68,6 @@ from akidb_embed.errors import (
     EmbeddingError,
     Internal,
     InvalidInput,
-    ModelNotFound,
     ProtocolError,
     RequestTimeout,
     ServiceUnavailable,
@@ -79,6 +78,7 @@ from akidb_embed.host_client._types import (
     BatchEmbeddingRequest,
     BatchEmbeddingResponse,
     ClientStats,
+    ModelInfo,
     Usage,
 )
 from akidb_embed.host_client._worker import (
@@ -100,7 +100,11 @@ Deferred = list[Callable[[], None]]
 """Future resolutions collected under the lock and run after releasing it."""
 
 ENVELOPE_BYTES = 256
-"""Room in an embed frame for everything but the texts and the model name (id, op, flags)."""
+"""Room in an embed frame for everything but the texts, the model and the prompt name (id, op,
+flags)."""
+EMPTY_BATCH = "empty input batch"
+"""The ``InvalidInput`` message of an embed call without inputs, as AkiDB's providers word it
+(the Rust client's is the same)."""
 TEXT_HEADER_BYTES = 5
 """Largest msgpack header of one str."""
 SPECIAL_TOKENS = 2
@@ -148,7 +152,7 @@ class _EmbedCall:
     """One ``embed_batch`` call: its texts, how far they were admitted, and its output."""
 
     def __init__(
-        self, request: BatchEmbeddingRequest, texts: list[str], sizes: list[int], dimension: int
+        self, request: BatchEmbeddingRequest, texts: list[str], sizes: list[int], served: ModelInfo
     ) -> None:
         self.future: Future[BatchEmbeddingResponse] = Future()
         # The texts go out shortest first: each wire request, and so each of the worker's
@@ -160,9 +164,12 @@ class _EmbedCall:
         self.sizes = [sizes[i] for i in self.order]
         """UTF-8 bytes of each text, in sending order."""
         self.model = request.model
+        self.served = served
+        """The model the worker announced under that name (the default one for ``None``)."""
         self.normalize = request.normalize
         self.truncate = request.truncate
-        self.dimension = dimension
+        self.prompt_name = request.prompt_name
+        dimension = self.dimension = served.dimension
         self.embeddings: npt.NDArray[np.float32] = np.empty((len(texts), dimension), np.float32)
         self.next_index = 0
         self.chunk_stop: int | None = None
@@ -221,13 +228,17 @@ class ChunkLimits:
     max_chunk_tokens: int
 
     @classmethod
-    def of(cls, hello: Hello, max_in_flight_texts: int, model: str | None) -> ChunkLimits:
-        model_bytes = len((model or "").encode("utf-8"))
+    def of(
+        cls, hello: Hello, max_in_flight_texts: int, request: BatchEmbeddingRequest | _EmbedCall
+    ) -> ChunkLimits:
+        named = len((request.model or "").encode("utf-8"))
+        named += len((request.prompt_name or "").encode("utf-8"))
+        max_tokens = hello.served(request.model).max_tokens
         return cls(
             max_texts=min(hello.max_texts_per_request, max_in_flight_texts),
-            max_payload_bytes=hello.max_frame_bytes - ENVELOPE_BYTES - model_bytes,
-            max_tokens_per_text=hello.max_tokens,
-            max_chunk_tokens=CHUNK_MICRO_BATCHES * max(hello.max_batch_tokens, hello.max_tokens),
+            max_payload_bytes=hello.max_frame_bytes - ENVELOPE_BYTES - named,
+            max_tokens_per_text=max_tokens,
+            max_chunk_tokens=CHUNK_MICRO_BATCHES * max(hello.max_batch_tokens, max_tokens),
         )
 
 
@@ -320,13 +331,9 @@ class Core:
             with self._lock:
                 error = self._refusal_locked() or ServiceUnavailable("the client is not started")
             raise error
+        served = hello.served(request.model)
         texts, sizes = self._checked_texts(request, hello)
-        call = _EmbedCall(request, texts, sizes, hello.dimension)
-        if not texts:
-            if request.model is not None and request.model != hello.model:
-                raise ModelNotFound(f"model {request.model!r} is not loaded ({hello.model!r} is)")
-            _settle_future(call.future, self._response(call))
-            return call.future
+        call = _EmbedCall(request, texts, sizes, served)
         with self._lock:
             refusal = self._refusal_locked()
             if refusal is not None:
@@ -439,8 +446,9 @@ class Core:
         if isinstance(request.inputs, (str, bytes)):
             raise InvalidInput("inputs must be a sequence of strings, not a single string")
         texts = list(request.inputs)
-        model_bytes = len((request.model or "").encode("utf-8"))
-        frame_room = hello.max_frame_bytes - ENVELOPE_BYTES - model_bytes - TEXT_HEADER_BYTES
+        if not texts:
+            raise InvalidInput(EMPTY_BATCH)
+        frame_room = ChunkLimits.of(hello, 1, request).max_payload_bytes - TEXT_HEADER_BYTES
         max_text_bytes = min(hello.max_text_bytes, frame_room)
         sizes = []
         for index, text in enumerate(texts):
@@ -471,7 +479,7 @@ class Core:
                 continue
             start = call.next_index
             if call.chunk_stop is None:
-                limits = ChunkLimits.of(hello, bound, call.model)
+                limits = ChunkLimits.of(hello, bound, call)
                 call.chunk_stop = chunk_end(call.texts, call.sizes, start, limits)
             stop = call.chunk_stop
             count = stop - start
@@ -485,6 +493,7 @@ class Core:
                 "inputs": call.texts[start:stop],
                 "normalize": call.normalize,
                 "truncate": call.truncate,
+                "prompt_name": call.prompt_name,
             }
             settle = functools.partial(self._settle_chunk, call, start, stop)
             request = _WireRequest(request_id, count, settle, message)
@@ -627,9 +636,10 @@ class Core:
                 f"embed reply of shape {shape!r}, expected {[count, call.dimension]}"
             )
         model = reply.get("model")
-        hello = self._hello
-        if not isinstance(model, str) or (hello is not None and model != hello.model):
-            raise ProtocolError(f"embed reply from model {model!r}, the worker loaded another")
+        if model != call.served.model:
+            raise ProtocolError(
+                f"embed reply from model {model!r}, the request was for {call.served.model!r}"
+            )
         data = reply.get("embeddings")
         if not isinstance(data, bytes):
             raise ProtocolError("embed reply without embeddings bytes")
@@ -638,7 +648,7 @@ class Core:
         return wire.embeddings_from_bytes(data, (count, call.dimension)), int(tokens), model
 
     def _response(self, call: _EmbedCall) -> BatchEmbeddingResponse:
-        model = call.reply_model or (self._hello.model if self._hello else call.model or "")
+        model = call.reply_model or call.served.model
         elapsed_ms = (time.perf_counter() - call.started_at) * 1000.0
         return BatchEmbeddingResponse(
             model=model,

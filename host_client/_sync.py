@@ -56,19 +56,34 @@ class EmbeddingClient(ClientBase):
     def embed_batch(self, request: BatchEmbeddingRequest) -> BatchEmbeddingResponse:
         """One vector per input of ``request``, in order; any number of inputs.
 
-        Raises ``InvalidInput``, ``ModelNotFound`` (``request.model`` is not the loaded model),
+        Raises ``InvalidInput``, ``ModelNotFound`` (``request.model`` is not a loaded model),
         ``ServiceUnavailable``/``RequestTimeout`` (no worker could answer within the
         supervision budget, or the client is closed) or ``Internal``.
         """
         return _wait(self._core.submit_embed(request))
 
-    def embed(self, texts: Sequence[str], normalize: bool = True) -> npt.NDArray[np.float32]:
-        """The ``(len(texts), dimension)`` float32 vectors of ``texts`` from the loaded model."""
-        return self.embed_batch(BatchEmbeddingRequest(None, texts, normalize)).embeddings
+    def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The ``(len(texts), dimension)`` float32 vectors of ``texts`` from ``model`` (``None``:
+        the default model); ``normalize`` and ``prompt_name`` ``None``: the model's own
+        defaults."""
+        request = BatchEmbeddingRequest(model, texts, normalize, prompt_name=prompt_name)
+        return self.embed_batch(request).embeddings
 
-    def model_info(self) -> ModelInfo:
-        """The loaded model as the worker announced it (no round trip)."""
-        return self._model_info()
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        """A loaded model (``None``: the default one) as the worker announced it (no round
+        trip); ``ModelNotFound`` listing the loaded ids for another name."""
+        return self._model_info(model)
+
+    def models(self) -> list[ModelInfo]:
+        """Every model the worker serves, the default first (no round trip)."""
+        return self._models()
 
     def health_check(self) -> bool:
         """True when the worker embedded its check sentence correctly through its queue;

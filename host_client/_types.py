@@ -25,17 +25,23 @@ __all__ = [
 class BatchEmbeddingRequest:
     """Texts to embed with one model.
 
-    ``model`` must name the loaded model (``ModelInfo.model``), or be ``None`` for "whatever
-    is loaded"; any other name fails with ``ModelNotFound``. ``inputs`` may hold any number of
-    texts, including none: the client splits what the worker's limits do not allow in one
-    frame. With ``truncate=False`` an input longer than ``max_tokens`` fails the request with
-    ``InvalidInput`` instead of being cut.
+    ``model`` must name a loaded model (``ModelInfo.model`` of ``client.models()``), or be
+    ``None`` for the worker's default model; any other name fails with ``ModelNotFound``
+    listing the loaded ids. ``inputs`` holds one or more texts (none fails with
+    ``InvalidInput``, as AkiDB's providers answer an empty batch); the client splits what the
+    worker's limits do not allow in one frame. ``normalize`` ``None`` means the model's own
+    convention (``ModelInfo.normalize_default``: its sentence-transformers module chain ends in
+    Normalize). ``prompt_name`` names one of the model's prompts (``ModelInfo.prompts``), put
+    before every input as sentence-transformers does; ``None``: the model's default prompt, if
+    it has one. With ``truncate=False`` an input longer than ``max_tokens`` fails the request
+    with ``InvalidInput`` instead of being cut.
     """
 
     model: str | None
     inputs: Sequence[str]
-    normalize: bool = True
+    normalize: bool | None = None
     truncate: bool = True
+    prompt_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,11 +72,20 @@ class BatchEmbeddingResponse:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The loaded model, as its worker announced it."""
+    """A loaded model, as its worker announced it: AkiDB's ``ModelInfo`` (``model``,
+    ``dimension``, ``max_tokens``) and, beside it, what a request may ask of the model."""
 
     model: str
     dimension: int
     max_tokens: int
+    normalize_default: bool = True
+    """Whether ``normalize=None`` gives L2-normalised vectors (the model's convention)."""
+    pooling: str = "mean"
+    """How token vectors become one vector: ``cls``, ``mean``, ``max`` or ``lasttoken``."""
+    prompts: tuple[str, ...] = ()
+    """The prompt names a request's ``prompt_name`` may take."""
+    default_prompt_name: str | None = None
+    """The prompt used when a request names none (``None``: no prompt)."""
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, cast
 
 from akidb_embed import wire
-from akidb_embed.errors import EmbeddingError, ProtocolError, ServiceUnavailable, from_wire
+from akidb_embed.errors import (
+    EmbeddingError,
+    ModelNotFound,
+    ProtocolError,
+    ServiceUnavailable,
+    from_wire,
+)
+from akidb_embed.host_client._types import ModelInfo
 
 __all__ = ["Hello", "WorkerProcess", "parse_hello"]
 
@@ -79,6 +86,19 @@ class Hello:
     providers: tuple[str, ...]
     limits: Mapping[str, int]
     worker_version: str
+    models: tuple[ModelInfo, ...] = ()
+    """Every model the worker serves, the default (``model``) first."""
+
+    def served(self, model: str | None) -> ModelInfo:
+        """The served model named ``model`` (``None``: the default one); ``ModelNotFound``
+        listing the loaded ids otherwise."""
+        if model is None:
+            return self.models[0]
+        for info in self.models:
+            if info.model == model:
+                return info
+        loaded = ", ".join(repr(info.model) for info in self.models)
+        raise ModelNotFound(f"model {model!r} is not loaded; the worker serves {loaded}")
 
     @property
     def max_frame_bytes(self) -> int:
@@ -124,6 +144,14 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
     try:
         model = message["model"]
         limits = message["limits"]
+        default = ModelInfo(
+            model=str(model["model"]),
+            dimension=int(model["dimension"]),
+            max_tokens=int(model["max_tokens"]),
+            normalize_default=bool(message.get("normalize_default", True)),
+        )
+        # a worker of protocol 1's first release announces only its one model
+        served = [_model_info(entry) for entry in message.get("models") or ()] or [default]
         hello = Hello(
             protocol=int(protocol),
             pid=int(message["pid"]),
@@ -134,6 +162,7 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
             providers=tuple(str(name) for name in message.get("providers", ())),
             limits={str(name): int(value) for name, value in limits.items()},
             worker_version=str(message.get("worker_version", "")),
+            models=tuple(served),
         )
         for name in REQUIRED_LIMITS:
             if name not in hello.limits:
@@ -141,6 +170,20 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
         return hello
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ProtocolError(f"malformed hello ({exc!r}): {_summary(message)}") from None
+
+
+def _model_info(entry: Mapping[str, Any]) -> ModelInfo:
+    """One entry of the hello's ``models`` list."""
+    default_prompt = entry.get("default_prompt_name")
+    return ModelInfo(
+        model=str(entry["model"]),
+        dimension=int(entry["dimension"]),
+        max_tokens=int(entry["max_tokens"]),
+        normalize_default=bool(entry.get("normalize_default", True)),
+        pooling=str(entry.get("pooling", "mean")),
+        prompts=tuple(str(name) for name in entry.get("prompts") or ()),
+        default_prompt_name=None if default_prompt is None else str(default_prompt),
+    )
 
 
 def _summary(message: Mapping[str, Any]) -> str:

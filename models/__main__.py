@@ -4,7 +4,8 @@
 
     provision [--source-dir DIR] [--model-dir DIR] [--model-id ID] [--force] [--offline]
         intact model directory -> "nothing to do" (exit 0); else provision it (exit 0), or
-        print why not, e.g. no source, with the three ways to get a model (exit 1)
+        print why not, e.g. no source, with the three ways to get a model, or a module or
+        pooling mode the worker does not serve (exit 1)
     provision --check [--model-dir DIR]
         only verify (metadata, sizes, sha256): exit 0 when intact, else print the problems, exit 1
     path
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from akidb_embed.errors import ModelNotFound
 from akidb_embed.models.metadata import PROVISION_HINT, default_model_dir, verify_model_dir
+from akidb_embed.models.sources import resolve_model_id
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     provision.add_argument(
         "--model-id",
-        help="model id to record for --source-dir, or to fetch (default: the default model)",
+        help="with --source-dir: the id the wire and ModelInfo carry (default: the directory's "
+        "name, or a hub cache entry's id); without: a known model to fetch, by full or short "
+        "name (sentence-transformers/all-MiniLM-L6-v2, the default, or all-mpnet-base-v2)",
     )
     provision.add_argument(
         "--force", action="store_true", help="provision again even if the directory is intact"
@@ -67,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "path":
         print(default_model_dir())
         return EXIT_OK
-    model_dir = args.model_dir or default_model_dir()
+    known = args.model_id is not None and args.source_dir is None
+    name = resolve_model_id(args.model_id).rsplit("/", 1)[-1] if known else None
+    model_dir = args.model_dir or (default_model_dir(name) if name else default_model_dir())
     if args.check:
         problems = verify_model_dir(model_dir)
         for problem in problems:

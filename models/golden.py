@@ -2,14 +2,17 @@
 
 ::
 
-    GOLDEN_SENTENCES --sentence-transformers (reference_dir, CPU, offline)--> reference vectors
+    GOLDEN_SENTENCES, for every mode (each prompt name and none, normalize on and off)
+           |
+           +--sentence-transformers (reference_dir, CPU, offline)--> reference vectors
            |                                                                      |
-           +--tokenizers (truncate at max_tokens, pad per batch) --> onnxruntime  |
-              --> mean_pool under the attention mask --> l2_normalize --> ours    |
+           +--the worker's own Engine (prompt, tokenizer, ONNX Runtime, pooling,  |
+              normalisation: exactly what a request runs through) --> ours        |
                                                                   |               |
                                       cosine per sentence, max |ours - reference| <+
-                                      min cosine < MIN_COSINE -> provisioning fails, printing
-                                      the figures; else golden.json = the reference vectors
+                                      min cosine < MIN_COSINE in any mode -> provisioning
+                                      fails, printing the figures; else golden.json = the
+                                      reference vectors of the model's default mode
 
 ``golden.json`` (plain JSON, read by the Python and Rust test suites)::
 
@@ -19,9 +22,10 @@
 ``token_counts`` are the tokens each sentence is run with (special tokens included, after
 truncation), as the wire protocol's ``usage.total_tokens`` counts them.
 
-The pooling math is ``akidb_embed.pooling``, the one copy the worker uses too. numpy, tokenizers
-and onnxruntime are imported here (worker run-time dependencies); sentence-transformers only
-inside ``reference_embeddings``.
+Our vectors come from ``akidb_embed.worker.engine.Engine``, the code that serves requests, so
+the check proves what the worker answers. numpy is imported here; onnxruntime and tokenizers
+(worker run-time dependencies) with the engine; sentence-transformers only inside
+``reference_embeddings``.
 """
 
 from __future__ import annotations
@@ -32,22 +36,25 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from akidb_embed.pooling import l2_normalize, mean_pool
+if TYPE_CHECKING:
+    from akidb_embed.worker.engine import Engine
 
 __all__ = [
     "GOLDEN_SENTENCES",
     "MIN_COSINE",
     "Golden",
+    "Mode",
     "Parity",
     "compare",
-    "embed_with_onnxruntime",
+    "modes",
     "read_golden",
     "reference_embeddings",
+    "token_counts",
     "write_golden",
 ]
 
@@ -173,65 +180,69 @@ class Golden:
     embeddings: npt.NDArray[np.float32]
 
 
-def embed_with_onnxruntime(
-    model_path: Path,
-    tokenizer_path: Path,
-    sentences: Sequence[str],
-    max_tokens: int,
-    normalize: bool,
-    batch_size: int = VERIFY_BATCH_SIZE,
-) -> tuple[npt.NDArray[np.float32], list[int]]:
-    """Vectors of ``sentences`` from ``model_path`` through our pipeline, and the number of
-    tokens each one ran with. Truncation and padding are set here, whatever tokenizer.json says."""
-    import onnxruntime  # type: ignore[import-untyped]
-    from tokenizers import Tokenizer
+@dataclass(frozen=True)
+class Mode:
+    """One way a model can be asked for vectors: a prompt name (None: the model's default
+    prompt, if any) and whether the vectors are L2-normalised."""
 
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    tokenizer.enable_truncation(max_length=max_tokens)
-    tokenizer.enable_padding()  # to the longest sentence of each batch
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # the check reports its own figures; skip ORT's warnings
-    session = onnxruntime.InferenceSession(
-        str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    input_names = {i.name for i in session.get_inputs()}
-    output_names = [o.name for o in session.get_outputs()]
-    output_name = "last_hidden_state" if "last_hidden_state" in output_names else output_names[0]
-    vectors: list[npt.NDArray[np.float32]] = []
-    token_counts: list[int] = []
-    for start in range(0, len(sentences), batch_size):
-        encodings = tokenizer.encode_batch(list(sentences[start : start + batch_size]))
-        feeds = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-        (hidden,) = session.run([output_name], {k: v for k, v in feeds.items() if k in input_names})
-        pooled = mean_pool(hidden, feeds["attention_mask"])
-        vectors.append(l2_normalize(pooled) if normalize else pooled)
-        token_counts.extend(int(n) for n in feeds["attention_mask"].sum(axis=1))
-    return np.concatenate(vectors).astype(np.float32, copy=False), token_counts
+    prompt_name: str | None
+    normalize: bool
+
+    def describe(self) -> str:
+        prompt = "default prompt" if self.prompt_name is None else f"prompt {self.prompt_name!r}"
+        return f"{prompt}, normalize {'on' if self.normalize else 'off'}"
+
+
+def modes(prompt_names: Sequence[str]) -> list[Mode]:
+    """Every mode the parity check covers: each prompt name and none, normalize on and off."""
+    return [Mode(name, normalize) for name in (None, *prompt_names) for normalize in (True, False)]
 
 
 def reference_embeddings(
-    reference_dir: Path, sentences: Sequence[str]
-) -> tuple[npt.NDArray[np.float32], str]:
+    reference_dir: Path, sentences: Sequence[str], checked: Sequence[Mode]
+) -> tuple[list[npt.NDArray[np.float32]], str]:
     """sentence-transformers' vectors of ``sentences`` from the model in ``reference_dir`` (CPU,
-    offline), and a label naming the reference and its version."""
+    offline) in each mode of ``checked``, and a label naming the reference and its version.
+
+    A model whose module chain ends in Normalize gives normalised vectors whatever
+    ``encode`` is told; its un-normalised vectors are those of the chain without that module."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model = SentenceTransformer(str(reference_dir), device="cpu", local_files_only=True)
-    vectors = model.encode(
-        list(sentences),
-        batch_size=VERIFY_BATCH_SIZE,
-        convert_to_numpy=True,
-        show_progress_bar=False,
-    )
+    ends_normalized = type(model[len(model) - 1]).__name__ == "Normalize"
+
+    def encode(mode: Mode) -> npt.NDArray[np.float32]:
+        vectors = model.encode(
+            list(sentences),
+            prompt_name=mode.prompt_name,
+            batch_size=VERIFY_BATCH_SIZE,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+            normalize_embeddings=mode.normalize and not ends_normalized,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+    results: dict[Mode, npt.NDArray[np.float32]] = {}
+    for mode in checked:
+        if mode.normalize or not ends_normalized:
+            results[mode] = encode(mode)
+    if ends_normalized:
+        del model[len(model) - 1]
+        for mode in checked:
+            if not mode.normalize:
+                results[mode] = encode(mode)
     label = f"sentence-transformers {importlib.metadata.version('sentence-transformers')}"
-    return np.asarray(vectors, dtype=np.float32), label
+    return [results[mode] for mode in checked], label
+
+
+def token_counts(engine: Engine, sentences: Sequence[str]) -> list[int]:
+    """Tokens each sentence runs with in the model's default mode (after truncation, special
+    tokens and the default prompt included), as ``usage.total_tokens`` counts them."""
+    prompt, _ = engine.resolve_prompt(None)
+    return [len(ids) for ids in engine.tokenize(sentences, prompt=prompt)]
 
 
 def compare(

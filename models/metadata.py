@@ -3,15 +3,22 @@
 A model directory holds ``model.onnx``, ``tokenizer.json``, ``golden.json`` (reference vectors
 from the exporting framework) and ``akidb-embed.json``, the metadata written by provisioning::
 
-    {"format": 1,
+    {"format": 2,
      "model": "sentence-transformers/all-MiniLM-L6-v2",
-     "dimension": 384, "max_tokens": 256, "pooling": "mean", "normalize": true,
+     "dimension": 384, "max_tokens": 256,
+     "pooling": "mean", "include_prompt": true, "normalize": true,
+     "do_lower_case": false, "prompts": {}, "default_prompt_name": null,
+     "prompt_lengths": {}, "padding_side": "right", "pad_token_id": 0,
      "files": {"model.onnx": {"sha256": "...", "bytes": 90405214}, ...},
      "source": {...how the files were obtained...},
      "parity": {...figures of the export check...}}
 
-The worker and the host clients read every model fact from this file (never from literals).
-Reading it imports neither onnxruntime nor tokenizers.
+Every fact is read from the source's sentence-transformers configs and tokenizer at provisioning
+(``sources.read_model_config``); the worker and the host clients read them from this file, never
+from literals. ``prompt_lengths`` is, per prompt, how many leading tokens pooling skips when the
+pooling config says ``include_prompt: false`` (the prompt's tokens with the leading special
+token, as sentence-transformers counts them). A format-1 file (mean pooling, no prompts, right
+padding) is still read. Reading it imports neither onnxruntime nor tokenizers.
 
 ``verify_model_dir`` checks a directory against its metadata (presence, size and sha256 of every
 file it lists) and returns the problems found; ``open_model_dir`` does the same and raises
@@ -42,6 +49,7 @@ __all__ = [
     "METADATA_FILE",
     "MODEL_DIR_ENV",
     "MODEL_FILE",
+    "POOLING_MODES",
     "PROVISION_HINT",
     "REQUIRED_FILES",
     "TOKENIZER_FILE",
@@ -55,12 +63,17 @@ __all__ = [
 ]
 
 METADATA_FILE = "akidb-embed.json"
-METADATA_FORMAT = 1
+METADATA_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+POOLING_MODES = ("cls", "mean", "max", "lasttoken")
+"""Pooling modes the worker serves, as sentence-transformers names them."""
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 """The model provisioned when none is named (its Hugging Face id, recorded in the metadata)."""
 DEFAULT_MODEL_NAME = DEFAULT_MODEL_ID.rsplit("/", 1)[-1]
 MODEL_DIR_ENV = "AKIDB_EMBED_MODEL_DIR"
-"""Environment variable naming the model directory; overrides every default location."""
+"""Environment variable naming the model directory (several, for a worker serving several
+models, separated by ``os.pathsep``: the first is the default); overrides every default
+location."""
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -100,6 +113,15 @@ class ModelMetadata:
     files: dict[str, FileRecord]
     source: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    include_prompt: bool = True
+    """False: pooling skips the prompt's tokens (``prompt_lengths``)."""
+    do_lower_case: bool = False
+    """Informational: provisioning already put the lowercasing into tokenizer.json."""
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
+    prompt_lengths: dict[str, int] = field(default_factory=dict)
+    padding_side: str = "right"
+    pad_token_id: int = 0
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -111,7 +133,14 @@ class ModelMetadata:
             "dimension": self.dimension,
             "max_tokens": self.max_tokens,
             "pooling": self.pooling,
+            "include_prompt": self.include_prompt,
             "normalize": self.normalize,
+            "do_lower_case": self.do_lower_case,
+            "prompts": self.prompts,
+            "default_prompt_name": self.default_prompt_name,
+            "prompt_lengths": self.prompt_lengths,
+            "padding_side": self.padding_side,
+            "pad_token_id": self.pad_token_id,
             "files": {
                 name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in self.files.items()
             },
@@ -141,9 +170,10 @@ def _user_cache_folder() -> Path:
 
 
 def default_model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
-    """Where the default model lives: ``$AKIDB_EMBED_MODEL_DIR``, else ``models/<name>`` of the
-    checkout this package runs from, else the per-user cache directory."""
-    override = os.environ.get(MODEL_DIR_ENV)
+    """Where the default model lives: ``$AKIDB_EMBED_MODEL_DIR`` (its first entry), else
+    ``models/<name>`` of the checkout this package runs from, else the per-user cache
+    directory."""
+    override = os.environ.get(MODEL_DIR_ENV, "").split(os.pathsep)[0].strip()
     if override:
         return Path(override).expanduser()
     checkout = _checkout_models_folder()
@@ -167,9 +197,11 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
         raise ModelNotFound(f"no model at {model_dir} ({METADATA_FILE} missing): {PROVISION_HINT}")
     try:
         raw = json.loads(meta_path.read_text(encoding="utf-8"))
-        if raw.get("format") != METADATA_FORMAT:
-            raise ValueError(f"format {raw.get('format')!r}, expected {METADATA_FORMAT}")
-        return ModelMetadata(
+        if raw.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"format {raw.get('format')!r}, expected one of {READABLE_FORMATS}")
+        prompts = {str(name): str(text) for name, text in (raw.get("prompts") or {}).items()}
+        default_prompt = raw.get("default_prompt_name")
+        metadata = ModelMetadata(
             directory=model_dir,
             model=str(raw["model"]),
             dimension=int(raw["dimension"]),
@@ -182,7 +214,21 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
             },
             source=dict(raw.get("source") or {}),
             parity=dict(raw.get("parity") or {}),
+            include_prompt=bool(raw.get("include_prompt", True)),
+            do_lower_case=bool(raw.get("do_lower_case", False)),
+            prompts=prompts,
+            default_prompt_name=None if default_prompt is None else str(default_prompt),
+            prompt_lengths={str(k): int(v) for k, v in (raw.get("prompt_lengths") or {}).items()},
+            padding_side=str(raw.get("padding_side", "right")),
+            pad_token_id=int(raw.get("pad_token_id", 0)),
         )
+        if metadata.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling {metadata.pooling!r} is not one of {POOLING_MODES}")
+        if metadata.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side {metadata.padding_side!r}")
+        if default_prompt is not None and default_prompt not in prompts:
+            raise ValueError(f"default_prompt_name {default_prompt!r} is not among the prompts")
+        return metadata
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelNotFound(f"unreadable {meta_path}: {exc}; {PROVISION_HINT}") from None
 

@@ -9,12 +9,17 @@
        v
     find_source: --source-dir > hub > offline export (none -> ModelNotFound listing the three)
        |
+       v  read_model_config: every fact from the sentence-transformers configs; a module or
+       |  pooling mode the worker does not serve -> ProvisionError naming it, nothing written
        v  into <parent>/.akidb-embed-provisioning/<name>.tmp-XXXX/
     model.onnx      copied from the source, or exported (export.py)
     tokenizer.json  the source's, with padding and truncation removed (the worker sets both)
-    golden.json     reference vectors; our ONNX pipeline must match them (golden.py), else
-                    ParityError with the figures and nothing is installed
-    akidb-embed.json  written last: facts from the configs, sha256 of each file, source, parity
+                    and sentence-transformers' lowercasing when the configs ask for it
+    golden.json     reference vectors; the worker's own engine must match sentence-transformers
+                    in every mode (golden.py), else ParityError with the figures and nothing
+                    is installed
+    akidb-embed.json  written last: facts from the configs and the tokenizer, sha256 of each
+                    file, source, parity
        |
        v  rename the old directory aside, rename the new one into place, delete the old one
     "provisioned" or "replaced"
@@ -37,12 +42,13 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import akidb_embed
+from akidb_embed.errors import ModelNotFound
 from akidb_embed.models.metadata import (
     GOLDEN_FILE,
     METADATA_FILE,
@@ -58,6 +64,9 @@ from akidb_embed.models.metadata import (
 )
 from akidb_embed.models.sources import ModelConfig, Source, find_source, read_model_config
 
+if TYPE_CHECKING:
+    from akidb_embed.worker.engine import Engine
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; concurrent provisioning is not guarded there
@@ -71,8 +80,9 @@ __all__ = [
     "ParityError",
     "ProvisionError",
     "ProvisionResult",
-    "clean_tokenizer_config",
+    "prepare_tokenizer",
     "provision",
+    "tokenizer_facts",
 ]
 
 NOTHING_TO_DO = "nothing to do"
@@ -81,8 +91,6 @@ REPLACED = "replaced"
 WORK_FOLDER = ".akidb-embed-provisioning"
 """Beside the model directory (same file system, so the final rename is atomic): the lock file
 and the directory being built."""
-SUPPORTED_POOLING = ("mean",)
-"""Pooling modes ``akidb_embed.pooling`` implements (and so the worker serves)."""
 
 Log = Callable[[str], None]
 
@@ -109,18 +117,51 @@ def _stderr(message: str) -> None:
     print(f"models: {message}", file=sys.stderr, flush=True)
 
 
-def clean_tokenizer_config(source: Path, target: Path) -> None:
-    """Copy a tokenizer.json without its padding and truncation settings: the shipped file pads
-    every input to 128 tokens and cuts it there, while the model reads up to its max tokens; the
-    worker sets both from the metadata."""
+def prepare_tokenizer(source: Path, target: Path, config: ModelConfig) -> None:
+    """Write the tokenizer sentence-transformers would run: the source's tokenizer.json without
+    its padding and truncation settings (the shipped all-MiniLM-L6-v2 file pads every input to
+    128 tokens and cuts it there, while the model reads up to its max tokens; the worker sets
+    both from the metadata), with a Lowercase normaliser put first when the configs ask for
+    ``do_lower_case`` and the normaliser does not lowercase already (as sentence-transformers
+    does when it loads the model)."""
     try:
-        config = json.loads(source.read_text(encoding="utf-8"))
+        document = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ProvisionError(f"cannot read {source}: {exc}") from None
-    config["padding"] = None
-    config["truncation"] = None
-    text = json.dumps(config, ensure_ascii=False, separators=(",", ":"))
+    document["padding"] = None
+    document["truncation"] = None
+    if config.do_lower_case:
+        normalizer = document.get("normalizer")
+        kinds = [normalizer] if normalizer and normalizer.get("type") != "Sequence" else []
+        if normalizer and normalizer.get("type") == "Sequence":
+            kinds = normalizer.get("normalizers") or []
+        if not any(step.get("type") == "Lowercase" for step in kinds):
+            document["normalizer"] = {
+                "type": "Sequence",
+                "normalizers": [{"type": "Lowercase"}, *kinds],
+            }
+    text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
     target.write_text(text, encoding="utf-8")
+
+
+def tokenizer_facts(tokenizer_path: Path, config: ModelConfig) -> dict[str, Any]:
+    """The metadata's token facts: the pad token's id, and for each prompt the leading tokens
+    sentence-transformers leaves out of pooling when ``include_prompt`` is false (the prompt
+    tokenised alone, less a trailing special token such as [SEP] or EOS)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    special_ids = {
+        token_id
+        for token_id, token in tokenizer.get_added_tokens_decoder().items()
+        if token.special
+    }
+    pad_id = tokenizer.token_to_id(config.pad_token) if config.pad_token else None
+    prompt_lengths = {}
+    for name, prompt in config.prompts.items():
+        ids = tokenizer.encode(prompt).ids if prompt else []
+        prompt_lengths[name] = len(ids) - (1 if ids and ids[-1] in special_ids else 0)
+    return {"pad_token_id": pad_id or 0, "prompt_lengths": prompt_lengths}
 
 
 @contextlib.contextmanager
@@ -152,19 +193,21 @@ def _replaceable(target: Path) -> bool:
     return METADATA_FILE in entries or entries <= {*REQUIRED_FILES, METADATA_FILE}
 
 
-def _golden_and_parity(
-    source: Source, config: ModelConfig, build: Path, log: Log
-) -> dict[str, Any]:
-    """Check ``build``'s model.onnx against the best reference available, write golden.json, and
-    return the parity record for the metadata. ``ParityError`` when the vectors differ."""
+def _golden_and_parity(source: Source, engine: Engine, build: Path, log: Log) -> dict[str, Any]:
+    """Check the model in ``build``, run by the worker's own engine, against the best reference
+    available in every mode (each prompt and none, normalize on and off), write golden.json, and
+    return the parity record for the metadata. ``ParityError`` when any mode's vectors differ."""
     from akidb_embed.models import golden
 
+    metadata = engine.metadata
     source_golden = source.config_dir / GOLDEN_FILE
     stored = golden.read_golden(source_golden) if source_golden.is_file() else None
-    reference_vectors = None
+    default = golden.Mode(None, metadata.normalize)
+    checked = [default]
+    references = None
     unverified = ""
     if stored is not None:
-        sentences, reference_vectors, label = stored.sentences, stored.embeddings, stored.reference
+        sentences, references, label = stored.sentences, [stored.embeddings], stored.reference
         log(f"checking against the reference vectors in {source_golden} ({label})")
     else:
         sentences = list(golden.GOLDEN_SENTENCES)
@@ -173,50 +216,73 @@ def _golden_and_parity(
         elif importlib.util.find_spec("sentence_transformers") is None:
             unverified = "sentence-transformers is not installed"
         else:
-            log(f"computing reference vectors with sentence-transformers ({len(sentences)} texts)")
-            reference_vectors, label = golden.reference_embeddings(source.reference_dir, sentences)
-    ours, token_counts = golden.embed_with_onnxruntime(
-        build / MODEL_FILE, build / TOKENIZER_FILE, sentences, config.max_tokens, config.normalize
-    )
-    if ours.shape[1] != config.dimension:
-        raise ProvisionError(
-            f"{MODEL_FILE} gives {ours.shape[1]}-dimensional vectors, config.json says "
-            f"{config.dimension}"
-        )
+            checked = golden.modes(list(metadata.prompts))
+            checked.sort(key=lambda mode: mode != default)  # the default mode first
+            log(
+                f"computing reference vectors with sentence-transformers ({len(sentences)} "
+                f"texts x {len(checked)} modes)"
+            )
+            references, label = golden.reference_embeddings(
+                source.reference_dir, sentences, checked
+            )
+    counts = golden.token_counts(engine, sentences)
     runtime = {"onnxruntime": importlib.metadata.version("onnxruntime")}
-    if reference_vectors is None:
+    if references is None:
         log(f"WARNING: vectors not checked ({unverified}); golden.json holds our own vectors")
         label = f"akidb-embed onnxruntime pipeline (unverified: {unverified})"
         record: dict[str, Any] = {"verified": False, "reason": unverified, **runtime}
-        reference_vectors = ours
+        default_vectors = engine.embed(sentences, normalize=default.normalize)
     else:
-        if stored is not None and stored.token_counts != token_counts:
+        if stored is not None and stored.token_counts != counts:
             raise ProvisionError(
                 f"the tokenizer splits the sentences of {source_golden} differently "
-                f"({token_counts} tokens, the file says {stored.token_counts})"
+                f"({counts} tokens, the file says {stored.token_counts})"
             )
-        try:
-            parity = golden.compare(ours, reference_vectors, label)
-        except ValueError as exc:
-            raise ParityError(f"{MODEL_FILE} of the {source.kind} source: {exc}") from None
-        if not parity.passes:
-            raise ParityError(f"{MODEL_FILE} of the {source.kind} source: {parity.describe()}")
-        log(f"parity: {parity.describe()}")
-        record = {**parity.to_json(), **runtime}
+        figures = []
+        for mode, reference in zip(checked, references, strict=True):
+            ours = engine.embed(sentences, normalize=mode.normalize, prompt_name=mode.prompt_name)
+            try:
+                parity = golden.compare(ours, reference, label)
+            except ValueError as exc:
+                raise ParityError(f"{MODEL_FILE} of the {source.kind} source: {exc}") from None
+            if not parity.passes:
+                raise ParityError(
+                    f"{MODEL_FILE} of the {source.kind} source, {mode.describe()}: "
+                    f"{parity.describe()}"
+                )
+            log(f"parity ({mode.describe()}): {parity.describe()}")
+            figures.append({**asdict(mode), **parity.to_json()})
+        worst = min(figures, key=lambda figure: figure["min_cosine"])
+        record = {
+            **{key: worst[key] for key in ("reference", "sentences", "threshold", "verified")},
+            "min_cosine": worst["min_cosine"],
+            "mean_cosine": min(figure["mean_cosine"] for figure in figures),
+            "max_abs_diff": max(figure["max_abs_diff"] for figure in figures),
+            "modes": figures,
+            **runtime,
+        }
+        default_vectors = references[0]
     golden.write_golden(
         build / GOLDEN_FILE,
         golden.Golden(
             model=source.model_id,
-            dimension=config.dimension,
-            max_tokens=config.max_tokens,
-            normalize=config.normalize,
+            dimension=metadata.dimension,
+            max_tokens=metadata.max_tokens,
+            normalize=metadata.normalize,
             reference=label,
             sentences=list(sentences),
-            token_counts=token_counts,
-            embeddings=reference_vectors,
+            token_counts=counts,
+            embeddings=default_vectors,
         ),
     )
     return record
+
+
+def _file_records(build: Path, names: Sequence[str]) -> dict[str, FileRecord]:
+    return {
+        name: FileRecord(sha256=file_sha256(build / name), bytes=(build / name).stat().st_size)
+        for name in names
+    }
 
 
 def _build(source: Source, target: Path, build: Path, log: Log) -> None:
@@ -225,31 +291,50 @@ def _build(source: Source, target: Path, build: Path, log: Log) -> None:
         config = read_model_config(source.config_dir)
     except Exception as exc:
         raise ProvisionError(str(exc)) from None
-    if config.pooling not in SUPPORTED_POOLING:
-        raise ProvisionError(f"pooling {config.pooling!r} is not supported ({SUPPORTED_POOLING})")
     source_record: dict[str, Any] = {"kind": source.kind, **source.details}
     if source.onnx_path is None:
         from akidb_embed.models.export import export_onnx
 
         log(f"exporting {source.model_id} to ONNX from {source.config_dir} (torch, offline)")
-        source_record.update(export_onnx(source.config_dir, build / MODEL_FILE))
+        weights_dir = source.config_dir / config.transformer_dir
+        source_record.update(export_onnx(weights_dir, build / MODEL_FILE))
     else:
         log(f"copying {source.onnx_path}")
         shutil.copyfile(source.onnx_path, build / MODEL_FILE)
-    clean_tokenizer_config(source.config_dir / TOKENIZER_FILE, build / TOKENIZER_FILE)
-    parity = _golden_and_parity(source, config, build, log)
-    source_record["akidb_embed"] = akidb_embed.__version__
+    tokenizer_source = source.config_dir / config.transformer_dir / TOKENIZER_FILE
+    if not tokenizer_source.is_file():
+        tokenizer_source = source.config_dir / TOKENIZER_FILE
+    prepare_tokenizer(tokenizer_source, build / TOKENIZER_FILE, config)
+    facts = tokenizer_facts(build / TOKENIZER_FILE, config)
     metadata = ModelMetadata(
-        directory=target,
+        directory=build,
         model=source.model_id,
         dimension=config.dimension,
         max_tokens=config.max_tokens,
         pooling=config.pooling,
         normalize=config.normalize,
-        files={
-            name: FileRecord(sha256=file_sha256(build / name), bytes=(build / name).stat().st_size)
-            for name in REQUIRED_FILES
-        },
+        files=_file_records(build, (MODEL_FILE, TOKENIZER_FILE)),
+        include_prompt=config.include_prompt,
+        do_lower_case=config.do_lower_case,
+        prompts=dict(config.prompts),
+        default_prompt_name=config.default_prompt_name,
+        prompt_lengths=facts["prompt_lengths"],
+        padding_side=config.padding_side,
+        pad_token_id=facts["pad_token_id"],
+    )
+    from akidb_embed.worker.config import WorkerConfig
+    from akidb_embed.worker.engine import Engine
+
+    try:
+        engine = Engine.open(metadata, WorkerConfig(model_dir=build, provider="cpu"))
+    except ModelNotFound as exc:
+        raise ProvisionError(exc.message) from None
+    parity = _golden_and_parity(source, engine, build, log)
+    source_record["akidb_embed"] = akidb_embed.__version__
+    metadata = replace(
+        metadata,
+        directory=target,
+        files=_file_records(build, REQUIRED_FILES),
         source=source_record,
         parity=parity,
     )

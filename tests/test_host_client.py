@@ -114,13 +114,14 @@ def test_health_check_and_ping_answer(client: EmbeddingClient) -> None:
     assert client.ping() > 0
 
 
-def test_empty_batch_returns_no_vectors_without_a_round_trip(
+def test_empty_batch_is_invalid_input_as_akidb_providers_answer_it(
     client: EmbeddingClient, metadata: ModelMetadata
 ) -> None:
-    response = client.embed_batch(BatchEmbeddingRequest(metadata.model, []))
-
-    assert response.embeddings.shape == (0, metadata.dimension)
-    assert response.usage.total_tokens == 0
+    with pytest.raises(InvalidInput, match="^empty input batch$"):
+        client.embed_batch(BatchEmbeddingRequest(metadata.model, []))
+    with pytest.raises(InvalidInput, match="^empty input batch$"):
+        client.embed([])
+    assert client.stats().in_flight_texts == 0
 
 
 def test_any_number_of_threads_share_one_client(
@@ -300,9 +301,12 @@ def test_async_client_serves_many_concurrent_tasks(
     async def scenario() -> list[float]:
         async with AsyncEmbeddingClient(metadata.directory, request_timeout=120.0) as client:
             assert await client.model_info() == ModelInfo(
-                metadata.model, metadata.dimension, metadata.max_tokens
+                metadata.model, metadata.dimension, metadata.max_tokens, metadata.normalize
             )
+            assert await client.models() == [await client.model_info()]
             assert await client.health_check() is True
+            with pytest.raises(InvalidInput, match="^empty input batch$"):
+                await client.embed([])
 
             async def task(index: int) -> float:
                 picked = [index % len(sentences), (index * 7) % len(sentences)]

@@ -30,7 +30,7 @@ from akidb_embed.models import (
     open_model_dir,
     verify_model_dir,
 )
-from akidb_embed.models.golden import GOLDEN_SENTENCES, MIN_COSINE, embed_with_onnxruntime
+from akidb_embed.models.golden import GOLDEN_SENTENCES, MIN_COSINE, token_counts
 from akidb_embed.models.provision import (
     NOTHING_TO_DO,
     PROVISIONED,
@@ -106,19 +106,17 @@ def _hf_layout(root: Path, metadata: ModelMetadata, *, with_golden: bool) -> Pat
 
 
 def test_onnx_model_reproduces_golden_vectors(metadata: ModelMetadata) -> None:
+    from akidb_embed.worker.config import WorkerConfig
+    from akidb_embed.worker.engine import Engine
+
     golden = json.loads(metadata.path(GOLDEN_FILE).read_text(encoding="utf-8"))
-    ours, token_counts = embed_with_onnxruntime(
-        metadata.path(MODEL_FILE),
-        metadata.path(TOKENIZER_FILE),
-        golden["sentences"],
-        metadata.max_tokens,
-        metadata.normalize,
-    )
+    engine = Engine.load(WorkerConfig(model_dir=metadata.directory))
+    ours = engine.embed(golden["sentences"])
     reference = np.asarray(golden["embeddings"], dtype=np.float32)
     assert ours.shape == reference.shape == (len(golden["sentences"]), metadata.dimension)
     cosines = _cosines(ours, reference)
     assert cosines.min() >= MIN_COSINE, f"min cosine {cosines.min()} (mean {cosines.mean()})"
-    assert token_counts == golden["token_counts"]
+    assert token_counts(engine, golden["sentences"]) == golden["token_counts"]
     if metadata.normalize:
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
@@ -294,7 +292,8 @@ def test_source_directory_in_hf_layout_is_provisioned_with_a_clean_tokenizer(
     )
     assert out.returncode == 0, out.stderr
     provisioned = open_model_dir(target)
-    assert (provisioned.model, provisioned.dimension) == (metadata.model, metadata.dimension)
+    # no --model-id: the source directory's name (config.json's _name_or_path is the base model)
+    assert (provisioned.model, provisioned.dimension) == ("hf", metadata.dimension)
     assert provisioned.max_tokens == metadata.max_tokens
     # No weights beside the ONNX file here: our own vectors, recorded as unverified.
     assert provisioned.parity["verified"] is False

@@ -71,8 +71,21 @@ def test_hello_announces_protocol_model_providers_and_limits(
         "max_tokens": metadata.max_tokens,
     }
     assert hello["normalize_default"] is metadata.normalize
+    assert hello["models"] == [_model_entry(metadata)]
     assert hello["providers"] == ["CPUExecutionProvider"]  # CPU-only onnxruntime on this machine
     assert hello["limits"] == WorkerConfig().limits()
+
+
+def _model_entry(metadata: ModelMetadata) -> dict[str, Any]:
+    return {
+        "model": metadata.model,
+        "dimension": metadata.dimension,
+        "max_tokens": metadata.max_tokens,
+        "normalize_default": metadata.normalize,
+        "pooling": metadata.pooling,
+        "prompts": list(metadata.prompts),
+        "default_prompt_name": metadata.default_prompt_name,
+    }
 
 
 def test_info_is_akidb_model_info(shared_worker: Any, metadata: ModelMetadata) -> None:
@@ -84,6 +97,7 @@ def test_info_is_akidb_model_info(shared_worker: Any, metadata: ModelMetadata) -
         "dimension": metadata.dimension,
         "max_tokens": metadata.max_tokens,
         "normalize_default": metadata.normalize,
+        "models": [_model_entry(metadata)],
         "providers": ["CPUExecutionProvider"],
     }
 

@@ -38,6 +38,9 @@ from akidb_embed.worker.validation import (
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 MODEL = "some-org/some-model"
+OTHER_MODEL = "other-org/other-model"
+MODELS = (MODEL, OTHER_MODEL)
+"""The loaded models' ids, the default first."""
 LIMITS = RequestLimits(max_texts_per_request=4, max_text_bytes=32)
 
 # -- execution providers -------------------------------------------------------------------
@@ -117,7 +120,7 @@ def test_text_longer_than_the_budget_runs_alone() -> None:
 
 
 def parse(message: dict[str, Any]) -> Any:
-    return parse_request(message, LIMITS, MODEL)
+    return parse_request(message, LIMITS, MODELS)
 
 
 def rejected(message: dict[str, Any]) -> RejectedRequest:
@@ -128,12 +131,24 @@ def rejected(message: dict[str, Any]) -> RejectedRequest:
 
 def test_embed_request_defaults() -> None:
     request = parse({"id": 1, "op": "embed", "inputs": ["a", ""]})
-    assert request == EmbedRequest(id=1, inputs=["a", ""], normalize=True, truncate=True)
+    assert request == EmbedRequest(
+        id=1, inputs=["a", ""], model=MODEL, normalize=None, truncate=True, prompt_name=None
+    )
     explicit = parse(
-        {"id": 2, "op": "embed", "inputs": ["a"], "model": MODEL, "normalize": False,
-         "truncate": False, "future_field": [1, 2]}
+        {"id": 2, "op": "embed", "inputs": ["a"], "model": OTHER_MODEL, "normalize": False,
+         "truncate": False, "prompt_name": "query", "future_field": [1, 2]}
     )  # fmt: skip
-    assert explicit == EmbedRequest(id=2, inputs=["a"], normalize=False, truncate=False)
+    assert explicit == EmbedRequest(
+        id=2, inputs=["a"], model=OTHER_MODEL, normalize=False, truncate=False, prompt_name="query"
+    )
+
+
+def test_unknown_model_is_refused_naming_every_loaded_model() -> None:
+    rejection = rejected({"id": 5, "op": "embed", "inputs": ["a"], "model": "nope"})
+    assert type(rejection.error) is ModelNotFound
+    assert rejection.error.message == (
+        f"model 'nope' is not loaded; this worker serves {MODEL!r}, {OTHER_MODEL!r}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -156,6 +171,7 @@ def test_embed_request_defaults() -> None:
         ({"id": 4, "op": "embed", "inputs": ["a"], "model": "x"}, 4, ModelNotFound, "'x'"),
         ({"id": 4, "op": "embed", "inputs": ["a"], "normalize": 1}, 4, InvalidInput, "normalize"),
         ({"id": 4, "op": "embed", "inputs": ["a"], "truncate": "no"}, 4, InvalidInput, "truncate"),
+        ({"id": 4, "op": "embed", "inputs": ["a"], "prompt_name": 3}, 4, InvalidInput, "prompt_name"),
     ],
 )
 def test_invalid_request_is_rejected_with_its_id_when_readable(

@@ -69,6 +69,12 @@ def _env_default(option: str, convert: Callable[[str], Any], default: Any) -> An
         raise SystemExit(EXIT_BAD_ARGUMENTS) from None
 
 
+def _env_model_dirs() -> list[Path]:
+    """The directories of ``AKIDB_EMBED_MODEL_DIR``, separated by ``os.pathsep``."""
+    raw = os.environ.get(MODEL_DIR_ENV, "")
+    return [Path(part).expanduser() for part in raw.split(os.pathsep) if part.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="akidb-embed-worker",
@@ -87,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-dir",
         type=Path,
+        action="append",
         default=None,
-        help=f"model directory holding akidb-embed.json (default: ${MODEL_DIR_ENV}, else "
-        f"{_DEFAULTS.model_dir})",
+        help="model directory holding akidb-embed.json; repeat it to serve several models (the "
+        f"first is the default model). Default: ${MODEL_DIR_ENV} (several directories separated "
+        f"by {os.pathsep!r}), else {_DEFAULTS.model_dir}",
     )
     option(
         "--provider",
@@ -171,8 +179,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     settings = {
         f.name: getattr(args, f.name) for f in fields(WorkerConfig) if hasattr(args, f.name)
     }
-    if settings["model_dir"] is None:
-        del settings["model_dir"]
+    model_dirs: list[Path] = settings.pop("model_dir") or _env_model_dirs()
+    if model_dirs:
+        settings["model_dir"], settings["extra_model_dirs"] = model_dirs[0], tuple(model_dirs[1:])
     return WorkerConfig(
         **settings,
         coreml=CoreMLOptions(

@@ -4,8 +4,9 @@
 
     reader thread                       inference thread (one)
     -------------                       ----------------------
-    submit(job) --> queue of jobs -------> snapshot, up to snapshot_tokens tokens: first the
-      (blocks while more than              oldest job's next texts (one micro-batch worth),
+    submit(job) --> queue of jobs -------> the next model with pending jobs (round-robin), then
+      (one queue per model;                its snapshot, up to snapshot_tokens tokens: first the
+       blocks while more than              oldest job's next texts (one micro-batch worth),
        max_pending_texts texts             then the jobs with the fewest tokens left
        wait: backpressure)                        |
                                            plan_micro_batches: sort the snapshot by length,
@@ -16,12 +17,16 @@
                                            a job whose texts are all done is finished at
                                            once: job.on_done(job) writes its reply
 
-Fairness: a snapshot is bounded in tokens. The oldest job always gets a micro-batch worth of
-its texts into it, so every job advances once it is the oldest and a flood of later requests
-cannot starve an earlier one. The rest of the snapshot goes to the jobs with the fewest tokens
-left, so a search query arriving behind a bulk load (one huge request or many big ones) runs
-in the next snapshot instead of after all of it. Within a snapshot the shortest texts run
-first, so small requests answer first.
+Several models: each has its own queue, and the inference thread takes its snapshots from the
+models with pending jobs in turn (round-robin), so one ONNX Runtime run never mixes models and a
+flood of requests for one model delays another's by at most one snapshot.
+
+Fairness within a model: a snapshot is bounded in tokens. The oldest job always gets a
+micro-batch worth of its texts into it, so every job advances once it is the oldest and a flood
+of later requests cannot starve an earlier one. The rest of the snapshot goes to the jobs with
+the fewest tokens left, so a search query arriving behind a bulk load (one huge request or many
+big ones) runs in the next snapshot instead of after all of it. Within a snapshot the shortest
+texts run first, so small requests answer first.
 
 Failure: an exception inside a run is retried once per request of that micro-batch, so that a
 request whose own texts fail gets ``Internal`` (its remaining texts are dropped) and the others
@@ -92,6 +97,10 @@ class Job:
     on_done: Callable[[Job], None]
     """Called once, from the inference thread, when ``vectors`` or ``error`` is final."""
     received_at: float = field(default_factory=time.perf_counter)
+    engine: Engine | None = None
+    """The model that runs the texts; None: the batcher's default (first) model."""
+    skip_tokens: int = 0
+    """Leading tokens of each text that pooling leaves out (a prompt, see Engine.resolve_prompt)."""
     vectors: npt.NDArray[np.float32] | None = None
     error: EmbeddingError | None = None
     scheduled: int = 0
@@ -117,20 +126,23 @@ class Batcher:
 
     def __init__(
         self,
-        engine: Engine,
+        engines: Engine | Sequence[Engine],
         max_batch_tokens: int,
         max_pending_texts: int,
         on_fatal: Callable[[BaseException], None] = lambda exc: None,
     ) -> None:
-        self._engine = engine
-        self._dimension = engine.metadata.dimension
+        models = list(engines) if isinstance(engines, Sequence) else [engines]
+        self._default_engine = models[0]
         self.max_batch_tokens = max_batch_tokens
         self.max_pending_texts = max_pending_texts
         # never smaller than a few of the longest texts, or one text could fill a snapshot alone
-        self.snapshot_tokens = SNAPSHOT_BATCHES * max(max_batch_tokens, engine.metadata.max_tokens)
+        longest = max(engine.metadata.max_tokens for engine in models)
+        self.snapshot_tokens = SNAPSHOT_BATCHES * max(max_batch_tokens, longest)
         self._on_fatal = on_fatal
         self._changed = threading.Condition()
-        self._queue: deque[Job] = deque()
+        self._queues: dict[Engine, deque[Job]] = {engine: deque() for engine in models}
+        self._turn = 0
+        """Index (into the models) of the next model to take a snapshot from."""
         self._pending_texts = 0
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
@@ -150,8 +162,10 @@ class Batcher:
                 self._changed.wait()
             if self._closed:
                 raise ServiceUnavailable("the worker is shutting down")
-            job.vectors = np.empty((job.size, self._dimension), dtype=np.float32)
-            self._queue.append(job)
+            if job.engine is None:
+                job.engine = self._default_engine
+            job.vectors = np.empty((job.size, job.engine.metadata.dimension), dtype=np.float32)
+            self._queues[job.engine].append(job)
             self._pending_texts += job.size
             self._changed.notify_all()
 
@@ -176,18 +190,30 @@ class Batcher:
         try:
             while True:
                 with self._changed:
-                    while not self._queue and not self._closed:
+                    while not (queue := self._next_queue()) and not self._closed:
                         self._changed.wait()
-                    if not self._queue:
+                    if not queue:
                         return
-                    snapshot = self._take_snapshot()
+                    snapshot = self._take_snapshot(queue)
                 self._run_snapshot(snapshot)
         except BaseException as exc:  # a bug: report it rather than leave requests hanging
             log.exception("inference thread failed")
             self._on_fatal(exc)
 
-    def _take_snapshot(self) -> list[_SnapshotItem]:
-        """The next texts to run (called with the lock held); fully taken jobs leave the queue."""
+    def _next_queue(self) -> deque[Job] | None:
+        """The queue of the next model with pending jobs, round-robin (lock held); None if all
+        are empty."""
+        queues = list(self._queues.values())
+        for step in range(len(queues)):
+            position = (self._turn + step) % len(queues)
+            if queues[position]:
+                self._turn = position + 1
+                return queues[position]
+        return None
+
+    def _take_snapshot(self, queue: deque[Job]) -> list[_SnapshotItem]:
+        """The next texts to run from one model's ``queue`` (called with the lock held); fully
+        taken jobs leave the queue."""
         snapshot: list[_SnapshotItem] = []
         budget = self.snapshot_tokens
 
@@ -202,13 +228,15 @@ class Batcher:
                 taken += length
                 budget -= length
 
-        take(self._queue[0], self.max_batch_tokens)
+        take(queue[0], self.max_batch_tokens)
         # sorted() is stable: among jobs of equal size the older goes first
-        for job in sorted(self._queue, key=lambda job: job.total_tokens - job.scheduled_tokens):
+        for job in sorted(queue, key=lambda job: job.total_tokens - job.scheduled_tokens):
             if budget <= 0:
                 break
             take(job, budget)
-        self._queue = deque(job for job in self._queue if job.scheduled < job.size)
+        remaining = [job for job in queue if job.scheduled < job.size]
+        queue.clear()
+        queue.extend(remaining)
         return snapshot
 
     def _run_snapshot(self, snapshot: list[_SnapshotItem]) -> None:
@@ -223,8 +251,13 @@ class Batcher:
                 self._changed.notify_all()
 
     def _run_micro_batch(self, items: list[_SnapshotItem]) -> None:
+        engine = items[0][0].engine
+        assert engine is not None  # set by submit; a snapshot holds one model's jobs
         try:
-            vectors = self._engine.run([job.token_ids[index] for job, index in items])
+            vectors = engine.run(
+                [job.token_ids[index] for job, index in items],
+                skip_tokens=[job.skip_tokens for job, _ in items],
+            )
         except Exception as exc:  # one bad run fails its requests, not the worker
             jobs = list(dict.fromkeys(job for job, _ in items))
             if len(jobs) > 1:
@@ -253,8 +286,9 @@ class Batcher:
             # texts not yet in a snapshot will never run: they no longer count as pending
             unscheduled = job.size - job.scheduled
             job.scheduled = job.size
-            if job in self._queue:
-                self._queue.remove(job)
+            queue = self._queues.get(job.engine) if job.engine is not None else None
+            if queue is not None and job in queue:
+                queue.remove(job)
             self._pending_texts -= unscheduled
             self._changed.notify_all()
         self._finish(job)

@@ -100,6 +100,9 @@ class WorkerConfig:
     """Everything the worker can be told; the defaults are the documented ones."""
 
     model_dir: Path = field(default_factory=default_model_dir)
+    """The default model's directory: a request whose ``model`` is nil gets this model."""
+    extra_model_dirs: tuple[Path, ...] = ()
+    """Further models served by the same worker, chosen per request by their id."""
     provider: str = "auto"
     threads: int = field(default_factory=default_threads)
     """ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose."""
@@ -116,6 +119,11 @@ class WorkerConfig:
     """Padded tokens per ONNX Runtime run. Measured on a 2-core CPU: CPU time per token is flat
     or better below this, and the peak RSS grows with it (see engine._session_options)."""
     max_pending_texts: int = 16 * 1024
+
+    @property
+    def model_dirs(self) -> tuple[Path, ...]:
+        """Every model directory, the default one first."""
+        return (self.model_dir, *self.extra_model_dirs)
 
     def limits(self) -> dict[str, int]:
         """The limits as announced in the hello (protocol.md section 7)."""

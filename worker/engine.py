@@ -2,18 +2,21 @@
 
 ::
 
-    texts --tokenize--> token id arrays --plan_micro_batches--> micro-batches (sorted by length,
-          (truncate at      (no padding)                        rows x longest <= max_batch_tokens)
-           max_tokens, or                                            |
-           InvalidInput)                                      run: pad with numpy, ONNX Runtime,
-                                                              mean_pool under the mask
-                                                                     |
-                                                              (n, dimension) float32 (normalised
-                                                              by the caller when asked)
+    texts --prompt text prepended--> tokenize --> token id arrays --plan_micro_batches-->
+          (resolve_prompt: the       (truncate at    (no padding)     micro-batches (sorted by
+           request's or the model's   max_tokens, or                  length, rows x longest
+           default prompt)            InvalidInput)                   <= max_batch_tokens)
+                                                                             |
+          (n, dimension) float32 <-- pool (cls/mean/max/lasttoken) <-- ONNX Runtime <-- run: pad
+          (normalised by the caller      under the pooling mask                       (left or
+           when asked)                   (prompt tokens left out                       right, pad
+                                          when include_prompt is false)                token id)
 
-Every model fact (id, dimension, max tokens, pooling) comes from the directory's metadata; the
-input and output names come from the ONNX graph. ``Engine`` is usable in-process without the
-worker's bridge: ``Engine.load(WorkerConfig()).embed(texts)``.
+Every model fact (id, dimension, max tokens, pooling, prompts, padding side) comes from the
+directory's metadata, which provisioning read from the model's sentence-transformers configs;
+the input and output names come from the ONNX graph. ``Engine`` is usable in-process without
+the worker's bridge: ``Engine.load(WorkerConfig()).embed(texts)``; ``load_engines`` loads every
+model directory of a configuration (the worker's several models).
 
 Loading fails with ``ModelNotFound`` (no usable model directory or files) or
 ``ServiceUnavailable`` (the execution provider asked for is missing); the worker turns either
@@ -34,19 +37,18 @@ import onnxruntime as ort  # type: ignore[import-untyped]
 from tokenizers import Tokenizer
 
 from akidb_embed.errors import InvalidInput, ModelNotFound, ServiceUnavailable
-from akidb_embed.models import ModelMetadata, load_metadata
-from akidb_embed.pooling import l2_normalize, mean_pool
+from akidb_embed.models import POOLING_MODES, ModelMetadata, load_metadata
+from akidb_embed.pooling import l2_normalize, pool, pooling_mask
 from akidb_embed.worker.batcher import plan_micro_batches
 from akidb_embed.worker.config import WorkerConfig
 from akidb_embed.worker.providers import CPU, choose_providers
 
-__all__ = ["MODEL_FILE", "TOKENIZER_FILE", "Engine", "TokenIds"]
+__all__ = ["MODEL_FILE", "TOKENIZER_FILE", "Engine", "TokenIds", "load_engines"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-SUPPORTED_POOLING = "mean"
 
 TokenIds = npt.NDArray[np.int64]
 """The token ids of one text, special tokens included, unpadded."""
@@ -114,15 +116,21 @@ class Engine:
         self._whole.no_truncation()
 
     @classmethod
-    def load(cls, config: WorkerConfig | None = None) -> Engine:
-        """Load the model directory of ``config`` (default settings when omitted) and check that
-        the model produces vectors of the dimension its metadata states."""
+    def load(cls, config: WorkerConfig | None = None, model_dir: Path | None = None) -> Engine:
+        """Load ``model_dir`` (default: the configuration's default model directory) with the
+        settings of ``config`` (default settings when omitted) and check that the model produces
+        vectors of the dimension its metadata states."""
         config = config or WorkerConfig()
-        metadata = load_metadata(config.model_dir)
-        if metadata.pooling != SUPPORTED_POOLING:
+        return cls.open(load_metadata(model_dir or config.model_dir), config)
+
+    @classmethod
+    def open(cls, metadata: ModelMetadata, config: WorkerConfig) -> Engine:
+        """The engine of a model whose metadata is already read (provisioning checks a model
+        directory it is still building this way)."""
+        if metadata.pooling not in POOLING_MODES:
             raise ModelNotFound(
                 f"model {metadata.model} uses {metadata.pooling!r} pooling; "
-                f"this worker implements {SUPPORTED_POOLING!r} only"
+                f"this worker implements {', '.join(POOLING_MODES)}"
             )
         _check_files(metadata)
         providers = choose_providers(
@@ -164,9 +172,30 @@ class Engine:
                 f"its metadata says dimension {self.metadata.dimension}"
             )
 
-    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[TokenIds]:
-        """Token ids of each text, special tokens included. With ``truncate`` false, an input
-        longer than ``max_tokens`` raises ``InvalidInput`` naming its index and length."""
+    def resolve_prompt(self, prompt_name: str | None) -> tuple[str, int]:
+        """The text put before each input for ``prompt_name`` (None: the model's default
+        prompt, if any) and how many leading tokens pooling then skips; ``InvalidInput``
+        listing the model's prompt names for a name it does not have."""
+        metadata = self.metadata
+        name = metadata.default_prompt_name if prompt_name is None else prompt_name
+        if name is None:
+            return "", 0
+        if name not in metadata.prompts:
+            known = ", ".join(repr(n) for n in metadata.prompts)
+            offer = f"its prompts are {known}" if known else "it has no prompts"
+            raise InvalidInput(f"prompt_name {name!r} is not a prompt of {metadata.model}; {offer}")
+        text = metadata.prompts[name]
+        skip = 0 if metadata.include_prompt or not text else metadata.prompt_lengths.get(name, 0)
+        return text, skip
+
+    def tokenize(
+        self, texts: Sequence[str], truncate: bool = True, prompt: str = ""
+    ) -> list[TokenIds]:
+        """Token ids of each text (after ``prompt``), special tokens included. With ``truncate``
+        false, an input longer than ``max_tokens`` raises ``InvalidInput`` naming its index and
+        length."""
+        if prompt:
+            texts = [prompt + text for text in texts]
         if truncate:
             encodings = self._truncating.encode_batch(list(texts))
         else:
@@ -182,29 +211,70 @@ class Engine:
         return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
 
     def run(
-        self, token_ids: Sequence[TokenIds], normalize: bool = False
+        self,
+        token_ids: Sequence[TokenIds],
+        normalize: bool = False,
+        skip_tokens: Sequence[int] | None = None,
     ) -> npt.NDArray[np.float32]:
-        """Vectors of one micro-batch: padded to its longest row, mean-pooled under the mask."""
+        """Vectors of one micro-batch: padded to its longest row on the model's padding side,
+        pooled by the model's mode; ``skip_tokens[i]`` leading tokens of row ``i`` (a prompt)
+        are left out of pooling."""
+        metadata = self.metadata
         longest = max(len(ids) for ids in token_ids)
-        input_ids = np.zeros((len(token_ids), longest), dtype=np.int64)  # pad value is masked out
+        input_ids = np.full((len(token_ids), longest), metadata.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(token_ids), longest), dtype=np.int64)
+        left = metadata.padding_side == "left"
         for row, ids in enumerate(token_ids):
-            input_ids[row, : len(ids)] = ids
-            attention_mask[row, : len(ids)] = 1
+            span = slice(longest - len(ids), longest) if left else slice(0, len(ids))
+            input_ids[row, span] = ids
+            attention_mask[row, span] = 1
         feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
         (hidden,) = self._session.run([self._output_name], feeds)
-        pooled = mean_pool(hidden, attention_mask)
+        mask = pooling_mask(attention_mask, skip_tokens or [0] * len(token_ids))
+        pooled = pool(metadata.pooling, hidden, mask)
         return l2_normalize(pooled) if normalize else pooled
 
     def embed(
-        self, texts: Sequence[str], normalize: bool = True, truncate: bool = True
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        truncate: bool = True,
+        prompt_name: str | None = None,
     ) -> npt.NDArray[np.float32]:
         """The (len(texts), dimension) vectors of ``texts``, in order, run in micro-batches under
-        ``max_batch_tokens`` (in-process use: no worker, no queue)."""
-        token_ids = self.tokenize(texts, truncate)
+        ``max_batch_tokens`` (in-process use: no worker, no queue). ``normalize`` None: the
+        model's default; ``prompt_name`` None: the model's default prompt."""
+        prompt, skip = self.resolve_prompt(prompt_name)
+        token_ids = self.tokenize(texts, truncate, prompt)
+        if normalize is None:
+            normalize = self.metadata.normalize
         result = np.empty((len(texts), self.metadata.dimension), dtype=np.float32)
         for batch in plan_micro_batches([len(ids) for ids in token_ids], self.max_batch_tokens):
-            result[batch] = self.run([token_ids[i] for i in batch], normalize)
+            rows = [token_ids[i] for i in batch]
+            result[batch] = self.run(rows, normalize, [skip] * len(rows))
         return result
+
+
+def load_engines(config: WorkerConfig) -> list[Engine]:
+    """An engine for each model directory of ``config``, the default model first; loading
+    fails (``ModelNotFound`` naming the directory) when two directories hold the same model id
+    or one cannot be loaded."""
+    engines: list[Engine] = []
+    for model_dir in config.model_dirs:
+        try:
+            engine = Engine.load(config, model_dir)
+        except ModelNotFound as exc:
+            message = exc.message
+            if str(model_dir) not in message:
+                message = f"model directory {model_dir}: {message}"
+            raise ModelNotFound(message) from None
+        for other in engines:
+            if other.metadata.model == engine.metadata.model:
+                raise ModelNotFound(
+                    f"model directories {other.metadata.directory} and {model_dir} both hold "
+                    f"{engine.metadata.model!r}; each model may be loaded once"
+                )
+        engines.append(engine)
+    return engines

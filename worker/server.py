@@ -3,9 +3,10 @@
 ::
 
     host --frame--> reader thread --validate--> queue --> batcher (inference thread)
-                     | unpack                               | snapshot, sort by length,
-                     | ping/info: reply at once             | micro-batches under
-                     | embed/health: tokenize, submit       | max_batch_tokens
+                     | unpack                      (one per | round-robin over models,
+                     | ping/info: reply at once     model)  | snapshot, sort by length,
+                     | embed: route by model, prompt,       | micro-batches under
+                     |   tokenize, submit                   | max_batch_tokens
                      | shutdown/EOF: stop reading           v
                      |                                   ONNX Runtime --> vectors
                      v                                      |
@@ -26,7 +27,8 @@ What happens when something fails:
   (then the shutdown's own reply), exit 0. The host closing our stdout: nobody can read
   replies; exit 0.
 * The parent process dies: exit at once (code 0), so a crashed host leaves no orphan.
-* The model or provider cannot load: a hello with ``ok: false``, exit 4 or 5, nothing read.
+* A model or the provider cannot load (or two directories hold the same model id): a hello
+  with ``ok: false`` naming the directory, exit 4 or 5, nothing read.
 
 Nothing from a request is ever used as a path, unpickled or evaluated: requests carry texts and
 flags only.
@@ -127,7 +129,7 @@ class FrameWriter:
 
 
 def _model_info(engine: Engine) -> dict[str, Any]:
-    """AkiDB's ModelInfo, as the hello and the ``info`` reply carry it."""
+    """AkiDB's ModelInfo, as the hello's and the ``info`` reply's ``model`` carry it."""
     metadata = engine.metadata
     return {
         "model": metadata.model,
@@ -136,16 +138,38 @@ def _model_info(engine: Engine) -> dict[str, Any]:
     }
 
 
-def _hello(engine: Engine, config: WorkerConfig) -> dict[str, Any]:
+def _model_entry(engine: Engine) -> dict[str, Any]:
+    """One model of the hello's and the ``info`` reply's ``models`` list."""
+    metadata = engine.metadata
+    return {
+        **_model_info(engine),
+        "normalize_default": metadata.normalize,
+        "pooling": metadata.pooling,
+        "prompts": list(metadata.prompts),
+        "default_prompt_name": metadata.default_prompt_name,
+    }
+
+
+def _served_models(engines: list[Engine]) -> dict[str, Any]:
+    """What the hello and the ``info`` reply say of the models: the default model's fields of
+    protocol 1's first release, and every model in ``models``."""
+    default = engines[0]
+    return {
+        "model": _model_info(default),
+        "normalize_default": default.metadata.normalize,
+        "models": [_model_entry(engine) for engine in engines],
+        "providers": default.providers,
+    }
+
+
+def _hello(engines: list[Engine], config: WorkerConfig) -> dict[str, Any]:
     return {
         "op": "hello",
         "ok": True,
         "protocol": PROTOCOL_VERSION,
         "worker_version": __version__,
         "pid": os.getpid(),
-        "model": _model_info(engine),
-        "normalize_default": engine.metadata.normalize,
-        "providers": engine.providers,
+        **_served_models(engines),
         "limits": config.limits(),
     }
 
@@ -162,29 +186,30 @@ def _failed_hello(error: EmbeddingError) -> dict[str, Any]:
 
 
 def serve(config: WorkerConfig, protocol_in: int, protocol_out: int) -> int:
-    """Load the model, send the hello, serve until told to stop; returns the exit code."""
+    """Load the models, send the hello, serve until told to stop; returns the exit code."""
     parent_pid = os.getppid()  # before loading: a parent dying meanwhile is noticed too
     writer = FrameWriter(protocol_out)
     log.info("starting: %s", config.describe())
     started = time.perf_counter()
     try:
         # imported here so that a missing onnxruntime or tokenizers becomes a failed hello
-        from akidb_embed.worker.engine import Engine
+        from akidb_embed.worker.engine import load_engines
 
-        engine = Engine.load(config)
+        engines = load_engines(config)
     except ImportError as exc:
         error: EmbeddingError = ServiceUnavailable(f"missing dependency: {exc}")
     except EmbeddingError as exc:
         error = exc
     else:
         log.info(
-            "model %s loaded in %.2f s, providers %s",
-            engine.metadata.model,
+            "model%s %s loaded in %.2f s, providers %s",
+            "s" if len(engines) > 1 else "",
+            ", ".join(engine.metadata.model for engine in engines),
             time.perf_counter() - started,
-            ", ".join(engine.providers),
+            ", ".join(engines[0].providers),
         )
-        writer.send(_hello(engine, config))
-        return _Server(engine, config, writer, protocol_in).run(parent_pid)
+        writer.send(_hello(engines, config))
+        return _Server(engines, config, writer, protocol_in).run(parent_pid)
     log.error("cannot start: %s", error.message)
     writer.send(_failed_hello(error))
     return EXIT_MODEL_NOT_FOUND if isinstance(error, ModelNotFound) else EXIT_UNAVAILABLE
@@ -194,17 +219,18 @@ class _Server:
     """The running worker: reader thread, batcher, parent watch; the main thread waits."""
 
     def __init__(
-        self, engine: Engine, config: WorkerConfig, writer: FrameWriter, protocol_in: int
+        self, engines: list[Engine], config: WorkerConfig, writer: FrameWriter, protocol_in: int
     ) -> None:
-        self._engine = engine
+        self._engines = engines
+        self._by_model = {engine.metadata.model: engine for engine in engines}
+        self._model_ids = list(self._by_model)
         self._config = config
         self._writer = writer
         self._writer.on_broken = lambda: self._stop(EXIT_OK, "the host closed our stdout")
         self._input = os.fdopen(protocol_in, "rb")
         self._limits = RequestLimits(config.max_texts_per_request, config.max_text_bytes)
-        self._model = engine.metadata.model
         self._batcher = Batcher(
-            engine,
+            engines,
             max_batch_tokens=config.max_batch_tokens,
             max_pending_texts=config.max_pending_texts,
             on_fatal=lambda exc: self._stop(EXIT_INTERNAL, f"inference thread failed: {exc}"),
@@ -284,7 +310,7 @@ class _Server:
 
     def _handle(self, payload: bytes, received_at: float) -> None:
         try:
-            request = parse_request(unpack(payload), self._limits, self._model)
+            request = parse_request(unpack(payload), self._limits, self._model_ids)
         except MalformedMessage as exc:
             self._writer.send(error_reply(None, exc))
             return
@@ -299,29 +325,33 @@ class _Server:
             self._shutdown_id = request.id
             self._stop(EXIT_OK, "shutdown request")
         elif isinstance(request, EmbedRequest):
-            self._submit(
-                request.id,
-                request.inputs,
-                request.normalize,
-                request.truncate,
-                received_at,
-                self._embed_done,
-            )
+            self._submit(request, received_at, self._embed_done)
         else:  # health: one fixed sentence through the same queue and batches as any request
-            self._submit(request.id, [HEALTH_SENTENCE], True, True, received_at, self._health_done)
+            health = EmbedRequest(
+                request.id, [HEALTH_SENTENCE], self._model_ids[0], normalize=True, truncate=True
+            )
+            self._submit(health, received_at, self._health_done)
 
     def _submit(
-        self,
-        request_id: int,
-        inputs: list[str],
-        normalize: bool,
-        truncate: bool,
-        received_at: float,
-        on_done: Callable[[Job], None],
+        self, request: EmbedRequest, received_at: float, on_done: Callable[[Job], None]
     ) -> None:
+        request_id = request.id
+        engine = self._by_model[request.model]
         try:
-            token_ids = self._engine.tokenize(inputs, truncate)
-            job = Job(request_id, token_ids, normalize, on_done, received_at=received_at)
+            prompt, skip_tokens = engine.resolve_prompt(request.prompt_name)
+            token_ids = engine.tokenize(request.inputs, request.truncate, prompt)
+            normalize = (
+                engine.metadata.normalize if request.normalize is None else request.normalize
+            )
+            job = Job(
+                request_id,
+                token_ids,
+                normalize,
+                on_done,
+                received_at=received_at,
+                engine=engine,
+                skip_tokens=skip_tokens,
+            )
             self._batcher.submit(job)
         except EmbeddingError as error:
             self._writer.send(error_reply(request_id, error))
@@ -332,13 +362,8 @@ class _Server:
     # -- replies (inference thread) ------------------------------------------------------
 
     def _info_reply(self, request_id: int) -> dict[str, Any]:
-        return {
-            "id": request_id,
-            "ok": True,
-            **_model_info(self._engine),
-            "normalize_default": self._engine.metadata.normalize,
-            "providers": self._engine.providers,
-        }
+        served = _served_models(self._engines)
+        return {"id": request_id, "ok": True, **served.pop("model"), **served}
 
     def _embed_done(self, job: Job) -> None:
         if job.error is not None or job.vectors is None:
@@ -348,7 +373,7 @@ class _Server:
             {
                 "id": job.request_id,
                 "ok": True,
-                "model": self._model,
+                "model": job.engine.metadata.model if job.engine else self._model_ids[0],
                 "shape": list(job.vectors.shape),
                 "embeddings": embeddings_to_bytes(job.vectors),
                 "usage": {
@@ -363,7 +388,7 @@ class _Server:
             self._writer.send(error_reply(job.request_id, job.error or Internal("no vectors")))
             return
         vector = job.vectors[0]
-        dimension = self._engine.metadata.dimension
+        dimension = self._engines[0].metadata.dimension
         norm = float(np.linalg.norm(vector))
         if vector.shape != (dimension,):
             problem = f"vector has shape {vector.shape}, expected ({dimension},)"

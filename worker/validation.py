@@ -2,12 +2,14 @@
 
 Pure functions of the message and the worker's limits (protocol.md sections 4 and 5), so that
 a property test can throw arbitrary maps at them. The envelope (``id``, ``op``) failing is a
-``protocol_error``; an embed's fields failing is ``invalid_input``, or ``model_not_found`` for
-another model's name. The error carries the request's id whenever it could be read.
+``protocol_error``; an embed's fields failing is ``invalid_input``, or ``model_not_found`` for a
+model the worker has not loaded (the message lists the loaded ids). The error carries the
+request's id whenever it could be read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +50,13 @@ class OpRequest:
 class EmbedRequest:
     id: int
     inputs: list[str]
-    normalize: bool
+    model: str
+    """A loaded model's id (nil in the request: the default model's)."""
+    normalize: bool | None
+    """None: the model's default."""
     truncate: bool
+    prompt_name: str | None = None
+    """None: the model's default prompt, if it has one."""
     op: str = "embed"
 
 
@@ -79,12 +86,19 @@ def _is_request_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REQUEST_ID
 
 
-def _optional_bool(message: dict[str, Any], name: str, default: bool) -> bool:
+def _optional_bool(message: dict[str, Any], name: str, default: bool | None) -> bool | None:
     value = message.get(name)
     if value is None:
         return default
     if not isinstance(value, bool):
         raise InvalidInput(f"{name} must be a bool, not {_type_name(value)}")
+    return value
+
+
+def _optional_str(message: dict[str, Any], name: str) -> str | None:
+    value = message.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string or nil, not {_type_name(value)}")
     return value
 
 
@@ -114,26 +128,30 @@ def _inputs(message: dict[str, Any], limits: RequestLimits) -> list[str]:
     return inputs
 
 
-def _embed(request_id: int, message: dict[str, Any], limits: RequestLimits, model: str) -> Request:
+def _embed(
+    request_id: int, message: dict[str, Any], limits: RequestLimits, models: Sequence[str]
+) -> Request:
     inputs = _inputs(message, limits)
-    requested_model = message.get("model")
-    if requested_model is not None:
-        if not isinstance(requested_model, str):
-            raise InvalidInput(f"model must be a string or nil, not {_type_name(requested_model)}")
-        if requested_model != model:
-            raise ModelNotFound(
-                f"model {_quote(requested_model)} is not loaded; this worker serves {model!r}"
-            )
+    requested_model = _optional_str(message, "model")
+    if requested_model is not None and requested_model not in models:
+        served = ", ".join(repr(model) for model in models)
+        raise ModelNotFound(
+            f"model {_quote(requested_model)} is not loaded; this worker serves {served}"
+        )
+    truncate = _optional_bool(message, "truncate", True)
     return EmbedRequest(
         id=request_id,
         inputs=inputs,
-        normalize=_optional_bool(message, "normalize", True),
-        truncate=_optional_bool(message, "truncate", True),
+        model=models[0] if requested_model is None else requested_model,
+        normalize=_optional_bool(message, "normalize", None),
+        truncate=bool(truncate),
+        prompt_name=_optional_str(message, "prompt_name"),
     )
 
 
-def parse_request(message: dict[str, Any], limits: RequestLimits, model: str) -> Request:
-    """The request held by ``message`` (one decoded frame), or ``RejectedRequest``."""
+def parse_request(message: dict[str, Any], limits: RequestLimits, models: Sequence[str]) -> Request:
+    """The request held by ``message`` (one decoded frame), or ``RejectedRequest``. ``models``
+    are the ids of the loaded models, the default (answered for a nil ``model``) first."""
     request_id = message.get("id")
     if not _is_request_id(request_id):
         problem = "missing" if "id" not in message else f"not a uint64: {_quote(request_id)}"
@@ -148,6 +166,6 @@ def parse_request(message: dict[str, Any], limits: RequestLimits, model: str) ->
     if op != "embed":
         return OpRequest(id=request_id, op=op)
     try:
-        return _embed(request_id, message, limits, model)
+        return _embed(request_id, message, limits, models)
     except EmbeddingError as error:
         raise RejectedRequest(request_id, error) from None
