@@ -727,6 +727,19 @@ fn on_a_thread_within(test: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// Whether process `pid` is gone or a zombie within a few seconds (it may still be tearing
+/// down its memory when a SIGKILL has just been sent).
+fn dies_soon(pid: u32) -> bool {
+    (0..200).any(|_| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let dead = stat.is_empty() || stat.contains(") Z ");
+        if !dead {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dead
+    })
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -783,8 +796,87 @@ fn a_dropped_runtime_fails_every_call_at_once_with_service_unavailable() {
         // a hang guard, not a timing test: the calls fail at once, measured in the report
         assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
         assert_eq!(client.worker_pid(), None);
-        // the worker was killed with its runtime (it may stay a zombie until reaped)
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        assert!(state.is_empty() || state.contains(") Z "), "worker {pid}: {state}");
+        // the worker was killed with its runtime (a zombie until some runtime reaps it)
+        assert!(dies_soon(pid), "worker {pid} still runs");
     });
+}
+
+const SECOND_MODEL: &str = "akidb-embed-test/minilm-with-a-prompt";
+
+/// A second model directory: the provisioned model's files (hard links) under another id and
+/// with one prompt, `query` = "query: " (pooled with the input, as its metadata says).
+fn second_model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("second-model");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["model.onnx", "tokenizer.json", "golden.json"] {
+            let (from, to) = (model_dir().join(file), dir.join(file));
+            std::fs::hard_link(&from, &to)
+                .or_else(|_| std::fs::copy(&from, &to).map(drop))
+                .unwrap();
+        }
+        let text = std::fs::read_to_string(model_dir().join("akidb-embed.json")).unwrap();
+        let mut metadata: serde_json::Value = serde_json::from_str(&text).unwrap();
+        metadata["format"] = 2.into();
+        metadata["model"] = SECOND_MODEL.into();
+        metadata["prompts"] = serde_json::json!({"query": "query: "});
+        metadata["include_prompt"] = true.into();
+        std::fs::write(dir.join("akidb-embed.json"), metadata.to_string()).unwrap();
+        dir
+    })
+    .clone()
+}
+
+#[tokio::test]
+async fn two_models_are_served_by_name_with_their_prompts() {
+    within(async {
+        let golden = golden();
+        let default_model = metadata().model;
+        let config = WorkerConfig {
+            model_dirs: vec![model_dir(), second_model_dir()],
+            expected_model: Some(default_model.clone()),
+            ..config()
+        };
+        let client = spawn(config).await;
+        let models = client.models().unwrap();
+        let ids: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
+        assert_eq!(ids, [default_model.as_str(), SECOND_MODEL]);
+        assert_eq!(models[1].prompts, ["query"]);
+        assert_eq!(
+            (models[1].pooling.as_deref(), models[1].normalize_default),
+            (Some("mean"), true)
+        );
+        assert_eq!(client.model_info().await.unwrap().model, default_model);
+        assert_eq!(client.model_info_for(SECOND_MODEL).unwrap().dimension, 384);
+
+        // each request is served by the model it names, the default one for an empty name
+        let second = client.embed_batch(request(SECOND_MODEL, &golden.sentences)).await.unwrap();
+        assert_eq!(second.model, SECOND_MODEL);
+        assert_close(&second.embeddings, &golden.embeddings); // the same weights
+        let default = client.embed_batch(request("", &golden.sentences[..2])).await.unwrap();
+        assert_eq!(default.model, default_model);
+
+        // a prompt name puts the prompt's text before every input
+        let texts = ["a cat sits on the mat".to_owned(), "stock markets fell".to_owned()];
+        let query = EmbedOptions { prompt_name: Some("query".into()), ..EmbedOptions::default() };
+        let prompted =
+            client.embed_batch_with(request(SECOND_MODEL, &texts), &query).await.unwrap();
+        let by_hand: Vec<String> = texts.iter().map(|text| format!("query: {text}")).collect();
+        let spelled_out = client.embed_batch(request(SECOND_MODEL, &by_hand)).await.unwrap();
+        assert_close(&prompted.embeddings, &spelled_out.embeddings);
+        let plain = client.embed_batch(request(SECOND_MODEL, &texts)).await.unwrap();
+        assert!(cosine(&prompted.embeddings[0], &plain.embeddings[0]) < 0.999, "the prompt counts");
+
+        let unknown = EmbedOptions { prompt_name: Some("passage".into()), ..query.clone() };
+        match client.embed_batch_with(request(SECOND_MODEL, &texts), &unknown).await {
+            Err(EmbeddingError::InvalidInput(message)) => {
+                assert!(message.contains("query"), "the message lists the prompts: {message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        client.close().await;
+    })
+    .await;
 }
