@@ -13,7 +13,7 @@ use crate::config::WorkerConfig;
 use crate::supervisor::Service;
 use crate::types::{
     BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
-    EmbeddingResult, ModelDescription, ModelInfo, Usage, EMPTY_BATCH_MESSAGE,
+    EmbeddingResult, FlatEmbeddings, ModelDescription, ModelInfo, Usage, EMPTY_BATCH_MESSAGE,
 };
 use crate::wire::{
     self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, ReadyHello, ReplyEnvelope,
@@ -82,6 +82,54 @@ impl WorkerClient {
         request: BatchEmbeddingRequest,
         options: &EmbedOptions,
     ) -> EmbeddingResult<BatchEmbeddingResponse> {
+        // Empty vectors do not allocate; each is replaced by its row.
+        let mut embeddings = vec![Vec::new(); request.inputs.len()];
+        let (model, usage) = self
+            .embed_rows(request, options, |caller_index, row, dimension| {
+                let vector = &mut embeddings[caller_index];
+                vector.reserve_exact(dimension);
+                wire::decode_row(row, vector);
+                Ok(())
+            })
+            .await?;
+        Ok(BatchEmbeddingResponse { model, embeddings, usage })
+    }
+
+    /// [`embed_batch_with`](Self::embed_batch_with) with every vector in one buffer.
+    pub async fn embed_flat(
+        &self,
+        request: BatchEmbeddingRequest,
+        options: &EmbedOptions,
+    ) -> EmbeddingResult<FlatEmbeddings> {
+        let texts = request.inputs.len();
+        let mut values = Vec::new();
+        let mut known_dimension = None;
+        let (model, usage) = self
+            .embed_rows(request, options, |caller_index, row, dimension| {
+                if *known_dimension.get_or_insert(dimension) != dimension {
+                    return Err(wire::protocol_violation("replies of different dimensions"));
+                }
+                if values.is_empty() {
+                    values = vec![0.0; texts * dimension];
+                }
+                let start = caller_index * dimension;
+                wire::decode_row_into(row, &mut values[start..start + dimension]);
+                Ok(())
+            })
+            .await?;
+        let dimension = known_dimension.unwrap_or_default();
+        Ok(FlatEmbeddings { model, dimension, values, usage })
+    }
+
+    /// The embedding calls' one path: checks, sorts and splits the batch, submits its chunks,
+    /// and hands each reply's rows to `place` with the caller's index of their text and the
+    /// dimension; returns the serving model and the summed usage.
+    async fn embed_rows(
+        &self,
+        request: BatchEmbeddingRequest,
+        options: &EmbedOptions,
+        mut place: impl FnMut(usize, &[u8], usize) -> EmbeddingResult<()>,
+    ) -> EmbeddingResult<(String, Usage)> {
         if request.inputs.is_empty() {
             return Err(EmbeddingError::InvalidInput(EMPTY_BATCH_MESSAGE.into()));
         }
@@ -95,7 +143,6 @@ impl WorkerClient {
         };
         plan.check_text_sizes(&request.inputs)?;
         let BatchEmbeddingRequest { model: request_model, inputs, normalize } = request;
-        let total_texts = inputs.len();
         let (order, texts) = shortest_first(inputs);
         let model = Some(request_model.as_str()).filter(|model| !model.is_empty());
 
@@ -123,8 +170,6 @@ impl WorkerClient {
         // The frames hold the texts now (and are what a new worker would be sent).
         drop(texts);
 
-        // Empty vectors do not allocate; each is replaced by its row, moved, not copied.
-        let mut embeddings = vec![Vec::new(); total_texts];
         let mut usage = Usage::default();
         let mut reply_model = None;
         for (range, pending) in replies {
@@ -140,17 +185,16 @@ impl WorkerClient {
                     sent_order.len()
                 )));
             }
-            let rows = wire::embeddings_from_bytes(reply.embeddings, count, dimension)?;
-            for (row, &caller_index) in rows.into_iter().zip(sent_order) {
-                embeddings[caller_index] = row;
+            let rows = wire::embedding_rows(reply.embeddings, count, dimension)?;
+            for (row, &caller_index) in rows.zip(sent_order) {
+                place(caller_index, row, dimension)?;
             }
             let reply_usage = Usage::from(reply.usage);
             usage.total_tokens += reply_usage.total_tokens;
             usage.duration_ms = usage.duration_ms.max(reply_usage.duration_ms);
             reply_model.get_or_insert(reply.model);
         }
-        let model = reply_model.unwrap_or(request_model);
-        Ok(BatchEmbeddingResponse { model, embeddings, usage })
+        Ok((reply_model.unwrap_or(request_model), usage))
     }
 
     /// The default model's id, dimension and token limit, from the worker's hello (no round

@@ -146,6 +146,32 @@ pub struct BatchEmbeddingResponse {
     pub usage: Usage,
 }
 
+/// A batch's vectors in one buffer instead of one `Vec` each (an extra beside AkiDB's
+/// [`BatchEmbeddingResponse`]: one allocation for the whole batch, rows contiguous for a copy
+/// into an index or a matrix library).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatEmbeddings {
+    /// The model that produced the vectors.
+    pub model: String,
+    /// Values per vector.
+    pub dimension: usize,
+    /// `inputs.len() * dimension` values, row-major: row `i` is the vector of `inputs[i]`.
+    pub values: Vec<f32>,
+    pub usage: Usage,
+}
+
+impl FlatEmbeddings {
+    /// The vector of `inputs[index]`.
+    pub fn row(&self, index: usize) -> &[f32] {
+        &self.values[index * self.dimension..(index + 1) * self.dimension]
+    }
+
+    /// Every vector, in the order of the inputs.
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.values.chunks_exact(self.dimension.max(1))
+    }
+}
+
 /// AkiDB's `Usage`.
 ///
 /// `duration_ms` runs from the worker reading the request to the worker writing the reply,

@@ -358,13 +358,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(payload))
 }
 
-/// The `count` vectors of `dimension` values held by `data` (row-major little-endian f32), in
-/// one pass over the bytes; a length that does not match the shape is a protocol violation.
-pub fn embeddings_from_bytes(
+/// The `count` rows of `dimension` values held by `data` (row-major little-endian f32), each
+/// as its bytes; a length that does not match the shape is a protocol violation.
+pub fn embedding_rows(
     data: &[u8],
     count: usize,
     dimension: usize,
-) -> EmbeddingResult<Vec<Vec<f32>>> {
+) -> EmbeddingResult<std::slice::ChunksExact<'_, u8>> {
     let expected = count.checked_mul(dimension).and_then(|n| n.checked_mul(BYTES_PER_VALUE));
     if expected != Some(data.len()) || (dimension == 0 && count != 0) {
         return Err(protocol_violation(&format!(
@@ -373,15 +373,36 @@ pub fn embeddings_from_bytes(
             count.saturating_mul(dimension).saturating_mul(BYTES_PER_VALUE)
         )));
     }
-    if count == 0 {
-        return Ok(Vec::new());
+    Ok(data.chunks_exact((dimension * BYTES_PER_VALUE).max(1)))
+}
+
+/// The values of one row's bytes, appended to `values`.
+pub fn decode_row(row: &[u8], values: &mut Vec<f32>) {
+    values.extend(row.chunks_exact(BYTES_PER_VALUE).map(value_of));
+}
+
+/// The values of one row's bytes, written over `values` (of the row's length).
+pub fn decode_row_into(row: &[u8], values: &mut [f32]) {
+    for (value, bytes) in values.iter_mut().zip(row.chunks_exact(BYTES_PER_VALUE)) {
+        *value = value_of(bytes);
     }
-    Ok(data
-        .chunks_exact(dimension * BYTES_PER_VALUE)
+}
+
+fn value_of(bytes: &[u8]) -> f32 {
+    f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+/// The `count` vectors of `dimension` values held by `data`, in one pass over the bytes.
+pub fn embeddings_from_bytes(
+    data: &[u8],
+    count: usize,
+    dimension: usize,
+) -> EmbeddingResult<Vec<Vec<f32>>> {
+    Ok(embedding_rows(data, count, dimension)?
         .map(|row| {
-            row.chunks_exact(BYTES_PER_VALUE)
-                .map(|value| f32::from_le_bytes([value[0], value[1], value[2], value[3]]))
-                .collect()
+            let mut values = Vec::with_capacity(dimension);
+            decode_row(row, &mut values);
+            values
         })
         .collect())
 }

@@ -356,6 +356,11 @@ async fn a_mixed_length_batch_split_and_sent_shortest_first_comes_back_in_order(
         let response = client.embed_batch(request("", &texts)).await.unwrap();
         assert_close(&response.embeddings, &want);
         assert_eq!(response.usage.total_tokens, 2 * golden.token_counts.iter().sum::<usize>());
+        // the same in one flat buffer
+        let flat = client.embed_flat(request("", &texts), &EmbedOptions::default()).await.unwrap();
+        assert_eq!((flat.dimension, flat.values.len()), (384, texts.len() * 384));
+        assert_close(&flat.rows().map(<[f32]>::to_vec).collect::<Vec<_>>(), &want);
+        assert_eq!(flat.usage.total_tokens, response.usage.total_tokens);
         client.close().await;
     })
     .await;
