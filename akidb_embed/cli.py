@@ -168,6 +168,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.two_models:
+        from akidb_embed.bench.two_models import run_two_model_benchmark
+        from akidb_embed.worker.config import default_threads
+
+        model_dirs = args.model_dir or []
+        return run_two_model_benchmark(
+            model_dir=model_dirs[0] if model_dirs else None,
+            second_model_dir=model_dirs[1] if len(model_dirs) > 1 else None,
+            threads=default_threads() or 2,
+            calls=min(args.single_calls, 32) if args.quick else args.single_calls,
+            output=args.output.with_name("bench-two-models.json"),
+        )
     from akidb_embed.bench.runner import run_benchmark
 
     return run_benchmark(
@@ -231,6 +243,12 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, default=Path("bench-results/bench.json"), help="JSON results"
     )
     bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    bench.add_argument(
+        "--two-models",
+        action="store_true",
+        help="one worker serving two models against two one-model workers (the second "
+        "--model-dir, else the default model provisioned again under another id)",
+    )
     bench.set_defaults(run=_cmd_bench)
     return parser
 

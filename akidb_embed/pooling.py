@@ -37,7 +37,7 @@ def pooling_mask(attention_mask: Mask, skip_tokens: Sequence[int]) -> Mask:
     (a prompt that pooling leaves out), whichever side the row is padded on."""
     if not any(skip_tokens):
         return attention_mask
-    mask = attention_mask.copy()
+    mask: Mask = attention_mask.copy()
     first_real = attention_mask.argmax(axis=1)
     positions = np.arange(mask.shape[1])[np.newaxis, :]
     skip = np.asarray(skip_tokens)[:, np.newaxis]
@@ -69,7 +69,8 @@ def pool(mode: str, last_hidden_state: Hidden, mask: Mask) -> npt.NDArray[np.flo
         return np.ascontiguousarray(hidden[rows, mask.argmax(axis=1)])
     if mode == "max":
         kept = mask.astype(bool)[:, :, np.newaxis]
-        return np.where(kept, hidden, np.float32(-np.inf)).max(axis=1).astype(np.float32)
+        maxed: npt.NDArray[np.float32] = np.where(kept, hidden, np.float32(-np.inf)).max(axis=1)
+        return maxed.astype(np.float32, copy=False)
     if mode == "lasttoken":
         tokens = mask.shape[1]
         from_end = mask[:, ::-1].argmax(axis=1)

@@ -211,7 +211,16 @@ def reference_embeddings(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    model = SentenceTransformer(str(reference_dir), device="cpu", local_files_only=True)
+    import torch
+
+    # float32 whatever config.json declares: a bfloat16 reference would differ from the ONNX
+    # export (float32) by more than the threshold
+    model = SentenceTransformer(
+        str(reference_dir),
+        device="cpu",
+        local_files_only=True,
+        model_kwargs={"dtype": torch.float32},
+    )
     ends_normalized = type(model[len(model) - 1]).__name__ == "Normalize"
 
     def encode(mode: Mode) -> npt.NDArray[np.float32]:

@@ -278,6 +278,29 @@ def _golden_and_parity(source: Source, engine: Engine, build: Path, log: Log) ->
     return record
 
 
+def _tokenizer_as_loaded(transformer_dir: Path, build: Path) -> Path:
+    """The tokenizer.json sentence-transformers would run. transformers (5 and later) rebuilds a
+    tokenizer's normaliser and pre-tokenizer from tokenizer_config.json (``do_lower_case``, for
+    one), so the shipped tokenizer.json alone can split texts otherwise than sentence-transformers
+    does: when transformers is installed, the tokenizer it loads is written out and used; without
+    it, the shipped file as it is."""
+    shipped = transformer_dir / TOKENIZER_FILE
+    if importlib.util.find_spec("transformers") is None:
+        return shipped
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(transformer_dir), local_files_only=True)
+        text = loaded.backend_tokenizer.to_str()
+    except Exception as exc:  # transformers raises many unrelated types for unreadable files
+        message = f"transformers cannot load the tokenizer of {transformer_dir}: {exc}"
+        raise ProvisionError(message) from None
+    as_loaded = build / f"{TOKENIZER_FILE}.as-loaded"
+    as_loaded.write_text(text, encoding="utf-8")
+    return as_loaded
+
+
 def _file_records(build: Path, names: Sequence[str]) -> dict[str, FileRecord]:
     return {
         name: FileRecord(sha256=file_sha256(build / name), bytes=(build / name).stat().st_size)
@@ -293,18 +316,21 @@ def _build(source: Source, target: Path, build: Path, log: Log) -> None:
         raise ProvisionError(str(exc)) from None
     source_record: dict[str, Any] = {"kind": source.kind, **source.details}
     if source.onnx_path is None:
-        from akidb_embed.models.export import export_onnx
+        from akidb_embed.models.export import ExportError, export_onnx
 
         log(f"exporting {source.model_id} to ONNX from {source.config_dir} (torch, offline)")
         weights_dir = source.config_dir / config.transformer_dir
-        source_record.update(export_onnx(weights_dir, build / MODEL_FILE))
+        try:
+            source_record.update(export_onnx(weights_dir, build / MODEL_FILE))
+        except ExportError as exc:
+            raise ProvisionError(f"cannot export {weights_dir}: {exc}") from None
     else:
         log(f"copying {source.onnx_path}")
         shutil.copyfile(source.onnx_path, build / MODEL_FILE)
-    tokenizer_source = source.config_dir / config.transformer_dir / TOKENIZER_FILE
-    if not tokenizer_source.is_file():
-        tokenizer_source = source.config_dir / TOKENIZER_FILE
+    tokenizer_source = _tokenizer_as_loaded(source.config_dir / config.transformer_dir, build)
     prepare_tokenizer(tokenizer_source, build / TOKENIZER_FILE, config)
+    if tokenizer_source.parent == build:
+        tokenizer_source.unlink()
     facts = tokenizer_facts(build / TOKENIZER_FILE, config)
     metadata = ModelMetadata(
         directory=build,

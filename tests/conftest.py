@@ -186,3 +186,25 @@ def shared_worker(metadata: ModelMetadata) -> Iterator[RawWorker]:
     worker = RawWorker()
     yield worker
     worker.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelMetadata]:
+    """Every served tiny random-weight model of ``st_fixtures``, built and provisioned through
+    the real provisioning (export, parity gate in every mode): its metadata by fixture name.
+    The model id recorded is the fixture's name."""
+    from st_fixtures import FIXTURES
+
+    from akidb_embed.models.provision import provision
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    provisioned = {}
+    for name, spec in FIXTURES.items():
+        if spec.refused is not None:
+            continue
+        source = spec.build(root / "sources" / name)
+        result = provision(
+            root / "models" / name, source_dir=source, model_id=name, log=lambda message: None
+        )
+        provisioned[name] = result.metadata
+    return provisioned

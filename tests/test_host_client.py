@@ -117,9 +117,9 @@ def test_health_check_and_ping_answer(client: EmbeddingClient) -> None:
 def test_empty_batch_is_invalid_input_as_akidb_providers_answer_it(
     client: EmbeddingClient, metadata: ModelMetadata
 ) -> None:
-    with pytest.raises(InvalidInput, match="^empty input batch$"):
+    with pytest.raises(InvalidInput, match=r"^empty input batch$"):
         client.embed_batch(BatchEmbeddingRequest(metadata.model, []))
-    with pytest.raises(InvalidInput, match="^empty input batch$"):
+    with pytest.raises(InvalidInput, match=r"^empty input batch$"):
         client.embed([])
     assert client.stats().in_flight_texts == 0
 
@@ -305,7 +305,7 @@ def test_async_client_serves_many_concurrent_tasks(
             )
             assert await client.models() == [await client.model_info()]
             assert await client.health_check() is True
-            with pytest.raises(InvalidInput, match="^empty input batch$"):
+            with pytest.raises(InvalidInput, match=r"^empty input batch$"):
                 await client.embed([])
 
             async def task(index: int) -> float:

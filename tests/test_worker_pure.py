@@ -171,7 +171,7 @@ def test_unknown_model_is_refused_naming_every_loaded_model() -> None:
         ({"id": 4, "op": "embed", "inputs": ["a"], "model": "x"}, 4, ModelNotFound, "'x'"),
         ({"id": 4, "op": "embed", "inputs": ["a"], "normalize": 1}, 4, InvalidInput, "normalize"),
         ({"id": 4, "op": "embed", "inputs": ["a"], "truncate": "no"}, 4, InvalidInput, "truncate"),
-        ({"id": 4, "op": "embed", "inputs": ["a"], "prompt_name": 3}, 4, InvalidInput, "prompt_name"),
+        ({"id": 4, "op": "embed", "inputs": ["a"], "prompt_name": 3}, 4, InvalidInput, "prompt"),
     ],
 )
 def test_invalid_request_is_rejected_with_its_id_when_readable(

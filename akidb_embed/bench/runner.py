@@ -42,7 +42,7 @@ import numpy as np
 from akidb_embed.bench.corpus import build_corpus, corpus_digest
 from akidb_embed.models import load_metadata
 
-__all__ = ["run_benchmark"]
+__all__ = ["CONCURRENT_CALLERS", "peak_rss_mb", "run_benchmark"]
 
 CONCURRENT_CALLERS = 16
 COLD_START_RUNS = 3
@@ -167,7 +167,7 @@ class _JsonLinesBaseline:
         self._process.wait(timeout=30)
 
 
-def _peak_rss_mb(pid: int) -> float | None:
+def peak_rss_mb(pid: int) -> float | None:
     """The high-water resident set of a live process, where /proc tells it (Linux)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -331,7 +331,7 @@ def run_benchmark(
     with EmbeddingClient(metadata.directory, provider=provider, threads=threads) as client:
         measure("bridge", client.embed)
         pid = client.stats().worker_pid
-        rss = _peak_rss_mb(pid) if pid is not None else None
+        rss = peak_rss_mb(pid) if pid is not None else None
         if rss is not None:
             results.put("worker", "peak_rss_mb", "bridge", rss)
 
