@@ -94,6 +94,13 @@ def test_quick_bench_measures_every_implementation_side_by_side(tmp_path: Path) 
     assert "st" in figures["bulk"]["texts_per_s"]  # sentence-transformers is in the dev set-up
     assert figures["worker"]["peak_rss_mb"]["bridge"] > 0
     assert "ratio to in-process" in result.stdout
+    # the Rust client's column, or the reason it is missing (no cargo, not a checkout)
+    notes = json.loads(output.read_text())["notes"]
+    if "rust" in figures["bulk"]["texts_per_s"]:
+        assert figures["single"]["p50_ms"]["rust"] > 0
+        assert figures["concurrent x16"]["requests_per_s"]["rust"] > 0
+    else:
+        assert any(note.startswith("rust column omitted: ") for note in notes), notes
 
 
 def test_readme_python_example_runs_as_written() -> None:

@@ -7,6 +7,8 @@ Implementations, all on the same model file with the same ONNX Runtime thread co
     jsonl           a JSON-lines subprocess, one request at a time, floats as text (the naive
                     design the bridge replaces)
     st              sentence-transformers in PyTorch, when it is importable
+    rust            the Rust crate's client (host_client/rust, example `roundtrip`) -> worker
+                    process, when cargo and the checkout's .ci/cargo-offline are there
 
 Workloads:
 
@@ -23,9 +25,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +46,8 @@ __all__ = ["CONCURRENT_CALLERS", "peak_rss_mb", "run_benchmark"]
 
 CONCURRENT_CALLERS = 16
 COLD_START_RUNS = 3
+CHECKOUT = Path(__file__).resolve().parents[2]
+RUST_TIMEOUT = 1800  # seconds: a first release build of the crate and its dependencies
 EmbedFn = Callable[[Sequence[str]], Any]
 
 
@@ -199,6 +205,47 @@ def _sentence_transformers(weights: Path, threads: int) -> tuple[EmbedFn, str]:
     return embed, f"{version}, torch {torch.__version__}"
 
 
+def _cargo() -> str | None:
+    found = shutil.which("cargo")
+    if found is None:
+        candidate = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo")) / "bin" / "cargo"
+        found = str(candidate) if candidate.is_file() else None
+    return found
+
+
+def _rust_figures(
+    model_dir: Path, threads: int, corpus: Sequence[str], calls: int, quick: bool
+) -> tuple[dict[str, dict[str, float]] | None, str]:
+    """The Rust client's figures on the same workloads, from the crate's `roundtrip` example
+    (run through .ci/cargo-offline, release build unless ``quick``), and a note; ``None`` and
+    the reason when they cannot be had."""
+    script = CHECKOUT / ".ci" / "cargo-offline"
+    if not script.is_file():
+        return None, f"rust column omitted: no {script} (not a checkout)"
+    if _cargo() is None:
+        return None, "rust column omitted: no cargo on PATH or in $CARGO_HOME/bin"
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus_file = Path(scratch) / "corpus.json"
+        corpus_file.write_text(json.dumps(list(corpus)), encoding="utf-8")
+        profile = [] if quick else ["--release"]
+        argv = [str(script), "run", *profile, "--quiet", "--example", "roundtrip", "--",
+                "--json", "--python", sys.executable, "--model-dir", str(model_dir),
+                "--threads", str(threads), "--calls", str(calls),
+                "--corpus", str(corpus_file)]  # fmt: skip
+        try:
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=RUST_TIMEOUT, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return None, f"rust column omitted: the example ran over {RUST_TIMEOUT} s"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"rust column omitted: the example failed ({done.returncode}): {last}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    build = "debug build (--quick)" if quick else "release build"
+    return report["figures"], f"rust = the Rust crate's client, example roundtrip, {build}"
+
+
 def _format(value: float, reference: float | None) -> str:
     text = f"{value:,.1f}" if value >= 10 else f"{value:.2f}"
     if reference:
@@ -287,6 +334,15 @@ def run_benchmark(
         rss = peak_rss_mb(pid) if pid is not None else None
         if rss is not None:
             results.put("worker", "peak_rss_mb", "bridge", rss)
+
+    print("  rust: single, concurrent, bulk, cold start", file=sys.stderr)
+    rust, note = _rust_figures(metadata.directory, threads, corpus, single_calls, quick)
+    results.notes.append(note)
+    if rust is not None:
+        implementations.append("rust")
+        for workload in ("single", f"concurrent x{CONCURRENT_CALLERS}", "bulk", "cold start"):
+            for metric, value in rust[workload].items():
+                results.put(workload, metric, "rust", value)
 
     baseline = _JsonLinesBaseline(metadata.directory, threads)
     try:

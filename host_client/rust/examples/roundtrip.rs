@@ -1,32 +1,40 @@
-//! Measures the Rust client against a real worker: the bridge's own round trip (`ping`), one
-//! short sentence at a time, 16 concurrent callers, and one bulk request; prints the figures.
+//! Measures the Rust client against a real worker with the workloads of `akidb-embed bench`:
+//! one short sentence at a time, 16 concurrent callers, one bulk request, the cold start
+//! (spawn to first vector), and the bridge's own round trip (`ping`).
 //!
 //! ```text
 //! .ci/cargo-offline run --release --example roundtrip -- \
-//!     [--python PATH] [--model-dir DIR] [--calls 500] [--corpus texts.json]
+//!     [--python PATH] [--model-dir DIR] [--threads N] [--calls 500] [--corpus texts.json]
+//!     [--json]
 //! ```
 //!
-//! `--corpus` takes a JSON array of strings (e.g. the benchmark corpus of `akidb-embed bench`,
-//! for figures comparable with the Python client's); without it the bulk workload repeats the
-//! model directory's golden sentences to 1,000 texts.
+//! `--corpus` takes a JSON array of strings (`akidb-embed bench` passes its own corpus, so the
+//! figures sit beside the Python ones); without it the bulk workload repeats the model
+//! directory's golden sentences to 1,000 texts. The short sentences are chosen, and the
+//! percentiles computed, as the Python runner does. `--json` prints one JSON object
+//! (`{"figures": {workload: {metric: value}}, ...}`) instead of the text report.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use akidb_embed_client::{BatchEmbeddingRequest, WorkerClient, WorkerConfig};
+use serde_json::json;
 
 const WARM_UP_CALLS: usize = 10;
 const CONCURRENT_CALLERS: usize = 16;
 const DEFAULT_BULK_TEXTS: usize = 1000;
-/// Texts shorter than this count as "one short sentence" (as in `akidb-embed bench`).
+/// Texts shorter than this (in characters) count as "one short sentence", as in the runner.
 const SHORT_TEXT_CHARS: usize = 120;
+const SHORT_TEXTS: usize = 50;
 
 struct Options {
     python: PathBuf,
     model_dir: PathBuf,
+    threads: Option<usize>,
     calls: usize,
     corpus: Option<PathBuf>,
+    json: bool,
 }
 
 fn options() -> Options {
@@ -34,15 +42,22 @@ fn options() -> Options {
     let mut options = Options {
         python: checkout.join(".venv/bin/python"),
         model_dir: checkout.join("models/all-MiniLM-L6-v2"),
+        threads: None,
         calls: 500,
         corpus: None,
+        json: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--json" {
+            options.json = true;
+            continue;
+        }
         let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--python" => options.python = value.into(),
             "--model-dir" => options.model_dir = value.into(),
+            "--threads" => options.threads = Some(value.parse().expect("--threads takes a number")),
             "--calls" => options.calls = value.parse().expect("--calls takes a number"),
             "--corpus" => options.corpus = Some(value.into()),
             other => panic!("unknown option {other}"),
@@ -61,14 +76,20 @@ fn read_json_strings(path: &PathBuf, field: Option<&str>) -> Vec<String> {
     serde_json::from_value(list).expect("a list of strings")
 }
 
-/// `(p50, p95)` in milliseconds.
-fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+fn milliseconds(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// p50, p95 and p99 in milliseconds, interpolated linearly between samples (numpy's default).
+fn percentiles(samples: &mut [Duration]) -> serde_json::Value {
     samples.sort_unstable();
     let at = |q: f64| {
-        let index = ((samples.len() - 1) as f64 * q).round() as usize;
-        samples[index].as_secs_f64() * 1000.0
+        let position = (samples.len() - 1) as f64 * q;
+        let (low, high) = (position.floor() as usize, position.ceil() as usize);
+        let (low_ms, high_ms) = (milliseconds(samples[low]), milliseconds(samples[high]));
+        low_ms + (high_ms - low_ms) * (position - low as f64)
     };
-    (at(0.50), at(0.95))
+    json!({"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99)})
 }
 
 async fn embed_one(client: &WorkerClient, text: &str) {
@@ -76,68 +97,24 @@ async fn embed_one(client: &WorkerClient, text: &str) {
     client.embed_batch(request).await.expect("embedding succeeds");
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let options = options();
-    let golden = read_json_strings(&options.model_dir.join("golden.json"), Some("sentences"));
-    let bulk_texts = match &options.corpus {
-        Some(path) => read_json_strings(path, None),
-        None => golden.iter().cycle().take(DEFAULT_BULK_TEXTS).cloned().collect(),
-    };
-    let short: Vec<String> = bulk_texts
-        .iter()
-        .chain(&golden)
-        .filter(|text| !text.is_empty() && text.chars().count() < SHORT_TEXT_CHARS)
-        .take(50)
-        .cloned()
-        .collect();
-
-    let spawned = Instant::now();
-    let client = WorkerClient::spawn(WorkerConfig {
-        model_dir: Some(options.model_dir.clone()),
-        ..WorkerConfig::with_command([
-            options.python.into_os_string(),
-            "-m".into(),
-            "akidb_embed.worker".into(),
-        ])
-    })
-    .await
-    .expect("the worker starts");
-    embed_one(&client, &short[0]).await;
-    let cold_start = spawned.elapsed();
-    let hello = client.hello();
-    println!(
-        "akidb-embed-client roundtrip: {} ({}), worker {} on {:?}",
-        hello.model.model, hello.model.dimension, hello.pid, hello.providers
-    );
-    println!("cold start (spawn to first vector): {:.0} ms", cold_start.as_secs_f64() * 1000.0);
-
-    for _ in 0..WARM_UP_CALLS {
-        client.ping().await.unwrap();
-    }
-    let mut samples = Vec::with_capacity(options.calls);
-    for _ in 0..options.calls {
-        let started = Instant::now();
-        client.ping().await.unwrap();
-        samples.push(started.elapsed());
-    }
-    let (p50, p95) = percentiles(&mut samples);
-    println!("ping round trip, {} calls: p50 {p50:.3} ms, p95 {p95:.3} ms", options.calls);
-
+/// One sentence per call from one caller.
+async fn single(client: &WorkerClient, short: &[String], calls: usize) -> serde_json::Value {
     for text in short.iter().take(WARM_UP_CALLS) {
-        embed_one(&client, text).await;
+        embed_one(client, text).await;
     }
-    let mut samples = Vec::with_capacity(options.calls);
-    for index in 0..options.calls {
+    let mut samples = Vec::with_capacity(calls);
+    for index in 0..calls {
         let started = Instant::now();
-        embed_one(&client, &short[index % short.len()]).await;
+        embed_one(client, &short[index % short.len()]).await;
         samples.push(started.elapsed());
     }
-    let (p50, p95) = percentiles(&mut samples);
-    println!("one sentence, {} calls: p50 {p50:.3} ms, p95 {p95:.3} ms", options.calls);
+    percentiles(&mut samples)
+}
 
-    let short = Arc::new(short);
-    let per_caller = (options.calls / CONCURRENT_CALLERS).max(1);
+/// `CONCURRENT_CALLERS` tasks, each sending one sentence per call.
+async fn concurrent(client: &WorkerClient, short: &[String], calls: usize) -> serde_json::Value {
+    let short = Arc::new(short.to_vec());
+    let per_caller = (calls / CONCURRENT_CALLERS).max(1);
     let started = Instant::now();
     let callers: Vec<_> = (0..CONCURRENT_CALLERS)
         .map(|caller| {
@@ -158,27 +135,105 @@ async fn main() {
         samples.extend(caller.await.unwrap());
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let (p50, p95) = percentiles(&mut samples);
-    println!(
-        "{CONCURRENT_CALLERS} concurrent callers, {} calls: {:.0} requests/s, p50 {p50:.3} ms, \
-         p95 {p95:.3} ms",
-        samples.len(),
-        samples.len() as f64 / elapsed
-    );
+    let mut figures = percentiles(&mut samples);
+    figures["requests_per_s"] = json!(samples.len() as f64 / elapsed);
+    figures
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let options = options();
+    let golden = read_json_strings(&options.model_dir.join("golden.json"), Some("sentences"));
+    let bulk_texts = match &options.corpus {
+        Some(path) => read_json_strings(path, None),
+        None => golden.iter().cycle().take(DEFAULT_BULK_TEXTS).cloned().collect(),
+    };
+    let mut short: Vec<String> = bulk_texts
+        .iter()
+        .filter(|text| text.chars().count() < SHORT_TEXT_CHARS)
+        .take(SHORT_TEXTS)
+        .cloned()
+        .collect();
+    if short.is_empty() {
+        short = bulk_texts.iter().take(SHORT_TEXTS).cloned().collect();
+    }
+
+    let spawned = Instant::now();
+    let client = WorkerClient::spawn(WorkerConfig {
+        model_dirs: vec![options.model_dir.clone()],
+        threads: options.threads,
+        ..WorkerConfig::from_python(&options.python)
+    })
+    .await
+    .expect("the worker starts");
+    embed_one(&client, "hello world").await;
+    let cold_start = milliseconds(spawned.elapsed());
+    let hello = client.hello().expect("the worker serves");
+
+    let mut ping_samples = Vec::with_capacity(options.calls);
+    for index in 0..WARM_UP_CALLS + options.calls {
+        let started = Instant::now();
+        client.ping().await.unwrap();
+        if index >= WARM_UP_CALLS {
+            ping_samples.push(started.elapsed());
+        }
+    }
+    let ping = percentiles(&mut ping_samples);
+    let single = single(&client, &short, options.calls).await;
+    let concurrent = concurrent(&client, &short, options.calls).await;
 
     let started = Instant::now();
     let response = client
         .embed_batch(BatchEmbeddingRequest::new("", bulk_texts.clone()))
         .await
         .expect("bulk embedding succeeds");
-    let elapsed = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     assert_eq!(response.embeddings.len(), bulk_texts.len());
+    client.close().await;
+
+    let concurrent_workload = format!("concurrent x{CONCURRENT_CALLERS}");
+    let report = json!({
+        "model": hello.model.model,
+        "worker_pid": hello.pid,
+        "providers": hello.providers,
+        "figures": {
+            "single": single,
+            concurrent_workload.as_str(): concurrent,
+            "bulk": {"texts_per_s": bulk_texts.len() as f64 / seconds, "seconds": seconds},
+            "cold start": {"ms_to_first_answer": cold_start},
+            "ping": ping,
+        },
+    });
+    if options.json {
+        println!("{report}");
+        return;
+    }
+    let figures = &report["figures"];
     println!(
-        "bulk, {} texts ({} tokens): {:.1} s, {:.0} texts/s",
+        "akidb-embed-client roundtrip: {} ({} dims), worker {} on {:?}",
+        hello.model.model, hello.model.dimension, hello.pid, hello.providers
+    );
+    println!("cold start (spawn to first vector): {cold_start:.0} ms");
+    let latency = |workload: &str| {
+        let ms = |metric: &str| figures[workload][metric].as_f64().unwrap_or_default();
+        format!(
+            "p50 {:.3} ms, p95 {:.3} ms, p99 {:.3} ms",
+            ms("p50_ms"),
+            ms("p95_ms"),
+            ms("p99_ms")
+        )
+    };
+    println!("ping round trip, {} calls: {}", options.calls, latency("ping"));
+    println!("one sentence, {} calls: {}", options.calls, latency("single"));
+    println!(
+        "{concurrent_workload}: {:.0} requests/s, {}",
+        figures[&concurrent_workload]["requests_per_s"].as_f64().unwrap_or_default(),
+        latency(&concurrent_workload)
+    );
+    println!(
+        "bulk, {} texts ({} tokens): {seconds:.1} s, {:.0} texts/s",
         bulk_texts.len(),
         response.usage.total_tokens,
-        elapsed,
-        bulk_texts.len() as f64 / elapsed
+        bulk_texts.len() as f64 / seconds
     );
-    client.close().await;
 }

@@ -1,31 +1,23 @@
 //! `WorkerClient`: AkiDB's embedding calls over one supervised worker (see the crate docs for
 //! the whole data path).
 //!
-//! Every call becomes one or more wire requests. Each one is kept in the shared `pending`
-//! table (its encoded frame, the caller's oneshot, the attempts spent) until its reply arrives:
-//! that table is what lets the supervisor send every unanswered request again to a new worker.
+//! This file turns calls into wire requests and replies into results: a batch is checked,
+//! sorted shortest first, cut into chunks the worker accepts, each chunk handed to the
+//! supervisor's [`Service`] (which writes it, and writes it again to a new worker if need be),
+//! and the replies' rows are moved back to the caller's order.
 
-use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
-
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use std::sync::Arc;
 
 use crate::config::WorkerConfig;
-use crate::process::start_worker;
-use crate::supervisor::{Event, Supervisor};
+use crate::supervisor::Service;
 use crate::types::{
-    BatchEmbeddingRequest, BatchEmbeddingResponse, EmbeddingError, EmbeddingProvider,
-    EmbeddingResult, ModelInfo, Usage,
+    BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
+    EmbeddingResult, FlatEmbeddings, ModelDescription, ModelInfo, Usage, EMPTY_BATCH_MESSAGE,
 };
 use crate::wire::{
     self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, ReadyHello, ReplyEnvelope,
 };
-
-/// A frame shared by the pending table (for re-sending) and the writer task.
-pub(crate) type Frame = Arc<Vec<u8>>;
 
 /// Bytes of an embed request's map besides its texts: keys, id, op, flags (generous).
 const REQUEST_ENVELOPE_BYTES: usize = 128;
@@ -40,187 +32,117 @@ const SPECIAL_TOKENS: usize = 2;
 /// seconds, which is how `request_timeout` tells a busy worker from a hung one.
 const CHUNK_MICRO_BATCHES: usize = 4;
 
-/// One wire request waiting for its reply.
-pub(crate) struct Pending {
-    pub frame: Frame,
-    pub reply: oneshot::Sender<EmbeddingResult<Vec<u8>>>,
-    /// The worker generation it was last written to, and when; `None` while no worker runs.
-    pub sent_to: Option<(u64, Instant)>,
-    /// Workers it has been written to.
-    pub attempts: u32,
-    /// Its share of `max_in_flight_texts`, given back when the entry goes.
-    pub _texts: Option<OwnedSemaphorePermit>,
-    /// Whether its reply shows the worker's model path is alive (a `ping` is answered by the
-    /// worker's reader alone, so it does not).
-    pub shows_progress: bool,
-}
-
-/// Where new requests go.
-pub(crate) enum Slot {
-    /// A worker is serving; frames for it go through `frames` to its writer task.
-    Running { generation: u64, frames: mpsc::UnboundedSender<Frame>, last_reply_at: Instant },
-    /// The worker is being replaced: requests wait in `pending` and are written to the next one.
-    Starting,
-    /// The supervisor gave up; every call fails with this error.
-    Failed(EmbeddingError),
-    /// `close()` ran or the last handle was dropped.
-    Closed,
-}
-
-pub(crate) struct Shared {
-    pub pending: HashMap<u64, Pending>,
-    pub slot: Slot,
-    /// The latest ready worker's hello (kept across restarts for model info and limits).
-    pub hello: ReadyHello,
-}
-
-/// What the client handles, the supervisor and the I/O tasks share.
-pub(crate) struct State {
-    pub config: WorkerConfig,
-    shared: Mutex<Shared>,
-    in_flight_texts: Arc<Semaphore>,
-    next_id: AtomicU64,
-}
-
-impl State {
-    /// The shared table; never held across an await.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A panic while holding the lock leaves the table consistent (single-step updates).
-        self.shared.lock().unwrap_or_else(|poison| poison.into_inner())
-    }
-
-    /// Hands a reply to the caller waiting for request `id`, if any still is.
-    pub(crate) fn deliver(&self, id: u64, generation: u64, payload: Vec<u8>) {
-        let pending = {
-            let mut shared = self.lock();
-            let pending = shared.pending.remove(&id);
-            let shows_progress = pending.as_ref().is_some_and(|p| p.shows_progress);
-            if let Slot::Running { generation: current, last_reply_at, .. } = &mut shared.slot {
-                if *current == generation && shows_progress {
-                    *last_reply_at = Instant::now();
-                }
-            }
-            pending
-        };
-        // Unknown ids are replies to requests already answered by an earlier worker, or whose
-        // caller has gone: nothing waits for them.
-        if let Some(pending) = pending {
-            let _ = pending.reply.send(Ok(payload));
-        }
-    }
-}
-
-fn closed() -> EmbeddingError {
-    EmbeddingError::ServiceUnavailable("the client is closed".into())
-}
-
-/// Sends `Event::HandlesDropped` when the last `WorkerClient` clone goes, so the supervisor
-/// stops the worker.
-struct Handle {
-    state: Arc<State>,
-    events: mpsc::UnboundedSender<Event>,
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        let _ = self.events.send(Event::HandlesDropped);
-    }
-}
-
-/// A reply on its way; dropping it withdraws the request (its texts stop counting against
-/// `max_in_flight_texts`).
-struct PendingReply {
-    state: Arc<State>,
-    id: u64,
-    reply: Option<oneshot::Receiver<EmbeddingResult<Vec<u8>>>>,
-}
-
-impl PendingReply {
-    async fn wait(mut self) -> EmbeddingResult<Vec<u8>> {
-        let reply = self.reply.as_mut().expect("a reply is awaited once");
-        // Borrowed, not taken: if this future is dropped mid-wait, `drop` still withdraws.
-        let result = reply.await.unwrap_or_else(|_| Err(closed()));
-        self.reply = None;
-        result
-    }
-}
-
-impl Drop for PendingReply {
-    fn drop(&mut self) {
-        if self.reply.is_some() {
-            self.state.lock().pending.remove(&self.id);
-        }
-    }
-}
-
 /// AkiDB's embedding calls served by one supervised `akidb-embed` worker process.
 ///
-/// Cheap to clone: clones share the worker. Calls from many tasks are pipelined over it. The
-/// worker is stopped when [`close`](Self::close) is awaited or the last clone is dropped; it is
-/// spawned with `kill_on_drop`, so not even a runtime shutdown leaves it running.
+/// Cheap to clone: clones share the worker. Calls from many tasks are pipelined over it, and
+/// may come from any runtime: the supervisor runs on the tokio runtime that called
+/// [`spawn`](Self::spawn), and while that runtime is up every call is served; once it shuts
+/// down, every call (and [`model_info`](Self::model_info)) fails at once with
+/// `ServiceUnavailable`. The worker is stopped when [`close`](Self::close) is awaited or the
+/// last clone is dropped; it is spawned with `kill_on_drop`, so not even a runtime shutdown
+/// leaves it running.
 #[derive(Clone)]
 pub struct WorkerClient {
-    handle: Arc<Handle>,
+    service: Arc<Service>,
 }
 
 impl WorkerClient {
     /// Starts a worker and waits for its hello. Fails fast, without retrying, when the worker
     /// cannot start: `ModelNotFound` or `ServiceUnavailable` with the worker's own reason (its
-    /// failed hello, or its exit status and the last lines of its stderr).
+    /// failed hello, or its exit status and the last lines of its stderr), `ModelNotFound`
+    /// when its default model is not `config.expected_model`.
     ///
-    /// Must be called inside a tokio runtime (the supervisor and I/O are tokio tasks).
+    /// Must be called inside a tokio runtime (with I/O and time enabled): the supervisor and
+    /// the worker's I/O are tasks of that runtime, which must keep running for the client to
+    /// be served.
     pub async fn spawn(config: WorkerConfig) -> EmbeddingResult<Self> {
-        if let Some(problem) = config.problem() {
-            return Err(EmbeddingError::InvalidInput(format!("WorkerConfig: {problem}")));
-        }
-        let started = start_worker(&config).await.map_err(|failure| failure.error)?;
-        let state = Arc::new(State {
-            in_flight_texts: Arc::new(Semaphore::new(
-                config.max_in_flight_texts.min(Semaphore::MAX_PERMITS),
-            )),
-            config,
-            shared: Mutex::new(Shared {
-                pending: HashMap::new(),
-                slot: Slot::Starting,
-                hello: started.hello.clone(),
-            }),
-            next_id: AtomicU64::new(1),
-        });
-        let (events, events_rx) = mpsc::unbounded_channel();
-        let mut supervisor = Supervisor::new(state.clone(), events.clone(), events_rx);
-        supervisor.install(started);
-        tokio::spawn(supervisor.run());
-        Ok(Self { handle: Arc::new(Handle { state, events }) })
+        Ok(Self { service: Arc::new(Service::start(config).await?) })
     }
 
-    fn state(&self) -> &Arc<State> {
-        &self.handle.state
-    }
-
-    /// Embeds every input, in order. The texts go out shortest first (by UTF-8 bytes; ties
-    /// keep the caller's order), split into wire requests that fit the worker's limits (texts
-    /// per request, frame size), `max_in_flight_texts`, and about four of the worker's ONNX
-    /// Runtime batches of estimated tokens (so that a busy worker answers something every few
-    /// seconds and is not taken for a hung one). Each reply's vectors are put back at their
-    /// texts' positions; see [`Usage`] for how the replies' usage adds up. An `InvalidInput`
-    /// about one text starts with `inputs[i]`, `i` its position in `request.inputs`.
+    /// Embeds every input, in order, with the worker's defaults for what AkiDB's request does
+    /// not say (see [`embed_batch_with`](Self::embed_batch_with)).
     pub async fn embed_batch(
         &self,
         request: BatchEmbeddingRequest,
     ) -> EmbeddingResult<BatchEmbeddingResponse> {
+        self.embed_batch_with(request, &EmbedOptions::default()).await
+    }
+
+    /// Embeds every input, in order, with a prompt name or truncation choice. An empty
+    /// `inputs` is `InvalidInput("empty input batch")`, as AkiDB's providers answer. The texts
+    /// go out shortest first (by UTF-8 bytes; ties keep the caller's order), split into wire
+    /// requests that fit the worker's limits (texts per request, frame size),
+    /// `max_in_flight_texts`, and about four of the worker's ONNX Runtime batches of estimated
+    /// tokens (so that a busy worker answers something every few seconds and is not taken for
+    /// a hung one). Each reply's vectors are put back at their texts' positions; see [`Usage`]
+    /// for how the replies' usage adds up. An `InvalidInput` about one text starts with
+    /// `inputs[i]`, `i` its position in `request.inputs`.
+    pub async fn embed_batch_with(
+        &self,
+        request: BatchEmbeddingRequest,
+        options: &EmbedOptions,
+    ) -> EmbeddingResult<BatchEmbeddingResponse> {
+        // Empty vectors do not allocate; each is replaced by its row.
+        let mut embeddings = vec![Vec::new(); request.inputs.len()];
+        let (model, usage) = self
+            .embed_rows(request, options, |caller_index, row, dimension| {
+                let vector = &mut embeddings[caller_index];
+                vector.reserve_exact(dimension);
+                wire::decode_row(row, vector);
+                Ok(())
+            })
+            .await?;
+        Ok(BatchEmbeddingResponse { model, embeddings, usage })
+    }
+
+    /// [`embed_batch_with`](Self::embed_batch_with) with every vector in one buffer.
+    pub async fn embed_flat(
+        &self,
+        request: BatchEmbeddingRequest,
+        options: &EmbedOptions,
+    ) -> EmbeddingResult<FlatEmbeddings> {
+        let texts = request.inputs.len();
+        let mut values = Vec::new();
+        let mut known_dimension = None;
+        let (model, usage) = self
+            .embed_rows(request, options, |caller_index, row, dimension| {
+                if *known_dimension.get_or_insert(dimension) != dimension {
+                    return Err(wire::protocol_violation("replies of different dimensions"));
+                }
+                if values.is_empty() {
+                    values = vec![0.0; texts * dimension];
+                }
+                let start = caller_index * dimension;
+                wire::decode_row_into(row, &mut values[start..start + dimension]);
+                Ok(())
+            })
+            .await?;
+        let dimension = known_dimension.unwrap_or_default();
+        Ok(FlatEmbeddings { model, dimension, values, usage })
+    }
+
+    /// The embedding calls' one path: checks, sorts and splits the batch, submits its chunks,
+    /// and hands each reply's rows to `place` with the caller's index of their text and the
+    /// dimension; returns the serving model and the summed usage.
+    async fn embed_rows(
+        &self,
+        request: BatchEmbeddingRequest,
+        options: &EmbedOptions,
+        mut place: impl FnMut(usize, &[u8], usize) -> EmbeddingResult<()>,
+    ) -> EmbeddingResult<(String, Usage)> {
+        if request.inputs.is_empty() {
+            return Err(EmbeddingError::InvalidInput(EMPTY_BATCH_MESSAGE.into()));
+        }
         let plan = {
-            let shared = self.state().lock();
-            let model_bytes = shared.hello.model.model.len().max(request.model.len());
-            ChunkPlan::new(
-                &shared.hello.limits,
-                &shared.hello.model,
-                self.state().config.max_in_flight_texts,
-                model_bytes,
-            )
+            let hello = self.service.hello()?;
+            // an unknown model is the worker's to refuse; its reply is small, any plan fits
+            let model = hello.find_model(&request.model).unwrap_or(&hello.models[0]);
+            let model_bytes = model.model.len().max(request.model.len());
+            let max_in_flight_texts = self.service.config().max_in_flight_texts;
+            ChunkPlan::new(&hello.limits, model, max_in_flight_texts, model_bytes)
         };
         plan.check_text_sizes(&request.inputs)?;
-        let BatchEmbeddingRequest { model: request_model, inputs, normalize, truncate } = request;
-        let total_texts = inputs.len();
+        let BatchEmbeddingRequest { model: request_model, inputs, normalize } = request;
         let (order, texts) = shortest_first(inputs);
         let model = Some(request_model.as_str()).filter(|model| !model.is_empty());
 
@@ -230,6 +152,7 @@ impl WorkerClient {
         for range in plan.split(&texts) {
             let inputs = &texts[range.clone()];
             let pending = self
+                .service
                 .submit(inputs.len(), true, |id| {
                     wire::encode_frame(&EmbedRequest {
                         id,
@@ -237,7 +160,8 @@ impl WorkerClient {
                         model,
                         inputs,
                         normalize,
-                        truncate,
+                        truncate: options.truncate,
+                        prompt_name: options.prompt_name.as_deref(),
                     })
                 })
                 .await?;
@@ -246,8 +170,6 @@ impl WorkerClient {
         // The frames hold the texts now (and are what a new worker would be sent).
         drop(texts);
 
-        // Empty vectors do not allocate; each is replaced by its row, moved, not copied.
-        let mut embeddings = vec![Vec::new(); total_texts];
         let mut usage = Usage::default();
         let mut reply_model = None;
         for (range, pending) in replies {
@@ -263,27 +185,41 @@ impl WorkerClient {
                     sent_order.len()
                 )));
             }
-            let rows = wire::embeddings_from_bytes(reply.embeddings, count, dimension)?;
-            for (row, &caller_index) in rows.into_iter().zip(sent_order) {
-                embeddings[caller_index] = row;
+            let rows = wire::embedding_rows(reply.embeddings, count, dimension)?;
+            for (row, &caller_index) in rows.zip(sent_order) {
+                place(caller_index, row, dimension)?;
             }
-            usage.total_tokens += reply.usage.total_tokens;
-            usage.duration_ms = usage.duration_ms.max(reply.usage.duration_ms);
+            let reply_usage = Usage::from(reply.usage);
+            usage.total_tokens += reply_usage.total_tokens;
+            usage.duration_ms = usage.duration_ms.max(reply_usage.duration_ms);
             reply_model.get_or_insert(reply.model);
         }
-        let model = reply_model.unwrap_or(request_model);
-        Ok(BatchEmbeddingResponse { model, embeddings, usage })
+        Ok((reply_model.unwrap_or(request_model), usage))
     }
 
-    /// The loaded model's id, dimension and token limit, from the worker's hello (no round
-    /// trip). Fails when the client has given up or is closed.
+    /// The default model's id, dimension and token limit, from the worker's hello (no round
+    /// trip). Fails when the client has given up, is closed, or its supervisor is gone.
     pub async fn model_info(&self) -> EmbeddingResult<ModelInfo> {
-        let shared = self.state().lock();
-        match &shared.slot {
-            Slot::Failed(error) => Err(error.clone()),
-            Slot::Closed => Err(closed()),
-            Slot::Running { .. } | Slot::Starting => Ok(shared.hello.model.clone()),
+        Ok(self.service.hello()?.model)
+    }
+
+    /// [`model_info`](Self::model_info) of the loaded model `model` (the empty id: the
+    /// default); `ModelNotFound` listing the loaded ids when there is none of that id.
+    pub fn model_info_for(&self, model: &str) -> EmbeddingResult<ModelInfo> {
+        let hello = self.service.hello()?;
+        match hello.find_model(model) {
+            Some(found) => Ok(found.info()),
+            None => Err(EmbeddingError::ModelNotFound(format!(
+                "{model:?} is not loaded; loaded: {}",
+                hello.model_ids()
+            ))),
         }
+    }
+
+    /// Every loaded model with all the worker announced of it (pooling, prompt names, ...),
+    /// the default first.
+    pub fn models(&self) -> EmbeddingResult<Vec<ModelDescription>> {
+        Ok(self.service.hello()?.models)
     }
 
     /// Asks the worker to embed its fixed sentence and check the vector (the `health` op).
@@ -302,76 +238,35 @@ impl WorkerClient {
         self.call_op("ping").await.map(drop)
     }
 
-    /// What the current worker announced in its hello (pid, providers, limits, ...), or the
-    /// last one while a replacement starts.
-    pub fn hello(&self) -> ReadyHello {
-        self.state().lock().hello.clone()
+    /// What the current worker announced in its hello (pid, providers, limits, models, ...),
+    /// or the last one while a replacement starts; the reason there is none once the client
+    /// stopped serving.
+    pub fn hello(&self) -> EmbeddingResult<ReadyHello> {
+        self.service.hello()
     }
 
     /// The pid of the worker serving now; `None` while it is being replaced, after the client
     /// gave up, or after `close`.
     pub fn worker_pid(&self) -> Option<u32> {
-        let shared = self.state().lock();
-        matches!(shared.slot, Slot::Running { .. }).then_some(shared.hello.pid)
+        self.service.worker_pid()
     }
 
     /// Stops the worker gracefully: no new calls are taken, the worker finishes and answers
     /// every request already written to it (within `close_timeout`, then it is killed), and
     /// is reaped. Calls still waiting afterwards fail with `ServiceUnavailable`. Idempotent.
     pub async fn close(&self) {
-        let (done, finished) = oneshot::channel();
-        if self.handle.events.send(Event::Close { done }).is_ok() {
-            let _ = finished.await;
-        }
+        self.service.close().await;
     }
 
     async fn call_op(&self, op: &str) -> EmbeddingResult<Vec<u8>> {
         let shows_progress = op != "ping";
-        let pending =
-            self.submit(0, shows_progress, |id| wire::encode_frame(&OpRequest { id, op })).await?;
+        let pending = self
+            .service
+            .submit(0, shows_progress, |id| wire::encode_frame(&OpRequest { id, op }))
+            .await?;
         let payload = pending.wait().await?;
         wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()?;
         Ok(payload)
-    }
-
-    /// Enters one wire request in the pending table and writes it to the worker if one runs
-    /// (else the supervisor writes it to the next one). Waits first for `texts` in-flight
-    /// permits.
-    async fn submit(
-        &self,
-        texts: usize,
-        shows_progress: bool,
-        encode: impl FnOnce(u64) -> EmbeddingResult<Vec<u8>>,
-    ) -> EmbeddingResult<PendingReply> {
-        let state = self.state();
-        let permit = match texts {
-            0 => None,
-            _ => {
-                // A chunk never holds more texts than the semaphore has (ChunkPlan).
-                let wanted = u32::try_from(texts).unwrap_or(u32::MAX);
-                let permit = state.in_flight_texts.clone().acquire_many_owned(wanted).await;
-                Some(permit.map_err(|_| closed())?)
-            }
-        };
-        let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Arc::new(encode(id)?);
-        let (reply, receiver) = oneshot::channel();
-        let mut shared = state.lock();
-        let sent_to = match &shared.slot {
-            Slot::Running { generation, frames, .. } => {
-                // A closed channel means the worker just died; the supervisor re-sends.
-                let _ = frames.send(frame.clone());
-                Some((*generation, Instant::now()))
-            }
-            Slot::Starting => None,
-            Slot::Failed(error) => return Err(error.clone()),
-            Slot::Closed => return Err(closed()),
-        };
-        let attempts = u32::from(sent_to.is_some());
-        let pending = Pending { frame, reply, sent_to, attempts, _texts: permit, shows_progress };
-        shared.pending.insert(id, pending);
-        drop(shared);
-        Ok(PendingReply { state: state.clone(), id, reply: Some(receiver) })
     }
 }
 
@@ -406,7 +301,7 @@ struct ChunkPlan {
 impl ChunkPlan {
     fn new(
         limits: &Limits,
-        model: &ModelInfo,
+        model: &ModelDescription,
         max_in_flight_texts: usize,
         model_bytes: usize,
     ) -> Self {
@@ -448,8 +343,7 @@ impl ChunkPlan {
         }
     }
 
-    /// Consecutive ranges covering `inputs` (one empty range for no inputs, so that the worker
-    /// gives its own answer to an empty request). A single text always makes a chunk, even
+    /// Consecutive ranges covering `inputs`. A single text always makes a chunk, even
     /// one over the limits ([`Self::check_text_sizes`] refuses those first).
     fn split(&self, inputs: &[String]) -> Vec<Range<usize>> {
         let mut chunks = Vec::new();
@@ -471,7 +365,9 @@ impl ChunkPlan {
             bytes += text_bytes;
             tokens += text_tokens;
         }
-        chunks.push(start..inputs.len());
+        if start < inputs.len() {
+            chunks.push(start..inputs.len());
+        }
         chunks
     }
 }
@@ -502,8 +398,16 @@ mod tests {
         }
     }
 
-    fn model(dimension: u32, max_tokens: usize) -> ModelInfo {
-        ModelInfo { model: "m".into(), dimension, max_tokens }
+    fn model(dimension: u32, max_tokens: usize) -> ModelDescription {
+        ModelDescription {
+            model: "m".into(),
+            dimension,
+            max_tokens,
+            normalize_default: true,
+            pooling: None,
+            prompts: Vec::new(),
+            default_prompt_name: None,
+        }
     }
 
     fn texts(lengths: &[usize]) -> Vec<String> {
@@ -545,12 +449,6 @@ mod tests {
         assert_eq!(chunks, vec![0..32, 32..64, 64..70]);
         // short texts: 8 chars + 2 special tokens = 10 tokens each
         assert_eq!(plan.split(&texts(&[8; 1000])), vec![0..819, 819..1000]);
-    }
-
-    #[test]
-    fn an_empty_batch_is_one_empty_request() {
-        let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
-        assert_eq!(plan.split(&[]), vec![0..0]);
     }
 
     #[test]

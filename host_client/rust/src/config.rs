@@ -17,14 +17,12 @@
 //! * `close_timeout`: how long [`WorkerClient::close`](crate::WorkerClient::close) (and dropping
 //!   the last handle) lets the worker finish what it holds before killing it.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-/// Where each line the worker writes on its stderr goes; arguments: worker pid, the line.
-pub type StderrSink = Arc<dyn Fn(u32, &str) + Send + Sync>;
+use crate::types::{EmbeddingError, EmbeddingResult};
 
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,8 +32,22 @@ pub const DEFAULT_RESTART_LIMIT: u32 = 5;
 pub const DEFAULT_STABLE_START_TIME: Duration = Duration::from_secs(10);
 /// Enough to keep the worker's batcher full while keeping the frames held for re-sending small.
 pub const DEFAULT_MAX_IN_FLIGHT_TEXTS: usize = 2048;
-/// The start of the worker's command line when none is configured.
-pub const DEFAULT_WORKER_COMMAND: [&str; 3] = ["python3", "-m", "akidb_embed.worker"];
+/// The Python module that is the worker (`python -m akidb_embed.worker`).
+pub const WORKER_MODULE: &str = "akidb_embed.worker";
+/// The interpreter used when none is configured.
+pub const DEFAULT_PYTHON: &str = "python3";
+
+/// The environment variables [`WorkerConfig::from_env`] reads: the worker's own
+/// (`AKIDB_EMBED_<OPTION>`, protocol.md section 7) and the interpreter to run it with.
+pub mod env {
+    /// The Python interpreter whose environment has akidb-embed installed.
+    pub const PYTHON: &str = "AKIDB_EMBED_PYTHON";
+    /// One model directory, or several separated by `:` (`;` on Windows); the first is the
+    /// default model.
+    pub const MODEL_DIR: &str = "AKIDB_EMBED_MODEL_DIR";
+    pub const PROVIDER: &str = "AKIDB_EMBED_PROVIDER";
+    pub const THREADS: &str = "AKIDB_EMBED_THREADS";
+}
 
 const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -46,11 +58,16 @@ pub(crate) const STDERR_TAIL_LINES: usize = 20;
 #[derive(Clone)]
 pub struct WorkerConfig {
     /// Program and leading arguments of the worker, e.g.
-    /// `["/srv/akidb/.venv/bin/python", "-m", "akidb_embed.worker"]` or
-    /// `["akidb-embed-worker"]`. Never run through a shell.
+    /// `["/srv/akidb/.venv/bin/python", "-m", "akidb_embed.worker"]` (what
+    /// [`from_python`](Self::from_python) makes) or `["akidb-embed-worker"]`. Never run
+    /// through a shell.
     pub command: Vec<OsString>,
-    /// `--model-dir`; `None` lets the worker use its default (`$AKIDB_EMBED_MODEL_DIR`).
-    pub model_dir: Option<PathBuf>,
+    /// One `--model-dir` each, in order: the first is the default model (the one a request
+    /// with an empty `model` gets). Empty: the worker's default (`$AKIDB_EMBED_MODEL_DIR`).
+    pub model_dirs: Vec<PathBuf>,
+    /// The id the default model must have. Checked against every worker's hello: a worker
+    /// serving another model is stopped and the start fails with `ModelNotFound` naming both.
+    pub expected_model: Option<String>,
     /// `--provider` (auto, cpu, cuda, coreml); `None`: the worker's default (auto).
     pub provider: Option<String>,
     /// `--threads` (ONNX Runtime intra-op threads); `None`: the worker's default.
@@ -58,7 +75,8 @@ pub struct WorkerConfig {
     /// Appended to the command line after the options above, e.g.
     /// `["--max-texts-per-request", "64"]`.
     pub extra_args: Vec<OsString>,
-    /// Variables set for the worker on top of this process's environment.
+    /// Variables set for the worker on top of this process's environment (the worker reads
+    /// every option not given on its command line from `AKIDB_EMBED_<OPTION>` there).
     pub env: Vec<(OsString, OsString)>,
     pub request_timeout: Duration,
     pub start_timeout: Duration,
@@ -72,16 +90,14 @@ pub struct WorkerConfig {
     /// Backpressure: texts written to the worker and not yet answered, over all callers. More
     /// wait in `embed_batch` until replies come back.
     pub max_in_flight_texts: usize,
-    /// Receives the worker's stderr, line by line. Default: this process's stderr, each line
-    /// prefixed with `akidb-embed-worker[pid]` (the worker's own log lines already are).
-    pub stderr_sink: StderrSink,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            command: DEFAULT_WORKER_COMMAND.iter().map(OsString::from).collect(),
-            model_dir: None,
+            command: Self::python_command(DEFAULT_PYTHON.as_ref()),
+            model_dirs: Vec::new(),
+            expected_model: None,
             provider: None,
             threads: None,
             extra_args: Vec::new(),
@@ -93,15 +109,6 @@ impl Default for WorkerConfig {
             restart_limit: DEFAULT_RESTART_LIMIT,
             stable_start_time: DEFAULT_STABLE_START_TIME,
             max_in_flight_texts: DEFAULT_MAX_IN_FLIGHT_TEXTS,
-            stderr_sink: Arc::new(|pid, line| {
-                // the worker's log lines carry this prefix already; anything else it prints
-                // (a traceback, a C library's output) gets it here
-                if line.starts_with("akidb-embed-worker[") {
-                    eprintln!("{line}");
-                } else {
-                    eprintln!("akidb-embed-worker[{pid}] {line}");
-                }
-            }),
         }
     }
 }
@@ -116,10 +123,55 @@ impl WorkerConfig {
         Self { command: command.into_iter().map(Into::into).collect(), ..Self::default() }
     }
 
+    /// The defaults with the worker run as `python -m akidb_embed.worker`: `python` is the
+    /// interpreter of an environment where akidb-embed is installed (a venv's `bin/python`).
+    /// A Python without it fails the start with its own "No module named ..." message.
+    pub fn from_python(python: impl Into<PathBuf>) -> Self {
+        Self { command: Self::python_command(python.into().as_os_str()), ..Self::default() }
+    }
+
+    /// The defaults, then what this process's environment says, with the worker's own
+    /// variables: the interpreter from `AKIDB_EMBED_PYTHON` (else `python3`), the model
+    /// directories from `AKIDB_EMBED_MODEL_DIR` (separated like `PATH`), `AKIDB_EMBED_PROVIDER`
+    /// and `AKIDB_EMBED_THREADS`. The worker inherits the environment, so its other
+    /// `AKIDB_EMBED_*` options apply as well. A variable that does not parse is `InvalidInput`.
+    pub fn from_env() -> EmbeddingResult<Self> {
+        Self::from_vars(|name| std::env::var_os(name))
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<OsString>) -> EmbeddingResult<Self> {
+        let set = |name: &str| var(name).filter(|value| !value.is_empty());
+        let mut config = match set(env::PYTHON) {
+            Some(python) => Self::from_python(python),
+            None => Self::default(),
+        };
+        if let Some(dirs) = set(env::MODEL_DIR) {
+            config.model_dirs =
+                std::env::split_paths(&dirs).filter(|dir| !dir.as_os_str().is_empty()).collect();
+        }
+        if let Some(provider) = set(env::PROVIDER) {
+            config.provider = Some(provider.to_string_lossy().into_owned());
+        }
+        if let Some(threads) = set(env::THREADS) {
+            let text = threads.to_string_lossy();
+            config.threads = Some(text.trim().parse().map_err(|_| {
+                EmbeddingError::InvalidInput(format!(
+                    "{}={text:?} is not a number of threads",
+                    env::THREADS
+                ))
+            })?);
+        }
+        Ok(config)
+    }
+
+    fn python_command(python: &OsStr) -> Vec<OsString> {
+        vec![python.to_owned(), "-m".into(), WORKER_MODULE.into()]
+    }
+
     /// The full command line of one worker: `command`, then the options, then `extra_args`.
     pub fn argv(&self) -> Vec<OsString> {
         let mut argv = self.command.clone();
-        if let Some(model_dir) = &self.model_dir {
+        for model_dir in &self.model_dirs {
             argv.push("--model-dir".into());
             argv.push(model_dir.clone().into_os_string());
         }
@@ -167,6 +219,7 @@ impl fmt::Debug for WorkerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkerConfig")
             .field("argv", &self.argv())
+            .field("expected_model", &self.expected_model)
             .field("env", &self.env)
             .field("request_timeout", &self.request_timeout)
             .field("start_timeout", &self.start_timeout)
@@ -186,7 +239,7 @@ mod tests {
     #[test]
     fn argv_puts_options_between_command_and_extra_args() {
         let config = WorkerConfig {
-            model_dir: Some("/m".into()),
+            model_dirs: vec!["/m".into(), "/n".into()],
             provider: Some("cpu".into()),
             threads: Some(1),
             extra_args: vec!["--max-texts-per-request".into(), "8".into()],
@@ -202,6 +255,8 @@ mod tests {
                 "w",
                 "--model-dir",
                 "/m",
+                "--model-dir",
+                "/n",
                 "--provider",
                 "cpu",
                 "--threads",
@@ -210,6 +265,32 @@ mod tests {
                 "8"
             ]
         );
+    }
+
+    #[test]
+    fn from_env_reads_the_workers_variables() {
+        let vars = |name: &str| -> Option<OsString> {
+            match name {
+                env::PYTHON => Some("/venv/bin/python".into()),
+                env::MODEL_DIR => Some("/models/a:/models/b".into()),
+                env::PROVIDER => Some("cpu".into()),
+                env::THREADS => Some("2".into()),
+                _ => None,
+            }
+        };
+        let config = WorkerConfig::from_vars(vars).unwrap();
+        assert_eq!(config.command, ["/venv/bin/python", "-m", "akidb_embed.worker"]);
+        assert_eq!(config.model_dirs, [PathBuf::from("/models/a"), PathBuf::from("/models/b")]);
+        assert_eq!(config.provider.as_deref(), Some("cpu"));
+        assert_eq!(config.threads, Some(2));
+
+        let nothing = WorkerConfig::from_vars(|_| None).unwrap();
+        assert_eq!(nothing.command, WorkerConfig::default().command);
+        assert!(nothing.model_dirs.is_empty() && nothing.threads.is_none());
+
+        let bad = WorkerConfig::from_vars(|name| (name == env::THREADS).then(|| "many".into()));
+        let error = bad.unwrap_err();
+        assert!(matches!(&error, EmbeddingError::InvalidInput(m) if m.contains("THREADS")));
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! argv ──spawn──▶ child ──stdout──▶ first frame ──▶ Hello::into_ready ──▶ StartedWorker
-//!                   └──stderr──▶ drain task ──▶ sink (every line) + tail (last lines)
+//!                   └──stderr──▶ drain task ──▶ `tracing` (every line, target
+//!                                               akidb_embed_client::worker) + tail (last lines)
 //! no hello (exit, EOF, start_timeout) ─▶ SIGKILL + reap ─▶ error naming the exit status
 //!                                                          and the stderr tail
-//! hello ok: false / wrong protocol    ─▶ the worker's own error (not retryable)
+//! hello ok: false / wrong protocol /
+//!   another default model than expected_model ─▶ stop + reap ─▶ that error (not retryable)
 //! ```
 
 use std::collections::VecDeque;
@@ -17,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
 
-use crate::config::{StderrSink, WorkerConfig, STDERR_TAIL_LINES};
+use crate::config::{WorkerConfig, STDERR_TAIL_LINES};
 use crate::types::EmbeddingError;
 use crate::wire::{self, Hello, ReadyHello};
 
@@ -29,6 +31,8 @@ const STDERR_FLUSH_GRACE: Duration = Duration::from_secs(1);
 const QUOTED_STDERR_LINES: usize = 5;
 /// Exit code of a worker that found no usable model (protocol.md section 8).
 const EXIT_MODEL_NOT_LOADED: i32 = 4;
+/// The `tracing` target of the worker's stderr lines.
+pub(crate) const WORKER_LOG_TARGET: &str = "akidb_embed_client::worker";
 
 /// The last lines a worker wrote on its stderr.
 #[derive(Clone, Default)]
@@ -103,8 +107,7 @@ pub(crate) async fn start_worker(config: &WorkerConfig) -> Result<StartedWorker,
             _ => unreachable!("all three pipes were requested"),
         };
     let stderr_tail = StderrTail::default();
-    let stderr_task =
-        tokio::spawn(drain_stderr(stderr, pid, config.stderr_sink.clone(), stderr_tail.clone()));
+    let stderr_task = tokio::spawn(drain_stderr(stderr, pid, stderr_tail.clone()));
     let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
 
     let first_frame = tokio::time::timeout(
@@ -134,7 +137,9 @@ pub(crate) async fn start_worker(config: &WorkerConfig) -> Result<StartedWorker,
             return Err(StartFailure { error, retryable: true });
         }
     };
-    let hello = wire::decode_payload::<Hello>(&payload).and_then(Hello::into_ready);
+    let hello = wire::decode_payload::<Hello>(&payload)
+        .and_then(Hello::into_ready)
+        .and_then(|hello| expect_model(config, hello));
     match hello {
         Ok(hello) => Ok(StartedWorker {
             child,
@@ -152,9 +157,9 @@ pub(crate) async fn start_worker(config: &WorkerConfig) -> Result<StartedWorker,
             let status = exit_status_within(&mut child, EXIT_GRACE).await;
             let _ = tokio::time::timeout(STDERR_FLUSH_GRACE, stderr_task).await;
             let context = format!("worker `{shown}` could not start{}", describe(status));
-            let error = error.with_context(&context);
             let quoted = stderr_tail.quoted();
-            Err(StartFailure { error: append(error, &quoted), retryable: false })
+            let error = error.map_message(|message| format!("{context}: {message}{quoted}"));
+            Err(StartFailure { error, retryable: false })
         }
     }
 }
@@ -178,18 +183,40 @@ pub(crate) fn describe(status: Option<ExitStatus>) -> String {
     status.map(|s| format!(" ({s})")).unwrap_or_default()
 }
 
-fn append(error: EmbeddingError, suffix: &str) -> EmbeddingError {
-    match error {
-        EmbeddingError::ModelNotFound(m) => EmbeddingError::ModelNotFound(m + suffix),
-        EmbeddingError::InvalidInput(m) => EmbeddingError::InvalidInput(m + suffix),
-        EmbeddingError::ServiceUnavailable(m) => EmbeddingError::ServiceUnavailable(m + suffix),
-        EmbeddingError::Internal(m) => EmbeddingError::Internal(m + suffix),
+/// The hello, when its default model is the one `config` expects.
+fn expect_model(config: &WorkerConfig, hello: ReadyHello) -> Result<ReadyHello, EmbeddingError> {
+    match &config.expected_model {
+        Some(expected) if *expected != hello.model.model => {
+            Err(EmbeddingError::ModelNotFound(format!(
+                "the default model is {:?}, expected {expected:?} (loaded: {})",
+                hello.model.model,
+                hello.model_ids()
+            )))
+        }
+        _ => Ok(hello),
     }
 }
 
-/// Forwards every stderr line to the sink and keeps the last ones, until the pipe closes: a
-/// full stderr pipe would block the worker.
-async fn drain_stderr(stderr: ChildStderr, pid: u32, sink: StderrSink, tail: StderrTail) {
+/// One stderr line as a `tracing` event: the worker's own log lines
+/// (`akidb-embed-worker[pid] LEVEL logger: message`) at their level, anything else it prints (a
+/// traceback, a C library's output) as a warning.
+fn log_worker_line(pid: u32, line: &str) {
+    let level = line
+        .strip_prefix("akidb-embed-worker[")
+        .and_then(|rest| rest.split_once("] "))
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .map(|(level, _)| level);
+    match level {
+        Some("DEBUG") => tracing::debug!(target: WORKER_LOG_TARGET, pid, "{line}"),
+        Some("INFO") => tracing::info!(target: WORKER_LOG_TARGET, pid, "{line}"),
+        Some("ERROR" | "CRITICAL") => tracing::error!(target: WORKER_LOG_TARGET, pid, "{line}"),
+        _ => tracing::warn!(target: WORKER_LOG_TARGET, pid, "{line}"),
+    }
+}
+
+/// Logs every stderr line and keeps the last ones, until the pipe closes: a full stderr pipe
+/// would block the worker.
+async fn drain_stderr(stderr: ChildStderr, pid: u32, tail: StderrTail) {
     let mut reader = BufReader::new(stderr);
     let mut line = Vec::new();
     loop {
@@ -199,7 +226,7 @@ async fn drain_stderr(stderr: ChildStderr, pid: u32, sink: StderrSink, tail: Std
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);
                 let text = text.trim_end_matches(['\n', '\r']);
-                sink(pid, text);
+                log_worker_line(pid, text);
                 tail.push(text);
             }
         }

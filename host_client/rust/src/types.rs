@@ -1,17 +1,21 @@
-//! AkiDB's embedding interface: its request, response and model types, its error enum and the
-//! shape of its `EmbeddingProvider` trait, as this crate implements them.
+//! AkiDB's embedding interface, field for field: its request, response and model types and its
+//! error enum (`crates/akidb-embedding/src/types.rs`), and the shape of its `EmbeddingProvider`
+//! trait. What the worker offers beyond them sits beside them: [`EmbedOptions`] (prompt name,
+//! truncation) and [`ModelDescription`] (the facts of every loaded model).
 //!
 //! What to match on:
 //!
 //! ```text
 //! EmbeddingError
-//! ├── ModelNotFound        the model named is not the loaded one, or no usable model directory
-//! ├── InvalidInput         the request itself is wrong (empty, too many texts, too long);
-//! │                        about one text: the message starts with `inputs[i]`, i its index
-//! │                        in the caller's `inputs`
+//! ├── ModelNotFound        the model named is not loaded, no usable model directory, or the
+//! │                        worker serves another model than `WorkerConfig::expected_model`
+//! ├── InvalidInput         the request itself is wrong (empty, too many texts, too long, an
+//! │                        unknown prompt name); about one text: the message starts with
+//! │                        `inputs[i]`, i its index in the caller's `inputs`
 //! ├── ServiceUnavailable   no worker can answer now: it could not start, it died or hung more
-//! │                        often than the budgets allow, or the client is closed
-//! │                        (request timeouts are here; the message says "timed out")
+//! │                        often than the budgets allow, the client is closed, or the tokio
+//! │                        runtime that ran its supervisor has shut down (request timeouts are
+//! │                        here; the message says "timed out")
 //! └── Internal             a bug or broken invariant on either side, including a worker that
 //!                          broke the wire contract (the message starts with "[protocol_error]")
 //! ```
@@ -20,25 +24,26 @@ use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 
-/// Everything that can go wrong in an embedding call. Each variant carries one line of English
-/// for logs and people; match on the variant, not on the text.
+/// Everything that can go wrong in an embedding call: AkiDB's variants and messages. Each
+/// carries one line of English for logs and people; match on the variant, not on the text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EmbeddingError {
-    /// The model named is not the loaded one, or the worker found no usable model directory.
-    #[error("model not found: {0}")]
+    /// The model named is not loaded, or the worker found no usable model directory.
+    #[error("Model not found: {0}")]
     ModelNotFound(String),
     /// The request is malformed or exceeds a limit the worker announced. Not retryable. When
     /// it is about one text, the message starts with `inputs[i]`, `i` that text's index in the
     /// caller's `inputs` (however the batch was split and ordered on the wire).
-    #[error("invalid input: {0}")]
+    #[error("Invalid input: {0}")]
     InvalidInput(String),
     /// No worker can answer now (start failure, deaths or hangs beyond the budgets, timeouts,
-    /// a closed client). Retrying later, or with a new client, may succeed.
-    #[error("service unavailable: {0}")]
+    /// a closed client, a supervisor whose runtime is gone). Retrying later, or with a new
+    /// client, may succeed.
+    #[error("Service unavailable: {0}")]
     ServiceUnavailable(String),
     /// A bug or broken invariant: an unexpected failure in the worker, or a frame that broke
     /// the wire contract.
-    #[error("internal error: {0}")]
+    #[error("Internal error: {0}")]
     Internal(String),
 }
 
@@ -65,13 +70,26 @@ impl EmbeddingError {
         }
     }
 
-    /// The same kind of error with `context` prepended to its message.
-    pub(crate) fn with_context(self, context: &str) -> Self {
+    /// This error as another enum of AkiDB's shape, given that enum's variant constructors in
+    /// AkiDB's order (`[ModelNotFound, InvalidInput, ServiceUnavailable, Internal]`): the
+    /// conversion to AkiDB's own `EmbeddingError` in one line.
+    pub fn into_variant_of<E>(self, variants: [fn(String) -> E; 4]) -> E {
+        let [model_not_found, invalid_input, service_unavailable, internal] = variants;
         match self {
-            Self::ModelNotFound(m) => Self::ModelNotFound(format!("{context}: {m}")),
-            Self::InvalidInput(m) => Self::InvalidInput(format!("{context}: {m}")),
-            Self::ServiceUnavailable(m) => Self::ServiceUnavailable(format!("{context}: {m}")),
-            Self::Internal(m) => Self::Internal(format!("{context}: {m}")),
+            Self::ModelNotFound(m) => model_not_found(m),
+            Self::InvalidInput(m) => invalid_input(m),
+            Self::ServiceUnavailable(m) => service_unavailable(m),
+            Self::Internal(m) => internal(m),
+        }
+    }
+
+    /// The same kind of error with its message rewritten by `edit`.
+    pub(crate) fn map_message(self, edit: impl FnOnce(String) -> String) -> Self {
+        match self {
+            Self::ModelNotFound(m) => Self::ModelNotFound(edit(m)),
+            Self::InvalidInput(m) => Self::InvalidInput(edit(m)),
+            Self::ServiceUnavailable(m) => Self::ServiceUnavailable(edit(m)),
+            Self::Internal(m) => Self::Internal(edit(m)),
         }
     }
 }
@@ -79,27 +97,42 @@ impl EmbeddingError {
 /// AkiDB's result alias.
 pub type EmbeddingResult<T> = Result<T, EmbeddingError>;
 
-/// AkiDB's `BatchEmbeddingRequest`, plus the protocol's optional `truncate`.
+/// What AkiDB's providers answer to a request without inputs (the clients of every language
+/// agree: `InvalidInput`, before anything is sent).
+pub const EMPTY_BATCH_MESSAGE: &str = "empty input batch";
+
+/// AkiDB's `BatchEmbeddingRequest`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchEmbeddingRequest {
-    /// The model id; it must equal the loaded model's (`ModelInfo::model`). An empty string
-    /// means "whatever model the worker has loaded" (sent as no `model` at all).
+    /// The model id: one of the loaded models (`WorkerClient::models`). An empty string means
+    /// the default model (the first model directory), sent as no `model` at all.
     pub model: String,
-    /// The texts, any number: batches over the worker's limits are split and reassembled.
+    /// The texts, at least one: batches over the worker's limits are split and reassembled.
     pub inputs: Vec<String>,
-    /// L2-normalise each vector (what sentence-transformers does for all-MiniLM-L6-v2).
+    /// L2-normalise each vector. Sent as given (AkiDB's field is a plain bool, `false` when
+    /// absent from serialized data); [`BatchEmbeddingRequest::new`] sets it to `true`.
+    #[serde(default)]
     pub normalize: bool,
-    /// `Some(false)`: an input longer than the model's `max_tokens` fails the request with
-    /// `InvalidInput` instead of being cut. `None` leaves it to the worker (which truncates).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub truncate: Option<bool>,
 }
 
 impl BatchEmbeddingRequest {
-    /// A request for normalised vectors of `inputs`, truncating over-long inputs.
+    /// A request for normalised vectors of `inputs` (what sentence-transformers' models with a
+    /// Normalize module, such as all-MiniLM-L6-v2, give).
     pub fn new(model: impl Into<String>, inputs: Vec<String>) -> Self {
-        Self { model: model.into(), inputs, normalize: true, truncate: None }
+        Self { model: model.into(), inputs, normalize: true }
     }
+}
+
+/// What an embed request can ask beyond AkiDB's fields (protocol.md, `embed`); the default is
+/// the worker's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EmbedOptions {
+    /// One of the model's prompt names ([`ModelDescription::prompts`]): the worker puts that
+    /// prompt's text before every input. `None`: the model's default prompt, if it has one.
+    pub prompt_name: Option<String>,
+    /// `Some(false)`: an input longer than the model's `max_tokens` fails the request with
+    /// `InvalidInput` instead of being cut. `None` leaves it to the worker (which truncates).
+    pub truncate: Option<bool>,
 }
 
 /// AkiDB's `BatchEmbeddingResponse`.
@@ -107,28 +140,53 @@ impl BatchEmbeddingRequest {
 pub struct BatchEmbeddingResponse {
     /// The model that produced the vectors.
     pub model: String,
-    /// One vector of `ModelInfo::dimension` values per input, in the order of the inputs.
+    /// One vector of the model's dimension per input, in the order of the inputs.
     pub embeddings: Vec<Vec<f32>>,
     /// What the worker spent on the request.
     pub usage: Usage,
 }
 
-/// AkiDB's `Usage`, with the types the wire carries.
+/// A batch's vectors in one buffer instead of one `Vec` each (an extra beside AkiDB's
+/// [`BatchEmbeddingResponse`]: one allocation for the whole batch, rows contiguous for a copy
+/// into an index or a matrix library).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlatEmbeddings {
+    /// The model that produced the vectors.
+    pub model: String,
+    /// Values per vector.
+    pub dimension: usize,
+    /// `inputs.len() * dimension` values, row-major: row `i` is the vector of `inputs[i]`.
+    pub values: Vec<f32>,
+    pub usage: Usage,
+}
+
+impl FlatEmbeddings {
+    /// The vector of `inputs[index]`.
+    pub fn row(&self, index: usize) -> &[f32] {
+        &self.values[index * self.dimension..(index + 1) * self.dimension]
+    }
+
+    /// Every vector, in the order of the inputs.
+    pub fn rows(&self) -> impl Iterator<Item = &[f32]> {
+        self.values.chunks_exact(self.dimension.max(1))
+    }
+}
+
+/// AkiDB's `Usage`.
 ///
-/// `duration_ms` is an `f64` because the worker measures fractions of a millisecond (AkiDB's
-/// own struct has `u64`: convert with `usage.duration_ms.round() as u64`). It runs from the
-/// worker reading the request to the worker writing the reply. When a batch was split into
-/// several wire requests, `total_tokens` is their sum and `duration_ms` the longest of them
-/// (they are written together and run in the worker's shared batches).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+/// `duration_ms` runs from the worker reading the request to the worker writing the reply,
+/// rounded to whole milliseconds. When a batch was split into several wire requests,
+/// `total_tokens` is their sum and `duration_ms` the longest of them (they are written together
+/// and run in the worker's shared batches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Usage {
     /// Tokens the model ran, special tokens included, after truncation, padding not counted.
     pub total_tokens: usize,
     /// Worker-side milliseconds, see the type's documentation.
-    pub duration_ms: f64,
+    pub duration_ms: u64,
 }
 
-/// AkiDB's `ModelInfo`: what the worker announced in its hello.
+/// AkiDB's `ModelInfo`: what the worker announced of one model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// The model id, e.g. the Hugging Face name.
@@ -139,11 +197,43 @@ pub struct ModelInfo {
     pub max_tokens: usize,
 }
 
+/// Everything the worker announced of one loaded model (an entry of the hello's `models`).
+/// From a worker that predates `models`, the one model with what its hello says (`pooling`
+/// unknown, no prompts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelDescription {
+    pub model: String,
+    pub dimension: u32,
+    pub max_tokens: usize,
+    /// Whether the model's own pipeline normalises (a Normalize module).
+    pub normalize_default: bool,
+    /// `mean`, `cls`, `max` or `lasttoken`.
+    #[serde(default)]
+    pub pooling: Option<String>,
+    /// The names [`EmbedOptions::prompt_name`] accepts.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// The prompt applied when a request names none.
+    #[serde(default)]
+    pub default_prompt_name: Option<String>,
+}
+
+impl ModelDescription {
+    /// AkiDB's view of this model.
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo {
+            model: self.model.clone(),
+            dimension: self.dimension,
+            max_tokens: self.max_tokens,
+        }
+    }
+}
+
 /// The shape of AkiDB's `EmbeddingProvider` trait, written with `impl Future` so that no
 /// `async-trait` dependency is needed and the futures are `Send` (spawnable on tokio).
 ///
-/// AkiDB's own trait is object-safe through `#[async_trait]`; an adapter there is three
-/// one-line methods that await these.
+/// AkiDB's own trait is object-safe through `#[async_trait]`; the adapter that implements it
+/// is `akidb/akidb_embed_provider.rs` in this crate's directory.
 pub trait EmbeddingProvider: Send + Sync {
     /// Embeds every input of `request`, in order.
     fn embed_batch(
@@ -151,7 +241,7 @@ pub trait EmbeddingProvider: Send + Sync {
         request: BatchEmbeddingRequest,
     ) -> impl Future<Output = EmbeddingResult<BatchEmbeddingResponse>> + Send;
 
-    /// The loaded model's id, dimension and token limit.
+    /// The default model's id, dimension and token limit.
     fn model_info(&self) -> impl Future<Output = EmbeddingResult<ModelInfo>> + Send;
 
     /// `Ok(())` when the worker embeds a fixed sentence correctly right now.

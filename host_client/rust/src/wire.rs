@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::types::{EmbeddingError, EmbeddingResult, ModelInfo, Usage};
+use crate::types::{EmbeddingError, EmbeddingResult, ModelDescription, ModelInfo, Usage};
 
 /// Major version of the wire contract; a worker announcing another one is refused.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -40,6 +40,8 @@ pub struct EmbedRequest<'a> {
     pub normalize: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub truncate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_name: Option<&'a str>,
 }
 
 impl<'a> EmbedRequest<'a> {
@@ -142,7 +144,22 @@ pub struct EmbedReply<'a> {
     pub shape: (usize, usize),
     #[serde(borrow)]
     pub embeddings: &'a serde_bytes::Bytes,
-    pub usage: Usage,
+    pub usage: WireUsage,
+}
+
+/// An embed reply's `usage` as the wire has it (the worker measures fractions of a
+/// millisecond).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct WireUsage {
+    pub total_tokens: usize,
+    pub duration_ms: f64,
+}
+
+impl From<WireUsage> for Usage {
+    fn from(usage: WireUsage) -> Self {
+        // a negative or NaN duration (a broken clock) saturates to 0
+        Usage { total_tokens: usage.total_tokens, duration_ms: usage.duration_ms.round() as u64 }
+    }
 }
 
 /// The body of a successful `health` reply.
@@ -175,6 +192,9 @@ pub struct Hello {
     pub pid: Option<u32>,
     pub model: Option<ModelInfo>,
     pub normalize_default: Option<bool>,
+    /// Every loaded model, the default first; absent from a worker that serves one model only.
+    #[serde(default)]
+    pub models: Option<Vec<ModelDescription>>,
     #[serde(default)]
     pub providers: Vec<String>,
     pub limits: Option<Limits>,
@@ -186,10 +206,30 @@ pub struct Hello {
 pub struct ReadyHello {
     pub pid: u32,
     pub worker_version: Option<String>,
+    /// The default model (the first model directory).
     pub model: ModelInfo,
+    /// Whether the default model normalises by default.
     pub normalize_default: bool,
+    /// Every loaded model, the default first; never empty.
+    pub models: Vec<ModelDescription>,
     pub providers: Vec<String>,
     pub limits: Limits,
+}
+
+impl ReadyHello {
+    /// The loaded model `id` names; the empty id names the default model.
+    pub fn find_model(&self, id: &str) -> Option<&ModelDescription> {
+        if id.is_empty() {
+            return self.models.first();
+        }
+        self.models.iter().find(|model| model.model == id)
+    }
+
+    /// The ids of the loaded models, for messages: `"a", "b"`.
+    pub fn model_ids(&self) -> String {
+        let ids: Vec<String> = self.models.iter().map(|m| format!("{:?}", m.model)).collect();
+        ids.join(", ")
+    }
 }
 
 impl Hello {
@@ -216,13 +256,35 @@ impl Hello {
             });
         }
         let missing = |field: &str| protocol_violation(&format!("hello without `{field}`"));
+        let model = self.model.ok_or_else(|| missing("model"))?;
+        let normalize_default =
+            self.normalize_default.ok_or_else(|| missing("normalize_default"))?;
+        let models = match self.models {
+            Some(models) => {
+                if models.first().map(ModelDescription::info).as_ref() != Some(&model) {
+                    return Err(protocol_violation(
+                        "the hello's `models` does not start with its default `model`",
+                    ));
+                }
+                models
+            }
+            // a worker from before several models: its one model
+            None => vec![ModelDescription {
+                model: model.model.clone(),
+                dimension: model.dimension,
+                max_tokens: model.max_tokens,
+                normalize_default,
+                pooling: None,
+                prompts: Vec::new(),
+                default_prompt_name: None,
+            }],
+        };
         Ok(ReadyHello {
             pid: self.pid.ok_or_else(|| missing("pid"))?,
             worker_version: self.worker_version,
-            model: self.model.ok_or_else(|| missing("model"))?,
-            normalize_default: self
-                .normalize_default
-                .ok_or_else(|| missing("normalize_default"))?,
+            model,
+            normalize_default,
+            models,
             providers: self.providers,
             limits: self.limits.ok_or_else(|| missing("limits"))?,
         })
@@ -296,13 +358,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(payload))
 }
 
-/// The `count` vectors of `dimension` values held by `data` (row-major little-endian f32), in
-/// one pass over the bytes; a length that does not match the shape is a protocol violation.
-pub fn embeddings_from_bytes(
+/// The `count` rows of `dimension` values held by `data` (row-major little-endian f32), each
+/// as its bytes; a length that does not match the shape is a protocol violation.
+pub fn embedding_rows(
     data: &[u8],
     count: usize,
     dimension: usize,
-) -> EmbeddingResult<Vec<Vec<f32>>> {
+) -> EmbeddingResult<std::slice::ChunksExact<'_, u8>> {
     let expected = count.checked_mul(dimension).and_then(|n| n.checked_mul(BYTES_PER_VALUE));
     if expected != Some(data.len()) || (dimension == 0 && count != 0) {
         return Err(protocol_violation(&format!(
@@ -311,15 +373,36 @@ pub fn embeddings_from_bytes(
             count.saturating_mul(dimension).saturating_mul(BYTES_PER_VALUE)
         )));
     }
-    if count == 0 {
-        return Ok(Vec::new());
+    Ok(data.chunks_exact((dimension * BYTES_PER_VALUE).max(1)))
+}
+
+/// The values of one row's bytes, appended to `values`.
+pub fn decode_row(row: &[u8], values: &mut Vec<f32>) {
+    values.extend(row.chunks_exact(BYTES_PER_VALUE).map(value_of));
+}
+
+/// The values of one row's bytes, written over `values` (of the row's length).
+pub fn decode_row_into(row: &[u8], values: &mut [f32]) {
+    for (value, bytes) in values.iter_mut().zip(row.chunks_exact(BYTES_PER_VALUE)) {
+        *value = value_of(bytes);
     }
-    Ok(data
-        .chunks_exact(dimension * BYTES_PER_VALUE)
+}
+
+fn value_of(bytes: &[u8]) -> f32 {
+    f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+/// The `count` vectors of `dimension` values held by `data`, in one pass over the bytes.
+pub fn embeddings_from_bytes(
+    data: &[u8],
+    count: usize,
+    dimension: usize,
+) -> EmbeddingResult<Vec<Vec<f32>>> {
+    Ok(embedding_rows(data, count, dimension)?
         .map(|row| {
-            row.chunks_exact(BYTES_PER_VALUE)
-                .map(|value| f32::from_le_bytes([value[0], value[1], value[2], value[3]]))
-                .collect()
+            let mut values = Vec::with_capacity(dimension);
+            decode_row(row, &mut values);
+            values
         })
         .collect())
 }
@@ -369,6 +452,7 @@ mod tests {
             pid: Some(1),
             model: None,
             normalize_default: None,
+            models: None,
             providers: vec![],
             limits: None,
             error: None,

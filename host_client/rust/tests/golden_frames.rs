@@ -48,6 +48,7 @@ fn embed_request_encodes_to_the_golden_frame() {
         inputs: &inputs,
         normalize: true,
         truncate: Some(true),
+        prompt_name: None,
     })
     .unwrap();
     assert_eq!(frame, golden("embed_request.bin"));
@@ -88,8 +89,95 @@ fn an_embed_request_without_model_or_truncate_omits_them() {
         inputs: &inputs,
         normalize: false,
         truncate: None,
+        prompt_name: None,
     };
     let frame = wire::encode_frame(&request).unwrap();
     // fixmap of 4: id, op, inputs, normalize
     assert_eq!(payload(&frame)[0], 0x84);
+}
+
+#[test]
+fn a_prompt_name_travels_as_the_last_key() {
+    let inputs = vec!["hi".to_owned()];
+    let request = EmbedRequest {
+        id: 7,
+        op: "embed",
+        model: Some("m"),
+        inputs: &inputs,
+        normalize: true,
+        truncate: None,
+        prompt_name: Some("query"),
+    };
+    let frame = wire::encode_frame(&request).unwrap();
+    let decoded: serde_json::Value = rmp_serde::from_slice(payload(&frame)).unwrap();
+    let expected = serde_json::json!({
+        "id": 7, "op": "embed", "model": "m", "inputs": ["hi"], "normalize": true,
+        "prompt_name": "query"
+    });
+    assert_eq!(decoded, expected);
+    // fixmap of 6, and the key just before the value "query" (a5 + 5 bytes) is prompt_name
+    let payload = payload(&frame);
+    assert_eq!(payload[0], 0x86);
+    assert!(payload.ends_with(b"\xabprompt_name\xa5query"));
+}
+
+/// A hello as a worker writes it, with `extra` fields laid over the one-model basics.
+fn hello_frame(extra: serde_json::Value) -> Vec<u8> {
+    let mut hello = serde_json::json!({
+        "op": "hello", "ok": true, "protocol": 1, "worker_version": "0.1.0", "pid": 42,
+        "model": {"model": "a/first", "dimension": 384, "max_tokens": 256},
+        "normalize_default": true, "providers": ["CPUExecutionProvider"],
+        "limits": {"max_frame_bytes": 16777216, "max_texts_per_request": 1024,
+                   "max_text_bytes": 262144, "max_batch_tokens": 1024, "max_pending_texts": 16384}
+    });
+    for (key, value) in extra.as_object().unwrap() {
+        hello[key] = value.clone();
+    }
+    rmp_serde::to_vec_named(&hello).unwrap()
+}
+
+fn ready(payload: &[u8]) -> Result<wire::ReadyHello, EmbeddingError> {
+    wire::decode_payload::<wire::Hello>(payload).and_then(wire::Hello::into_ready)
+}
+
+#[test]
+fn a_hello_without_models_is_one_model_from_its_model_field() {
+    let hello = ready(&hello_frame(serde_json::json!({}))).unwrap();
+    assert_eq!(hello.models.len(), 1);
+    let only = &hello.models[0];
+    assert_eq!(only.info(), hello.model);
+    assert!(only.normalize_default);
+    assert_eq!((only.pooling.as_deref(), only.prompts.len()), (None, 0));
+    assert_eq!(hello.find_model("").map(|m| &m.model), Some(&hello.model.model));
+    assert_eq!(hello.find_model("a/first").map(|m| m.dimension), Some(384));
+    assert!(hello.find_model("b/second").is_none());
+}
+
+#[test]
+fn a_hello_with_models_lists_them_default_first() {
+    let models = serde_json::json!({"models": [
+        {"model": "a/first", "dimension": 384, "max_tokens": 256, "normalize_default": true,
+         "pooling": "mean", "prompts": [], "default_prompt_name": null},
+        {"model": "b/second", "dimension": 768, "max_tokens": 512, "normalize_default": false,
+         "pooling": "cls", "prompts": ["query", "passage"], "default_prompt_name": "passage",
+         "a_field_from_a_later_worker": 1}
+    ]});
+    let hello = ready(&hello_frame(models)).unwrap();
+    assert_eq!(hello.model_ids(), "\"a/first\", \"b/second\"");
+    let second = hello.find_model("b/second").unwrap();
+    assert_eq!((second.dimension, second.max_tokens, second.normalize_default), (768, 512, false));
+    assert_eq!(second.pooling.as_deref(), Some("cls"));
+    assert_eq!(second.prompts, ["query", "passage"]);
+    assert_eq!(second.default_prompt_name.as_deref(), Some("passage"));
+    assert_eq!(hello.find_model("").unwrap().model, "a/first");
+}
+
+#[test]
+fn a_hello_whose_models_do_not_start_with_its_default_breaks_the_protocol() {
+    let models = serde_json::json!({"models": [
+        {"model": "b/second", "dimension": 768, "max_tokens": 512, "normalize_default": false,
+         "pooling": "cls", "prompts": [], "default_prompt_name": null}
+    ]});
+    let error = ready(&hello_frame(models)).unwrap_err();
+    assert!(matches!(&error, EmbeddingError::Internal(m) if m.contains("protocol_error")));
 }

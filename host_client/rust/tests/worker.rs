@@ -8,11 +8,12 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use akidb_embed_client::{
-    BatchEmbeddingRequest, EmbeddingError, EmbeddingProvider, WorkerClient, WorkerConfig,
+    BatchEmbeddingRequest, EmbedOptions, EmbeddingError, EmbeddingProvider, WorkerClient,
+    WorkerConfig,
 };
 use serde::Deserialize;
 
@@ -71,40 +72,79 @@ fn golden() -> Golden {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Collects the worker's stderr and the client's notes, for tests that look at them.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<String>>>);
+/// Every `tracing` event of the tests (they run in threads of one process, so the collector
+/// is global; a test picks its own lines by the worker pids it knows), echoed to stderr.
+#[derive(Default)]
+struct Log(Mutex<Vec<String>>);
 
 impl Log {
-    /// The number right after the first occurrence of `prefix` in a line.
-    fn number_after(&self, prefix: &str) -> Option<usize> {
+    fn get() -> &'static Log {
+        static LOG: OnceLock<&'static Log> = OnceLock::new();
+        LOG.get_or_init(|| {
+            let log: &'static Log = Box::leak(Box::default());
+            tracing::subscriber::set_global_default(Collector(log)).expect("one subscriber");
+            log
+        })
+    }
+
+    /// Lines (`target LEVEL message`) that contain every one of `parts`.
+    fn lines_with(&self, parts: &[&str]) -> Vec<String> {
         let lines = self.0.lock().unwrap();
-        let line = lines.iter().find(|line| line.contains(prefix))?;
+        lines.iter().filter(|line| parts.iter().all(|part| line.contains(part))).cloned().collect()
+    }
+
+    /// The number right after `prefix` in the first line holding both.
+    fn number_after(&self, prefix: &str, also: &str) -> Option<usize> {
+        let line = self.lines_with(&[prefix, also]).into_iter().next()?;
         let rest = &line[line.find(prefix)? + prefix.len()..];
         rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
     }
 }
 
-fn config_with_log(log: &Log) -> WorkerConfig {
-    let lines = log.0.clone();
-    WorkerConfig {
-        model_dir: Some(model_dir()),
-        // Tests run two at a time on small machines: one ONNX Runtime thread per worker.
-        threads: Some(1),
-        stderr_sink: Arc::new(move |pid, line| {
-            eprintln!("worker[{pid}] {line}");
-            lines.lock().unwrap().push(line.to_owned());
-        }),
-        ..WorkerConfig::with_command([
-            python().into_os_string(),
-            "-m".into(),
-            "akidb_embed.worker".into(),
-        ])
+/// A minimal `tracing` subscriber: each event as one line, spans ignored.
+struct Collector(&'static Log);
+
+impl tracing::Subscriber for Collector {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
     }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let meta = event.metadata();
+        let line = format!("{} {} {}", meta.target(), meta.level(), message.0);
+        eprintln!("{line}");
+        self.0 .0.lock().unwrap().push(line);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+fn worker_command() -> WorkerConfig {
+    WorkerConfig::from_python(python())
 }
 
 fn config() -> WorkerConfig {
-    config_with_log(&Log::default())
+    Log::get();
+    WorkerConfig {
+        model_dirs: vec![model_dir()],
+        // Tests run two at a time on small machines: one ONNX Runtime thread per worker.
+        threads: Some(1),
+        ..worker_command()
+    }
 }
 
 async fn spawn(config: WorkerConfig) -> WorkerClient {
@@ -169,7 +209,8 @@ async fn golden_sentences_embed_like_sentence_transformers() {
         assert_eq!(response.model, model);
         assert_close(&response.embeddings, &golden.embeddings);
         assert_eq!(response.usage.total_tokens, golden.token_counts.iter().sum::<usize>());
-        assert!(response.usage.duration_ms > 0.0);
+        // 21 sentences, some of 256 tokens: well over a millisecond in the worker
+        assert!(response.usage.duration_ms > 0);
         client.close().await;
     })
     .await;
@@ -184,10 +225,22 @@ async fn model_info_and_hello_match_the_model_directory() {
         assert_eq!(info.model, expected.model);
         assert_eq!(info.dimension, expected.dimension);
         assert_eq!(info.max_tokens, expected.max_tokens);
-        let hello = client.hello();
+        let hello = client.hello().unwrap();
         assert_eq!(Some(hello.pid), client.worker_pid());
         assert!(!hello.providers.is_empty());
         assert!(hello.limits.max_texts_per_request > 0);
+        // one model: `models` holds it (from the hello's `models`, or from `model` of a worker
+        // that has no `models`)
+        let models = client.models().unwrap();
+        assert_eq!(models.len(), 1);
+        assert_eq!(models[0].info(), info);
+        assert_eq!(client.model_info_for("").unwrap(), info);
+        assert_eq!(client.model_info_for(&info.model).unwrap(), info);
+        let error = client.model_info_for("no/such-model").unwrap_err();
+        assert!(
+            matches!(&error, EmbeddingError::ModelNotFound(m) if m.contains(&info.model)),
+            "{error:?}"
+        );
         client.close().await;
     })
     .await;
@@ -226,9 +279,9 @@ async fn an_over_long_input_is_invalid_input_only_without_truncation() {
         let client = spawn(config()).await;
         let info = client.model_info().await.unwrap();
         let long_text = vec!["word ".repeat(info.max_tokens * 2)];
-        let mut refused = request(&info.model, &long_text);
-        refused.truncate = Some(false);
-        let error = client.embed_batch(refused).await.unwrap_err();
+        let refused = EmbedOptions { truncate: Some(false), ..EmbedOptions::default() };
+        let error =
+            client.embed_batch_with(request(&info.model, &long_text), &refused).await.unwrap_err();
         assert!(matches!(error, EmbeddingError::InvalidInput(_)), "{error:?}");
         let truncated = client.embed_batch(request(&info.model, &long_text)).await.unwrap();
         assert_eq!(truncated.usage.total_tokens, info.max_tokens);
@@ -238,11 +291,12 @@ async fn an_over_long_input_is_invalid_input_only_without_truncation() {
 }
 
 #[tokio::test]
-async fn an_empty_batch_is_invalid_input() {
+async fn an_empty_batch_is_invalid_input_as_akidb_providers_answer() {
     within(async {
         let client = spawn(config()).await;
         let error = client.embed_batch(request("", &[])).await.unwrap_err();
-        assert!(matches!(error, EmbeddingError::InvalidInput(_)), "{error:?}");
+        assert_eq!(error, EmbeddingError::InvalidInput("empty input batch".into()));
+        assert_eq!(error.to_string(), "Invalid input: empty input batch");
         client.close().await;
     })
     .await;
@@ -279,7 +333,7 @@ async fn spawn_with_small_requests(extra_args: &[&str]) -> WorkerClient {
     config.extra_args =
         ["--max-texts-per-request", "8"].iter().chain(extra_args).map(|arg| arg.into()).collect();
     let client = spawn(config).await;
-    assert_eq!(client.hello().limits.max_texts_per_request, 8);
+    assert_eq!(client.hello().unwrap().limits.max_texts_per_request, 8);
     client
 }
 
@@ -302,6 +356,11 @@ async fn a_mixed_length_batch_split_and_sent_shortest_first_comes_back_in_order(
         let response = client.embed_batch(request("", &texts)).await.unwrap();
         assert_close(&response.embeddings, &want);
         assert_eq!(response.usage.total_tokens, 2 * golden.token_counts.iter().sum::<usize>());
+        // the same in one flat buffer
+        let flat = client.embed_flat(request("", &texts), &EmbedOptions::default()).await.unwrap();
+        assert_eq!((flat.dimension, flat.values.len()), (384, texts.len() * 384));
+        assert_close(&flat.rows().map(<[f32]>::to_vec).collect::<Vec<_>>(), &want);
+        assert_eq!(flat.usage.total_tokens, response.usage.total_tokens);
         client.close().await;
     })
     .await;
@@ -320,10 +379,9 @@ async fn an_error_about_one_text_of_a_split_batch_names_the_callers_index() {
         };
 
         // The worker refuses it: sent last (the longest), in the fourth wire request.
-        let mut over_long =
-            request(&info.model, &with_text_13("word ".repeat(info.max_tokens * 2)));
-        over_long.truncate = Some(false);
-        match client.embed_batch(over_long).await.unwrap_err() {
+        let over_long = request(&info.model, &with_text_13("word ".repeat(info.max_tokens * 2)));
+        let refuse = EmbedOptions { truncate: Some(false), ..EmbedOptions::default() };
+        match client.embed_batch_with(over_long, &refuse).await.unwrap_err() {
             EmbeddingError::InvalidInput(message) => {
                 assert!(message.starts_with("inputs[13] has "), "{message}");
                 assert!(message.contains("tokens"), "{message}");
@@ -352,8 +410,7 @@ async fn an_error_about_one_text_of_a_split_batch_names_the_callers_index() {
 async fn a_killed_worker_loses_no_request() {
     within(async {
         let golden = Arc::new(golden());
-        let log = Log::default();
-        let client = spawn(config_with_log(&log)).await;
+        let client = spawn(config()).await;
         let first_pid = client.worker_pid().unwrap();
         let done = Arc::new(AtomicUsize::new(0));
         const TASKS: usize = 8;
@@ -398,7 +455,9 @@ async fn a_killed_worker_loses_no_request() {
         assert_eq!(answered, TASKS * CALLS_PER_TASK);
         let second_pid = client.worker_pid().expect("a new worker serves");
         assert_ne!(second_pid, first_pid);
-        let resent = log.number_after("starting a new worker for ").expect("a restart note");
+        let resent = Log::get()
+            .number_after("starting a new worker for ", &format!("worker {first_pid} "))
+            .expect("a restart note");
         assert!(resent > 0, "requests were in flight when the worker was killed");
         client.close().await;
     })
@@ -477,7 +536,7 @@ async fn the_restart_budget_ends_in_service_unavailable() {
 async fn a_worker_without_its_model_fails_fast_with_model_not_found() {
     within(async {
         let mut config = config();
-        config.model_dir = Some(checkout().join("models/no-such-model"));
+        config.model_dirs = vec![checkout().join("models/no-such-model")];
         let error = WorkerClient::spawn(config).await.err().expect("no worker starts");
         match error {
             EmbeddingError::ModelNotFound(message) => {
@@ -595,4 +654,234 @@ async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F:
     })
     .await;
     outputs.into_iter().map(|o| o.expect("every future finished")).collect()
+}
+
+#[tokio::test]
+async fn a_worker_serving_another_model_than_expected_fails_fast_with_model_not_found() {
+    within(async {
+        let other =
+            WorkerConfig { expected_model: Some("intfloat/e5-small-v2".into()), ..config() };
+        let error = WorkerClient::spawn(other).await.err().expect("the start is refused");
+        match error {
+            EmbeddingError::ModelNotFound(message) => {
+                assert!(message.contains("expected \"intfloat/e5-small-v2\""), "{message}");
+                assert!(message.contains(&metadata().model), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let matching = WorkerConfig { expected_model: Some(metadata().model), ..config() };
+        let client = spawn(matching).await;
+        client.embed_batch(request("", &["the expected model".to_owned()])).await.unwrap();
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_python_without_the_worker_module_fails_with_its_own_message() {
+    within(async {
+        // an interpreter that sees no site-packages at all, so no akidb_embed
+        let bare =
+            std::env::temp_dir().join(format!("akidb-embed-bare-python-{}", std::process::id()));
+        std::fs::write(&bare, format!("#!/bin/sh\nexec {:?} -I -S \"$@\"\n", python())).unwrap();
+        std::process::Command::new("chmod").arg("+x").arg(&bare).status().unwrap();
+        let config =
+            WorkerConfig { model_dirs: vec![model_dir()], ..WorkerConfig::from_python(&bare) };
+        let error = WorkerClient::spawn(config).await.err().expect("no worker starts");
+        std::fs::remove_file(&bare).unwrap();
+        match error {
+            EmbeddingError::ServiceUnavailable(message) => {
+                assert!(message.contains("No module named"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_workers_stderr_and_the_supervisors_events_go_to_tracing() {
+    within(async {
+        let client = spawn(config()).await;
+        let pid = client.worker_pid().unwrap();
+        client.close().await;
+        let worker_prefix = format!("akidb-embed-worker[{pid}]");
+        let started = Log::get().lines_with(&["akidb_embed_client::worker INFO", &worker_prefix]);
+        assert!(started.iter().any(|line| line.contains("starting:")), "{started:?}");
+        let ready = format!("worker {pid} ready");
+        assert_eq!(Log::get().lines_with(&["akidb_embed_client", "INFO", &ready]).len(), 1);
+        let stopped = format!("worker {pid} stopped");
+        assert_eq!(Log::get().lines_with(&["akidb_embed_client", "INFO", &stopped]).len(), 1);
+    })
+    .await;
+}
+
+/// Runs `test` on a thread of its own and fails if it does not end within `TEST_TIMEOUT`
+/// (for tests that build and drop runtimes themselves).
+fn on_a_thread_within(test: impl FnOnce() + Send + 'static) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        test();
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(TEST_TIMEOUT) {
+        Ok(()) => thread.join().unwrap(),
+        // the thread panicked: join gives its panic
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => thread.join().unwrap(),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the test hung"),
+    }
+}
+
+/// Whether process `pid` is gone or a zombie within a few seconds (it may still be tearing
+/// down its memory when a SIGKILL has just been sent).
+fn dies_soon(pid: u32) -> bool {
+    (0..200).any(|_| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let dead = stat.is_empty() || stat.contains(") Z ");
+        if !dead {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dead
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+#[test]
+fn calls_from_another_runtime_are_served_while_the_spawning_one_runs() {
+    on_a_thread_within(|| {
+        let golden = golden();
+        let spawning = runtime();
+        let client = spawning.block_on(spawn(config()));
+        let other = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // `other` has neither I/O nor timers: a call needs none of its own
+        let response = other.block_on(client.embed_batch(request("", &golden.sentences))).unwrap();
+        assert_close(&response.embeddings, &golden.embeddings);
+        other.block_on(client.health_check()).unwrap();
+        spawning.block_on(client.close());
+    });
+}
+
+#[test]
+fn a_dropped_runtime_fails_every_call_at_once_with_service_unavailable() {
+    on_a_thread_within(|| {
+        let spawning = runtime();
+        let client = spawning.block_on(spawn(config()));
+        let pid = client.worker_pid().unwrap();
+        spawning.block_on(client.embed_batch(request("", &["before".to_owned()]))).unwrap();
+        // a call in flight on another runtime, to a worker that cannot answer it, when the
+        // supervisor's runtime goes
+        signal(pid, "STOP");
+        let other = runtime();
+        let in_flight = {
+            let client = client.clone();
+            other.spawn(async move { client.embed_batch(request("", &["never".into()])).await })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        drop(spawning);
+
+        let unavailable = |result: Result<_, EmbeddingError>| match result {
+            Err(EmbeddingError::ServiceUnavailable(message)) => {
+                assert!(message.contains("runtime"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        };
+        unavailable(other.block_on(in_flight).unwrap().map(drop));
+        unavailable(
+            other.block_on(client.embed_batch(request("", &["after".to_owned()]))).map(drop),
+        );
+        unavailable(other.block_on(client.model_info()).map(drop));
+        unavailable(other.block_on(client.health_check()));
+        other.block_on(client.close());
+        let elapsed = started.elapsed();
+        eprintln!("dropped runtime: every call failed within {elapsed:?}");
+        // a hang guard, not a timing test: the calls fail at once, measured in the report
+        assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+        assert_eq!(client.worker_pid(), None);
+        // the worker was killed with its runtime (a zombie until some runtime reaps it)
+        assert!(dies_soon(pid), "worker {pid} still runs");
+    });
+}
+
+const SECOND_MODEL: &str = "akidb-embed-test/minilm-with-a-prompt";
+
+/// A second model directory: the provisioned model's files (hard links) under another id and
+/// with one prompt, `query` = "query: " (pooled with the input, as its metadata says).
+fn second_model_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("second-model");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["model.onnx", "tokenizer.json", "golden.json"] {
+            let (from, to) = (model_dir().join(file), dir.join(file));
+            std::fs::hard_link(&from, &to)
+                .or_else(|_| std::fs::copy(&from, &to).map(drop))
+                .unwrap();
+        }
+        let text = std::fs::read_to_string(model_dir().join("akidb-embed.json")).unwrap();
+        let mut metadata: serde_json::Value = serde_json::from_str(&text).unwrap();
+        metadata["format"] = 2.into();
+        metadata["model"] = SECOND_MODEL.into();
+        metadata["prompts"] = serde_json::json!({"query": "query: "});
+        metadata["include_prompt"] = true.into();
+        std::fs::write(dir.join("akidb-embed.json"), metadata.to_string()).unwrap();
+        dir
+    })
+    .clone()
+}
+
+#[tokio::test]
+async fn two_models_are_served_by_name_with_their_prompts() {
+    within(async {
+        let golden = golden();
+        let default_model = metadata().model;
+        let config = WorkerConfig {
+            model_dirs: vec![model_dir(), second_model_dir()],
+            expected_model: Some(default_model.clone()),
+            ..config()
+        };
+        let client = spawn(config).await;
+        let models = client.models().unwrap();
+        let ids: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
+        assert_eq!(ids, [default_model.as_str(), SECOND_MODEL]);
+        assert_eq!(models[1].prompts, ["query"]);
+        assert_eq!(
+            (models[1].pooling.as_deref(), models[1].normalize_default),
+            (Some("mean"), true)
+        );
+        assert_eq!(client.model_info().await.unwrap().model, default_model);
+        assert_eq!(client.model_info_for(SECOND_MODEL).unwrap().dimension, 384);
+
+        // each request is served by the model it names, the default one for an empty name
+        let second = client.embed_batch(request(SECOND_MODEL, &golden.sentences)).await.unwrap();
+        assert_eq!(second.model, SECOND_MODEL);
+        assert_close(&second.embeddings, &golden.embeddings); // the same weights
+        let default = client.embed_batch(request("", &golden.sentences[..2])).await.unwrap();
+        assert_eq!(default.model, default_model);
+
+        // a prompt name puts the prompt's text before every input
+        let texts = ["a cat sits on the mat".to_owned(), "stock markets fell".to_owned()];
+        let query = EmbedOptions { prompt_name: Some("query".into()), ..EmbedOptions::default() };
+        let prompted =
+            client.embed_batch_with(request(SECOND_MODEL, &texts), &query).await.unwrap();
+        let by_hand: Vec<String> = texts.iter().map(|text| format!("query: {text}")).collect();
+        let spelled_out = client.embed_batch(request(SECOND_MODEL, &by_hand)).await.unwrap();
+        assert_close(&prompted.embeddings, &spelled_out.embeddings);
+        let plain = client.embed_batch(request(SECOND_MODEL, &texts)).await.unwrap();
+        assert!(cosine(&prompted.embeddings[0], &plain.embeddings[0]) < 0.999, "the prompt counts");
+
+        let unknown = EmbedOptions { prompt_name: Some("passage".into()), ..query.clone() };
+        match client.embed_batch_with(request(SECOND_MODEL, &texts), &unknown).await {
+            Err(EmbeddingError::InvalidInput(message)) => {
+                assert!(message.contains("query"), "the message lists the prompts: {message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        client.close().await;
+    })
+    .await;
 }
