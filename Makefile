@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 # mypy cannot follow the editable install's folder mapping; it reads this link tree instead.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: all venv models demo test test-rust lint typecheck bench clean
+.PHONY: all venv models demo test test-ray test-rust lint typecheck bench clean
 
 all: test
 
@@ -54,7 +54,13 @@ test-rust: models
 	AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/cargo-offline test
 
 test: models lint typecheck test-rust
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not ray"
+
+# Ray (about 240 MB installed) is kept out of `make test`: this installs the ray extra, then
+# runs the tests marked `ray` (a local Ray with two actors against the local run).
+test-ray: models
+	$(PIP) install --quiet -e '.[ray]'
+	$(PY) -m pytest -m ray
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -657,9 +657,8 @@ class JobSummary:
 
     def line(self) -> str:
         rate = self.texts / self.seconds if self.seconds > 0 else 0.0
-        line = (
-            f"{self.texts} texts, {self.tokens} tokens in {self.seconds:.1f} s: {rate:.1f} texts/s"
-        )
+        tokens = "" if self.tokens is None else f", {self.tokens} tokens"
+        line = f"{self.texts} texts{tokens} in {self.seconds:.1f} s: {rate:.1f} texts/s"
         if self.skipped:
             line += f"; {self.skipped} bad records skipped"
         if self.resumed_at:

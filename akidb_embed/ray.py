@@ -157,7 +157,7 @@ def run_ray_job(
             ]
         )
         embedded = dataset.map_batches(
-            _read_chunks, batch_size=1, fn_kwargs={"options": options}, num_cpus=0.25
+            _read_chunks, batch_size=1, fn_kwargs={"options": options}, num_cpus=0
         ).map_batches(
             EmbeddingActor,
             fn_constructor_kwargs={
