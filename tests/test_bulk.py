@@ -1,0 +1,289 @@
+"""``akidb-embed embed --input/--output``: every format, resume after SIGINT and SIGKILL, bad
+records, and the job's memory on a file of a million lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from akidb_embed.host_client import EmbeddingClient
+
+CLI = (sys.executable, "-m", "akidb_embed.cli")
+TIMEOUT = 300
+WORDS = [
+    "cat",
+    "dog",
+    "mat",
+    "log",
+    "sun",
+    "rain",
+    "river",
+    "stone",
+    "cloud",
+    "window",
+    "quiet",
+    "bright",
+]
+
+
+def sentences(count: int, seed: int = 7) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 24)))) for _ in range(count)]
+
+
+def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*CLI, "embed", *args], input=stdin, capture_output=True, timeout=TIMEOUT, check=False
+    )
+
+
+def write_input(path: Path, texts: list[str]) -> Path:
+    """``texts`` as .txt, .jsonl (ids "t0", "t1", ...) or .parquet, by the path's suffix."""
+    ids = [f"t{index}" for index in range(len(texts))]
+    if path.suffix == ".txt":
+        path.write_text("".join(text + "\n" for text in texts), encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        lines = (json.dumps({"id": i, "text": t}) + "\n" for i, t in zip(ids, texts, strict=True))
+        path.write_text("".join(lines), encoding="utf-8")
+    else:  # a few row groups, so that reading goes across them
+        pq.write_table(pa.table({"id": ids, "text": texts}), path, row_group_size=70)
+    return path
+
+
+def read_output(path: Path) -> tuple[np.ndarray, list[Any] | None, list[str] | None]:
+    """Vectors, ids and texts of an output file (None where the format has none)."""
+    if path.suffix == ".npy":
+        return np.load(path), None, None
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        vectors = np.array([row["embedding"] for row in rows], dtype=np.float32)
+        return vectors, [row.get("id") for row in rows], [row.get("text") for row in rows]
+    table = pq.read_table(path)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    vectors = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    ids = table.column("id").to_pylist() if "id" in table.column_names else None
+    return vectors, ids, table.column("text").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return sentences(200)
+
+
+@pytest.fixture(scope="module")
+def reference(texts: list[str]) -> np.ndarray:
+    """The same texts through the Python client's embed(), in one call."""
+    with EmbeddingClient() as client:
+        return client.embed(texts)
+
+
+@pytest.mark.parametrize("input_suffix", [".txt", ".jsonl", ".parquet"])
+def test_each_input_format_round_trips(
+    tmp_path: Path, texts: list[str], reference: np.ndarray, input_suffix: str
+) -> None:
+    source = write_input(tmp_path / f"in{input_suffix}", texts)
+    output = tmp_path / "out.jsonl"
+    id_args = () if input_suffix == ".txt" else ("--id-field", "id")
+    result = run_cli("-i", str(source), "-o", str(output), "--chunk-texts", "64", *id_args)
+    assert result.returncode == 0, result.stderr
+    vectors, ids, written = read_output(output)
+    assert np.array_equal(vectors, reference)  # the client's vectors, bit for bit
+    assert written == texts
+    if input_suffix != ".txt":
+        assert ids == [f"t{index}" for index in range(len(texts))]
+    assert f"{len(texts)} texts" in result.stderr.decode() and "texts/s" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("output_suffix", [".npy", ".parquet"])
+def test_each_output_format_round_trips(
+    tmp_path: Path, texts: list[str], reference: np.ndarray, output_suffix: str
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", texts)
+    output = tmp_path / f"out{output_suffix}"
+    id_args = () if output_suffix == ".npy" else ("--id-field", "id")
+    result = run_cli("-i", str(source), "-o", str(output), "--chunk-texts", "64", *id_args)
+    assert result.returncode == 0, result.stderr
+    vectors, ids, written = read_output(output)
+    assert vectors.dtype == np.float32 and np.array_equal(vectors, reference)
+    if output_suffix == ".parquet":
+        assert ids == [f"t{index}" for index in range(len(texts))] and written == texts
+    assert not output.with_name(output.name + ".progress.json").exists()
+    assert not output.with_name(output.name + ".parts").exists()
+
+
+def test_stdin_to_stdout_keeps_working(texts: list[str], reference: np.ndarray) -> None:
+    stdin = "".join(text + "\n" for text in texts[:20]).encode()
+    npy = run_cli("--format", "npy", "-o", "-", stdin=stdin)
+    assert npy.returncode == 0, npy.stderr
+    assert np.array_equal(np.load(io.BytesIO(npy.stdout)), reference[:20])
+    lines = run_cli(stdin=stdin)
+    assert lines.returncode == 0, lines.stderr
+    assert [json.loads(line)["text"] for line in lines.stdout.splitlines()] == texts[:20]
+
+
+def wait_for_commits(progress: Path, process: subprocess.Popen[bytes], chunks: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        try:
+            if json.loads(progress.read_text())["chunks"] >= chunks:
+                return
+        except (OSError, ValueError):
+            pass  # not written yet
+        time.sleep(0.01)
+    raise AssertionError("no commit came")
+
+
+@pytest.mark.parametrize(
+    ("output_suffix", "stop"),
+    [(".npy", "sigint"), (".jsonl", "sigkill"), (".parquet", "sigint")],
+)
+def test_interrupted_run_resumed_equals_uninterrupted_bit_for_bit(
+    tmp_path: Path, output_suffix: str, stop: str
+) -> None:
+    source = write_input(tmp_path / "in.jsonl", sentences(300, seed=3))
+    args = ["-i", str(source), "--chunk-texts", "8", "--skip-bad"]
+    if output_suffix != ".npy":
+        args += ["--id-field", "id"]
+    whole = tmp_path / f"whole{output_suffix}"
+    assert run_cli(*args, "-o", str(whole)).returncode == 0
+
+    output = tmp_path / f"cut{output_suffix}"
+    progress = output.with_name(output.name + ".progress.json")
+    # a session of its own: SIGINT goes to the whole group, as Ctrl-C in a terminal does
+    process = subprocess.Popen(
+        [*CLI, "embed", *args, "-o", str(output)], stderr=subprocess.PIPE, start_new_session=True
+    )
+    wait_for_commits(progress, process, chunks=3)
+    if stop == "sigint":
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=TIMEOUT)
+        assert process.returncode == 130, stderr
+        committed = json.loads(progress.read_text())["rows"]
+        assert f"{committed} rows written and committed" in stderr.decode()
+        if output_suffix == ".npy":  # a valid .npy of exactly the committed rows
+            assert np.load(output).shape == (committed, 384)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=TIMEOUT)
+    assert 0 < json.loads(progress.read_text())["rows"] < 300
+
+    resumed = run_cli(*args, "-o", str(output), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed after row" in resumed.stderr.decode()
+    assert output.read_bytes() == whole.read_bytes()
+    assert not progress.exists()
+
+
+def test_a_started_run_is_not_overwritten_without_resume(tmp_path: Path) -> None:
+    source = write_input(tmp_path / "in.txt", ["one", "two"])
+    output = tmp_path / "out.npy"
+    output.with_name("out.npy.progress.json").write_text("{}")
+    result = run_cli("-i", str(source), "-o", str(output))
+    assert result.returncode == 1
+    assert b"pass --resume" in result.stderr
+
+
+BAD_JSONL = (
+    b'{"text": "fine one"}\n'
+    b"{not json\n"
+    b'{"text": "fine two"}\n'
+    b'{"title": "no text field"}\n'
+    b'{"text": 42}\n'
+    b'{"text": "bad \xff\xfe utf-8"}\n'
+    b'["a list"]\n'
+    b'{"text": "fine three"}\n'
+)
+
+
+def test_bad_lines_stop_the_run_naming_their_line(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(BAD_JSONL)
+    output = tmp_path / "out.npy"
+    result = run_cli("-i", str(source), "-o", str(output))
+    assert result.returncode == 1
+    assert "line 2: invalid JSON" in result.stderr.decode()
+    assert np.load(output).shape == (0, 384)  # nothing written, and what is there is valid
+
+
+def test_skip_bad_lists_every_bad_line_beside_the_output(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(BAD_JSONL)
+    output = tmp_path / "out.jsonl"
+    result = run_cli("-i", str(source), "-o", str(output), "--skip-bad", "--chunk-texts", "2")
+    assert result.returncode == 0, result.stderr
+    _, _, written = read_output(output)
+    assert written == ["fine one", "fine two", "fine three"]
+    skipped = [json.loads(line) for line in (tmp_path / "out.jsonl.skipped.jsonl").open()]
+    assert [(row["line"], row["problem"].split(" (")[0]) for row in skipped] == [
+        (2, "invalid JSON"),
+        (4, "no field 'text'"),
+        (5, "field 'text' is int, not a string"),
+        (6, "invalid UTF-8 at byte 14"),
+        (7, "not a JSON object but list"),
+    ]
+    assert "5 bad records skipped" in result.stderr.decode()
+
+
+def test_parquet_input_reports_null_texts_by_row(tmp_path: Path) -> None:
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), source)
+    result = run_cli("-i", str(source), "-o", str(tmp_path / "out.npy"))
+    assert result.returncode == 1
+    assert "row 2: column 'text' is null" in result.stderr.decode()
+
+
+RSS_BOUND_MB = 200
+MEMORY_PROBE = """
+import resource, sys
+from concurrent.futures import Future
+from pathlib import Path
+import numpy as np
+from akidb_embed.bulk import Embedded, JobOptions, run_job
+
+class Constant:
+    dimension, model = 8, "probe"
+    def submit(self, texts):
+        future = Future()
+        future.set_result(Embedded(np.ones((len(texts), 8), np.float32), len(texts)))
+        return future
+
+options = JobOptions(Path(sys.argv[1]), Path(sys.argv[2]), "jsonl", "npy")
+summary = run_job(options, Constant())
+print(summary.texts, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_memory_of_a_million_line_job_stays_bounded(tmp_path: Path) -> None:
+    """The job's own memory (reading, chunking, writing, committing) on a 1,000,000-line file,
+    with an embedder that answers at once so that only the job is measured: the worker's
+    memory is bounded by its own limits (max_pending_texts, max_batch_tokens)."""
+    source = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "a line of text that is long enough to count " * 2}) + "\n"
+    with source.open("w") as stream:
+        for _ in range(1000):
+            stream.write(line * 1000)
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(source), str(tmp_path / "out.npy")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    texts, peak_mb = map(int, result.stdout.split())
+    assert texts == 1_000_000
+    assert np.load(tmp_path / "out.npy", mmap_mode="r").shape == (1_000_000, 8)
+    assert peak_mb < RSS_BOUND_MB, f"peak RSS {peak_mb} MB for a {source.stat().st_size} B file"
