@@ -456,7 +456,7 @@ async fn a_killed_worker_loses_no_request() {
         let second_pid = client.worker_pid().expect("a new worker serves");
         assert_ne!(second_pid, first_pid);
         let resent = Log::get()
-            .number_after("starting a new worker for ", &format!("worker {first_pid} "))
+            .number_after("sending again the ", &format!("worker {first_pid} "))
             .expect("a restart note");
         assert!(resent > 0, "requests were in flight when the worker was killed");
         client.close().await;
