@@ -917,7 +917,10 @@ async fn a_pool_of_three_gives_the_same_vectors_as_one_worker() {
         assert_close(&by_pool.embeddings[..golden.sentences.len()], &golden.embeddings);
         assert_eq!(by_pool.usage.total_tokens, by_one.usage.total_tokens);
         let singles = futures_join_all(
-            golden.sentences.iter().map(|text| pool.embed_batch(request("", &[text.clone()]))),
+            golden
+                .sentences
+                .iter()
+                .map(|text| pool.embed_batch(request("", std::slice::from_ref(text)))),
         )
         .await;
         for (index, response) in singles.into_iter().enumerate() {
