@@ -151,11 +151,9 @@ impl Table {
             .iter()
             .map(|slot| matches!(slot.state, SlotState::Ready { .. }).then_some(0))
             .collect();
-        for route_and_tokens in self.pending.values().filter_map(|p| p.route.map(|r| (r, p.tokens)))
-        {
-            let (route, tokens) = route_and_tokens;
-            if let Some(load) = &mut loads[route.slot] {
-                *load += tokens;
+        for pending in self.pending.values() {
+            if let Some(load) = pending.route.and_then(|route| loads[route.slot].as_mut()) {
+                *load += pending.tokens;
             }
         }
         loads
