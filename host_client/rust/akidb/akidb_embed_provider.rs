@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use crate::provider::EmbeddingProvider;
 use crate::types::*;
 
-/// One supervised worker process; clones of the `WorkerClient` share it.
+/// The supervised worker processes (one unless `workers` says more); clones share them.
 pub struct AkidbEmbedProvider(pub embed::WorkerClient);
 
 impl From<embed::EmbeddingError> for EmbeddingError {

@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! .ci/cargo-offline run --release --example roundtrip -- \
-//!     [--python PATH] [--model-dir DIR] [--threads N] [--calls 500] [--corpus texts.json]
-//!     [--json]
+//!     [--python PATH] [--model-dir DIR] [--workers 1] [--threads N] [--calls 500]
+//!     [--corpus texts.json] [--json]
 //! ```
 //!
 //! `--corpus` takes a JSON array of strings (`akidb-embed bench` passes its own corpus, so the
@@ -31,6 +31,7 @@ const SHORT_TEXTS: usize = 50;
 struct Options {
     python: PathBuf,
     model_dir: PathBuf,
+    workers: usize,
     threads: Option<usize>,
     calls: usize,
     corpus: Option<PathBuf>,
@@ -42,6 +43,7 @@ fn options() -> Options {
     let mut options = Options {
         python: checkout.join(".venv/bin/python"),
         model_dir: checkout.join("models/all-MiniLM-L6-v2"),
+        workers: akidb_embed_client::DEFAULT_WORKERS,
         threads: None,
         calls: 500,
         corpus: None,
@@ -57,6 +59,7 @@ fn options() -> Options {
         match flag.as_str() {
             "--python" => options.python = value.into(),
             "--model-dir" => options.model_dir = value.into(),
+            "--workers" => options.workers = value.parse().expect("--workers takes a number"),
             "--threads" => options.threads = Some(value.parse().expect("--threads takes a number")),
             "--calls" => options.calls = value.parse().expect("--calls takes a number"),
             "--corpus" => options.corpus = Some(value.into()),
@@ -161,6 +164,7 @@ async fn main() {
     let spawned = Instant::now();
     let client = WorkerClient::spawn(WorkerConfig {
         model_dirs: vec![options.model_dir.clone()],
+        workers: options.workers,
         threads: options.threads,
         ..WorkerConfig::from_python(&options.python)
     })

@@ -1,16 +1,17 @@
-//! `WorkerClient`: AkiDB's embedding calls over one supervised worker (see the crate docs for
-//! the whole data path).
+//! `WorkerClient`: AkiDB's embedding calls over a pool of supervised workers (one by default;
+//! see the crate docs for the whole data path).
 //!
 //! This file turns calls into wire requests and replies into results: a batch is checked,
-//! sorted shortest first, cut into chunks the worker accepts, each chunk handed to the
-//! supervisor's [`Service`] (which writes it, and writes it again to a new worker if need be),
-//! and the replies' rows are moved back to the caller's order.
+//! sorted shortest first, cut into chunks the workers accept (with each chunk's estimated
+//! tokens), each chunk handed to the [`Dispatcher`] (which writes it to the least-loaded
+//! worker, and again to another if that one dies or hangs), and the replies' rows are moved
+//! back to the caller's order.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use crate::config::WorkerConfig;
-use crate::supervisor::Service;
+use crate::dispatch::{ClientStats, Dispatcher};
 use crate::types::{
     BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
     EmbeddingResult, FlatEmbeddings, ModelDescription, ModelInfo, Usage, EMPTY_BATCH_MESSAGE,
@@ -32,31 +33,33 @@ const SPECIAL_TOKENS: usize = 2;
 /// seconds, which is how `request_timeout` tells a busy worker from a hung one.
 const CHUNK_MICRO_BATCHES: usize = 4;
 
-/// AkiDB's embedding calls served by one supervised `akidb-embed` worker process.
+/// AkiDB's embedding calls served by a pool of supervised `akidb-embed` worker processes
+/// (`WorkerConfig::workers`, one by default), every one holding every model.
 ///
-/// Cheap to clone: clones share the worker. Calls from many tasks are pipelined over it, and
+/// Cheap to clone: clones share the pool. Calls from many tasks are pipelined over it, and
 /// may come from any runtime: the supervisor runs on the tokio runtime that called
 /// [`spawn`](Self::spawn), and while that runtime is up every call is served; once it shuts
 /// down, every call (and [`model_info`](Self::model_info)) fails at once with
-/// `ServiceUnavailable`. The worker is stopped when [`close`](Self::close) is awaited or the
-/// last clone is dropped; it is spawned with `kill_on_drop`, so not even a runtime shutdown
-/// leaves it running.
+/// `ServiceUnavailable`. The workers are stopped when [`close`](Self::close) is awaited or the
+/// last clone is dropped; they are spawned with `kill_on_drop`, so not even a runtime shutdown
+/// leaves one running.
 #[derive(Clone)]
 pub struct WorkerClient {
-    service: Arc<Service>,
+    service: Arc<Dispatcher>,
 }
 
 impl WorkerClient {
-    /// Starts a worker and waits for its hello. Fails fast, without retrying, when the worker
-    /// cannot start: `ModelNotFound` or `ServiceUnavailable` with the worker's own reason (its
-    /// failed hello, or its exit status and the last lines of its stderr), `ModelNotFound`
-    /// when its default model is not `config.expected_model`.
+    /// Starts `config.workers` workers in parallel and waits for every hello: the pool is
+    /// ready when all are. Fails fast, without retrying, when a worker cannot start (the
+    /// others are stopped): `ModelNotFound` or `ServiceUnavailable` with that worker's own
+    /// reason (its failed hello, or its exit status and the last lines of its stderr),
+    /// `ModelNotFound` when its default model is not `config.expected_model`.
     ///
     /// Must be called inside a tokio runtime (with I/O and time enabled): the supervisor and
     /// the worker's I/O are tasks of that runtime, which must keep running for the client to
     /// be served.
     pub async fn spawn(config: WorkerConfig) -> EmbeddingResult<Self> {
-        Ok(Self { service: Arc::new(Service::start(config).await?) })
+        Ok(Self { service: Arc::new(Dispatcher::start(config).await?) })
     }
 
     /// Embeds every input, in order, with the worker's defaults for what AkiDB's request does
@@ -151,9 +154,10 @@ impl WorkerClient {
         let mut replies = Vec::new();
         for range in plan.split(&texts) {
             let inputs = &texts[range.clone()];
+            let tokens = inputs.iter().map(|text| plan.estimated_tokens(text)).sum();
             let pending = self
                 .service
-                .submit(inputs.len(), true, |id| {
+                .submit(inputs.len(), tokens, true, |id| {
                     wire::encode_frame(&EmbedRequest {
                         id,
                         op: EmbedRequest::OP,
@@ -238,22 +242,28 @@ impl WorkerClient {
         self.call_op("ping").await.map(drop)
     }
 
-    /// What the current worker announced in its hello (pid, providers, limits, models, ...),
-    /// or the last one while a replacement starts; the reason there is none once the client
-    /// stopped serving.
+    /// What the latest ready worker announced in its hello (pid, providers, limits, models,
+    /// ...; the same for every worker of the pool but the pid), kept while a replacement
+    /// starts; the reason there is none once the client stopped serving.
     pub fn hello(&self) -> EmbeddingResult<ReadyHello> {
         self.service.hello()
     }
 
-    /// The pid of the worker serving now; `None` while it is being replaced, after the client
-    /// gave up, or after `close`.
+    /// The pid of the (first) worker serving now; `None` while it is being replaced, after the
+    /// client gave up, or after `close`. Every worker's is in [`stats`](Self::stats).
     pub fn worker_pid(&self) -> Option<u32> {
         self.service.worker_pid()
     }
 
-    /// Stops the worker gracefully: no new calls are taken, the worker finishes and answers
-    /// every request already written to it (within `close_timeout`, then it is killed), and
-    /// is reaped. Calls still waiting afterwards fail with `ServiceUnavailable`. Idempotent.
+    /// The pool now: each worker's pid, restarts and requests in flight, and the totals.
+    pub fn stats(&self) -> ClientStats {
+        self.service.stats()
+    }
+
+    /// Stops the workers gracefully, all at once: no new calls are taken, each worker finishes
+    /// and answers every request already written to it (within `close_timeout`, then it is
+    /// killed), and is reaped. Calls still waiting afterwards fail with `ServiceUnavailable`.
+    /// Idempotent.
     pub async fn close(&self) {
         self.service.close().await;
     }
@@ -262,7 +272,7 @@ impl WorkerClient {
         let shows_progress = op != "ping";
         let pending = self
             .service
-            .submit(0, shows_progress, |id| wire::encode_frame(&OpRequest { id, op }))
+            .submit(0, 0, shows_progress, |id| wire::encode_frame(&OpRequest { id, op }))
             .await?;
         let payload = pending.wait().await?;
         wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()?;

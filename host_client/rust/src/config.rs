@@ -1,5 +1,10 @@
-//! How a [`WorkerClient`](crate::WorkerClient) spawns and supervises its worker, with every
-//! default defined once (the same values as the Python host client's).
+//! How a [`WorkerClient`](crate::WorkerClient) spawns and supervises its pool of workers, with
+//! every default defined once (the same values as the Python host client's).
+//!
+//! Every setting applies to each worker of the pool alike (`workers` of them, each started
+//! with the same command line, so each holds every model and runs `threads` intra-op threads);
+//! the budgets are per wire request (`max_attempts`) and per worker (`restart_limit`), the
+//! backpressure (`max_in_flight_texts`) over the whole pool.
 //!
 //! Timeouts, precisely:
 //!
@@ -32,6 +37,8 @@ pub const DEFAULT_RESTART_LIMIT: u32 = 5;
 pub const DEFAULT_STABLE_START_TIME: Duration = Duration::from_secs(10);
 /// Enough to keep the worker's batcher full while keeping the frames held for re-sending small.
 pub const DEFAULT_MAX_IN_FLIGHT_TEXTS: usize = 2048;
+/// One worker: the figures and behaviour of a client without a pool.
+pub const DEFAULT_WORKERS: usize = 1;
 /// The Python module that is the worker (`python -m akidb_embed.worker`).
 pub const WORKER_MODULE: &str = "akidb_embed.worker";
 /// The interpreter used when none is configured.
@@ -47,6 +54,8 @@ pub mod env {
     pub const MODEL_DIR: &str = "AKIDB_EMBED_MODEL_DIR";
     pub const PROVIDER: &str = "AKIDB_EMBED_PROVIDER";
     pub const THREADS: &str = "AKIDB_EMBED_THREADS";
+    /// How many workers the client runs (the client's own variable: the worker ignores it).
+    pub const WORKERS: &str = "AKIDB_EMBED_WORKERS";
 }
 
 const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(50);
@@ -54,9 +63,13 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Lines of the worker's stderr kept to explain a failed start or a death.
 pub(crate) const STDERR_TAIL_LINES: usize = 20;
 
-/// How to start one worker and how to supervise it.
+/// How to start the workers and how to supervise them.
 #[derive(Clone)]
 pub struct WorkerConfig {
+    /// Worker processes in the pool, each with every model of `model_dirs` and `threads`
+    /// intra-op threads; a request goes to the one with the fewest estimated tokens
+    /// outstanding.
+    pub workers: usize,
     /// Program and leading arguments of the worker, e.g.
     /// `["/srv/akidb/.venv/bin/python", "-m", "akidb_embed.worker"]` (what
     /// [`from_python`](Self::from_python) makes) or `["akidb-embed-worker"]`. Never run
@@ -96,6 +109,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             command: Self::python_command(DEFAULT_PYTHON.as_ref()),
+            workers: DEFAULT_WORKERS,
             model_dirs: Vec::new(),
             expected_model: None,
             provider: None,
@@ -133,7 +147,8 @@ impl WorkerConfig {
     /// The defaults, then what this process's environment says, with the worker's own
     /// variables: the interpreter from `AKIDB_EMBED_PYTHON` (else `python3`), the model
     /// directories from `AKIDB_EMBED_MODEL_DIR` (separated like `PATH`), `AKIDB_EMBED_PROVIDER`
-    /// and `AKIDB_EMBED_THREADS`. The worker inherits the environment, so its other
+    /// and `AKIDB_EMBED_THREADS` (per worker), and the client's own `AKIDB_EMBED_WORKERS` (the
+    /// pool's size; the worker ignores it). The worker inherits the environment, so its other
     /// `AKIDB_EMBED_*` options apply as well. A variable that does not parse is `InvalidInput`.
     pub fn from_env() -> EmbeddingResult<Self> {
         Self::from_vars(|name| std::env::var_os(name))
@@ -152,14 +167,17 @@ impl WorkerConfig {
         if let Some(provider) = set(env::PROVIDER) {
             config.provider = Some(provider.to_string_lossy().into_owned());
         }
+        let number = |name: &str, value: OsString, what: &str| {
+            let text = value.to_string_lossy();
+            text.trim().parse::<usize>().map_err(|_| {
+                EmbeddingError::InvalidInput(format!("{name}={text:?} is not a number of {what}"))
+            })
+        };
         if let Some(threads) = set(env::THREADS) {
-            let text = threads.to_string_lossy();
-            config.threads = Some(text.trim().parse().map_err(|_| {
-                EmbeddingError::InvalidInput(format!(
-                    "{}={text:?} is not a number of threads",
-                    env::THREADS
-                ))
-            })?);
+            config.threads = Some(number(env::THREADS, threads, "threads")?);
+        }
+        if let Some(workers) = set(env::WORKERS) {
+            config.workers = number(env::WORKERS, workers, "workers")?;
         }
         Ok(config)
     }
@@ -193,6 +211,9 @@ impl WorkerConfig {
             return Some("the worker command is empty".into());
         }
         let zero = |name: &str| Some(format!("{name} must be positive"));
+        if self.workers == 0 {
+            return zero("workers");
+        }
         if self.request_timeout.is_zero() {
             return zero("request_timeout");
         }
@@ -218,6 +239,7 @@ impl WorkerConfig {
 impl fmt::Debug for WorkerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WorkerConfig")
+            .field("workers", &self.workers)
             .field("argv", &self.argv())
             .field("expected_model", &self.expected_model)
             .field("env", &self.env)
@@ -275,6 +297,7 @@ mod tests {
                 env::MODEL_DIR => Some("/models/a:/models/b".into()),
                 env::PROVIDER => Some("cpu".into()),
                 env::THREADS => Some("2".into()),
+                env::WORKERS => Some("3".into()),
                 _ => None,
             }
         };
@@ -283,14 +306,19 @@ mod tests {
         assert_eq!(config.model_dirs, [PathBuf::from("/models/a"), PathBuf::from("/models/b")]);
         assert_eq!(config.provider.as_deref(), Some("cpu"));
         assert_eq!(config.threads, Some(2));
+        assert_eq!(config.workers, 3);
 
         let nothing = WorkerConfig::from_vars(|_| None).unwrap();
         assert_eq!(nothing.command, WorkerConfig::default().command);
         assert!(nothing.model_dirs.is_empty() && nothing.threads.is_none());
+        assert_eq!(nothing.workers, DEFAULT_WORKERS);
 
         let bad = WorkerConfig::from_vars(|name| (name == env::THREADS).then(|| "many".into()));
         let error = bad.unwrap_err();
         assert!(matches!(&error, EmbeddingError::InvalidInput(m) if m.contains("THREADS")));
+        let bad = WorkerConfig::from_vars(|name| (name == env::WORKERS).then(|| "-1".into()));
+        let error = bad.unwrap_err();
+        assert!(matches!(&error, EmbeddingError::InvalidInput(m) if m.contains("WORKERS")));
     }
 
     #[test]

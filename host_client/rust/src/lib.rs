@@ -1,32 +1,40 @@
-//! Sentence embeddings for AkiDB from one long-lived `akidb-embed` worker process (ONNX
-//! Runtime in Python), spawned, supervised and called over length-prefixed msgpack on its
-//! stdin and stdout. The wire contract is `protocol.md` at the root of the akidb-embed
-//! repository; this crate implements version 1 of it.
+//! Sentence embeddings for AkiDB from long-lived `akidb-embed` worker processes (ONNX Runtime
+//! in Python): a pool of `WorkerConfig::workers` (one by default), each spawned, supervised and
+//! called over length-prefixed msgpack on its stdin and stdout. The wire contract is
+//! `protocol.md` at the root of the akidb-embed repository; this crate implements version 1 of
+//! it.
 //!
 //! ```text
 //!  caller tasks, any runtime ── embed_batch(request) ──▶  client.rs: empty? InvalidInput;
-//!    │  texts sorted shortest first, split by the hello's limits into wire requests
-//!    │  (a text over them: InvalidInput "inputs[i] ...")
+//!    │  texts sorted shortest first, split by the hello's limits into wire requests, each
+//!    │  with its estimated tokens (a text over the limits: InvalidInput "inputs[i] ...")
 //!    ▼
-//!  supervisor.rs  Service::submit: wait for in-flight text permits (max_in_flight_texts)
-//!    pending: id ─▶ {frame, oneshot, attempts} ──▶ writer task ──frames──▶ worker stdin
+//!  dispatch.rs  Dispatcher::submit: wait for in-flight text permits (max_in_flight_texts)
+//!    pending: id ─▶ {frame, oneshot, attempts, tokens} ─▶ routed to the ready worker with
+//!    the fewest estimated tokens outstanding (a bulk request does not hold up queries)
+//!          │                         │                          │
+//!          ▼ supervisor.rs, one per worker: writer task ──frames──▶ worker stdin
 //!    ▲                                                              │ batcher ─▶ ONNX Runtime
 //!    │ oneshot(reply payload)                                       ▼
-//!  reader task (routes by id) ◀──────────frames, any order──── worker stdout
+//!  reader task ─▶ Dispatcher: by id ◀──────frames, any order──── worker stdout
 //!    the caller decodes its reply (wire.rs): bin ─▶ Vec<Vec<f32>> in one bulk little-endian
 //!    conversion, rows moved to the caller's positions, an error's text index mapped back
 //!                                                   worker stderr ─▶ drain task (process.rs)
 //!                                                     ─▶ tracing (akidb_embed_client::worker)
-//!  supervisor task: stdout EOF, failed write, or no reply for request_timeout
-//!    ─▶ SIGKILL + reap ─▶ backoff ─▶ new worker (process.rs), hello checked ─▶ every
-//!       unanswered request written again (embedding is idempotent) ─▶ callers see nothing
-//!    attempts or restart budget spent, or a worker that cannot start ─▶ ServiceUnavailable
-//!  supervisor task dropped (its runtime shut down) ─▶ every waiting and later call fails at
+//!  a worker's supervisor: stdout EOF, failed write, or no reply for request_timeout
+//!    ─▶ SIGKILL + reap ─▶ its unanswered requests back to the dispatcher, one attempt spent,
+//!       routed at once to another ready worker (or held for the replacement) ─▶ backoff ─▶
+//!       new worker (process.rs), hello checked ─▶ routed to again ─▶ callers see nothing
+//!    attempts spent ─▶ that call fails (ServiceUnavailable); a worker's restart budget spent
+//!       or a replacement that cannot start ─▶ that worker gives up, the others serve on;
+//!       every worker given up ─▶ every call fails (ServiceUnavailable)
+//!  a supervisor task dropped (its runtime shut down) ─▶ every waiting and later call fails at
 //!    once with ServiceUnavailable; model_info too
 //! ```
 //!
-//! The modules depend one way: `client` ─▶ `supervisor` ─▶ `process` ─▶ `wire`, all of them on
-//! `types` and `config`.
+//! The modules depend one way: `client` ─▶ `dispatch` ─▶ `supervisor` ─▶ `process` ─▶ `wire`,
+//! all of them on `types` and `config` (the supervisor reaches the dispatcher only through its
+//! own `Pool` trait, which the dispatcher implements).
 //!
 //! ```no_run
 //! use akidb_embed_client::{BatchEmbeddingRequest, WorkerClient, WorkerConfig};
@@ -50,6 +58,7 @@
 
 mod client;
 mod config;
+mod dispatch;
 mod process;
 mod supervisor;
 mod types;
@@ -59,8 +68,9 @@ pub use client::WorkerClient;
 pub use config::{
     env, WorkerConfig, DEFAULT_CLOSE_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_IN_FLIGHT_TEXTS,
     DEFAULT_PYTHON, DEFAULT_REQUEST_TIMEOUT, DEFAULT_RESTART_LIMIT, DEFAULT_STABLE_START_TIME,
-    DEFAULT_START_TIMEOUT, WORKER_MODULE,
+    DEFAULT_START_TIMEOUT, DEFAULT_WORKERS, WORKER_MODULE,
 };
+pub use dispatch::{ClientStats, WorkerStats};
 pub use types::{
     BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
     EmbeddingResult, ModelDescription, ModelInfo, Usage, EMPTY_BATCH_MESSAGE,

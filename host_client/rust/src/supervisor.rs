@@ -1,293 +1,149 @@
-//! The supervisor: the table of requests waiting for replies, the task that keeps a worker
-//! serving them, and the per-worker I/O tasks. [`Service`] is what the client holds.
+//! One worker of the pool and its supervisor: the process, its writer and reader tasks, the
+//! hang watch and the restart budget. The requests themselves belong to the dispatcher above
+//! (`dispatch.rs`), which this module knows only as the [`Pool`] trait: a supervisor tells it
+//! when its worker is ready, what the worker answered, and when the worker is gone, and the
+//! dispatcher decides where requests go.
 //!
 //! ```text
-//!   Service::submit ─▶ pending: id ─▶ {frame, oneshot, attempts} ─▶ writer task ─▶ stdin
-//!   reader task: frame from stdout ─▶ routed by id ─▶ the caller's oneshot
+//!   dispatcher ── frames routed to this worker ──▶ writer task ──▶ stdin
+//!   reader task: frame from stdout ── Pool::deliver(slot, generation, id) ──▶ the caller
 //!
 //!   reader task: stdout EOF / broken frame ─┐
 //!   writer task: write to stdin failed ─────┼─▶ Event::WorkerGone(generation) ─┐
 //!   deadline: no reply for request_timeout ─┘   (hung: same path)             │
-//!                                                                           ▼
-//!   replace(): slot = Starting (new calls wait in `pending`) ─▶ SIGKILL + reap old worker,
-//!     let its reader deliver what it had read ─▶ charge one attempt to each request it held
-//!     (over max_attempts: that call fails) ─▶ consecutive restarts > restart_limit? give up
-//!     (slot = Failed, every pending call fails) ─▶ backoff ─▶ start_worker ─▶ install():
-//!     new reader/writer, every pending frame written again in id order, slot = Running
-//!   a replacement that says why it cannot start (failed hello) ─▶ give up at once
+//!     (Pool::quiet_since: the oldest unanswered request routed here)          ▼
+//!   replace(): Pool::unroutable (nothing new is routed here) ─▶ SIGKILL + reap, let its
+//!     reader deliver what it had read ─▶ Pool::lost: each request it held costs one attempt
+//!     (over max_attempts: that call fails) and goes back to the dispatcher, which routes it
+//!     to another ready worker at once, or holds it until one is ready ─▶ consecutive
+//!     restarts > restart_limit? Pool::gave_up (this slot stops; the others serve on) ─▶
+//!     backoff ─▶ start_worker ─▶ install(): new reader/writer, Pool::ready (the dispatcher
+//!     routes to it again, held requests first)
+//!   a replacement that says why it cannot start (failed hello) ─▶ Pool::gave_up at once
 //!
 //!   the supervisor task dropped without closing (its tokio runtime shut down, or a panic)
-//!     ─▶ Drop: slot = Failed(ServiceUnavailable), every pending call fails at once, every
-//!        later call too; the worker is killed (kill_on_drop)
+//!     ─▶ Drop: Pool::supervisor_dropped, which fails every waiting and later call at once;
+//!        the worker is killed (kill_on_drop)
 //! ```
 //!
 //! Events carry the generation of the worker they are about, so a late event about a worker
-//! already replaced is ignored. Callers never wait on a timer of their own: every wait of
-//! theirs (in-flight permits, a reply) ends when the supervisor answers, gives up, or is
-//! dropped, so a call works from any runtime (the channels are runtime-independent).
+//! already replaced is ignored.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::WorkerConfig;
-use crate::process::{self, start_worker, StartedWorker, StderrTail};
+use crate::process::{self, StderrTail};
 use crate::types::{EmbeddingError, EmbeddingResult};
 use crate::wire::{self, ReadyHello, ReplyEnvelope};
 
-/// A frame shared by the pending table (for re-sending) and the writer task.
-type Frame = Arc<Vec<u8>>;
+pub(crate) use crate::process::StartedWorker;
 
-/// One wire request waiting for its reply.
-struct Pending {
-    frame: Frame,
-    reply: oneshot::Sender<EmbeddingResult<Vec<u8>>>,
-    /// The worker generation it was last written to, and when; `None` while no worker runs.
-    sent_to: Option<(u64, std::time::Instant)>,
-    /// Workers it has been written to.
-    attempts: u32,
-    /// Its share of `max_in_flight_texts`, given back when the entry goes.
-    _texts: Option<OwnedSemaphorePermit>,
-    /// Whether its reply shows the worker's model path is alive (a `ping` is answered by the
-    /// worker's reader alone, so it does not).
-    shows_progress: bool,
+/// A frame shared by the dispatcher's pending table (for re-sending) and a writer task.
+pub(crate) type Frame = Arc<Vec<u8>>;
+/// Where the dispatcher puts the frames routed to one worker; dropping it closes the worker's
+/// stdin (after the frames already queued).
+pub(crate) type FrameSender = mpsc::UnboundedSender<Frame>;
+
+/// Why the requests a worker held are being sent elsewhere.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loss {
+    Died,
+    Hung,
 }
 
-/// Where new requests go.
-enum Slot {
-    /// A worker is serving; frames for it go through `frames` to its writer task.
-    Running {
-        generation: u64,
-        frames: mpsc::UnboundedSender<Frame>,
-        last_reply_at: std::time::Instant,
-    },
-    /// The worker is being replaced: requests wait in `pending` and are written to the next one.
-    Starting,
-    /// The supervisor gave up or is gone; every call fails with this error.
-    Failed(EmbeddingError),
-    /// `close()` ran or the last handle was dropped.
-    Closed,
+/// What a supervisor needs from the dispatcher above it. `slot` is the worker's place in the
+/// pool; `generation` counts the workers that slot has started, so news about a worker
+/// already replaced can be told apart.
+pub(crate) trait Pool: Send + Sync + 'static {
+    fn config(&self) -> &WorkerConfig;
+    /// A worker of `slot` wrote its hello: requests may be routed to it through `frames`.
+    fn ready(&self, slot: usize, generation: u64, hello: ReadyHello, frames: FrameSender);
+    /// The worker answered request `id`.
+    fn deliver(&self, slot: usize, generation: u64, id: u64, payload: Vec<u8>);
+    /// Since when the worker has held a request without answering anything (the oldest such
+    /// request); `None` when it holds none.
+    fn quiet_since(&self, slot: usize, generation: u64) -> Option<std::time::Instant>;
+    /// The worker is about to be retired: route nothing more to it.
+    fn unroutable(&self, slot: usize);
+    /// The worker is gone: each request it held costs one attempt (a request with none left
+    /// fails with a message built from `reason`) and is routed again. Returns how many were
+    /// routed again.
+    fn lost(&self, slot: usize, generation: u64, loss: Loss, reason: &str) -> usize;
+    /// The slot will start no more workers.
+    fn gave_up(&self, slot: usize, error: EmbeddingError);
+    /// The slot's worker was stopped on purpose (close).
+    fn stopped(&self, slot: usize);
+    /// The supervisor task was dropped before it stopped.
+    fn supervisor_dropped(&self, slot: usize);
 }
 
-struct Shared {
-    pending: HashMap<u64, Pending>,
-    slot: Slot,
-    /// The latest ready worker's hello (kept across restarts for model facts and limits).
-    hello: ReadyHello,
+/// Starts one worker and waits for its hello (no retries).
+pub(crate) async fn start_worker(config: &WorkerConfig) -> EmbeddingResult<StartedWorker> {
+    process::start_worker(config).await.map_err(|failure| failure.error)
 }
 
-/// What the service handle, the supervisor and the I/O tasks share.
-struct State {
-    config: WorkerConfig,
-    shared: Mutex<Shared>,
-    in_flight_texts: Arc<Semaphore>,
-    next_id: AtomicU64,
+/// Stops and reaps a worker that started but will not serve (another of the pool failed).
+pub(crate) async fn discard(mut started: StartedWorker) {
+    let status = process::stop(&mut started.child).await;
+    started.stderr_task.abort();
+    let pid = started.hello.pid;
+    tracing::info!(pid, "worker {pid} stopped{}", process::describe(status));
 }
 
-impl State {
-    /// The shared table; never held across an await.
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        // A panic while holding the lock leaves the table consistent (single-step updates).
-        self.shared.lock().unwrap_or_else(|poison| poison.into_inner())
-    }
-
-    /// Hands a reply to the caller waiting for request `id`, if any still is.
-    fn deliver(&self, id: u64, generation: u64, payload: Vec<u8>) {
-        let pending = {
-            let mut shared = self.lock();
-            let pending = shared.pending.remove(&id);
-            let shows_progress = pending.as_ref().is_some_and(|p| p.shows_progress);
-            if let Slot::Running { generation: current, last_reply_at, .. } = &mut shared.slot {
-                if *current == generation && shows_progress {
-                    *last_reply_at = std::time::Instant::now();
-                }
-            }
-            pending
-        };
-        // Unknown ids are replies to requests already answered by an earlier worker, or whose
-        // caller has gone: nothing waits for them.
-        if let Some(pending) = pending {
-            let _ = pending.reply.send(Ok(payload));
-        }
-    }
-
-    /// Stops taking calls for good: closed (`None`) or failed with `failure`. Every call still
-    /// waiting fails now, every later one at once.
-    fn stop_serving(&self, failure: Option<EmbeddingError>) {
-        let mut shared = self.lock();
-        let error = failure.clone().unwrap_or_else(|| {
-            EmbeddingError::ServiceUnavailable(
-                "the client was closed before the worker answered".into(),
-            )
-        });
-        shared.slot = failure.map_or(Slot::Closed, Slot::Failed);
-        for (_, pending) in shared.pending.drain() {
-            let _ = pending.reply.send(Err(error.clone()));
-        }
-        drop(shared);
-        // callers waiting for in-flight permits wake up and see the slot
-        self.in_flight_texts.close();
-    }
-}
-
-fn closed() -> EmbeddingError {
-    EmbeddingError::ServiceUnavailable("the client is closed".into())
-}
-
-fn supervisor_gone() -> EmbeddingError {
-    EmbeddingError::ServiceUnavailable(
-        "the client's supervisor has stopped: the tokio runtime that spawned the client shut \
-         down (or the supervisor panicked); spawn a new client"
-            .into(),
-    )
-}
-
-/// A supervised worker, as its client sees it. Dropping it tells the supervisor to stop the
-/// worker.
-pub(crate) struct Service {
-    state: Arc<State>,
+/// The dispatcher's handle on one supervisor task.
+pub(crate) struct SupervisorHandle {
     events: mpsc::UnboundedSender<Event>,
 }
 
-impl Drop for Service {
-    fn drop(&mut self) {
+impl SupervisorHandle {
+    /// Graceful stop (see `WorkerClient::close`), asked for at once; the future ends when the
+    /// worker is reaped.
+    pub(crate) fn close(&self) -> impl Future<Output = ()> {
+        let (done, finished) = oneshot::channel();
+        let sent = self.events.send(Event::Close { done }).is_ok();
+        async move {
+            if sent {
+                // an error here: the supervisor was dropped, which fails everything by itself
+                let _ = finished.await;
+            }
+        }
+    }
+
+    /// The client's last handle is gone: stop without anyone waiting.
+    pub(crate) fn release(&self) {
         let _ = self.events.send(Event::HandlesDropped);
     }
 }
 
-impl Service {
-    /// Starts a worker, waits for its hello and spawns the supervisor task on the current
-    /// tokio runtime. Fails fast, without retrying, when the worker cannot start.
-    pub(crate) async fn start(config: WorkerConfig) -> EmbeddingResult<Self> {
-        if let Some(problem) = config.problem() {
-            return Err(EmbeddingError::InvalidInput(format!("WorkerConfig: {problem}")));
-        }
-        let started = start_worker(&config).await.map_err(|failure| failure.error)?;
-        let state = Arc::new(State {
-            in_flight_texts: Arc::new(Semaphore::new(
-                config.max_in_flight_texts.min(Semaphore::MAX_PERMITS),
-            )),
-            config,
-            shared: Mutex::new(Shared {
-                pending: HashMap::new(),
-                slot: Slot::Starting,
-                hello: started.hello.clone(),
-            }),
-            next_id: AtomicU64::new(1),
-        });
-        let (events, events_rx) = mpsc::unbounded_channel();
-        let mut supervisor = Supervisor::new(state.clone(), events.clone(), events_rx);
-        supervisor.install(started);
-        tokio::spawn(supervisor.run());
-        Ok(Self { state, events })
-    }
-
-    pub(crate) fn config(&self) -> &WorkerConfig {
-        &self.state.config
-    }
-
-    /// The latest worker's hello while the service can serve (also while a replacement
-    /// starts); the reason it cannot once it gave up, was closed or lost its supervisor.
-    pub(crate) fn hello(&self) -> EmbeddingResult<ReadyHello> {
-        let shared = self.state.lock();
-        match &shared.slot {
-            Slot::Failed(error) => Err(error.clone()),
-            Slot::Closed => Err(closed()),
-            Slot::Running { .. } | Slot::Starting => Ok(shared.hello.clone()),
-        }
-    }
-
-    /// The pid of the worker serving now.
-    pub(crate) fn worker_pid(&self) -> Option<u32> {
-        let shared = self.state.lock();
-        matches!(shared.slot, Slot::Running { .. }).then_some(shared.hello.pid)
-    }
-
-    /// See `WorkerClient::close`.
-    pub(crate) async fn close(&self) {
-        let (done, finished) = oneshot::channel();
-        if self.events.send(Event::Close { done }).is_ok() {
-            // an error here: the supervisor was dropped, which fails everything by itself
-            let _ = finished.await;
-        }
-    }
-
-    /// Enters one wire request in the pending table and writes it to the worker if one runs
-    /// (else the supervisor writes it to the next one). Waits first for `texts` in-flight
-    /// permits (at most `max_in_flight_texts`: the client's chunks never hold more).
-    pub(crate) async fn submit(
-        &self,
-        texts: usize,
-        shows_progress: bool,
-        encode: impl FnOnce(u64) -> EmbeddingResult<Vec<u8>>,
-    ) -> EmbeddingResult<PendingReply> {
-        let state = &self.state;
-        let permit = match texts {
-            0 => None,
-            _ => {
-                let wanted = u32::try_from(texts).unwrap_or(u32::MAX);
-                match state.in_flight_texts.clone().acquire_many_owned(wanted).await {
-                    Ok(permit) => Some(permit),
-                    // closed: the service stopped; the slot says why
-                    Err(_) => return Err(self.hello().err().unwrap_or_else(closed)),
-                }
-            }
-        };
-        let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Arc::new(encode(id)?);
-        let (reply, receiver) = oneshot::channel();
-        let mut shared = state.lock();
-        let sent_to = match &shared.slot {
-            Slot::Running { generation, frames, .. } => {
-                // A closed channel means the worker just died; the supervisor re-sends.
-                let _ = frames.send(frame.clone());
-                Some((*generation, std::time::Instant::now()))
-            }
-            Slot::Starting => None,
-            Slot::Failed(error) => return Err(error.clone()),
-            Slot::Closed => return Err(closed()),
-        };
-        let attempts = u32::from(sent_to.is_some());
-        let pending = Pending { frame, reply, sent_to, attempts, _texts: permit, shows_progress };
-        shared.pending.insert(id, pending);
-        drop(shared);
-        Ok(PendingReply { state: state.clone(), id, reply: Some(receiver) })
-    }
-}
-
-/// A reply on its way; dropping it withdraws the request (its texts stop counting against
-/// `max_in_flight_texts`).
-pub(crate) struct PendingReply {
-    state: Arc<State>,
-    id: u64,
-    reply: Option<oneshot::Receiver<EmbeddingResult<Vec<u8>>>>,
-}
-
-impl PendingReply {
-    /// The reply's payload. Ends when the worker answers, when the request runs out of
-    /// attempts, or when the service stops (a dropped sender means exactly that).
-    pub(crate) async fn wait(mut self) -> EmbeddingResult<Vec<u8>> {
-        let reply = self.reply.as_mut().expect("a reply is awaited once");
-        // Borrowed, not taken: if this future is dropped mid-wait, `drop` still withdraws.
-        let result = reply.await.unwrap_or_else(|_| Err(supervisor_gone()));
-        self.reply = None;
-        result
-    }
-}
-
-impl Drop for PendingReply {
-    fn drop(&mut self) {
-        if self.reply.is_some() {
-            self.state.lock().pending.remove(&self.id);
-        }
-    }
+/// Hands a started worker to a new supervisor task of `slot` on the current tokio runtime;
+/// the worker is ready for the dispatcher when this returns.
+pub(crate) fn supervise(
+    pool: Arc<dyn Pool>,
+    slot: usize,
+    started: StartedWorker,
+) -> SupervisorHandle {
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let mut supervisor = Supervisor {
+        pool,
+        slot,
+        events_tx: events.clone(),
+        events: events_rx,
+        worker: None,
+        generation: 0,
+        consecutive_restarts: 0,
+        last_pid: 0,
+    };
+    supervisor.install(started);
+    tokio::spawn(supervisor.run());
+    SupervisorHandle { events }
 }
 
 /// How long the reader of a killed worker gets to deliver the replies it had already read.
@@ -304,13 +160,6 @@ enum Event {
     HandlesDropped,
 }
 
-/// Why the requests a worker held are being sent elsewhere.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Loss {
-    Died,
-    Hung,
-}
-
 struct LiveWorker {
     generation: u64,
     child: Child,
@@ -322,7 +171,8 @@ struct LiveWorker {
 }
 
 struct Supervisor {
-    state: Arc<State>,
+    pool: Arc<dyn Pool>,
+    slot: usize,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
     worker: Option<LiveWorker>,
@@ -338,24 +188,8 @@ enum Wake {
 }
 
 impl Supervisor {
-    fn new(
-        state: Arc<State>,
-        events_tx: mpsc::UnboundedSender<Event>,
-        events: mpsc::UnboundedReceiver<Event>,
-    ) -> Self {
-        Self {
-            state,
-            events_tx,
-            events,
-            worker: None,
-            generation: 0,
-            consecutive_restarts: 0,
-            last_pid: 0,
-        }
-    }
-
     fn config(&self) -> &WorkerConfig {
-        &self.state.config
+        self.pool.config()
     }
 
     async fn run(mut self) {
@@ -389,55 +223,43 @@ impl Supervisor {
         }
     }
 
-    /// When the earliest request held by the current worker runs out of time. Requests written
+    /// When the oldest request held by the current worker runs out of time. Requests written
     /// later have later deadlines, so waking at most every `request_timeout` misses none.
     fn next_deadline(&self) -> Instant {
         let timeout = self.config().request_timeout;
-        let mut earliest = Instant::now() + timeout;
-        let shared = self.state.lock();
-        if let Slot::Running { generation, last_reply_at, .. } = &shared.slot {
-            for (current, sent_at) in shared.pending.values().filter_map(|p| p.sent_to) {
-                if current == *generation {
-                    let deadline = Instant::from_std(sent_at.max(*last_reply_at)) + timeout;
-                    earliest = earliest.min(deadline);
-                }
-            }
+        let quiet_since = self
+            .worker
+            .as_ref()
+            .and_then(|worker| self.pool.quiet_since(self.slot, worker.generation));
+        match quiet_since {
+            Some(since) => Instant::from_std(since) + timeout,
+            None => Instant::now() + timeout,
         }
-        earliest
     }
 
     /// A reason when the current worker holds a request and has answered nothing for
     /// `request_timeout` since it was written.
     fn hung_worker(&self) -> Option<String> {
         let timeout = self.config().request_timeout;
-        let now = std::time::Instant::now();
-        let shared = self.state.lock();
-        let Slot::Running { generation, last_reply_at, .. } = &shared.slot else {
-            return None;
-        };
-        let held = shared
-            .pending
-            .values()
-            .filter_map(|p| p.sent_to)
-            .filter(|(current, _)| current == generation)
-            .map(|(_, sent_at)| sent_at.max(*last_reply_at))
-            .filter(|&quiet_since| now.duration_since(quiet_since) >= timeout)
-            .count();
-        (held > 0).then(|| format!("answered nothing for {timeout:?} while holding requests"))
+        let worker = self.worker.as_ref()?;
+        let since = self.pool.quiet_since(self.slot, worker.generation)?;
+        (since.elapsed() >= timeout)
+            .then(|| format!("answered nothing for {timeout:?} while holding requests"))
     }
 
-    /// Hands a started worker its I/O tasks and writes every pending request to it.
+    /// Hands a started worker its I/O tasks and tells the dispatcher it is ready.
     fn install(&mut self, started: StartedWorker) {
         self.generation += 1;
-        let generation = self.generation;
+        let (slot, generation) = (self.slot, self.generation);
         let StartedWorker { child, stdin, stdout, hello, stderr_tail, stderr_task, ready_at } =
             started;
         let pid = hello.pid;
         self.last_pid = pid;
         tracing::info!(
             pid,
+            slot,
             generation,
-            "worker {pid} ready: models {}, providers {:?}",
+            "worker {pid} ready (pool slot {slot}): models {}, providers {:?}",
             hello.model_ids(),
             hello.providers
         );
@@ -446,27 +268,12 @@ impl Supervisor {
         tokio::spawn(write_frames(stdin, frames_rx, self.events_tx.clone(), generation));
         let reader = tokio::spawn(read_replies(
             stdout,
-            self.state.clone(),
+            self.pool.clone(),
             self.events_tx.clone(),
-            generation,
+            (slot, generation),
             pid,
             max_reply_bytes,
         ));
-        {
-            let mut shared = self.state.lock();
-            let now = std::time::Instant::now();
-            let mut ids: Vec<u64> = shared.pending.keys().copied().collect();
-            ids.sort_unstable();
-            for id in ids {
-                if let Some(pending) = shared.pending.get_mut(&id) {
-                    let _ = frames.send(pending.frame.clone());
-                    pending.sent_to = Some((generation, now));
-                    pending.attempts += 1;
-                }
-            }
-            shared.hello = hello;
-            shared.slot = Slot::Running { generation, frames, last_reply_at: now };
-        }
         self.worker = Some(LiveWorker {
             generation,
             child,
@@ -476,11 +283,12 @@ impl Supervisor {
             stderr_tail,
             stderr_task,
         });
+        self.pool.ready(slot, generation, hello, frames);
     }
 
     /// Replaces the current worker after it died or hung (see the module picture).
     async fn replace(&mut self, reason: String, loss: Loss) {
-        self.state.lock().slot = Slot::Starting;
+        self.pool.unroutable(self.slot);
         let mut last_reason = reason;
         if let Some(worker) = self.worker.take() {
             let pid = worker.pid;
@@ -489,12 +297,15 @@ impl Supervisor {
             let (status, stderr) = retire(worker).await;
             last_reason =
                 format!("worker {pid} {last_reason}{}{stderr}", process::describe(status));
-            self.charge_attempts(generation, loss, &last_reason);
+            let resent = self.pool.lost(self.slot, generation, loss, &last_reason);
             if lived >= self.config().stable_start_time {
                 self.consecutive_restarts = 0;
             }
-            let unanswered = self.state.lock().pending.len();
-            tracing::warn!(pid, "{last_reason}; starting a new worker for {unanswered} requests");
+            tracing::warn!(
+                pid,
+                slot = self.slot,
+                "{last_reason}; starting a new worker, sending again the {resent} requests it held"
+            );
         }
         loop {
             self.consecutive_restarts += 1;
@@ -508,7 +319,7 @@ impl Supervisor {
                 return;
             }
             tokio::time::sleep(WorkerConfig::restart_delay(self.consecutive_restarts)).await;
-            match start_worker(self.config()).await {
+            match process::start_worker(self.config()).await {
                 Ok(started) => {
                     self.install(started);
                     return;
@@ -519,49 +330,23 @@ impl Supervisor {
                 }
                 Err(failure) => {
                     last_reason = failure.error.to_string();
-                    tracing::warn!("a new worker did not start: {last_reason}");
+                    tracing::warn!(slot = self.slot, "a new worker did not start: {last_reason}");
                 }
             }
         }
     }
 
-    /// Costs every request the lost worker held one attempt; those with none left fail.
-    fn charge_attempts(&self, generation: u64, loss: Loss, reason: &str) {
-        let max_attempts = self.config().max_attempts;
-        let mut shared = self.state.lock();
-        let spent: Vec<u64> = shared
-            .pending
-            .iter()
-            .filter(|(_, p)| {
-                p.attempts >= max_attempts && p.sent_to.is_some_and(|(g, _)| g == generation)
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        for id in spent {
-            if let Some(pending) = shared.pending.remove(&id) {
-                let what = match loss {
-                    Loss::Hung => "request timed out",
-                    Loss::Died => "the worker died",
-                };
-                let _ = pending.reply.send(Err(EmbeddingError::ServiceUnavailable(format!(
-                    "{what} on each of {} attempts; last: {reason}",
-                    pending.attempts
-                ))));
-            }
-        }
-    }
-
-    /// Stops for good: every waiting call and every later one fails with `error`.
+    /// This slot stops for good; the dispatcher decides what that means for the pool.
     fn give_up(&mut self, error: EmbeddingError) {
-        tracing::error!(pid = self.last_pid, "giving up: {error}");
-        self.state.stop_serving(Some(error));
+        tracing::error!(pid = self.last_pid, slot = self.slot, "giving up: {error}");
+        self.pool.gave_up(self.slot, error);
     }
 
     /// Graceful stop: the worker gets EOF on stdin, answers what it holds and exits (killed
-    /// after `close_timeout`); calls still waiting afterwards fail.
+    /// after `close_timeout`).
     async fn close(&mut self) {
-        // Dropping the sender ends the writer task, which closes the worker's stdin.
-        self.state.lock().slot = Slot::Closed;
+        // Dropping the frame sender ends the writer task, which closes the worker's stdin.
+        self.pool.unroutable(self.slot);
         if let Some(mut worker) = self.worker.take() {
             let close_timeout = self.config().close_timeout;
             let status = process::exit_status_within(&mut worker.child, close_timeout).await;
@@ -569,28 +354,22 @@ impl Supervisor {
             worker.reader.abort();
             worker.stderr_task.abort();
             let pid = worker.pid;
-            tracing::info!(pid, "worker {pid} stopped{}", process::describe(status));
+            tracing::info!(
+                pid,
+                slot = self.slot,
+                "worker {pid} stopped{}",
+                process::describe(status)
+            );
         }
-        self.state.stop_serving(None);
+        self.pool.stopped(self.slot);
     }
 }
 
 impl Drop for Supervisor {
-    /// The supervisor task is dropped without having stopped: its runtime shut down, or it
-    /// panicked. Nothing would ever answer the calls waiting, so they fail now, and so does
-    /// every later call; the worker is killed with its `Child` (kill_on_drop).
+    /// Nothing would ever answer the calls routed here, so the dispatcher fails them; the
+    /// worker is killed with its `Child` (kill_on_drop).
     fn drop(&mut self) {
-        let failure = match &self.state.lock().slot {
-            // stopped already (a close cut short may have left calls waiting)
-            Slot::Closed => None,
-            Slot::Failed(error) => Some(error.clone()),
-            Slot::Running { .. } | Slot::Starting => {
-                let error = supervisor_gone();
-                tracing::error!(pid = self.last_pid, "{error}");
-                Some(error)
-            }
-        };
-        self.state.stop_serving(failure);
+        self.pool.supervisor_dropped(self.slot);
     }
 }
 
@@ -607,7 +386,7 @@ async fn retire(mut worker: LiveWorker) -> (Option<std::process::ExitStatus>, St
 }
 
 /// Writes frames to the worker's stdin in the order they were queued, batching whatever is
-/// queued into one flush. Ends (closing stdin) when the client stops routing to this worker.
+/// queued into one flush. Ends (closing stdin) when the dispatcher stops routing to this worker.
 async fn write_frames(
     stdin: ChildStdin,
     mut frames: mpsc::UnboundedReceiver<Frame>,
@@ -635,20 +414,22 @@ async fn write_frames(
     let _ = stdin.shutdown().await;
 }
 
-/// Reads replies from the worker's stdout and routes each to its caller by id, until the
-/// stream ends or breaks; then reports the worker gone.
+/// Reads replies from the worker's stdout and hands each to the dispatcher, until the stream
+/// ends or breaks; then reports the worker gone.
 async fn read_replies(
     mut stdout: BufReader<ChildStdout>,
-    state: Arc<State>,
+    pool: Arc<dyn Pool>,
     events: mpsc::UnboundedSender<Event>,
-    generation: u64,
+    (slot, generation): (usize, u64),
     pid: u32,
     max_reply_bytes: usize,
 ) {
     let reason = loop {
         match wire::read_frame(&mut stdout, max_reply_bytes).await {
             Ok(Some(payload)) => match wire::decode_payload::<ReplyEnvelope>(&payload) {
-                Ok(ReplyEnvelope { id: Some(id), .. }) => state.deliver(id, generation, payload),
+                Ok(ReplyEnvelope { id: Some(id), .. }) => {
+                    pool.deliver(slot, generation, id, payload)
+                }
                 Ok(ReplyEnvelope { id: None, error, .. }) => {
                     // About no request of ours (a frame the worker could not read): a bug to
                     // log, not a reason to stop.

@@ -456,7 +456,7 @@ async fn a_killed_worker_loses_no_request() {
         let second_pid = client.worker_pid().expect("a new worker serves");
         assert_ne!(second_pid, first_pid);
         let resent = Log::get()
-            .number_after("starting a new worker for ", &format!("worker {first_pid} "))
+            .number_after("sending again the ", &format!("worker {first_pid} "))
             .expect("a restart note");
         assert!(resent > 0, "requests were in flight when the worker was killed");
         client.close().await;
@@ -882,6 +882,196 @@ async fn two_models_are_served_by_name_with_their_prompts() {
             other => panic!("{other:?}"),
         }
         client.close().await;
+    })
+    .await;
+}
+
+// The pool: `workers` supervised workers behind one client.
+
+fn pool_config(workers: usize) -> WorkerConfig {
+    WorkerConfig { workers, ..config() }
+}
+
+fn pids(client: &WorkerClient) -> Vec<u32> {
+    client.stats().workers.iter().map(|w| w.pid.expect("every worker serves")).collect()
+}
+
+#[tokio::test]
+async fn a_pool_of_three_gives_the_same_vectors_as_one_worker() {
+    within(async {
+        let golden = golden();
+        let mut pool_config = pool_config(3);
+        // small wire requests, so that one batch is spread over the workers
+        pool_config.extra_args = vec!["--max-texts-per-request".into(), "4".into()];
+        let (pool, one) = tokio::join!(spawn(pool_config), spawn(config()));
+        let stats = pool.stats();
+        assert_eq!(stats.workers.len(), 3);
+        assert_eq!(pids(&pool).iter().collect::<HashSet<_>>().len(), 3, "three processes");
+        assert_eq!(pool.worker_pid(), stats.workers[0].pid);
+
+        let texts: Vec<String> =
+            golden.sentences.iter().chain(&golden.sentences).cloned().collect();
+        let by_one = one.embed_batch(request("", &texts)).await.unwrap();
+        let by_pool = pool.embed_batch(request("", &texts)).await.unwrap();
+        assert_close(&by_pool.embeddings, &by_one.embeddings);
+        assert_close(&by_pool.embeddings[..golden.sentences.len()], &golden.embeddings);
+        assert_eq!(by_pool.usage.total_tokens, by_one.usage.total_tokens);
+        let singles = futures_join_all(
+            golden
+                .sentences
+                .iter()
+                .map(|text| pool.embed_batch(request("", std::slice::from_ref(text)))),
+        )
+        .await;
+        for (index, response) in singles.into_iter().enumerate() {
+            assert_close(&response.unwrap().embeddings, &golden.embeddings[index..=index]);
+        }
+        pool.health_check().await.unwrap();
+
+        let stats = pool.stats();
+        for worker in &stats.workers {
+            assert!(worker.answered_requests > 0, "every worker served: {stats:?}");
+            assert_eq!((worker.state, worker.restarts, worker.in_flight_texts), ("ready", 0, 0));
+        }
+        assert_eq!((stats.in_flight_texts, stats.restarts), (0, 0));
+        tokio::join!(pool.close(), one.close());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_of_a_pool_loses_nothing_while_the_others_answer() {
+    within(async {
+        let golden = Arc::new(golden());
+        let client = spawn(pool_config(3)).await;
+        let first_pids = pids(&client);
+        let killed = first_pids[1];
+        let done = Arc::new(AtomicUsize::new(0));
+        const TASKS: usize = 8;
+        const CALLS_PER_TASK: usize = 40;
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let (client, golden, done) = (client.clone(), golden.clone(), done.clone());
+                tokio::spawn(async move {
+                    let mut results = Vec::new();
+                    for call in 0..CALLS_PER_TASK {
+                        let start = (task * 7 + call * 3) % golden.sentences.len();
+                        let count = 1 + (task + call) % 4;
+                        let indices: Vec<usize> =
+                            (start..start + count).map(|i| i % golden.sentences.len()).collect();
+                        let texts: Vec<String> =
+                            indices.iter().map(|&i| golden.sentences[i].clone()).collect();
+                        let response = client.embed_batch(request("", &texts)).await;
+                        done.fetch_add(1, Ordering::SeqCst);
+                        results.push((indices, response));
+                    }
+                    results
+                })
+            })
+            .collect();
+        while done.load(Ordering::SeqCst) < TASKS * 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        signal(killed, "KILL");
+        let done_at_kill = done.load(Ordering::SeqCst);
+        assert!(done_at_kill < TASKS * CALLS_PER_TASK, "the kill came under load");
+        // calls answered before the killed worker's slot has a worker again
+        let replaced =
+            |client: &WorkerClient| client.stats().workers[1].pid.is_some_and(|pid| pid != killed);
+        eventually("the killed worker is replaced or the load is over", || {
+            replaced(&client) || done.load(Ordering::SeqCst) == TASKS * CALLS_PER_TASK
+        })
+        .await;
+        let answered_while_restarting = done.load(Ordering::SeqCst) - done_at_kill;
+
+        let mut answered = 0;
+        for task in tasks {
+            for (indices, response) in task.await.unwrap() {
+                let response = response.expect("no call fails because a worker was killed");
+                let want: Vec<Vec<f32>> =
+                    indices.iter().map(|&i| golden.embeddings[i].clone()).collect();
+                assert_close(&response.embeddings, &want);
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, TASKS * CALLS_PER_TASK);
+        assert!(answered_while_restarting > 0, "the other workers kept answering");
+        eventually("the killed worker is replaced", || replaced(&client)).await;
+        let stats = client.stats();
+        let now = pids(&client);
+        assert_eq!((now[0], now[2]), (first_pids[0], first_pids[2]), "the others untouched");
+        let restarts: Vec<u32> = stats.workers.iter().map(|w| w.restarts).collect();
+        assert_eq!(restarts, [0, 1, 0]);
+        eprintln!(
+            "pool kill: {answered} calls answered, {answered_while_restarting} of them after the \
+             kill and before the replacement was ready; {} wire requests sent again; restarts \
+             {restarts:?}",
+            stats.resent_requests
+        );
+        client.close().await;
+        assert!(now.iter().all(|&pid| !process_exists(pid)), "every worker reaped");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pool_whose_second_worker_cannot_start_fails_with_that_workers_error() {
+    within(async {
+        // The first worker started runs the real worker (and notes its pid); any other exits.
+        let dir = std::env::temp_dir().join(format!("akidb-embed-pool-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("worker");
+        let first = dir.join("first");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nif mkdir {first:?} 2>/dev/null; then echo $$ > {first:?}/pid; exec \
+                 {:?} \"$@\"; fi\necho 'this worker cannot start: no room' >&2\nexit 3\n",
+                python()
+            ),
+        )
+        .unwrap();
+        std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+        let config = WorkerConfig {
+            command: vec![script.into_os_string(), "-m".into(), "akidb_embed.worker".into()],
+            ..pool_config(2)
+        };
+        let error = WorkerClient::spawn(config).await.err().expect("the pool does not start");
+        match error {
+            EmbeddingError::ServiceUnavailable(message) => {
+                assert!(message.contains("this worker cannot start: no room"), "{message}");
+                assert!(message.contains("exit status: 3"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let started: u32 =
+            std::fs::read_to_string(first.join("pid")).unwrap().trim().parse().unwrap();
+        assert!(!process_exists(started), "the worker that did start was stopped and reaped");
+        std::fs::remove_dir_all(&dir).unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn closing_or_dropping_a_pool_leaves_no_worker_process() {
+    within(async {
+        let (closed, dropped) = tokio::join!(spawn(pool_config(2)), spawn(pool_config(2)));
+        let closed_pids = pids(&closed);
+        closed.ping().await.unwrap();
+        closed.close().await;
+        assert!(closed_pids.iter().all(|&pid| !process_exists(pid)), "{closed_pids:?} reaped");
+        let stats = closed.stats();
+        assert!(stats.workers.iter().all(|w| w.pid.is_none() && w.state == "stopped"));
+        let error = closed.ping().await.unwrap_err();
+        assert!(matches!(error, EmbeddingError::ServiceUnavailable(_)), "{error:?}");
+
+        let dropped_pids = pids(&dropped);
+        drop(dropped);
+        eventually("every worker of the dropped pool is gone and reaped", || {
+            dropped_pids.iter().all(|&pid| !process_exists(pid))
+        })
+        .await;
     })
     .await;
 }
