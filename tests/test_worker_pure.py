@@ -391,3 +391,50 @@ def test_protocol_md_names_every_golden_file_and_shows_their_bytes() -> None:
             position = len(pieces[0])
             for piece in pieces[1:]:
                 position = data.index(piece, position) + len(piece)
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def test_options_come_from_the_environment_unless_given_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from akidb_embed.worker.__main__ import config_from_args
+
+    monkeypatch.setenv("AKIDB_EMBED_MAX_BATCH_TOKENS", "512")
+    monkeypatch.setenv("AKIDB_EMBED_PROVIDER", "cpu")
+    monkeypatch.setenv("AKIDB_EMBED_MODEL_DIR", str(tmp_path))
+    config = config_from_args(["--max-batch-tokens", "256", "--coreml-compute-units", "CPUOnly"])
+    assert config.max_batch_tokens == 256
+    assert config.provider == "cpu"
+    assert config.model_dir == tmp_path
+    assert config.coreml.compute_units == "CPUOnly"
+    assert config_from_args([]).max_batch_tokens == 512
+
+
+def test_bad_environment_value_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from akidb_embed.worker.__main__ import config_from_args
+
+    monkeypatch.setenv("AKIDB_EMBED_MAX_PENDING_TEXTS", "0")
+    with pytest.raises(SystemExit) as exited:
+        config_from_args([])
+    assert exited.value.code == 2
+
+
+def test_spin_wait_is_off_by_default_and_set_by_flag_or_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from akidb_embed.worker.__main__ import config_from_args
+
+    assert config_from_args([]).spin_wait is False
+    assert config_from_args(["--spin-wait"]).spin_wait is True
+    for on in ("1", "true", "Yes", "ON"):  # the values protocol.md section 7 lists
+        monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", on)
+        assert config_from_args([]).spin_wait is True
+    assert config_from_args(["--no-spin-wait"]).spin_wait is False
+    for off in ("0", "false", "No", "off", ""):
+        monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", off)
+        assert config_from_args([]).spin_wait is False
+    monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", "sometimes")
+    with pytest.raises(SystemExit):
+        config_from_args([])
