@@ -1,6 +1,7 @@
 """A real worker, one process shared by this module, driven through raw frames on its stdio:
 hello, info, health, ping, embeddings against the golden vectors, batching, and an error reply
-for every malformed request after which the worker keeps serving."""
+for every malformed request after which the worker keeps serving. Generated frames are thrown
+at a worker in test_worker_generated_frames.py."""
 
 from __future__ import annotations
 
@@ -13,15 +14,12 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from akidb_embed import __version__
 from akidb_embed.models import ModelMetadata
 from akidb_embed.wire import LENGTH_PREFIX, MAX_NESTING, embeddings_from_bytes, unpack
 from akidb_embed.worker.config import WorkerConfig
-from akidb_embed.worker.validation import reply_id
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 MIN_COSINE = 0.99999
@@ -394,42 +392,6 @@ def test_duplicate_id_in_flight_is_refused_and_the_first_request_still_answered(
     assert vectors_of(third).shape == (48, metadata.dimension)
     # answered: the id is free again
     assert shared_worker.request({"id": request_id, "op": "ping"}) == {"id": request_id, "ok": True}
-
-
-# -- fuzzing the live worker ---------------------------------------------------------------
-
-scalars = (
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=10)
-)  # fmt: skip
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=8)
-random_requests = st.fixed_dictionaries(
-    {},
-    optional={
-        "id": st.integers(min_value=0, max_value=2**64 - 1) | values,
-        "op": st.sampled_from(["embed", "info", "health", "ping", "nope"]) | values,
-        "inputs": st.lists(st.text(max_size=30), max_size=4) | values,
-        "model": values,
-        "normalize": st.booleans() | values,
-        "truncate": st.booleans() | values,
-        "extra": values,
-    },
-)
-
-
-@settings(max_examples=80, deadline=None)
-@given(message=random_requests)
-def test_random_requests_each_get_one_reply_and_the_worker_keeps_serving(
-    shared_worker: Any, message: dict[str, Any]
-) -> None:
-    assume(message.get("op") != "shutdown")
-    shared_worker.send(message)
-    reply = shared_worker.recv()
-    assert isinstance(reply["ok"], bool)
-    assert reply["id"] == reply_id(message.get("id"))
-    if not reply["ok"]:
-        assert reply["error"]["code"] in {"protocol_error", "invalid_input", "model_not_found"}
-    assert_still_serving(shared_worker)
 
 
 def test_worker_stderr_has_no_traceback_after_all_this(shared_worker: Any) -> None:
