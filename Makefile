@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 # mypy cannot follow the editable install's folder mapping; it reads this link tree instead.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: all venv models demo test test-rust lint typecheck bench clean
+.PHONY: all venv models demo test test-rust lint typecheck bench soak clean
 
 all: test
 
@@ -51,6 +51,11 @@ test-rust: models
 
 test: models lint typecheck test-rust
 	$(PY) -m pytest
+
+# Ten minutes of mixed load through the Python client with a worker SIGKILL every minute (not
+# part of `make test`); e.g. `make soak SOAK_ARGS="--minutes 3"`.
+soak: models
+	$(PY) tests/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache
