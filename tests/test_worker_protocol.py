@@ -112,6 +112,13 @@ def test_live_worker_answers_golden_requests_with_golden_bytes(
     assert LENGTH_PREFIX.pack(len(payload)) + payload == expected
 
 
+def test_an_id_comes_back_by_value_in_its_shortest_form(shared_worker: Any) -> None:
+    # id 7 written as a uint 64 (cf 00 00 00 00 00 00 00 07), as some encoders do for big types
+    payload = b"\x82\xa2id\xcf" + (7).to_bytes(8, "big") + b"\xa2op\xa4ping"
+    shared_worker.send_bytes(LENGTH_PREFIX.pack(len(payload)) + payload)
+    assert shared_worker.recv_payload() == b"\x82\xa2id\x07\xa2ok\xc3"
+
+
 def test_live_worker_refuses_the_golden_duplicate_id_with_golden_bytes(
     shared_worker: Any, metadata: ModelMetadata, golden: dict[str, Any]
 ) -> None:
