@@ -317,8 +317,10 @@ class _Server:
             return
         if request.id in self._in_flight:
             # answering both would leave the client unable to tell the replies apart
-            message = f"id {request.id} is already in flight; ids must be unique among requests"
-            self._writer.send(error_reply(request.id, InvalidInput(message + " in flight")))
+            duplicate = InvalidInput(
+                f"id {request.id} is already in flight; ids must be unique among requests in flight"
+            )
+            self._writer.send(error_reply(request.id, duplicate))
             return
         if request.op == "ping":
             self._writer.send({"id": request.id, "ok": True})

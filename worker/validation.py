@@ -262,8 +262,9 @@ def _first_bad_value(salvaged: SalvagedMap) -> tuple[str, int | None] | None:
         if not isinstance(value, list | tuple | dict):
             continue
         if depth > MAX_NESTING:
-            field = _FIELD.match(path).group()  # type: ignore[union-attr]  # (it matches "")
-            return f"{field} is nested more than {MAX_NESTING} levels deep", index
+            field = _FIELD.match(path)
+            name = field.group() if field else path
+            return f"{name} is nested more than {MAX_NESTING} levels deep", index
         if isinstance(value, dict):
             items: list[tuple[str, object, int | None]] = []
             for key, item in value.items():
