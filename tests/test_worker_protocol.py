@@ -123,12 +123,12 @@ def test_live_worker_refuses_the_golden_duplicate_id_with_golden_bytes(
     shared_worker: Any, metadata: ModelMetadata, golden: dict[str, Any]
 ) -> None:
     long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
-    shared_worker.send({"id": 15, "op": "embed", "inputs": [long_text] * 32})
+    shared_worker.send({"id": 15, "op": "embed", "inputs": [long_text] * 12})
     shared_worker.send_bytes((GOLDEN / "duplicate_id_request.bin").read_bytes())
     payload = shared_worker.recv_payload()
     expected = (GOLDEN / "duplicate_id_reply.bin").read_bytes()
     assert LENGTH_PREFIX.pack(len(payload)) + payload == expected
-    assert vectors_of(shared_worker.recv()).shape == (32, metadata.dimension)
+    assert vectors_of(shared_worker.recv()).shape == (12, metadata.dimension)
 
 
 def test_live_worker_answers_the_golden_embed_request_with_the_reference_vectors(
@@ -385,7 +385,7 @@ def test_duplicate_id_in_flight_is_refused_and_the_first_request_still_answered(
     long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
     request_id = new_id()
     shared_worker.send(
-        {"id": request_id, "op": "embed", "inputs": [long_text] * 48},
+        {"id": request_id, "op": "embed", "inputs": [long_text] * 12},
         {"id": request_id, "op": "ping"},
         {"id": request_id, "op": "embed", "inputs": ["again"]},
     )
@@ -396,7 +396,7 @@ def test_duplicate_id_in_flight_is_refused_and_the_first_request_still_answered(
         assert refusal["error"]["code"] == "invalid_input"
         assert f"id {request_id} is already in flight" in refusal["error"]["message"]
     assert third["id"] == request_id
-    assert vectors_of(third).shape == (48, metadata.dimension)
+    assert vectors_of(third).shape == (12, metadata.dimension)
     # answered: the id is free again
     assert shared_worker.request({"id": request_id, "op": "ping"}) == {"id": request_id, "ok": True}
 
