@@ -11,7 +11,7 @@ PIP    := $(PY) -m pip
 # mypy cannot follow the editable install's folder mapping; it reads this link tree instead.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: all venv models demo test test-rust test-mpnet test-ray lint typecheck bench clean
+.PHONY: all venv models demo test test-rust test-mpnet test-ray lint typecheck bench soak clean
 
 all: test
 
@@ -66,6 +66,11 @@ test-mpnet: venv
 test-ray: models
 	$(PIP) install --quiet -e '.[ray]'
 	$(PY) -m pytest -m ray
+
+# Ten minutes of mixed load through the Python client with a worker SIGKILL every minute (not
+# part of `make test`); e.g. `make soak SOAK_ARGS="--minutes 3"`.
+soak: models
+	$(PY) tests/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

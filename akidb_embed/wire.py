@@ -9,6 +9,10 @@ module adds the length prefix, the size limit, and the two ways a stream can go 
 * ``FrameError``: the stream itself is broken (a length above the limit, EOF inside a frame).
   Nothing after it can be trusted; the receiver reports it and stops reading.
 
+A payload that fails strict decoding may still be a map whose ``id`` can be read: ``salvage``
+decodes it a second time, leniently (invalid UTF-8 kept as lone surrogates, any map keys, pair
+by pair), so that the worker can answer that id and name the offending field.
+
 Embeddings travel as one msgpack ``bin`` of little-endian float32 values with a ``shape``;
 ``embeddings_to_bytes`` and ``embeddings_from_bytes`` are the two ends of that.
 """
@@ -16,8 +20,10 @@ Embeddings travel as one msgpack ``bin`` of little-endian float32 values with a 
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import msgpack
@@ -29,17 +35,23 @@ from akidb_embed.errors import EmbeddingError, ProtocolError
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "LENGTH_PREFIX",
+    "MAX_NESTING",
     "PROTOCOL_VERSION",
     "FrameError",
     "FrameReader",
     "FrameTooLarge",
     "MalformedMessage",
+    "SalvagedMap",
     "TruncatedFrame",
+    "Undecodable",
     "embeddings_from_bytes",
     "embeddings_to_bytes",
     "error_reply",
+    "is_valid_text",
+    "msgpack_type",
     "pack",
     "read_frame_async",
+    "salvage",
     "unpack",
 ]
 
@@ -52,7 +64,15 @@ LENGTH_PREFIX = struct.Struct(">I")
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 """Largest payload either side accepts unless configured otherwise (announced in the hello)."""
 
+MAX_NESTING = 1024
+"""Deepest nesting of arrays and maps (the payload's own map counted) that msgpack decodes."""
+
 EMBEDDING_DTYPE = np.dtype("<f4")
+
+_LENIENT = {"raw": False, "strict_map_key": False, "unicode_errors": "surrogateescape"}
+"""Decoding that accepts what strict decoding refuses: bad UTF-8 becomes lone surrogates
+(U+DC80-U+DCFF, which valid UTF-8 can never produce), map keys may be of any scalar type."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class FrameError(ProtocolError):
@@ -77,15 +97,146 @@ def pack(message: Mapping[str, Any]) -> bytes:
     return LENGTH_PREFIX.pack(len(payload)) + payload
 
 
+def msgpack_type(value: object) -> str:
+    """The msgpack name of a decoded value's type, for messages meant for people."""
+    if value is None:
+        return "nil"
+    for kind, name in _TYPE_NAMES:
+        if isinstance(value, kind):
+            return name
+    return "extension"
+
+
+_TYPE_NAMES: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (bool, "boolean"),  # before int: a bool is an int in Python
+    (int, "integer"),
+    (float, "float"),
+    (str, "string"),
+    (bytes, "binary"),
+    ((list, tuple), "array"),
+    (dict, "map"),
+)
+
+
 def unpack(payload: bytes) -> dict[str, Any]:
     """The msgpack map held by one frame's payload, or ``MalformedMessage``."""
     try:
         message = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise MalformedMessage(f"payload is not valid msgpack: {exc}") from None
+        raise MalformedMessage(f"payload {_describe(exc)}") from None
     if not isinstance(message, dict):
-        raise MalformedMessage(f"payload is a msgpack {type(message).__name__}, not a map")
+        raise MalformedMessage(f"payload is a msgpack {msgpack_type(message)}, not a map")
     return message
+
+
+def _describe(exc: Exception) -> str:
+    """What a msgpack decoding exception says about the payload, as a clause that follows
+    "payload" or a field's name (several of msgpack's exceptions have empty messages)."""
+    if isinstance(exc, msgpack.exceptions.StackError):
+        return f"is nested more than {MAX_NESTING} levels deep"
+    if isinstance(exc, UnicodeDecodeError):
+        return "holds a string that is not valid UTF-8"
+    if isinstance(exc, TypeError):  # an unhashable key: an array or a map used as a map key
+        return "has a map key that is an array or a map"
+    if isinstance(exc, msgpack.exceptions.ExtraData):
+        return "has bytes after its first msgpack value"
+    if isinstance(exc, msgpack.exceptions.FormatError):
+        return "holds bytes that are not msgpack"
+    if isinstance(exc, msgpack.OutOfData) or "incomplete" in str(exc):
+        return "ends inside a msgpack value"
+    if "map key" in str(exc):
+        return "has a map key that is not a string"
+    return f"is not valid msgpack ({exc or type(exc).__name__})"
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a value that even lenient decoding could not read."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class SalvagedMap:
+    """What lenient decoding could read of a payload that begins with a map.
+
+    ``pairs`` are the map's key-value pairs in payload order, as far as they could be read:
+    strings with invalid UTF-8 hold lone surrogates (``is_valid_text`` is false for them), keys
+    may be of any type. A value that could not be decoded is an ``Undecodable``; when that value
+    is an array, it is the array of the elements read before it, ending with the
+    ``Undecodable`` element. Nothing after an undecodable value can be read (``complete`` is
+    then false). ``problem`` says why the payload is not one complete msgpack map when that is
+    the case (it ends early, holds bytes that are not msgpack, or has bytes after the map).
+    """
+
+    pairs: list[tuple[object, object]]
+    complete: bool
+    problem: str | None
+
+
+def is_valid_text(text: str) -> bool:
+    """False for a string that lenient decoding made from invalid UTF-8."""
+    return text.isascii() or _SURROGATE.search(text) is None
+
+
+def _lenient_unpacker(data: bytes) -> Any:
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(data), 1), **_LENIENT)
+    unpacker.feed(data)
+    return unpacker
+
+
+def _content_failure(exc: Exception) -> bool:
+    """True for a failure of one value (too deep, unhashable key), not of the framing."""
+    return isinstance(exc, msgpack.exceptions.StackError | TypeError)
+
+
+def _salvage_value(payload: bytes, start: int, exc: Exception) -> object:
+    """The value at ``start`` that failed to decode: the readable head of an array ending with
+    the element that failed, or ``Undecodable``."""
+    unpacker = _lenient_unpacker(payload[start:])
+    try:
+        count = unpacker.read_array_header()
+    except Exception:
+        return Undecodable(_describe(exc))
+    elements: list[object] = []
+    for _ in range(count):
+        try:
+            elements.append(unpacker.unpack())
+        except Exception as element_exc:
+            elements.append(Undecodable(_describe(element_exc)))
+            break
+    return elements
+
+
+def salvage(payload: bytes) -> SalvagedMap | None:
+    """The pairs that can be read of a payload that failed ``unpack``; None when the payload
+    does not even begin with a map (then no id can be found in it)."""
+    unpacker = _lenient_unpacker(payload)
+    try:
+        count = unpacker.read_map_header()
+    except Exception:
+        return None
+    pairs: list[tuple[object, object]] = []
+    for _ in range(count):
+        try:
+            key = unpacker.unpack()
+        except Exception as exc:
+            if _content_failure(exc):
+                pairs.append((Undecodable(_describe(exc)), None))
+                return SalvagedMap(pairs, complete=False, problem=None)
+            return SalvagedMap(pairs, complete=False, problem=_describe(exc))
+        start = unpacker.tell()
+        try:
+            value = unpacker.unpack()
+        except Exception as exc:
+            if _content_failure(exc):
+                pairs.append((key, _salvage_value(payload, start, exc)))
+                return SalvagedMap(pairs, complete=False, problem=None)
+            return SalvagedMap(pairs, complete=False, problem=_describe(exc))
+        pairs.append((key, value))
+    if unpacker.tell() != len(payload):
+        return SalvagedMap(pairs, complete=True, problem="has bytes after the map")
+    return SalvagedMap(pairs, complete=True, problem=None)
 
 
 def _payload_length(prefix: bytes, max_frame_bytes: int) -> int:

@@ -147,6 +147,38 @@ def test_stop_signal_finishes_the_requests_already_read_then_exits_0(
     assert "Traceback" not in worker.stderr()
 
 
+def test_after_sigterm_the_worker_reads_one_more_frame_refuses_it_and_exits_0(
+    spawn_worker: Any, metadata: ModelMetadata, golden: dict[str, Any]
+) -> None:
+    worker = spawn_worker()
+    long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
+    # a few seconds of work in hand, so that the worker is still finishing it when the frames
+    # below arrive
+    held = [embed_request([long_text] * 16) for _ in range(2)]
+    ping_id = next(_ids)
+    worker.send(*held, {"id": ping_id, "op": "ping"})
+    assert worker.recv() == {"id": ping_id, "ok": True}  # everything before it has been read
+    worker.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while "stopping (SIGTERM)" not in worker.stderr() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "stopping (SIGTERM)" in worker.stderr()
+    after = [{"id": next(_ids), "op": "ping"}, embed_request(["too late"])]
+    after += [{"id": next(_ids), "op": "ping"} for _ in range(20)]
+    worker.send(*after)
+    frames = worker.frames_until_end()
+    replies = {frame["id"]: frame for frame in frames}
+    assert len(replies) == len(frames) == len(held) + 1
+    for request in held:
+        assert_embedded(replies[request["id"]], metadata.dimension)
+    refused = replies[after[0]["id"]]  # the frame the reader was waiting for
+    assert refused["ok"] is False
+    assert refused["error"]["code"] == "service_unavailable"
+    assert "shutting down" in refused["error"]["message"]
+    assert worker.wait(EXIT_TIMEOUT) == 0
+    assert "Traceback" not in worker.stderr()
+
+
 def test_worker_exits_0_when_the_host_stops_reading_its_replies(metadata: ModelMetadata) -> None:
     worker = subprocess.Popen(
         [sys.executable, "-m", "akidb_embed.worker"],

@@ -1,23 +1,24 @@
 """A real worker, one process shared by this module, driven through raw frames on its stdio:
 hello, info, health, ping, embeddings against the golden vectors, batching, and an error reply
-for every malformed request after which the worker keeps serving."""
+for every malformed request after which the worker keeps serving. Generated frames are thrown
+at a worker in test_worker_generated_frames.py."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from akidb_embed import __version__
 from akidb_embed.models import ModelMetadata
-from akidb_embed.wire import LENGTH_PREFIX, embeddings_from_bytes
+from akidb_embed.wire import LENGTH_PREFIX, MAX_NESTING, embeddings_from_bytes, unpack
 from akidb_embed.worker.config import WorkerConfig
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -113,17 +114,50 @@ def test_health_runs_a_real_embedding(shared_worker: Any, metadata: ModelMetadat
     assert reply["duration_ms"] > 0
 
 
-def test_live_worker_answers_golden_ping_with_golden_bytes(shared_worker: Any) -> None:
-    shared_worker.send_bytes((GOLDEN / "ping_request.bin").read_bytes())
+@pytest.mark.parametrize(
+    "case", ["invalid_utf8", "non_string_key", "float_id", "too_deep", "unknown_op", "ping"]
+)
+def test_live_worker_answers_golden_requests_with_golden_bytes(
+    shared_worker: Any, case: str
+) -> None:
+    shared_worker.send_bytes((GOLDEN / f"{case}_request.bin").read_bytes())
     payload = shared_worker.recv_payload()
-    assert LENGTH_PREFIX.pack(len(payload)) + payload == (GOLDEN / "ping_reply.bin").read_bytes()
-
-
-def test_live_worker_answers_golden_unknown_op_with_golden_bytes(shared_worker: Any) -> None:
-    shared_worker.send_bytes((GOLDEN / "unknown_op_request.bin").read_bytes())
-    payload = shared_worker.recv_payload()
-    expected = (GOLDEN / "unknown_op_reply.bin").read_bytes()
+    expected = (GOLDEN / f"{case}_reply.bin").read_bytes()
     assert LENGTH_PREFIX.pack(len(payload)) + payload == expected
+
+
+def test_an_id_comes_back_by_value_in_its_shortest_form(shared_worker: Any) -> None:
+    # id 7 written as a uint 64 (cf 00 00 00 00 00 00 00 07), as some encoders do for big types
+    payload = b"\x82\xa2id\xcf" + (7).to_bytes(8, "big") + b"\xa2op\xa4ping"
+    shared_worker.send_bytes(LENGTH_PREFIX.pack(len(payload)) + payload)
+    assert shared_worker.recv_payload() == b"\x82\xa2id\x07\xa2ok\xc3"
+
+
+def test_live_worker_refuses_the_golden_duplicate_id_with_golden_bytes(
+    shared_worker: Any, metadata: ModelMetadata, golden: dict[str, Any]
+) -> None:
+    long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
+    shared_worker.send({"id": 15, "op": "embed", "inputs": [long_text] * 12})
+    shared_worker.send_bytes((GOLDEN / "duplicate_id_request.bin").read_bytes())
+    payload = shared_worker.recv_payload()
+    expected = (GOLDEN / "duplicate_id_reply.bin").read_bytes()
+    assert LENGTH_PREFIX.pack(len(payload)) + payload == expected
+    assert vectors_of(shared_worker.recv()).shape == (12, metadata.dimension)
+
+
+def test_live_worker_answers_the_golden_embed_request_with_the_reference_vectors(
+    shared_worker: Any,
+) -> None:
+    shared_worker.send_bytes((GOLDEN / "embed_two_texts_request.bin").read_bytes())
+    reply = shared_worker.recv()
+    expected = unpack((GOLDEN / "embed_two_texts_reply.bin").read_bytes()[4:])
+    reference = json.loads((GOLDEN / "embed_two_texts_vectors.json").read_text(encoding="utf-8"))
+    assert list(reply) == list(expected)
+    for key in ("id", "ok", "model", "shape"):
+        assert reply[key] == expected[key]
+    assert reply["usage"]["total_tokens"] == expected["usage"]["total_tokens"]
+    vectors = vectors_of(reply)
+    assert cosines(vectors, np.asarray(reference["embeddings"])).min() >= MIN_COSINE
 
 
 def test_live_worker_embeds_the_golden_embed_request(
@@ -230,99 +264,155 @@ def test_request_larger_than_max_batch_tokens_is_served(
 
 TOO_MANY_TEXTS = WorkerConfig().max_texts_per_request + 1
 TOO_MANY_BYTES = WorkerConfig().max_text_bytes + 1
+ID = object()
+"""Stands for the request's id in the cases below."""
+PYTHON_WORDS = re.compile(r"\b(int|str|bool|float64|list|dict|None|NoneType|tuple)\b")
 
-MALFORMED: list[tuple[str, Any, bool, str]] = [
-    # (case, payload: bytes as is or a message to pack, id echoed?, code)
-    ("bad msgpack", b"\xc1\x00", False, "protocol_error"),
-    ("truncated msgpack inside the frame", b"\x82\xa2id", False, "protocol_error"),
-    ("not a map", msgpack.packb([1, 2, 3]), False, "protocol_error"),
-    ("non-string key", msgpack.packb({1: 2}), False, "protocol_error"),
-    ("missing id", {"op": "ping"}, False, "protocol_error"),
-    ("mistyped id", {"id": "seven", "op": "ping"}, False, "protocol_error"),
-    ("negative id", {"id": -3, "op": "ping"}, False, "protocol_error"),
-    ("missing op", {"id": None}, True, "protocol_error"),
-    ("mistyped op", {"id": None, "op": 42}, True, "protocol_error"),
-    ("unknown op", {"id": None, "op": "transmogrify"}, True, "protocol_error"),
-    ("embed without inputs", {"id": None, "op": "embed"}, True, "invalid_input"),
-    ("inputs not an array", {"id": None, "op": "embed", "inputs": "text"}, True, "invalid_input"),
-    ("empty inputs", {"id": None, "op": "embed", "inputs": []}, True, "invalid_input"),
-    ("non-string input", {"id": None, "op": "embed", "inputs": ["a", 5]}, True, "invalid_input"),
-    ("bytes input", {"id": None, "op": "embed", "inputs": [b"raw"]}, True, "invalid_input"),
-    ("mistyped normalize", {"id": None, "op": "embed", "inputs": ["a"], "normalize": "yes"},
-     True, "invalid_input"),
-    ("mistyped truncate", {"id": None, "op": "embed", "inputs": ["a"], "truncate": 0},
-     True, "invalid_input"),
-    ("mistyped model", {"id": None, "op": "embed", "inputs": ["a"], "model": 3},
-     True, "invalid_input"),
-    ("another model", {"id": None, "op": "embed", "inputs": ["a"], "model": "bert-base-uncased"},
-     True, "model_not_found"),
-    ("too many texts", {"id": None, "op": "embed", "inputs": ["a"] * TOO_MANY_TEXTS},
-     True, "invalid_input"),
-    ("too many bytes", {"id": None, "op": "embed", "inputs": ["a" * TOO_MANY_BYTES]},
-     True, "invalid_input"),
+
+def packed(message: dict[str, Any], request_id: int) -> bytes:
+    payload: bytes = msgpack.packb(
+        {key: (request_id if value is ID else value) for key, value in message.items()}
+    )
+    return payload
+
+
+def with_bad_text(message: dict[str, Any], request_id: int, encoded: bytes) -> bytes:
+    """``message`` packed with the string "@" replaced by the msgpack str ``encoded``."""
+    payload = packed(message, request_id)
+    assert payload.count(b"\xa1@") == 1
+    return payload.replace(b"\xa1@", encoded)
+
+
+def nested(depth: int) -> bytes:
+    """A msgpack value nested ``depth`` arrays deep."""
+    return b"\x91" * depth + b"\x01"
+
+
+def id_then(request_id: int, rest: bytes, pairs: int) -> bytes:
+    """A map of ``pairs`` pairs whose first is the id, followed by ``rest`` (raw msgpack)."""
+    return bytes([0x80 | pairs]) + b"\xa2id" + msgpack.packb(request_id) + rest
+
+
+TOO_DEEP = nested(MAX_NESTING + 1)
+
+MALFORMED: list[tuple[str, Any, Any, str, str, int | None]] = [
+    # (case, payload: a message to pack, or a function of the id giving the payload bytes,
+    #  the reply's id (ID: the request's, or a value), code, words in the message, index)
+    ("bytes that are not msgpack", lambda i: b"\xc1\x00", None, "protocol_error",
+     "not msgpack", None),
+    ("map cut before the id's value", lambda i: b"\x82\xa2id", None, "protocol_error",
+     "ends inside", None),
+    ("map cut after the id", lambda i: id_then(i, b"\xa2op", 2), ID, "protocol_error",
+     "ends inside", None),
+    ("bytes after the map", lambda i: packed({"id": i, "op": "ping"}, i) + b"\x01", ID,
+     "protocol_error", "bytes after the map", None),
+    ("not a map", lambda i: msgpack.packb([1, 2, 3]), None, "protocol_error",
+     "array, not a map", None),
+    ("missing id", {"op": "ping"}, None, "protocol_error", "id missing", None),
+    ("non-string key", {"id": ID, "op": "ping", 1: 2}, ID, "invalid_input",
+     "key that is an integer, not a string", None),
+    ("non-string key inside a text", {"id": ID, "op": "embed", "inputs": ["a", {1: 2}]}, ID,
+     "invalid_input", "inputs[1] has a key that is an integer", 1),
+    ("invalid UTF-8 in one text",
+     lambda i: with_bad_text({"id": i, "op": "embed", "inputs": ["ok", "@", "ok"]}, i,
+                             b"\xa2\xff\xfe"),
+     ID, "invalid_input", "inputs[1] is not valid UTF-8", 1),
+    ("lone surrogate as JavaScript encoders write it",
+     lambda i: with_bad_text({"id": i, "op": "embed", "inputs": ["@"]}, i, b"\xa3\xed\xa0\x80"),
+     ID, "invalid_input", "inputs[0] is not valid UTF-8", 0),
+    ("invalid UTF-8 in an unknown field",
+     lambda i: with_bad_text({"id": i, "op": "ping", "note": "@"}, i, b"\xa1\xc3"),
+     ID, "invalid_input", "note is not valid UTF-8", None),
+    ("nesting too deep in a text",
+     lambda i: id_then(i, b"\xa2op\xa5embed\xa6inputs\x92\xa1a" + TOO_DEEP, 3),
+     ID, "invalid_input", f"inputs[1] is nested more than {MAX_NESTING} levels deep", 1),
+    ("nesting too deep in an unknown field",
+     lambda i: id_then(i, b"\xa2op\xa4ping\xa4deep" + TOO_DEEP, 3),
+     ID, "invalid_input", "deep is nested more than", None),
+    ("nesting at the limit is fine but not a text",
+     lambda i: id_then(i, b"\xa2op\xa5embed\xa6inputs" + nested(MAX_NESTING - 1), 3),
+     ID, "invalid_input", "inputs[0] is an array, not a string", 0),
+    ("float id, as JavaScript BigInt mode writes 2^32", {"id": 4294967296.0, "op": "ping"},
+     4294967296.0, "invalid_input", "not a float (4294967296.0)", None),
+    ("negative id", {"id": -3, "op": "ping"}, -3, "invalid_input",
+     "not a negative integer (-3)", None),
+    ("string id", {"id": "seven", "op": "ping"}, "seven", "invalid_input",
+     "not a string ('seven')", None),
+    ("array id", {"id": [7], "op": "ping"}, None, "invalid_input", "not an array", None),
+    ("missing op", {"id": ID}, ID, "protocol_error", "op missing", None),
+    ("mistyped op", {"id": ID, "op": 42}, ID, "protocol_error",
+     "op is an integer, not a string", None),
+    ("unknown op", {"id": ID, "op": "transmogrify"}, ID, "protocol_error", "unknown op", None),
+    ("embed without inputs", {"id": ID, "op": "embed"}, ID, "invalid_input",
+     "inputs must be an array of strings, not nil", None),
+    ("inputs not an array", {"id": ID, "op": "embed", "inputs": "text"}, ID, "invalid_input",
+     "not a string", None),
+    ("empty inputs", {"id": ID, "op": "embed", "inputs": []}, ID, "invalid_input", "empty",
+     None),
+    ("non-string input", {"id": ID, "op": "embed", "inputs": ["a", 5]}, ID, "invalid_input",
+     "inputs[1] is an integer, not a string", 1),
+    ("binary input", {"id": ID, "op": "embed", "inputs": [b"raw"]}, ID, "invalid_input",
+     "inputs[0] is a binary, not a string", 0),
+    ("mistyped normalize", {"id": ID, "op": "embed", "inputs": ["a"], "normalize": "yes"},
+     ID, "invalid_input", "normalize must be a boolean or nil, not a string", None),
+    ("mistyped truncate", {"id": ID, "op": "embed", "inputs": ["a"], "truncate": 0},
+     ID, "invalid_input", "truncate must be a boolean or nil, not an integer", None),
+    ("mistyped model", {"id": ID, "op": "embed", "inputs": ["a"], "model": 3.5},
+     ID, "invalid_input", "model must be a string or nil, not a float", None),
+    ("another model", {"id": ID, "op": "embed", "inputs": ["a"], "model": "bert-base-uncased"},
+     ID, "model_not_found", "'bert-base-uncased' is not loaded", None),
+    ("too many texts", {"id": ID, "op": "embed", "inputs": ["a"] * TOO_MANY_TEXTS},
+     ID, "invalid_input", "max_texts_per_request", None),
+    ("too many bytes", {"id": ID, "op": "embed", "inputs": ["", "a" * TOO_MANY_BYTES]},
+     ID, "invalid_input", "inputs[1] holds", 1),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("payload", "echoes_id", "code"),
+    ("payload", "answered_id", "code", "words", "index"),
     [case[1:] for case in MALFORMED],
     ids=[case[0] for case in MALFORMED],
 )
 def test_malformed_request_gets_an_error_reply_and_the_worker_keeps_serving(
-    shared_worker: Any, payload: Any, echoes_id: bool, code: str
+    shared_worker: Any, payload: Any, answered_id: Any, code: str, words: str, index: int | None
 ) -> None:
     request_id = new_id()
-    if isinstance(payload, dict):
-        payload = msgpack.packb(
-            {k: (request_id if k == "id" and v is None else v) for k, v in payload.items()}
-        )
-    shared_worker.send_bytes(LENGTH_PREFIX.pack(len(payload)) + payload)
+    data = packed(payload, request_id) if isinstance(payload, dict) else payload(request_id)
+    shared_worker.send_bytes(LENGTH_PREFIX.pack(len(data)) + data)
     reply = shared_worker.recv()
+    expected_id = request_id if answered_id is ID else answered_id
+    assert reply["id"] == expected_id
+    assert type(reply["id"]) is type(expected_id)
     assert reply["ok"] is False
-    assert reply["id"] == (request_id if echoes_id else None)
     assert reply["error"]["code"] == code
-    assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
+    assert words in reply["error"]["message"]
+    assert reply["error"].get("index") == index
+    assert not PYTHON_WORDS.search(reply["error"]["message"]), reply["error"]["message"]
     assert_still_serving(shared_worker)
 
 
-# -- fuzzing the live worker ---------------------------------------------------------------
-
-scalars = (
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=10)
-)  # fmt: skip
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=8)
-random_requests = st.fixed_dictionaries(
-    {},
-    optional={
-        "id": st.integers(min_value=0, max_value=2**64 - 1) | values,
-        "op": st.sampled_from(["embed", "info", "health", "ping", "nope"]) | values,
-        "inputs": st.lists(st.text(max_size=30), max_size=4) | values,
-        "model": values,
-        "normalize": st.booleans() | values,
-        "truncate": st.booleans() | values,
-        "extra": values,
-    },
-)
-
-
-@settings(max_examples=80, deadline=None)
-@given(message=random_requests)
-def test_random_requests_each_get_one_reply_and_the_worker_keeps_serving(
-    shared_worker: Any, message: dict[str, Any]
+def test_duplicate_id_in_flight_is_refused_and_the_first_request_still_answered(
+    shared_worker: Any, metadata: ModelMetadata, golden: dict[str, Any]
 ) -> None:
-    assume(message.get("op") != "shutdown")
-    shared_worker.send(message)
-    reply = shared_worker.recv()
-    assert isinstance(reply["ok"], bool)
-    request_id = message.get("id")
-    if isinstance(request_id, int) and not isinstance(request_id, bool) and request_id >= 0:
-        assert reply["id"] == request_id
-    else:
-        assert reply["id"] is None
-    if not reply["ok"]:
-        assert reply["error"]["code"] in {"protocol_error", "invalid_input", "model_not_found"}
-    assert_still_serving(shared_worker)
+    # the first request takes long enough (many long texts) to be in flight when the next
+    # frames, written with it, are read
+    long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
+    request_id = new_id()
+    shared_worker.send(
+        {"id": request_id, "op": "embed", "inputs": [long_text] * 12},
+        {"id": request_id, "op": "ping"},
+        {"id": request_id, "op": "embed", "inputs": ["again"]},
+    )
+    first, second, third = shared_worker.recv_many(3)
+    for refusal in (first, second):
+        assert refusal["id"] == request_id
+        assert refusal["ok"] is False
+        assert refusal["error"]["code"] == "invalid_input"
+        assert f"id {request_id} is already in flight" in refusal["error"]["message"]
+    assert third["id"] == request_id
+    assert vectors_of(third).shape == (12, metadata.dimension)
+    # answered: the id is free again
+    assert shared_worker.request({"id": request_id, "op": "ping"}) == {"id": request_id, "ok": True}
 
 
 def test_worker_stderr_has_no_traceback_after_all_this(shared_worker: Any) -> None:

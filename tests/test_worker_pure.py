@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from akidb_embed.wire import (
     FrameReader,
     MalformedMessage,
     TruncatedFrame,
+    embeddings_from_bytes,
     error_reply,
     pack,
     unpack,
@@ -32,6 +34,7 @@ from akidb_embed.worker.validation import (
     OpRequest,
     RejectedRequest,
     RequestLimits,
+    parse_payload,
     parse_request,
 )
 
@@ -155,17 +158,22 @@ def test_unknown_model_is_refused_naming_every_loaded_model() -> None:
     ("message", "request_id", "error", "words"),
     [
         ({"op": "ping"}, None, ProtocolError, "id missing"),
-        ({"id": -1, "op": "ping"}, None, ProtocolError, "not a uint64"),
-        ({"id": True, "op": "ping"}, None, ProtocolError, "not a uint64"),
-        ({"id": "7", "op": "ping"}, None, ProtocolError, "not a uint64"),
+        ({"id": -1, "op": "ping"}, -1, InvalidInput, "not a negative integer (-1)"),
+        ({"id": True, "op": "ping"}, True, InvalidInput, "not a boolean"),
+        ({"id": "7", "op": "ping"}, "7", InvalidInput, "not a string ('7')"),
+        ({"id": 7.0, "op": "ping"}, 7.0, InvalidInput, "not a float (7.0)"),
+        ({"id": None, "op": "ping"}, None, InvalidInput, "not nil"),
+        ({"id": [7], "op": "ping"}, None, InvalidInput, "not an array"),
+        ({"id": {"n": 7}, "op": "ping"}, None, InvalidInput, "not a map"),
         ({"id": 3}, 3, ProtocolError, "op missing"),
-        ({"id": 3, "op": 5}, 3, ProtocolError, "op a int"),
+        ({"id": 3, "op": 5}, 3, ProtocolError, "op is an integer, not a string"),
         ({"id": 3, "op": "nope"}, 3, ProtocolError, "unknown op 'nope'"),
         ({"id": 4, "op": "embed"}, 4, InvalidInput, "inputs must be an array"),
-        ({"id": 4, "op": "embed", "inputs": "text"}, 4, InvalidInput, "not str"),
+        ({"id": 4, "op": "embed", "inputs": "text"}, 4, InvalidInput, "not a string"),
         ({"id": 4, "op": "embed", "inputs": []}, 4, InvalidInput, "empty"),
         ({"id": 4, "op": "embed", "inputs": ["a"] * 5}, 4, InvalidInput, "max_texts_per_request"),
-        ({"id": 4, "op": "embed", "inputs": ["a", 1]}, 4, InvalidInput, "inputs[1] is a int"),
+        ({"id": 4, "op": "embed", "inputs": ["a", 1]}, 4, InvalidInput, "inputs[1] is an integer"),
+        ({"id": 4, "op": "embed", "inputs": [None]}, 4, InvalidInput, "inputs[0] is nil"),
         ({"id": 4, "op": "embed", "inputs": ["é" * 17]}, 4, InvalidInput, "34 UTF-8 bytes"),
         ({"id": 4, "op": "embed", "inputs": ["a"], "model": 1}, 4, InvalidInput, "model must"),
         ({"id": 4, "op": "embed", "inputs": ["a"], "model": "x"}, 4, ModelNotFound, "'x'"),
@@ -179,6 +187,7 @@ def test_invalid_request_is_rejected_with_its_id_when_readable(
 ) -> None:
     rejection = rejected(message)
     assert rejection.request_id == request_id
+    assert type(rejection.request_id) is type(request_id)
     assert type(rejection.error) is error
     assert words in rejection.error.message
 
@@ -223,7 +232,11 @@ def test_any_map_yields_a_request_or_an_error_reply(message: dict[str, Any]) -> 
         assert reply["ok"] is False
         assert reply["error"]["code"] in {"protocol_error", "invalid_input", "model_not_found"}
         if rejection.request_id is not None:
-            assert rejection.request_id == message["id"]
+            sent = message["id"]
+            assert rejection.request_id == sent or (sent != sent and reply["id"] != reply["id"])
+            assert type(rejection.request_id) is type(sent)
+        else:
+            assert message.get("id") is None or isinstance(message["id"], list | dict)
         return
     assert isinstance(request, EmbedRequest | OpRequest)
     assert request.id == message["id"]
@@ -297,7 +310,43 @@ GOLDEN_MESSAGES = {
         "id": 9, "ok": False,
         "error": {"code": "protocol_error", "message": "unknown op 'nope'"},
     },
+    "invalid_utf8_reply.bin": {
+        "id": 11, "ok": False,
+        "error": {"code": "invalid_input", "message": "inputs[1] is not valid UTF-8", "index": 1},
+    },
+    "non_string_key_reply.bin": {
+        "id": 12, "ok": False,
+        "error": {"code": "invalid_input",
+                  "message": "the request map has a key that is an integer, not a string"},
+    },
+    "float_id_request.bin": {"id": 4294967296.0, "op": "ping"},
+    "float_id_reply.bin": {
+        "id": 4294967296.0, "ok": False,
+        "error": {"code": "invalid_input",
+                  "message": "id must be an integer from 0 to 2^64-1, not a float (4294967296.0)"},
+    },
+    "too_deep_reply.bin": {
+        "id": 14, "ok": False,
+        "error": {"code": "invalid_input",
+                  "message": "inputs[0] is nested more than 1024 levels deep", "index": 0},
+    },
+    "duplicate_id_request.bin": {"id": 15, "op": "ping"},
+    "duplicate_id_reply.bin": {
+        "id": 15, "ok": False,
+        "error": {"code": "invalid_input",
+                  "message": "id 15 is already in flight; ids must be unique among requests in "
+                             "flight"},
+    },
+    "embed_two_texts_request.bin": {
+        "id": 1000, "op": "embed", "inputs": ["a cat on a mat", "caf\u00e9 \u2615"],
+    },
 }  # fmt: skip
+UNDECODABLE_REQUESTS = {
+    # golden request frames that the codec cannot write: each is answered by its golden reply
+    "invalid_utf8_request.bin": "invalid_utf8_reply.bin",
+    "non_string_key_request.bin": "non_string_key_reply.bin",
+    "too_deep_request.bin": "too_deep_reply.bin",
+}
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_MESSAGES))
@@ -307,12 +356,57 @@ def test_golden_frame_matches_the_codec_byte_for_byte(name: str) -> None:
     assert unpack(golden[4:]) == GOLDEN_MESSAGES[name]
 
 
-def test_protocol_md_examples_are_the_golden_files() -> None:
+@pytest.mark.parametrize("request_name", sorted(UNDECODABLE_REQUESTS))
+def test_golden_request_the_codec_refuses_gets_the_golden_reply(request_name: str) -> None:
+    payload = (GOLDEN / request_name).read_bytes()[4:]
+    with pytest.raises(MalformedMessage):
+        unpack(payload)
+    with pytest.raises(RejectedRequest) as raised:
+        parse_payload(payload, RequestLimits(1024, 262144), MODEL)
+    reply = pack(error_reply(raised.value.request_id, raised.value.error))
+    assert reply == (GOLDEN / UNDECODABLE_REQUESTS[request_name]).read_bytes()
+
+
+def test_golden_embed_reply_decodes_to_the_reference_vectors() -> None:
+    payload = (GOLDEN / "embed_two_texts_reply.bin").read_bytes()[4:]
+    reference = json.loads((GOLDEN / "embed_two_texts_vectors.json").read_text(encoding="utf-8"))
+    reply = unpack(payload)
+    assert list(reply) == ["id", "ok", "model", "shape", "embeddings", "usage"]
+    assert reply["id"] == 1000
+    assert reply["shape"] == reference["shape"] == [2, 384]
+    assert reference["texts"] == GOLDEN_MESSAGES["embed_two_texts_request.bin"]["inputs"]
+    offset = reference["embeddings_offset_in_payload"]
+    assert offset % 4 != 0  # the example shows the unaligned case
+    assert payload[offset : offset + len(reply["embeddings"])] == reply["embeddings"]
+    vectors = embeddings_from_bytes(reply["embeddings"], (2, 384))
+    assert vectors.tolist() == reference["embeddings"]  # exactly: the JSON holds the float32s
+    assert set(reply["usage"]) == {"total_tokens", "duration_ms"}
+
+
+def test_protocol_md_names_every_golden_file_and_shows_their_bytes() -> None:
     text = (ROOT / "protocol.md").read_text(encoding="utf-8")
-    examples = re.findall(r"\[`([a-z_]+\.bin)`\]:\s*```\n(.*?)```", text, flags=re.S)
-    assert sorted(name for name, _ in examples) == sorted(GOLDEN_MESSAGES)
+    # "[`name.bin`]", then prose without another such tag, then a block of hex ("..." where
+    # bytes are left out)
+    examples = re.findall(
+        r"\[`([a-z0-9_]+\.bin)`\](?:(?!\[`|```).)*```\n(.*?)```", text, flags=re.S
+    )
+    golden_files = {path.name for path in GOLDEN.iterdir()}
+    for name in golden_files:
+        assert f"`{name}`" in text, f"protocol.md does not mention {name}"
+    shown = {name for name, _ in examples}
+    assert shown == golden_files - {"too_deep_request.bin", "too_deep_reply.bin"} - {
+        name for name in golden_files if not name.endswith(".bin")
+    }
     for name, hex_text in examples:
-        assert bytes.fromhex(hex_text) == (GOLDEN / name).read_bytes(), name
+        data = (GOLDEN / name).read_bytes()
+        pieces = [bytes.fromhex(piece) for piece in hex_text.split("...")]
+        if len(pieces) == 1:
+            assert pieces[0] == data, name
+        else:  # a long frame shown in part: its start, then pieces found in order
+            assert data.startswith(pieces[0]), name
+            position = len(pieces[0])
+            for piece in pieces[1:]:
+                position = data.index(piece, position) + len(piece)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -350,9 +444,13 @@ def test_spin_wait_is_off_by_default_and_set_by_flag_or_environment(
 
     assert config_from_args([]).spin_wait is False
     assert config_from_args(["--spin-wait"]).spin_wait is True
-    monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", "true")
-    assert config_from_args([]).spin_wait is True
+    for on in ("1", "true", "Yes", "ON"):  # the values protocol.md section 7 lists
+        monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", on)
+        assert config_from_args([]).spin_wait is True
     assert config_from_args(["--no-spin-wait"]).spin_wait is False
+    for off in ("0", "false", "No", "off", ""):
+        monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", off)
+        assert config_from_args([]).spin_wait is False
     monkeypatch.setenv("AKIDB_EMBED_SPIN_WAIT", "sometimes")
     with pytest.raises(SystemExit):
         config_from_args([])

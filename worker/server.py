@@ -15,17 +15,18 @@
 
 What happens when something fails:
 
-* A frame that is not a msgpack map, a bad envelope (id, op), bad embed fields: one error reply
-  (protocol_error / invalid_input / model_not_found, with the id when it could be read), and
-  the reader goes on.
+* A frame that is not a msgpack map, a bad envelope (id, op), bad embed fields, a string that
+  is not UTF-8, an id already in flight: one error reply (protocol_error / invalid_input /
+  model_not_found, with the id whenever it could be read), and the reader goes on.
 * A broken stream (frame over ``max_frame_bytes``, EOF inside a frame): one protocol_error
   reply with id nil, the queued requests are finished and answered, exit code 3.
 * An exception while running a micro-batch: each request in it is retried alone; those that
   still fail get an ``internal`` reply, the others their vectors; the worker keeps serving.
   An exception anywhere else is a bug: logged, exit code 1.
 * EOF on stdin, ``shutdown``, SIGTERM or SIGINT: stop reading, answer everything already read
-  (then the shutdown's own reply), exit 0. The host closing our stdout: nobody can read
-  replies; exit 0.
+  (then the shutdown's own reply), exit 0. A signal wakes the main thread at once (through
+  ``signal.set_wakeup_fd``); a frame the reader was waiting for when the stop came is answered
+  ``service_unavailable``. The host closing our stdout: nobody can read replies; exit 0.
 * The parent process dies: exit at once (code 0), so a crashed host leaves no orphan.
 * A model or the provider cannot load (or two directories hold the same model id): a hello
   with ``ok: false`` naming the directory, exit 4 or 5, nothing read.
@@ -36,9 +37,11 @@ flags only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -47,16 +50,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from akidb_embed import __version__
-from akidb_embed.errors import EmbeddingError, Internal, ModelNotFound, ServiceUnavailable
+from akidb_embed.errors import (
+    EmbeddingError,
+    Internal,
+    InvalidInput,
+    ModelNotFound,
+    ServiceUnavailable,
+)
 from akidb_embed.wire import (
     PROTOCOL_VERSION,
     FrameError,
     FrameReader,
-    MalformedMessage,
     embeddings_to_bytes,
     error_reply,
     pack,
-    unpack,
 )
 from akidb_embed.worker.batcher import Batcher, Job
 from akidb_embed.worker.config import WorkerConfig
@@ -64,7 +71,7 @@ from akidb_embed.worker.validation import (
     EmbedRequest,
     RejectedRequest,
     RequestLimits,
-    parse_request,
+    parse_payload,
 )
 
 if TYPE_CHECKING:  # imported for real inside serve(), where a missing dependency is reported
@@ -95,8 +102,9 @@ EXIT_UNAVAILABLE = 5
 HEALTH_SENTENCE = "The quick brown fox jumps over the lazy dog."
 HEALTH_NORM_TOLERANCE = 1e-3
 PARENT_POLL_SECONDS = 0.5
-STOP_POLL_SECONDS = 0.2
-"""How often the main thread looks at the stop-signal flag (the handler itself takes no lock)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_STOPPING = 0
+"""The byte ``_stop`` writes to the main thread's wake-up socket (signals write their number)."""
 
 
 class FrameWriter:
@@ -237,16 +245,24 @@ class _Server:
         )
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
+        # the main thread sleeps on _wake_up; signals (through set_wakeup_fd, from whichever
+        # thread the kernel picked) and _stop write to _wake_up_writer
+        self._wake_up, self._wake_up_writer = socket.socketpair()
+        self._wake_up_writer.setblocking(False)
         self._exit_code = EXIT_OK
         self._shutdown_id: int | None = None
-        self._stop_signal: int | None = None
+        self._in_flight: set[int] = set()
+        """Ids of the embed and health requests not answered yet (reader adds, replies remove)."""
 
     # -- lifecycle (main thread) ---------------------------------------------------------
 
     def run(self, parent_pid: int) -> int:
-        signal.signal(signal.SIGTERM, self._on_stop_signal)
-        # Ctrl-C in a terminal reaches the whole process group: stop as cleanly as on SIGTERM
-        signal.signal(signal.SIGINT, self._on_stop_signal)
+        # The C-level handler writes the signal's number to the wake-up socket at once, whichever
+        # thread receives it; the Python-level handler has nothing left to do. (A flag polled by
+        # the main thread left the reader serving for up to the poll interval after SIGTERM.)
+        signal.set_wakeup_fd(self._wake_up_writer.fileno(), warn_on_full_buffer=False)
+        for stop_signal in STOP_SIGNALS:  # SIGINT too: Ctrl-C reaches the whole process group
+            signal.signal(stop_signal, lambda signum, frame: None)
         if self._writer.broken:  # the hello could not be written: nobody is listening
             self._stop(EXIT_OK, "the host closed our stdout")
         self._batcher.start()
@@ -254,9 +270,10 @@ class _Server:
         threading.Thread(
             target=self._watch_parent, args=(parent_pid,), name="parent-watch", daemon=True
         ).start()
-        while not self._stopping.wait(STOP_POLL_SECONDS):
-            if self._stop_signal is not None:
-                self._stop(EXIT_OK, signal.Signals(self._stop_signal).name)
+        while not self._stopping.is_set():
+            for byte in self._wake_up.recv(64):
+                if byte != _STOPPING:
+                    self._stop(EXIT_OK, signal.Signals(byte).name)
         self._batcher.close()
         self._batcher.join()
         if self._shutdown_id is not None:
@@ -267,10 +284,6 @@ class _Server:
         log.info("exiting with code %d", self._exit_code)
         return self._exit_code
 
-    def _on_stop_signal(self, signum: int, frame: object) -> None:
-        # no locks in a signal handler: the main thread may hold one when it runs
-        self._stop_signal = signum
-
     def _stop(self, exit_code: int, reason: str) -> None:
         with self._stop_lock:
             if self._stopping.is_set():
@@ -280,6 +293,8 @@ class _Server:
                 "stopping (%s): finishing %d queued texts", reason, self._batcher.pending_texts
             )
             self._stopping.set()
+        with contextlib.suppress(BlockingIOError):  # full of wake-ups already: enough
+            self._wake_up_writer.send(bytes([_STOPPING]))
 
     def _watch_parent(self, parent_pid: int) -> None:
         while os.getppid() == parent_pid:
@@ -303,19 +318,35 @@ class _Server:
                 if payload is None:
                     self._stop(EXIT_OK, "end of input")
                     return
+                if self._stopping.is_set():  # the stop came while this frame was awaited
+                    self._refuse(payload, ServiceUnavailable("the worker is shutting down"))
+                    return
                 self._handle(payload, time.perf_counter())
         except BaseException as exc:  # a bug: exit visibly rather than stop reading silently
             log.exception("reader thread failed")
             self._stop(EXIT_INTERNAL, f"reader thread failed: {exc}")
 
-    def _handle(self, payload: bytes, received_at: float) -> None:
+    def _refuse(self, payload: bytes, error: EmbeddingError) -> None:
+        """Answer the request in ``payload`` with ``error`` (or with what is wrong with it)."""
         try:
-            request = parse_request(unpack(payload), self._limits, self._model_ids)
-        except MalformedMessage as exc:
-            self._writer.send(error_reply(None, exc))
-            return
+            request = parse_payload(payload, self._limits, self._model_ids)
         except RejectedRequest as rejected:
             self._writer.send(error_reply(rejected.request_id, rejected.error))
+            return
+        self._writer.send(error_reply(request.id, error))
+
+    def _handle(self, payload: bytes, received_at: float) -> None:
+        try:
+            request = parse_payload(payload, self._limits, self._model_ids)
+        except RejectedRequest as rejected:
+            self._writer.send(error_reply(rejected.request_id, rejected.error))
+            return
+        if request.id in self._in_flight:
+            # answering both would leave the client unable to tell the replies apart
+            duplicate = InvalidInput(
+                f"id {request.id} is already in flight; ids must be unique among requests in flight"
+            )
+            self._writer.send(error_reply(request.id, duplicate))
             return
         if request.op == "ping":
             self._writer.send({"id": request.id, "ok": True})
@@ -337,6 +368,7 @@ class _Server:
     ) -> None:
         request_id = request.id
         engine = self._by_model[request.model]
+        self._in_flight.add(request_id)
         try:
             prompt, skip_tokens = engine.resolve_prompt(request.prompt_name)
             token_ids = engine.tokenize(request.inputs, request.truncate, prompt)
@@ -354,10 +386,18 @@ class _Server:
             )
             self._batcher.submit(job)
         except EmbeddingError as error:
-            self._writer.send(error_reply(request_id, error))
+            self._answer(request_id, error_reply(request_id, error))
         except Exception as exc:  # e.g. the tokenizer choking on one text: fail that request
             log.exception("could not tokenize request %s", request_id)
-            self._writer.send(error_reply(request_id, Internal(f"tokenization failed: {exc}")))
+            self._answer(
+                request_id, error_reply(request_id, Internal(f"tokenization failed: {exc}"))
+            )
+
+    def _answer(self, request_id: int, reply: dict[str, Any]) -> None:
+        """Write the reply of an embed or health request; its id is free again before the
+        client can see the reply (and reuse the id)."""
+        self._in_flight.discard(request_id)
+        self._writer.send(reply)
 
     # -- replies (inference thread) ------------------------------------------------------
 
@@ -367,9 +407,12 @@ class _Server:
 
     def _embed_done(self, job: Job) -> None:
         if job.error is not None or job.vectors is None:
-            self._writer.send(error_reply(job.request_id, job.error or Internal("no vectors")))
+            self._answer(
+                job.request_id, error_reply(job.request_id, job.error or Internal("no vectors"))
+            )
             return
-        self._writer.send(
+        self._answer(
+            job.request_id,
             {
                 "id": job.request_id,
                 "ok": True,
@@ -380,12 +423,14 @@ class _Server:
                     "total_tokens": job.total_tokens,
                     "duration_ms": (time.perf_counter() - job.received_at) * 1000.0,
                 },
-            }
+            },
         )
 
     def _health_done(self, job: Job) -> None:
         if job.error is not None or job.vectors is None:
-            self._writer.send(error_reply(job.request_id, job.error or Internal("no vectors")))
+            self._answer(
+                job.request_id, error_reply(job.request_id, job.error or Internal("no vectors"))
+            )
             return
         vector = job.vectors[0]
         dimension = self._engines[0].metadata.dimension
@@ -397,7 +442,8 @@ class _Server:
         elif abs(norm - 1.0) > HEALTH_NORM_TOLERANCE:
             problem = f"vector norm is {norm:.6f}, expected 1"
         else:
-            self._writer.send(
+            self._answer(
+                job.request_id,
                 {
                     "id": job.request_id,
                     "ok": True,
@@ -405,7 +451,8 @@ class _Server:
                     "dimension": int(vector.shape[0]),
                     "norm": norm,
                     "duration_ms": (time.perf_counter() - job.received_at) * 1000.0,
-                }
+                },
             )
             return
-        self._writer.send(error_reply(job.request_id, Internal(f"health check failed: {problem}")))
+        failure = Internal(f"health check failed: {problem}")
+        self._answer(job.request_id, error_reply(job.request_id, failure))

@@ -1,19 +1,36 @@
-"""Request validation: a decoded frame in, a typed request or a ``RejectedRequest`` out.
+"""Request validation: a frame's payload in, a typed request or a ``RejectedRequest`` out.
 
-Pure functions of the message and the worker's limits (protocol.md sections 4 and 5), so that
-a property test can throw arbitrary maps at them. The envelope (``id``, ``op``) failing is a
-``protocol_error``; an embed's fields failing is ``invalid_input``, or ``model_not_found`` for a
-model the worker has not loaded (the message lists the loaded ids). The error carries the
-request's id whenever it could be read.
+Pure functions of the payload and the worker's limits (protocol.md sections 2, 4 and 5), so
+that a property test can throw arbitrary maps at them. A missing ``id``, or an ``op`` missing,
+mistyped or unknown, is a ``protocol_error``; an id that is not a uint64, and an embed's fields
+failing, are ``invalid_input`` (``model_not_found`` for a model the worker has not loaded: the
+message lists the loaded ids). The error carries the request's id whenever it could be read,
+exactly as sent.
+
+A payload that msgpack refuses to decode strictly (a string that is not UTF-8, a key that is
+not a string, nesting too deep, a map cut short) is decoded again leniently
+(``wire.salvage``) to find its id and the first offending field: an input's position there
+becomes the error's ``index``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from akidb_embed.errors import EmbeddingError, InvalidInput, ModelNotFound, ProtocolError
+from akidb_embed.wire import (
+    MAX_NESTING,
+    MalformedMessage,
+    SalvagedMap,
+    Undecodable,
+    is_valid_text,
+    msgpack_type,
+    salvage,
+    unpack,
+)
 
 __all__ = [
     "MAX_REQUEST_ID",
@@ -23,13 +40,19 @@ __all__ = [
     "RejectedRequest",
     "Request",
     "RequestLimits",
+    "parse_payload",
     "parse_request",
+    "reply_id",
 ]
 
 MAX_REQUEST_ID = 2**64 - 1
 OPS = ("embed", "info", "health", "ping", "shutdown")
 _MAX_QUOTED = 60
 """Longest piece of a request quoted back in an error message."""
+_MAX_PATH_DEPTH = 5
+"""Deepest level a message names a value by its full path (``a.b[1].c``) before "..."."""
+_FIELD = re.compile(r"inputs\[\d+\]|[^.\[]*")
+"""The start of a value's path that names the request's field (or the input) it is in."""
 
 
 @dataclass(frozen=True)
@@ -64,26 +87,53 @@ Request = OpRequest | EmbedRequest
 
 
 class RejectedRequest(Exception):
-    """A request that gets an error reply: ``error`` for the request ``request_id`` (None when
-    the id could not be read)."""
+    """A request that gets an error reply: ``error`` for the request ``request_id``, the id as
+    sent (None when it could not be read)."""
 
-    def __init__(self, request_id: int | None, error: EmbeddingError) -> None:
+    def __init__(self, request_id: object, error: EmbeddingError) -> None:
         super().__init__(error.message)
         self.request_id = request_id
         self.error = error
 
 
-def _quote(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
+def _quote(text: str) -> str:
+    quoted = repr(text)
+    return quoted if len(quoted) <= _MAX_QUOTED else quoted[: _MAX_QUOTED - 3] + "..."
 
 
-def _type_name(value: object) -> str:
-    return "nil" if value is None else type(value).__name__
+def _a(value: object) -> str:
+    """``value``'s msgpack type with its article, for messages: "an integer", "nil"."""
+    name = msgpack_type(value)
+    if name == "nil":
+        return name
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _is_request_id(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REQUEST_ID
+
+
+def reply_id(value: object) -> object:
+    """The id a reply carries for a request whose ``id`` is ``value``: the value as sent when
+    it is a scalar (a client can match it), nil for an array, a map or an extension."""
+    if isinstance(value, str):
+        return value if is_valid_text(value) else None
+    if value is None or isinstance(value, int | float | bytes):
+        return value
+    return None
+
+
+def _id_problem(value: object) -> str:
+    shown = ""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        shown = f" ({value!r})"
+    elif isinstance(value, str) and is_valid_text(value):
+        shown = f" ({_quote(value)})"
+    if isinstance(value, int) and not isinstance(value, bool):
+        kind = "a negative integer" if value < 0 else "an integer above 2^64-1"
+    else:
+        kind = _a(value)
+    return f"id must be an integer from 0 to 2^64-1, not {kind}{shown}"
 
 
 def _optional_bool(message: dict[str, Any], name: str, default: bool | None) -> bool | None:
@@ -91,21 +141,21 @@ def _optional_bool(message: dict[str, Any], name: str, default: bool | None) -> 
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise InvalidInput(f"{name} must be a bool, not {_type_name(value)}")
+        raise InvalidInput(f"{name} must be a boolean or nil, not {_a(value)}")
     return value
 
 
 def _optional_str(message: dict[str, Any], name: str) -> str | None:
     value = message.get(name)
     if value is not None and not isinstance(value, str):
-        raise InvalidInput(f"{name} must be a string or nil, not {_type_name(value)}")
+        raise InvalidInput(f"{name} must be a string or nil, not {_a(value)}")
     return value
 
 
 def _inputs(message: dict[str, Any], limits: RequestLimits) -> list[str]:
     inputs = message.get("inputs")
     if not isinstance(inputs, list):
-        raise InvalidInput(f"inputs must be an array of strings, not {_type_name(inputs)}")
+        raise InvalidInput(f"inputs must be an array of strings, not {_a(inputs)}")
     if not inputs:
         raise InvalidInput("inputs is empty")
     if len(inputs) > limits.max_texts_per_request:
@@ -115,7 +165,7 @@ def _inputs(message: dict[str, Any], limits: RequestLimits) -> list[str]:
         )
     for index, text in enumerate(inputs):
         if not isinstance(text, str):
-            raise InvalidInput(f"inputs[{index}] is a {_type_name(text)}, not a string", index)
+            raise InvalidInput(f"inputs[{index}] is {_a(text)}, not a string", index)
         # a str of n code points holds at most 4n UTF-8 bytes: encode only when it might be over
         if len(text) * 4 > limits.max_text_bytes:
             size = len(text.encode("utf-8"))
@@ -149,17 +199,27 @@ def _embed(
     )
 
 
+def parse_payload(payload: bytes, limits: RequestLimits, models: Sequence[str]) -> Request:
+    """The request held by one frame's ``payload``, or ``RejectedRequest``. ``models`` are the
+    ids of the loaded models, the default (answered for a nil ``model``) first."""
+    try:
+        message = unpack(payload)
+    except MalformedMessage as malformed:
+        raise _rejection_of_undecodable(payload, malformed) from None
+    return parse_request(message, limits, models)
+
+
 def parse_request(message: dict[str, Any], limits: RequestLimits, models: Sequence[str]) -> Request:
-    """The request held by ``message`` (one decoded frame), or ``RejectedRequest``. ``models``
-    are the ids of the loaded models, the default (answered for a nil ``model``) first."""
-    request_id = message.get("id")
+    """The request held by ``message`` (one decoded frame), or ``RejectedRequest``."""
+    if "id" not in message:
+        raise RejectedRequest(None, ProtocolError("request id missing"))
+    request_id = message["id"]
     if not _is_request_id(request_id):
-        problem = "missing" if "id" not in message else f"not a uint64: {_quote(request_id)}"
-        raise RejectedRequest(None, ProtocolError(f"request id {problem}"))
+        raise RejectedRequest(reply_id(request_id), InvalidInput(_id_problem(request_id)))
     assert isinstance(request_id, int)
     op = message.get("op")
     if not isinstance(op, str):
-        problem = "missing" if "op" not in message else f"a {_type_name(op)}, not a string"
+        problem = "missing" if "op" not in message else f"is {_a(op)}, not a string"
         raise RejectedRequest(request_id, ProtocolError(f"op {problem}"))
     if op not in OPS:
         raise RejectedRequest(request_id, ProtocolError(f"unknown op {_quote(op)}"))
@@ -169,3 +229,92 @@ def parse_request(message: dict[str, Any], limits: RequestLimits, models: Sequen
         return _embed(request_id, message, limits, models)
     except EmbeddingError as error:
         raise RejectedRequest(request_id, error) from None
+
+
+# -- payloads that strict decoding refused -------------------------------------------------
+
+
+def _rejection_of_undecodable(payload: bytes, malformed: MalformedMessage) -> RejectedRequest:
+    """The error reply for a payload ``unpack`` refused: with the id when lenient decoding
+    reaches it, ``invalid_input`` naming the first bad value inside the map (and its input's
+    ``index``), ``protocol_error`` when the payload is not one complete map."""
+    salvaged = salvage(payload)
+    if salvaged is None:
+        return RejectedRequest(None, malformed)
+    fields = {key: value for key, value in salvaged.pairs if isinstance(key, str)}
+    request_id = fields.get("id")
+    if "id" in fields and not isinstance(request_id, Undecodable):
+        if not _is_request_id(request_id):
+            return RejectedRequest(reply_id(request_id), InvalidInput(_id_problem(request_id)))
+        unread = ""
+    else:
+        request_id = None
+        unread = "" if salvaged.complete else " (the request id could not be read)"
+    bad_value = _first_bad_value(salvaged)
+    if bad_value is not None:
+        message, index = bad_value
+        return RejectedRequest(request_id, InvalidInput(message + unread, index))
+    problem = salvaged.problem or "is not valid msgpack"
+    return RejectedRequest(request_id, ProtocolError(f"payload {problem}{unread}"))
+
+
+def _first_bad_value(salvaged: SalvagedMap) -> tuple[str, int | None] | None:
+    """The first value of the map, in payload order, that strict decoding refuses: a string
+    that is not UTF-8, a key that is not a string, nesting deeper than ``MAX_NESTING``, an
+    undecodable value. Returns the message and, for a value inside ``inputs[i]``, ``i``."""
+    # Depth-first in payload order, without recursion (values may nest 1024 levels deep).
+    # Entries: (path, value, index of the input it is in, depth: containers from the map down).
+    stack: list[tuple[str, object, int | None, int]] = []
+    for key, value in reversed(salvaged.pairs):
+        if isinstance(key, str) and is_valid_text(key):
+            stack.append((key, value, None, 2))
+        else:
+            problem = key if isinstance(key, Undecodable) else Undecodable(f"has {_key(key)}")
+            stack.append(("the request map", problem, None, 1))
+    while stack:
+        path, value, index, depth = stack.pop()
+        if isinstance(value, Undecodable):
+            return f"{path} {value.reason}", index
+        if isinstance(value, str) and not is_valid_text(value):
+            return f"{path} is not valid UTF-8", index
+        if not isinstance(value, list | tuple | dict):
+            continue
+        if depth > MAX_NESTING:
+            field = _FIELD.match(path)
+            name = field.group() if field else path
+            return f"{name} is nested more than {MAX_NESTING} levels deep", index
+        if isinstance(value, dict):
+            items: list[tuple[str, object, int | None]] = []
+            for key, item in value.items():
+                if isinstance(key, str) and is_valid_text(key):
+                    items.append((_extend(path, f".{key}", depth), item, index))
+                else:
+                    items.append((path, Undecodable(f"has {_key(key)}"), index))
+        else:
+            items = [
+                (_extend(path, f"[{position}]", depth), item, index)
+                for position, item in enumerate(value)
+            ]
+            if path == "inputs":
+                items = [
+                    (item_path, item, position)
+                    for position, (item_path, item, _) in enumerate(items)
+                ]
+        stack.extend(
+            (item_path, item, item_index, depth + 1)
+            for item_path, item, item_index in reversed(items)
+        )
+    return None
+
+
+def _extend(path: str, step: str, depth: int) -> str:
+    """A value's path for messages: ``note.list[2]``, cut short ("...") below a few levels."""
+    if depth < _MAX_PATH_DEPTH:
+        return path + step
+    return path if path.endswith("...") else path + "..."
+
+
+def _key(key: object) -> str:
+    if isinstance(key, str):
+        return "a key that is not valid UTF-8"
+    return f"a key that is {_a(key)}, not a string"
