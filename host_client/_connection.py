@@ -143,6 +143,7 @@ class Connection:
         self._worker: WorkerProcess | None = None
         self._starting_worker: WorkerProcess | None = None
         self._closing_workers: list[WorkerProcess] = []
+        self._killed_on_close: list[WorkerProcess] = []
         self._killed_workers: list[WorkerProcess] = []
         """Workers killed when the client gave up: ``close`` still waits for their end."""
         self._start_due: float | None = None
@@ -223,8 +224,10 @@ class Connection:
 
     def begin_close_locked(self) -> None:
         """Stop supervising; the worker keeps what it holds until ``close_input``."""
-        live = [w for w in (self._worker, self._starting_worker) if w is not None]
-        self._closing_workers = self._killed_workers + live
+        starting = [] if self._starting_worker is None else [self._starting_worker]
+        serving = [] if self._worker is None else [self._worker]
+        self._killed_on_close = self._killed_workers + starting
+        self._closing_workers = self._killed_on_close + serving
         if self.state is not State.CLOSED:
             self.state = State.CLOSING
         self._start_due = None
@@ -234,7 +237,7 @@ class Connection:
         """Close the ready worker's stdin (it answers what it holds, then exits); a starting
         one is killed."""
         for worker in self._closing_workers:
-            if worker is self._starting_worker or worker in self._killed_workers:
+            if worker in self._killed_on_close:
                 worker.kill("the client was closed while it started")
             else:
                 worker.close_input()
