@@ -284,6 +284,38 @@ def test_stopped_pool_worker_hands_its_requests_to_the_others(
     assert_reaped(stopped)
 
 
+def test_query_is_not_queued_behind_a_bulk_call_on_a_busy_worker(
+    metadata: ModelMetadata,
+) -> None:
+    texts = sentences(600)
+    with EmbeddingClient(metadata.directory, workers=2, threads=1, request_timeout=600.0) as pool:
+        reference = pool.embed(texts)
+        stuck = pool.stats().workers[0].pid
+        assert stuck is not None
+        os.kill(stuck, signal.SIGSTOP)  # slot 0 will hold its share of the bulk call
+        bulk: list[npt.NDArray[np.float32]] = []
+        bulk_caller = threading.Thread(target=lambda: bulk.append(pool.embed(texts)))
+        try:
+            bulk_caller.start()
+            wait_until(
+                lambda: (
+                    pool.stats().workers[0].in_flight_texts > 0
+                    and pool.stats().workers[1].in_flight_texts == 0
+                ),
+                "slot 1 done with its share while slot 0 holds its own",
+            )
+            query = pool.embed(["a query behind the bulk call"])
+            stats = pool.stats()
+        finally:
+            resume(stuck)
+        bulk_caller.join(GUARD_TIMEOUT)
+
+    assert query.shape == (1, metadata.dimension)
+    assert stats.workers[0].spawns == 1 and stats.resent_requests == 0  # never re-sent
+    assert stats.workers[0].in_flight_texts > 0  # the bulk call was still waiting for slot 0
+    assert len(bulk) == 1 and min_cosine(bulk[0], reference) >= MIN_COSINE
+
+
 def test_each_worker_slot_has_its_own_restart_budget(metadata: ModelMetadata) -> None:
     with EmbeddingClient(
         metadata.directory,

@@ -23,6 +23,7 @@ frequency limit), so it is an upper bound to check against a measurement on such
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -84,6 +85,15 @@ def _projection(pool: Figures, cores: int) -> dict[str, Figures]:
     return projected
 
 
+def _load_average() -> float | None:
+    """The machine's 15-minute load average, where the system tells it: figures taken on a
+    shared machine say how busy it was."""
+    try:
+        return os.getloadavg()[2]
+    except (AttributeError, OSError):
+        return None
+
+
 def run_pool_benchmark(
     *,
     model_dir: Path | None,
@@ -126,8 +136,11 @@ def run_pool_benchmark(
         label: {metric: statistics.median(s[metric] for s in runs) for metric in runs[0]}
         for label, runs in samples.items()
     }
+    load = _load_average()
 
     _print_table(figures)
+    if load is not None:
+        print(f"load average over the last 15 minutes, at the end: {load:.2f} on {cores} cores")
     projected = _projection(figures[list(setups)[-1]], cores)
     output.parent.mkdir(parents=True, exist_ok=True)
     document = {
@@ -136,6 +149,7 @@ def run_pool_benchmark(
         "corpus_size": len(corpus),
         "calls": calls,
         "rounds": rounds,
+        "load_average_15min": load,
         "figures": figures,
         "projection_not_measured": projected,
     }
