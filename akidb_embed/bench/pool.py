@@ -85,11 +85,11 @@ def _projection(pool: Figures, cores: int) -> dict[str, Figures]:
     return projected
 
 
-def _load_average() -> float | None:
-    """The machine's 15-minute load average, where the system tells it: figures taken on a
-    shared machine say how busy it was."""
+def _load_average() -> tuple[float, float, float] | None:
+    """The machine's 1, 5 and 15-minute load averages, where the system tells them: figures
+    taken on a shared machine say how busy it was."""
     try:
-        return os.getloadavg()[2]
+        return os.getloadavg()
     except (AttributeError, OSError):
         return None
 
@@ -140,7 +140,8 @@ def run_pool_benchmark(
 
     _print_table(figures)
     if load is not None:
-        print(f"load average over the last 15 minutes, at the end: {load:.2f} on {cores} cores")
+        averages = "/".join(f"{value:.1f}" for value in load)
+        print(f"load average (1/5/15 min) at the end: {averages} on {cores} cores")
     projected = _projection(figures[list(setups)[-1]], cores)
     output.parent.mkdir(parents=True, exist_ok=True)
     document = {
@@ -149,7 +150,7 @@ def run_pool_benchmark(
         "corpus_size": len(corpus),
         "calls": calls,
         "rounds": rounds,
-        "load_average_15min": load,
+        "load_average_1_5_15_min": load,
         "figures": figures,
         "projection_not_measured": projected,
     }
