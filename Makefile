@@ -34,6 +34,7 @@ demo: models
 bench: models
 	$(PY) -m akidb_embed.cli bench
 	$(PY) -m akidb_embed.cli bench --two-models
+	$(PY) -m akidb_embed.cli bench --pool
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -236,6 +236,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.pool:
+        from akidb_embed.bench.pool import ROUNDS, run_pool_benchmark
+        from akidb_embed.worker.config import default_threads
+
+        return run_pool_benchmark(
+            model_dir=args.model_dir[0] if args.model_dir else None,
+            provider=args.provider,
+            cores=default_threads() or 2,
+            corpus_size=min(args.corpus_size, 64) if args.quick else args.corpus_size,
+            calls=min(args.single_calls, 32) if args.quick else args.single_calls,
+            output=args.output.with_name("bench-pool.json"),
+            rounds=1 if args.quick else ROUNDS,
+        )
     if args.two_models:
         from akidb_embed.bench.two_models import run_two_model_benchmark
         from akidb_embed.worker.config import default_threads
@@ -373,6 +386,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one worker serving two models against two one-model workers (the second "
         "--model-dir, else the default model provisioned again under another id)",
+    )
+    bench.add_argument(
+        "--pool",
+        action="store_true",
+        help="one worker with every core's thread against one single-thread worker per core",
     )
     bench.set_defaults(run=_cmd_bench)
     return parser

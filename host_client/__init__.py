@@ -10,7 +10,9 @@
         response.embeddings                        # float32 array, shape (2, info.dimension)
 
 ``AsyncEmbeddingClient`` is the same for asyncio (``async with``, ``await client.embed_batch``).
-Both are thread/task-safe and pipelined, split requests of any size to fit the worker's limits,
+``EmbeddingClient(workers=4, threads=2)`` runs a pool of four supervised workers of two ONNX
+Runtime threads each and sends every request to the least-loaded one. Both twins are
+thread/task-safe and pipelined, split requests of any size to fit the worker's limits,
 restart a worker that dies or hangs and send its requests again, and raise only the errors of
 ``akidb_embed.errors`` (re-exported here). Importing this package loads neither onnxruntime nor
 tokenizers: those live in the worker process only.
@@ -34,6 +36,7 @@ from akidb_embed.host_client._types import (
     ClientStats,
     ModelInfo,
     Usage,
+    WorkerStats,
 )
 
 __all__ = [
@@ -52,4 +55,5 @@ __all__ = [
     "RequestTimeout",
     "ServiceUnavailable",
     "Usage",
+    "WorkerStats",
 ]

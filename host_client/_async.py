@@ -1,7 +1,7 @@
 """``AsyncEmbeddingClient``: the asyncio twin.
 
-The same core as ``EmbeddingClient`` (its threads do the supervising and the pipe work); each
-method awaits the core's ``concurrent.futures.Future`` through ``asyncio.wrap_future``, so the
+The same dispatcher as ``EmbeddingClient`` (its threads do the supervising and the pipe work); each
+method awaits the dispatcher's ``concurrent.futures.Future`` through ``asyncio.wrap_future``, so the
 event loop never blocks. Cancelling a task cancels its call: texts not yet sent are dropped,
 and replies already on their way are discarded when they arrive.
 """
@@ -30,19 +30,21 @@ class AsyncEmbeddingClient(ClientBase):
     """The asyncio face of ``EmbeddingClient``: same arguments, same errors, awaitable methods.
 
     Constructing it spawns nothing; ``await client.start()``, ``async with`` or the first call
-    starts the worker (a start failure raises the worker's own reason, like the sync client's
+    starts the workers (a start failure raises the worker's own reason, like the sync client's
     constructor).
     """
 
     async def start(self) -> None:
-        """Spawn the worker and wait for its hello (idempotent)."""
-        await asyncio.wrap_future(self._core.start())
+        """Spawn the workers and wait for every hello (idempotent)."""
+        await asyncio.wrap_future(self._dispatcher.start())
 
     async def embed_batch(self, request: BatchEmbeddingRequest) -> BatchEmbeddingResponse:
         """One vector per input of ``request``, in order; see ``EmbeddingClient.embed_batch``."""
-        if self._core.hello is None:  # after the first hello the core itself refuses if need be
+        if (
+            self._dispatcher.hello is None
+        ):  # after the first hello the dispatcher refuses if need be
             await self.start()
-        return await asyncio.wrap_future(self._core.submit_embed(request))
+        return await asyncio.wrap_future(self._dispatcher.submit_embed(request))
 
     async def embed(
         self,
@@ -71,20 +73,20 @@ class AsyncEmbeddingClient(ClientBase):
     async def health_check(self) -> bool:
         """True when the worker's health op passed; raises otherwise."""
         await self.start()
-        await asyncio.wrap_future(self._core.submit_op("health"))
+        await asyncio.wrap_future(self._dispatcher.submit_op("health"))
         return True
 
     async def ping(self) -> float:
         """Seconds for one ``ping`` round trip."""
         await self.start()
         started = time.perf_counter()
-        await asyncio.wrap_future(self._core.submit_op("ping"))
+        await asyncio.wrap_future(self._dispatcher.submit_op("ping"))
         return time.perf_counter() - started
 
     async def aclose(self) -> None:
         """Like ``EmbeddingClient.close``, without blocking the event loop. Idempotent."""
         self._finalizer.detach()
-        await asyncio.to_thread(self._core.close)
+        await asyncio.to_thread(self._dispatcher.close)
 
     async def __aenter__(self) -> AsyncEmbeddingClient:
         try:

@@ -1,10 +1,10 @@
 """What the two client twins share: construction, configuration, and the worker's facts.
 
-``EmbeddingClient`` and ``AsyncEmbeddingClient`` both build a ``ClientConfig`` and one ``Core``
-here; they differ only in how they wait for the core's futures. Each client registers its
-core's ``close`` with ``weakref.finalize``: it runs when the client is garbage-collected or at
-interpreter exit, whichever comes first, so a forgotten client leaves no worker behind and
-a dropped one can still be collected.
+``EmbeddingClient`` and ``AsyncEmbeddingClient`` both build a ``ClientConfig`` and one
+``Dispatcher`` here; they differ only in how they wait for the dispatcher's futures. Each client
+registers its dispatcher's ``close`` with ``weakref.finalize``: it runs when the client is
+garbage-collected or at interpreter exit, whichever comes first, so a forgotten client leaves no
+worker behind and a dropped one can still be collected.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from akidb_embed.host_client._config import (
     DEFAULT_RESTART_LIMIT,
     DEFAULT_STABLE_START_TIME,
     DEFAULT_START_TIMEOUT,
+    DEFAULT_WORKERS,
     ClientConfig,
     PathArgument,
     as_argv,
     as_paths,
 )
-from akidb_embed.host_client._core import Core
+from akidb_embed.host_client._dispatch import Dispatcher
 from akidb_embed.host_client._types import ClientStats, ModelInfo
 from akidb_embed.host_client._worker import Hello
 
@@ -42,6 +43,7 @@ class ClientBase:
         self,
         model_dir: PathArgument | Sequence[PathArgument] | None = None,
         *,
+        workers: int = DEFAULT_WORKERS,
         provider: str = DEFAULT_PROVIDER,
         threads: int | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -57,6 +59,7 @@ class ClientBase:
     ) -> None:
         self.config = ClientConfig(
             model_dirs=as_paths(model_dir),
+            workers=workers,
             provider=provider,
             threads=threads,
             request_timeout=request_timeout,
@@ -70,15 +73,15 @@ class ClientBase:
             worker_args=tuple(worker_args),
             env=dict(env) if env is not None else None,
         )
-        self._core = Core(self.config)
-        self._finalizer = weakref.finalize(self, self._core.close)
+        self._dispatcher = Dispatcher(self.config)
+        self._finalizer = weakref.finalize(self, self._dispatcher.close)
         self._after_init()
 
     def _after_init(self) -> None:
         """The sync twin starts its worker here; the async one on first use or ``start()``."""
 
     def _ready_hello(self) -> Hello:
-        hello = self._core.hello
+        hello = self._dispatcher.hello
         if hello is None:
             raise ServiceUnavailable("the worker has not said hello yet: start the client first")
         return hello
@@ -91,7 +94,7 @@ class ClientBase:
 
     @property
     def providers(self) -> tuple[str, ...]:
-        """ONNX Runtime execution providers of the worker's session, in priority order."""
+        """ONNX Runtime execution providers of the workers' sessions, in priority order."""
         return self._ready_hello().providers
 
     @property
@@ -100,5 +103,6 @@ class ClientBase:
         return types.MappingProxyType(dict(self._ready_hello().limits))
 
     def stats(self) -> ClientStats:
-        """Supervision counters: spawns, restarts, re-sent requests, texts in flight."""
-        return self._core.stats()
+        """Supervision counters: spawns, restarts, re-sent requests, texts in flight, over the
+        pool and (``workers``) per worker slot."""
+        return self._dispatcher.stats()

@@ -3,7 +3,9 @@
 Both twins (``EmbeddingClient`` and ``AsyncEmbeddingClient``) take these as keyword arguments
 and keep the resolved values as a frozen ``ClientConfig`` (``client.config``). The supervision
 knobs follow jupyter_client's ``KernelRestarter``: a consecutive-restart budget
-(``restart_limit``) that resets once a worker has run for ``stable_start_time``.
+(``restart_limit``) that resets once a worker has run for ``stable_start_time``. In a pool
+(``workers`` > 1) every knob applies to each worker slot on its own (each slot has its own
+restart budget), except ``max_in_flight_texts``, which bounds the whole client.
 
 Timeouts, precisely:
 
@@ -17,12 +19,13 @@ Timeouts, precisely:
   calls into wire requests of about four of the worker's ONNX Runtime runs each (estimated
   from text lengths against ``max_batch_tokens``), a second or so of work on a 2-core CPU.
 * ``max_attempts``: how many workers one wire request may be sent to. A worker death or a hang
-  costs every request that worker held one attempt; the request is sent again to the next
-  worker while attempts remain, else its call fails with ``RequestTimeout`` (the last attempt
-  hung) or ``ServiceUnavailable`` (the last attempt's worker died). So a call never waits for
-  a worker longer than about ``max_attempts x (request_timeout + start time)`` without progress.
-* ``close_timeout``: how long ``close()`` lets the worker finish the requests it already holds
-  before killing it.
+  costs every request that worker held one attempt; the request is sent again to another ready
+  worker of the pool, or to the replacement, while attempts remain, else its call fails with
+  ``RequestTimeout`` (the last attempt hung) or ``ServiceUnavailable`` (the last attempt's
+  worker died). So a call never waits for a worker longer than about
+  ``max_attempts x (request_timeout + start time)`` without progress.
+* ``close_timeout``: how long ``close()`` lets the workers finish the requests they already
+  hold before killing them.
 """
 
 from __future__ import annotations
@@ -42,11 +45,13 @@ __all__ = [
     "DEFAULT_RESTART_LIMIT",
     "DEFAULT_STABLE_START_TIME",
     "DEFAULT_START_TIMEOUT",
+    "DEFAULT_WORKERS",
     "DEFAULT_WORKER_MODULE",
     "ClientConfig",
 ]
 
 DEFAULT_PROVIDER = "auto"
+DEFAULT_WORKERS = 1
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_CLOSE_TIMEOUT = 10.0
@@ -65,28 +70,33 @@ RESTART_BACKOFF_MAX = 2.0
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """How a client spawns and supervises its worker; see the module docstring for timeouts."""
+    """How a client spawns and supervises its workers; see the module docstring for timeouts."""
 
     model_dirs: tuple[Path, ...] = ()
     """Model directories passed to the worker (one ``--model-dir`` each; the first is the
     default model); empty lets the worker use its default (``$AKIDB_EMBED_MODEL_DIR`` or the
     checkout's ``models/all-MiniLM-L6-v2``)."""
+    workers: int = DEFAULT_WORKERS
+    """Worker processes in the pool, each supervised on its own and each serving every model;
+    requests go to the one with the fewest estimated tokens in flight."""
     provider: str = DEFAULT_PROVIDER
     """Execution provider asked of the worker (``--provider``): auto, cpu, cuda or coreml."""
     threads: int | None = None
-    """ONNX Runtime intra-op threads of the worker (``--threads``); ``None``: the worker's
-    default (the CPUs this process may use)."""
+    """ONNX Runtime intra-op threads of each worker (``--threads``); ``None``: the worker's
+    default (the CPUs this process may use, for each worker: set it in a pool)."""
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     start_timeout: float = DEFAULT_START_TIMEOUT
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     restart_limit: int = DEFAULT_RESTART_LIMIT
-    """Consecutive restarts allowed before the client gives up (every call then fails fast
-    with ``ServiceUnavailable`` naming the last death)."""
+    """Consecutive restarts of one worker slot allowed before that slot gives up; once every
+    slot has given up, every call fails fast with ``ServiceUnavailable`` naming the last
+    death."""
     stable_start_time: float = DEFAULT_STABLE_START_TIME
     """A worker that ran this long after its hello resets the consecutive-restart count."""
     max_in_flight_texts: int = DEFAULT_MAX_IN_FLIGHT_TEXTS
-    """Backpressure: texts written to the worker and not yet answered, over all callers. More
+    """Backpressure: texts written to the workers and not yet answered, over all callers and
+    the whole pool. More
     waits inside the client (as references to the caller's own strings) until replies come."""
     worker_command: tuple[str, ...] | None = None
     """Replaces ``[sys.executable, "-m", "akidb_embed.worker"]`` as the start of the argv."""
@@ -101,6 +111,7 @@ class ClientConfig:
             "start_timeout": self.start_timeout,
             "max_attempts": self.max_attempts,
             "max_in_flight_texts": self.max_in_flight_texts,
+            "workers": self.workers,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -1,8 +1,9 @@
 """``EmbeddingClient``: the blocking twin, for threads.
 
-Every method hands its work to the shared core (``_core.Core``) and blocks on the
-``concurrent.futures.Future`` it gets back; any number of threads may call at once and their
-requests are in flight together. See ``_core`` for the data path and what happens on failure.
+Every method hands its work to the shared dispatcher (``_dispatch.Dispatcher``) and blocks on
+the ``concurrent.futures.Future`` it gets back; any number of threads may call at once and their
+requests are in flight together. See ``_dispatch`` for the data path and what happens on
+failure, ``_connection`` for the supervision of each worker.
 """
 
 from __future__ import annotations
@@ -32,21 +33,23 @@ def _wait(future: Future[T]) -> T:
     try:
         return future.result()
     except BaseException:
-        future.cancel()  # interrupted (KeyboardInterrupt): the core drops what is not sent yet
+        future.cancel()  # interrupted (KeyboardInterrupt): what is not sent yet is dropped
         raise
 
 
 class EmbeddingClient(ClientBase):
-    """Embeds texts through one supervised worker process; thread-safe and pipelined.
+    """Embeds texts through a pool of supervised worker processes (one by default);
+    thread-safe and pipelined.
 
-    ``EmbeddingClient(model_dir=None, *, provider="auto", threads=None, request_timeout=30.0,
-    start_timeout=60.0, close_timeout=10.0, max_attempts=3, restart_limit=5,
-    stable_start_time=10.0, max_in_flight_texts=2048, worker_command=None, worker_args=(),
-    env=None)`` spawns ``python -m akidb_embed.worker`` (same interpreter; ``worker_command``
-    replaces that prefix, ``worker_args`` are appended) and returns once its hello has been
-    read and its protocol version checked. A worker that cannot start makes the constructor
-    raise its own reason: ``ModelNotFound`` (no usable model directory) or
-    ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs are
+    ``EmbeddingClient(model_dir=None, *, workers=1, provider="auto", threads=None,
+    request_timeout=30.0, start_timeout=60.0, close_timeout=10.0, max_attempts=3,
+    restart_limit=5, stable_start_time=10.0, max_in_flight_texts=2048, worker_command=None,
+    worker_args=(), env=None)`` spawns ``workers`` processes of ``python -m akidb_embed.worker``
+    in parallel (same interpreter; ``worker_command`` replaces that prefix, ``worker_args`` are
+    appended), each serving every model with ``threads`` ONNX Runtime threads, and returns once
+    every hello has been read and its protocol version checked. A worker that cannot start
+    makes the constructor raise its own reason: ``ModelNotFound`` (no usable model directory)
+    or ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs are
     described in ``ClientConfig``; the resolved values are ``client.config``.
 
     Use it as a context manager, or call ``close()``; it is also closed when garbage-collected
@@ -60,7 +63,7 @@ class EmbeddingClient(ClientBase):
         ``ServiceUnavailable``/``RequestTimeout`` (no worker could answer within the
         supervision budget, or the client is closed) or ``Internal``.
         """
-        return _wait(self._core.submit_embed(request))
+        return _wait(self._dispatcher.submit_embed(request))
 
     def embed(
         self,
@@ -88,20 +91,20 @@ class EmbeddingClient(ClientBase):
     def health_check(self) -> bool:
         """True when the worker embedded its check sentence correctly through its queue;
         raises ``Internal`` (a failed check) or ``ServiceUnavailable`` otherwise."""
-        _wait(self._core.submit_op("health"))
+        _wait(self._dispatcher.submit_op("health"))
         return True
 
     def ping(self) -> float:
         """Seconds for one ``ping`` round trip: the cost of the bridge without the model."""
         started = time.perf_counter()
-        _wait(self._core.submit_op("ping"))
+        _wait(self._dispatcher.submit_op("ping"))
         return time.perf_counter() - started
 
     def close(self) -> None:
         """Let the worker answer what it holds (up to ``close_timeout``), then stop it.
         Calls not yet sent fail with ``ServiceUnavailable``. Idempotent."""
         self._finalizer.detach()
-        self._core.close()
+        self._dispatcher.close()
 
     def __enter__(self) -> EmbeddingClient:
         return self
@@ -116,7 +119,7 @@ class EmbeddingClient(ClientBase):
 
     def _after_init(self) -> None:
         try:
-            _wait(self._core.start())
+            _wait(self._dispatcher.start())
         except BaseException:
             self.close()
             raise

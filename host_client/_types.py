@@ -18,6 +18,7 @@ __all__ = [
     "ClientStats",
     "ModelInfo",
     "Usage",
+    "WorkerStats",
 ]
 
 
@@ -89,18 +90,45 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class WorkerStats:
+    """One worker slot of the client (``ClientStats.workers``)."""
+
+    index: int
+    """The slot's place in the pool, 0 to ``workers - 1``."""
+    state: str
+    """``starting``, ``ready``, ``restarting``, ``given up`` (its restart budget is spent),
+    ``closing`` or ``closed``."""
+    pid: int | None
+    """The slot's serving worker process; ``None`` while none is ready."""
+    spawns: int
+    """Worker processes this slot started (the first one included)."""
+    restarts: int
+    """Workers of this slot that replaced a dead or hung one."""
+    in_flight_texts: int
+    """Texts written to this slot's worker and not yet answered."""
+    in_flight_tokens: int
+    """Their estimated tokens: requests go to the slot with the fewest."""
+    answered_requests: int
+    """Replies this slot's workers delivered (embed chunks and ops)."""
+
+
+@dataclass(frozen=True)
 class ClientStats:
-    """A snapshot of the client's supervision counters, for monitoring and tests."""
+    """A snapshot of the client's supervision counters, for monitoring and tests: totals over
+    the pool, and each worker slot in ``workers``."""
 
     worker_pid: int | None
-    """The serving worker's process id; ``None`` while none is ready."""
+    """The first slot's serving worker process id (with one worker, the worker's);
+    ``None`` while it has none ready. Every slot's pid is in ``workers``."""
     spawns: int
-    """Worker processes started so far (the first one included)."""
+    """Worker processes started so far, over all slots (the first ones included)."""
     restarts: int
-    """Workers that replaced a dead or hung one."""
+    """Workers that replaced a dead or hung one, over all slots."""
     resent_requests: int
-    """Wire requests sent again to a new worker after theirs died or hung."""
+    """Wire requests sent again, to any worker, after theirs died or hung."""
     in_flight_texts: int
-    """Texts written to a worker (or held for re-sending) and not yet answered."""
+    """Texts admitted and not yet answered: written to a worker, or held for re-sending."""
     peak_in_flight_texts: int
     """The most ``in_flight_texts`` ever reached; never above ``max_in_flight_texts``."""
+    workers: tuple[WorkerStats, ...] = ()
+    """Each worker slot, in slot order."""

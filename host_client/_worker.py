@@ -2,11 +2,11 @@
 
 ::
 
-    core ──send(frame)──► outbox ──► writer thread ──► stdin ─┐
-                                                               ▼
-                                                     python -m akidb_embed.worker
-                                                               │
-    core ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout
+    connection ──send(frame)──► outbox ──► writer thread ──► stdin ─┐
+                                                                     ▼
+                                                           python -m akidb_embed.worker
+                                                                     │
+    connection ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout
     logger "akidb_embed.worker" + recent lines ◄── stderr thread ◄── stderr
 
 Three daemon threads per process, so that nothing ever blocks on a pipe it does not own: the
@@ -216,12 +216,10 @@ class WorkerProcess:
         argv: Sequence[str],
         env: Mapping[str, str],
         *,
-        generation: int,
         on_frame: Callable[[WorkerProcess, dict[str, Any]], None],
         on_exit: Callable[[WorkerProcess], None],
     ) -> None:
         self.argv = list(argv)
-        self.generation = generation
         self.hello: Future[dict[str, Any]] = Future()
         self.exit_description: str | None = None
         """How the process ended ("was killed by SIGKILL"); ``None`` while it runs."""
@@ -231,8 +229,6 @@ class WorkerProcess:
         """Killed for answering nothing for ``request_timeout`` (its requests timed out)."""
         self.ready_at: float | None = None
         self.last_reply_at = 0.0
-        self.sent_unanswered = 0
-        """Requests written to this worker and not answered yet (kept by the core)."""
         self._env = dict(env)
         self._on_frame = on_frame
         self._on_exit = on_exit

@@ -1,4 +1,5 @@
-"""The one core under both client twins: admission, the pending table and supervision.
+"""The dispatcher under both client twins: admission, chunking, and routing to the least-loaded
+of the pool's worker connections.
 
 ::
 
@@ -6,42 +7,44 @@
        │ submit_embed(request) ──► Future           submit_op("health") ──► Future
        ▼                                             │
     waiting calls (round robin) ──admit──► pending table {id: wire request + its frame}
-       one chunk per turn, cut to the       │  ▲ texts in flight ≤ max_in_flight_texts
-       hello's max_texts_per_request,       │  │ (the rest waits here, as references)
-       max_frame_bytes and ~4 runs of       │  │
-       max_batch_tokens (estimated)         ▼  │
-                            WorkerProcess.send ─► worker ─► reader thread ─► reply by id
-                                                               │
-       call's output array ◄── rows copied in place ◄──────────┘
-       call's Future resolved when its last chunk is in
+       one chunk per turn, cut to the       │  texts in flight ≤ max_in_flight_texts, over
+       hello's max_texts_per_request,       │  the whole pool (the rest waits here, as
+       max_frame_bytes and ~4 runs of       │  references to the caller's strings)
+       max_batch_tokens (estimated)         ▼
+                  route: the ready connection with the fewest estimated tokens in flight
+                  ┌─────────────────┬───────┴─────────┬──────────────────┐
+                  ▼                 ▼                 ▼
+             Connection 0      Connection 1   ...  Connection N-1     (_connection.py: its
+             └ worker process  └ worker process    └ worker process    pending requests,
+                  │                 │                 │                 supervision)
+                  └───── reply by id ──► rows copied into the call's output array
+                                         call's Future resolved when its last chunk is in
 
-    supervisor thread (the KernelRestarter part):
-       spawn ─► hello (start_timeout) ─► install ─► send every pending request
-         ▲                                              │
-         │ backoff 0.05 s doubling to 2 s                │ stdout EOF (crash, kill -9, OOM)
-         │ (restart_limit in a row, reset by a           │ or no reply for request_timeout
-         │  worker that ran stable_start_time)           │ (hung/stopped: SIGKILL first)
-         └──────────── pending requests stay pending ◄───┘ each costs one of max_attempts
+    a connection's worker died or hung ──► every request it held comes back here
+       (one attempt spent) ──► routed again to any ready connection, or held until one is
 
 What a caller sees on failure:
 
 * a worker death or hang: nothing, unless one of its wire requests runs out of
   ``max_attempts``; then ``RequestTimeout`` (the last worker hung) or ``ServiceUnavailable``
-  (the last worker died), both carrying the worker's exit and last stderr lines;
+  (the last worker died), both carrying the worker's exit and last stderr lines. In a pool the
+  other workers take the requests over at once; with one worker they wait for its replacement;
 * an error reply (``invalid_input``, ``model_not_found``, ``internal``...): that exception at
   once, never retried (it would fail the same way again);
 * a worker that cannot start (``ok: false`` hello, an exit before the hello, no hello within
-  ``start_timeout``): on the first start, every call fails fast with the worker's own reason
-  (``ModelNotFound``/``ServiceUnavailable``); on a restart, a failed start counts against
-  ``restart_limit``; a refused hello (``ok: false``) is final at once. Once given up, every
-  call fails fast with the same error: there is no restart loop;
-* ``close()``: calls with texts not yet written fail with ``ServiceUnavailable``; the worker's
-  stdin is closed so it answers what it holds (calls wholly written complete), and whatever it
-  has not answered within ``close_timeout`` fails with ``ServiceUnavailable`` after a SIGKILL.
-  Every process is reaped.
+  ``start_timeout``): on the first start of any slot, the client's start fails with that
+  worker's own reason (``ModelNotFound``/``ServiceUnavailable``) and every other worker is
+  stopped; later, a slot whose restart budget is spent (or whose worker refuses to start) gives
+  up, and the others serve on. Once every slot has given up, every call fails fast with the
+  last one's error: there is no restart loop;
+* ``close()``: calls with texts not yet written fail with ``ServiceUnavailable``; every
+  worker's stdin is closed so it answers what it holds (calls wholly written complete), and
+  whatever is not answered within ``close_timeout`` fails with ``ServiceUnavailable`` after a
+  SIGKILL. Every process is reaped.
 
-Futures are always resolved outside the core's lock: their callbacks (asyncio's, the chunk
-assembly) may take it.
+One lock guards the dispatcher and all its connections (the pool's state is small; one lock
+keeps "no request lost" easy to see). Futures are always resolved outside it: their callbacks
+(asyncio's, the chunk assembly) may take it.
 """
 
 from __future__ import annotations
@@ -50,13 +53,11 @@ import enum
 import functools
 import itertools
 import logging
-import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,7 +67,6 @@ import numpy.typing as npt
 from akidb_embed import wire
 from akidb_embed.errors import (
     EmbeddingError,
-    Internal,
     InvalidInput,
     ProtocolError,
     RequestTimeout,
@@ -74,6 +74,13 @@ from akidb_embed.errors import (
     from_wire,
 )
 from akidb_embed.host_client._config import ClientConfig
+from akidb_embed.host_client._connection import (
+    Connection,
+    Deferred,
+    Outcome,
+    WireRequest,
+    run,
+)
 from akidb_embed.host_client._types import (
     BatchEmbeddingRequest,
     BatchEmbeddingResponse,
@@ -81,23 +88,13 @@ from akidb_embed.host_client._types import (
     ModelInfo,
     Usage,
 )
-from akidb_embed.host_client._worker import (
-    REAP_TIMEOUT,
-    STDERR_DRAIN_TIMEOUT,
-    Hello,
-    WorkerProcess,
-    parse_hello,
-)
+from akidb_embed.host_client._worker import REAP_TIMEOUT, Hello
 
-__all__ = ["Core"]
+__all__ = ["ChunkLimits", "Dispatcher", "chunk_end", "estimated_tokens", "utf8_size"]
 
 logger = logging.getLogger("akidb_embed.host_client")
 
 T = TypeVar("T")
-Outcome = dict[str, Any] | EmbeddingError
-"""What settles a wire request: its reply (ok or error), or a failure found by the client."""
-Deferred = list[Callable[[], None]]
-"""Future resolutions collected under the lock and run after releasing it."""
 
 ENVELOPE_BYTES = 256
 """Room in an embed frame for everything but the texts, the model and the prompt name (id, op,
@@ -108,44 +105,23 @@ EMPTY_BATCH = "empty input batch"
 TEXT_HEADER_BYTES = 5
 """Largest msgpack header of one str."""
 SPECIAL_TOKENS = 2
-"""[CLS] and [SEP] around every input (an estimate: only chunk sizes depend on it)."""
+"""[CLS] and [SEP] around every input (an estimate: only chunk sizes and routing depend on it)."""
 CHUNK_MICRO_BATCHES = 4
 """An embed wire request carries about this many of the worker's ONNX Runtime runs
 (``max_batch_tokens``) of estimated tokens: a busy worker then answers something every few
 seconds, which is how ``request_timeout`` tells a busy worker from a hung one."""
-
-NOT_SENT = 0
-"""``sent_generation`` of a request that no live worker holds; generations start at 1."""
 
 
 class _State(enum.Enum):
     NEW = "new"
     STARTING = "starting"
     RUNNING = "running"
-    RESTARTING = "restarting"
     FAILED = "failed"
     CLOSING = "closing"
     CLOSED = "closed"
 
 
-_SUPERVISED = (_State.STARTING, _State.RUNNING, _State.RESTARTING)
-
-
-@dataclass(eq=False)
-class _WireRequest:
-    """One request frame and what to do with its outcome."""
-
-    request_id: int
-    text_count: int
-    settle: Callable[[Outcome], None]
-    message: dict[str, Any] | None
-    frame: bytes | None = None
-    sent_generation: int = NOT_SENT
-    sent_at: float = 0.0
-    attempts: int = 0
-    proves_progress: bool = True
-    """Whether its reply shows the worker's model at work. A ``ping`` is answered by the
-    worker's reader alone, so a worker stuck in the model would still answer it."""
+_SERVING = (_State.STARTING, _State.RUNNING)
 
 
 class _EmbedCall:
@@ -203,11 +179,6 @@ def _settle_future(future: Future[T], outcome: T | EmbeddingError) -> None:
         pass  # the waiter cancelled it (asyncio cancellation, KeyboardInterrupt)
 
 
-def _run(deferred: Deferred) -> None:
-    for action in deferred:
-        action()
-
-
 def utf8_size(text: str, index: int) -> int:
     """Bytes of ``text`` in UTF-8 (ASCII text, the common case, without encoding it)."""
     if text.isascii():
@@ -242,19 +213,23 @@ class ChunkLimits:
         )
 
 
+def estimated_tokens(text: str, max_tokens: int) -> int:
+    """Tokens of ``text`` without a tokenizer: WordPiece makes at most one token per
+    character, plus the special tokens, and truncation caps the count at ``max_tokens``."""
+    return min(len(text) + SPECIAL_TOKENS, max_tokens)
+
+
 def chunk_end(texts: Sequence[str], sizes: Sequence[int], start: int, limits: ChunkLimits) -> int:
     """End of the chunk starting at ``start``: at most ``max_texts`` texts whose UTF-8 ``sizes``
     fit ``max_payload_bytes`` and whose estimated tokens fit ``max_chunk_tokens``; a single
-    text always makes a chunk (its size was checked before).
-
-    Tokens are estimated without a tokenizer: WordPiece makes at most one token per character,
-    plus the special tokens, and truncation caps the count at ``max_tokens``.
+    text always makes a chunk (its size was checked before). Tokens are
+    ``estimated_tokens``.
     """
     stop_limit = min(len(texts), start + limits.max_texts)
     used_bytes = used_tokens = 0
     for index in range(start, stop_limit):
         text = texts[index]
-        tokens = min(len(text) + SPECIAL_TOKENS, limits.max_tokens_per_text)
+        tokens = estimated_tokens(text, limits.max_tokens_per_text)
         size = sizes[index] + TEXT_HEADER_BYTES
         over = (
             used_bytes + size > limits.max_payload_bytes
@@ -267,10 +242,10 @@ def chunk_end(texts: Sequence[str], sizes: Sequence[int], start: int, limits: Ch
     return stop_limit
 
 
-class Core:
-    """Supervision and request routing shared by ``EmbeddingClient`` and
+class Dispatcher:
+    """Admission and routing over the pool's connections, shared by ``EmbeddingClient`` and
     ``AsyncEmbeddingClient``; it hands out ``concurrent.futures.Future`` objects and leaves the
-    waiting to them."""
+    waiting to them. It is the connections' ``ConnectionOwner``."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -279,40 +254,34 @@ class Core:
         self._state = _State.NEW
         self._failure: EmbeddingError | None = None
         self._started: Future[None] = Future()
-        self._supervisor: threading.Thread | None = None
         self._hello: Hello | None = None
-        self._worker: WorkerProcess | None = None
-        self._starting_worker: WorkerProcess | None = None
-        self._generation = NOT_SENT
-        self._start_due: float | None = None
-        self._consecutive_restarts = 0
+        self._connections = [
+            Connection(index, config, self._lock, self) for index in range(config.workers)
+        ]
         self._ids = itertools.count(1)
-        self._pending: dict[int, _WireRequest] = {}
+        self._pending: dict[int, WireRequest] = {}
+        """Every admitted request not yet settled, held by a connection or by no one."""
         self._waiting: deque[_EmbedCall] = deque()
         self._in_flight_texts = 0
         self._peak_in_flight_texts = 0
-        self._spawns = 0
-        self._restarts = 0
         self._resent_requests = 0
 
     # ----------------------------------------------------------------- public to the twins
 
     @property
     def hello(self) -> Hello | None:
-        """The serving (or last) worker's hello; ``None`` before the first one."""
+        """The latest ready worker's hello (every worker serves the same models and limits);
+        ``None`` before the first one."""
         return self._hello
 
     def start(self) -> Future[None]:
-        """Start supervising (idempotent); the future resolves at the first hello or fails
-        with the reason the first worker could not start."""
+        """Start every worker slot (idempotent); the future resolves once each has said hello,
+        or fails with the reason the first one that could not start gave."""
         with self._lock:
             if self._state is _State.NEW:
                 self._state = _State.STARTING
-                self._start_due = time.monotonic()
-                self._supervisor = threading.Thread(
-                    target=self._supervise, name="akidb-embed-supervisor", daemon=True
-                )
-                self._supervisor.start()
+                for connection in self._connections:
+                    connection.start_locked()
             waiter: Future[None] = Future()
 
             def relay(started: Future[None]) -> None:
@@ -344,8 +313,9 @@ class Core:
         return call.future
 
     def submit_op(self, op: str) -> Future[dict[str, Any]]:
-        """Send one text-free op (``ping``, ``info``, ``health``); the future holds its ok
-        reply. These bypass the text bound: they carry no caller texts."""
+        """Send one text-free op (``ping``, ``info``, ``health``) to the least-loaded worker;
+        the future holds its ok reply. These bypass the text bound: they carry no caller
+        texts."""
         future: Future[dict[str, Any]] = Future()
 
         def settle(outcome: Outcome) -> None:
@@ -358,10 +328,11 @@ class Core:
             if refusal is not None:
                 raise refusal
             request_id = next(self._ids)
-            request = _WireRequest(
+            request = WireRequest(
                 request_id,
-                0,
-                settle,
+                text_count=0,
+                tokens=0,
+                settle=settle,
                 message={"id": request_id, "op": op},
                 proves_progress=op != "ping",
             )
@@ -371,19 +342,21 @@ class Core:
 
     def stats(self) -> ClientStats:
         with self._lock:
-            worker = self._worker
+            workers = tuple(connection.stats_locked() for connection in self._connections)
             return ClientStats(
-                worker_pid=worker.pid if worker is not None else None,
-                spawns=self._spawns,
-                restarts=self._restarts,
+                worker_pid=workers[0].pid,
+                spawns=sum(worker.spawns for worker in workers),
+                restarts=sum(worker.restarts for worker in workers),
                 resent_requests=self._resent_requests,
                 in_flight_texts=self._in_flight_texts,
                 peak_in_flight_texts=self._peak_in_flight_texts,
+                workers=workers,
             )
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop: fail what was not sent, let the worker answer what it holds for ``timeout``
-        seconds (default ``close_timeout``), then kill it; reap everything. Idempotent."""
+        """Stop: fail what was not sent, let every worker answer what it holds for
+        ``timeout`` seconds (default ``close_timeout``), then kill it; reap everything.
+        Idempotent."""
         grace = self.config.close_timeout if timeout is None else timeout
         with self._lock:
             if self._state is _State.CLOSED:
@@ -394,38 +367,107 @@ class Core:
                 )
                 return
             self._state = _State.CLOSING
-            self._start_due = None
             closed = ServiceUnavailable("the client was closed")
             deferred: Deferred = []
             for call in self._waiting:
                 deferred += self._finish_call_locked(call, closed)
             self._waiting.clear()
-            unsent = [r for r in self._pending.values() if r.sent_generation == NOT_SENT]
+            unsent = [r for r in self._pending.values() if r.connection is None]
             deferred += self._drop_requests_locked(unsent, closed)
             deferred.append(functools.partial(_settle_future, self._started, _copy(closed)))
-            worker, starting = self._worker, self._starting_worker
+            for connection in self._connections:
+                connection.begin_close_locked()
             self._wakeup.notify_all()
-        _run(deferred)
-        if starting is not None:
-            starting.kill("the client was closed while it started")
-        if worker is not None:
-            worker.close_input()
-            if not worker.wait_exited(grace):
-                worker.kill(f"still running {grace:g} s after its stdin was closed")
-                worker.wait_exited(REAP_TIMEOUT + STDERR_DRAIN_TIMEOUT + 1.0)
+        run(deferred)
+        deadline = time.monotonic() + grace
+        for connection in self._connections:
+            connection.close_input()  # all at once: the workers finish in parallel
+        for connection in self._connections:
+            connection.finish_close(deadline)
         with self._lock:
-            self._worker = None
             left = ServiceUnavailable("the client was closed before the worker answered")
             deferred = self._drop_requests_locked(list(self._pending.values()), left)
             self._state = _State.CLOSED
             self._wakeup.notify_all()
-        _run(deferred)
-        for thread_owner in (worker, starting):
-            if thread_owner is not None:
-                thread_owner.join_threads(STDERR_DRAIN_TIMEOUT)
-        supervisor = self._supervisor
-        if supervisor is not None and supervisor is not threading.current_thread():
-            supervisor.join(self.config.start_timeout)
+        run(deferred)
+
+    # ------------------------------------------------------------ hooks of the connections
+
+    def ready_locked(self, connection: Connection, hello: Hello) -> Deferred:
+        """``connection`` has a ready worker: send it what waits for one, admit more."""
+        self._hello = hello
+        deferred: Deferred = []
+        if self._state is _State.STARTING and all(c.ever_ready for c in self._connections):
+            self._state = _State.RUNNING
+            deferred.append(functools.partial(_settle_future, self._started, None))
+        if self._state in _SERVING:
+            for request in list(self._pending.values()):
+                if request.connection is None:
+                    self._route_locked(request)
+            admitted = self._admit_locked()
+            if admitted:
+                deferred.append(functools.partial(self._pump, admitted))
+        return deferred
+
+    def replied_locked(self, connection: Connection, request: WireRequest) -> Deferred:
+        """``request`` was answered (its ``settle`` runs next): free its texts' room."""
+        if self._pending.pop(request.request_id, None) is not request:
+            return []
+        self._in_flight_texts -= request.text_count
+        admitted = self._admit_locked() if request.text_count else []
+        return [functools.partial(self._pump, admitted)] if admitted else []
+
+    def lost_locked(
+        self, connection: Connection, requests: list[WireRequest], reason: str, *, hung: bool
+    ) -> Deferred:
+        """``connection``'s worker died or hung holding ``requests``: each spends an attempt
+        and goes to another ready worker (or waits for one), or fails when out of attempts."""
+        if self._state in (_State.CLOSING, _State.CLOSED):
+            gone = ServiceUnavailable(f"the client was closing and {reason}")
+            return self._drop_requests_locked(requests, gone)
+        deferred: Deferred = []
+        moved = 0
+        for request in requests:
+            if self._pending.get(request.request_id) is not request:
+                continue
+            request.attempts += 1
+            if request.attempts >= self.config.max_attempts:
+                error_type = RequestTimeout if hung else ServiceUnavailable
+                error = error_type(f"gave up after {request.attempts} attempt(s): {reason}")
+                deferred += self._drop_requests_locked([request], error)
+            else:
+                moved += 1
+                self._route_locked(request)
+        others = sum(c.ready for c in self._connections)
+        logger.warning(
+            "%s; %d request(s) it held go to %s, %d ran out of attempts",
+            reason,
+            moved,
+            f"the {others} other ready worker(s)" if others else "the next ready worker",
+            len(deferred),
+        )
+        return deferred
+
+    def gave_up_locked(self, connection: Connection, error: EmbeddingError) -> Deferred:
+        """``connection`` will start no more workers. Before the client is ready that fails
+        the start; later it fails the client only when no slot is left."""
+        if self._state not in _SERVING:
+            return []
+        if self._state is _State.STARTING:
+            return self._fail_locked(error)
+        left = sum(not c.given_up for c in self._connections)
+        if left == 0:
+            if len(self._connections) > 1:
+                error = _reworded(error, f"every worker slot gave up; the last: {error.message}")
+            return self._fail_locked(error)
+        logger.error(
+            "worker slot %d gave up (%s); %d of %d slot(s) serve on",
+            connection.index,
+            error.message,
+            left,
+            len(self._connections),
+        )
+        return []
 
     # --------------------------------------------------------------------------- admission
 
@@ -464,13 +506,13 @@ class Core:
             sizes.append(size)
         return texts, sizes
 
-    def _admit_locked(self) -> list[_WireRequest]:
+    def _admit_locked(self) -> list[WireRequest]:
         """Turn waiting texts into wire requests while the in-flight bound has room."""
         hello = self._hello
-        if hello is None or self._state not in _SUPERVISED:
+        if hello is None or self._state not in _SERVING:
             return []
         bound = self.config.max_in_flight_texts
-        admitted: list[_WireRequest] = []
+        admitted: list[WireRequest] = []
         while self._waiting:
             call = self._waiting[0]
             if call.finished or call.future.cancelled():
@@ -486,17 +528,20 @@ class Core:
             if self._in_flight_texts + count > bound:
                 break  # first come, first served: wait for replies to make room
             request_id = next(self._ids)
+            texts = call.texts[start:stop]
             message = {
                 "id": request_id,
                 "op": "embed",
                 "model": call.model,
-                "inputs": call.texts[start:stop],
+                "inputs": texts,
                 "normalize": call.normalize,
                 "truncate": call.truncate,
                 "prompt_name": call.prompt_name,
             }
+            max_tokens = call.served.max_tokens
+            tokens = sum(estimated_tokens(text, max_tokens) for text in texts)
             settle = functools.partial(self._settle_chunk, call, start, stop)
-            request = _WireRequest(request_id, count, settle, message)
+            request = WireRequest(request_id, count, tokens, settle, message)
             self._pending[request_id] = request
             self._in_flight_texts += count
             self._peak_in_flight_texts = max(self._peak_in_flight_texts, self._in_flight_texts)
@@ -508,10 +553,10 @@ class Core:
             admitted.append(request)
         return admitted
 
-    def _pump(self, requests: list[_WireRequest]) -> None:
-        """Encode newly admitted requests (outside the lock) and send them."""
+    def _pump(self, requests: list[WireRequest]) -> None:
+        """Encode newly admitted requests (outside the lock) and route them."""
         while requests:
-            failures: list[tuple[_WireRequest, EmbeddingError]] = []
+            failures: list[tuple[WireRequest, EmbeddingError]] = []
             for request in requests:
                 assert request.message is not None
                 try:
@@ -521,73 +566,44 @@ class Core:
                 request.message = None
             with self._lock:
                 for request in requests:
-                    if request.frame is not None:
-                        self._send_locked(request)
+                    self._route_locked(request)
                 deferred: Deferred = []
                 for request, error in failures:
                     deferred += self._drop_requests_locked([request], error)
                 requests = self._admit_locked() if failures else []
-            _run(deferred)
+            run(deferred)
 
-    def _send_locked(self, request: _WireRequest) -> None:
-        worker = self._worker
+    def _route_locked(self, request: WireRequest) -> None:
+        """Send ``request`` to the ready connection with the fewest estimated tokens in flight
+        (ties: fewer requests, then the lower slot); with none ready it stays pending, held by
+        no one, and goes to the next connection that becomes ready."""
         if (
-            worker is None
-            or request.frame is None
+            request.frame is None
+            or request.connection is not None
             or self._pending.get(request.request_id) is not request
-            or request.sent_generation == worker.generation
         ):
-            return  # no worker now: sent when the next one is installed
-        request.sent_generation = worker.generation
-        request.sent_at = time.monotonic()
-        worker.sent_unanswered += 1
-        if worker.sent_unanswered == 1:
-            self._wakeup.notify_all()  # the supervisor has a deadline to watch again
-        worker.send(request.frame)
+            return
+        ready = [connection for connection in self._connections if connection.ready]
+        if not ready:
+            return
+        target = min(ready, key=lambda connection: connection.load_locked())
+        if request.attempts:
+            self._resent_requests += 1
+        target.send_locked(request)
 
-    def _drop_requests_locked(
-        self, requests: list[_WireRequest], error: EmbeddingError
-    ) -> Deferred:
-        """Remove requests from the table, free their texts, and fail them with ``error``."""
+    def _drop_requests_locked(self, requests: list[WireRequest], error: EmbeddingError) -> Deferred:
+        """Remove requests from the table (and their connection), free their texts, and fail
+        them with ``error``."""
         deferred: Deferred = []
         for request in requests:
             if self._pending.pop(request.request_id, None) is request:
+                if request.connection is not None:
+                    request.connection.forget_locked(request)
                 self._in_flight_texts -= request.text_count
                 deferred.append(functools.partial(request.settle, _copy(error)))
         return deferred
 
     # ----------------------------------------------------------------------------- replies
-
-    def _on_frame(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
-        """A reply from a worker (its reader thread): settle the request it answers."""
-        request_id = message.get("id")
-        with self._lock:
-            if worker is not self._worker:
-                return  # from a worker already given up on; its requests went elsewhere
-            request = self._pending.get(request_id) if isinstance(request_id, int) else None
-            if request is None or request.sent_generation != worker.generation:
-                self._log_unmatched(worker, message)
-                return
-            if request.proves_progress:
-                worker.last_reply_at = time.monotonic()
-            del self._pending[request.request_id]
-            worker.sent_unanswered -= 1
-            self._in_flight_texts -= request.text_count
-            admitted = self._admit_locked() if request.text_count else []
-        request.settle(message)
-        self._pump(admitted)
-
-    @staticmethod
-    def _log_unmatched(worker: WorkerProcess, message: dict[str, Any]) -> None:
-        error = message.get("error")
-        if message.get("ok") is False and isinstance(error, dict):
-            logger.error(
-                "worker %s reported %s: %s", worker.pid, error.get("code"), error.get("message")
-            )
-        else:
-            logger.warning(
-                "worker %s answered unknown request id %r", worker.pid, message.get("id")
-            )
 
     @staticmethod
     def _reply_error(reply: dict[str, Any]) -> EmbeddingError:
@@ -614,7 +630,7 @@ class Core:
         except EmbeddingError as error:
             with self._lock:
                 deferred = self._finish_call_locked(call, error)
-            _run(deferred)
+            run(deferred)
             return
         call.embeddings[call.order[start:stop]] = vectors
         with self._lock:
@@ -662,232 +678,24 @@ class Core:
         call.finished = True  # its waiting texts are dropped; late replies are ignored
         return [functools.partial(_settle_future, call.future, _copy(error))]
 
-    # ------------------------------------------------------------------------- supervision
-
-    def _supervise(self) -> None:
-        try:
-            while self._wait_for_start_due():
-                self._start_worker()
-        except BaseException as exc:  # a bug here must not leave callers waiting forever
-            logger.exception("the akidb-embed supervisor failed")
-            with self._lock:
-                deferred = self._fail_locked(Internal(f"the client's supervisor failed: {exc!r}"))
-            _run(deferred)
-
-    def _wait_for_start_due(self) -> bool:
-        """Sleep until a worker must be started (True) or supervision is over (False); kill
-        the serving worker meanwhile if it holds requests and answers none for too long."""
-        with self._lock:
-            while True:
-                if self._state not in _SUPERVISED:
-                    return False
-                now = time.monotonic()
-                if self._start_due is not None and now >= self._start_due:
-                    self._start_due = None
-                    return True
-                hang_deadline = self._hang_deadline_locked()
-                if hang_deadline is not None and now >= hang_deadline:
-                    self._kill_hung_locked()
-                    continue
-                wake_times = [t for t in (self._start_due, hang_deadline) if t is not None]
-                self._wakeup.wait(min(wake_times) - now if wake_times else None)
-
-    def _hang_deadline_locked(self) -> float | None:
-        """When the serving worker counts as hung: ``request_timeout`` after the later of its
-        oldest unanswered request and its last reply of any kind."""
-        worker = self._worker
-        if worker is None or worker.sent_unanswered == 0 or worker.kill_reason is not None:
-            return None
-        oldest = min(
-            (r.sent_at for r in self._pending.values() if r.sent_generation == worker.generation),
-            default=None,
-        )
-        if oldest is None:
-            return None
-        return max(oldest, worker.last_reply_at) + self.config.request_timeout
-
-    def _kill_hung_locked(self) -> None:
-        worker = self._worker
-        assert worker is not None
-        reason = (
-            f"no reply for {self.config.request_timeout:g} s while holding "
-            f"{worker.sent_unanswered} request(s): hung or stopped"
-        )
-        logger.warning("worker %s: %s; killing it", worker.pid, reason)
-        worker.hung = True
-        worker.kill(reason)  # the reader sees EOF and reports the exit like any death
-
-    def _start_worker(self) -> None:
-        with self._lock:
-            if self._state not in _SUPERVISED:
-                return
-            self._generation += 1
-            worker = WorkerProcess(
-                self.config.worker_argv(),
-                self.config.worker_env(),
-                generation=self._generation,
-                on_frame=self._on_frame,
-                on_exit=self._on_exit,
-            )
-            self._starting_worker = worker
-            self._spawns += 1
-            first_start = self._hello is None
-        try:
-            worker.start()
-            message = worker.hello.result(timeout=self.config.start_timeout)
-        except FutureTimeout:
-            worker.kill(f"no hello within start_timeout={self.config.start_timeout:g} s")
-            worker.wait_exited(REAP_TIMEOUT + STDERR_DRAIN_TIMEOUT + 1.0)
-            tail = worker.stderr_tail()
-            self._start_failed(
-                worker,
-                ServiceUnavailable(
-                    f"worker {worker.pid} wrote no hello within {self.config.start_timeout:g} s"
-                    + (f"; its stderr ends with:\n{tail}" if tail else "")
-                ),
-                final=first_start,
-            )
-            return
-        except ServiceUnavailable as exc:  # could not spawn, or it ended before its hello
-            self._start_failed(worker, exc, final=first_start)
-            return
-        try:
-            hello = parse_hello(message)
-        except EmbeddingError as exc:  # it refused to start, saying why; final
-            self._start_failed(worker, exc, final=True)
-            return
-        self._install(worker, hello)
-
-    def _start_failed(self, worker: WorkerProcess, error: EmbeddingError, *, final: bool) -> None:
-        self._retire(worker)
-        logger.error("the worker could not start: %s", error.message)
-        with self._lock:
-            self._starting_worker = None
-            if self._state not in _SUPERVISED:
-                return
-            if final:
-                deferred = self._fail_locked(error)
-            else:
-                deferred = self._schedule_restart_locked(error.message, stable=False)
-        _run(deferred)
-
-    def _retire(self, worker: WorkerProcess) -> None:
-        """End a worker that will not serve: close its stdin, then kill it if it lingers."""
-        worker.close_input()
-        if not worker.wait_exited(1.0):
-            worker.kill("not needed")
-            worker.wait_exited(REAP_TIMEOUT + STDERR_DRAIN_TIMEOUT + 1.0)
-
-    def _install(self, worker: WorkerProcess, hello: Hello) -> None:
-        """Make a worker that sent a good hello the serving one and send it every request
-        still pending (those of a dead predecessor included)."""
-        deferred: Deferred = []
-        admitted: list[_WireRequest] = []
-        with self._lock:
-            self._starting_worker = None
-            supervised = self._state in _SUPERVISED
-            if supervised and worker.exit_description is not None:
-                deferred = self._handle_death_locked(worker)  # died right after its hello
-            elif supervised:
-                self._hello = hello
-                worker.ready_at = worker.last_reply_at = time.monotonic()
-                worker.accept_replies_up_to(hello.max_reply_bytes())
-                self._worker = worker
-                if self._state is _State.RESTARTING:
-                    self._restarts += 1
-                self._state = _State.RUNNING
-                for request in list(self._pending.values()):
-                    if request.attempts:
-                        self._resent_requests += 1
-                    self._send_locked(request)
-                admitted = self._admit_locked()
-                deferred = [functools.partial(_settle_future, self._started, None)]
-        if not supervised:
-            self._retire(worker)  # closed or given up while it started
-            return
-        logger.info(
-            "worker %s ready: %s (dimension %d) on %s",
-            hello.pid,
-            hello.model,
-            hello.dimension,
-            ", ".join(hello.providers) or "?",
-        )
-        _run(deferred)
-        self._pump(admitted)
-
-    def _on_exit(self, worker: WorkerProcess) -> None:
-        """The reader of ``worker`` saw its end (the process is reaped)."""
-        with self._lock:
-            if worker is not self._worker:
-                return  # a starting worker (its hello future says why) or one replaced already
-            deferred = self._handle_death_locked(worker)
-        _run(deferred)
-
-    def _handle_death_locked(self, worker: WorkerProcess) -> Deferred:
-        """The serving worker is gone: its requests wait for the next worker (or fail when out
-        of attempts), and a restart is scheduled."""
-        if self._worker is worker:
-            self._worker = None
-        uptime = time.monotonic() - (worker.ready_at or time.monotonic())
-        reason = f"{worker.describe()} after {uptime:.1f} s of service"
-        if worker.returncode != -signal.SIGKILL:  # a crash may have said why; a SIGKILL cannot
-            tail = worker.stderr_tail(5)
-            reason += f"; its stderr ends with:\n{tail}" if tail else ""
-        if self._state is _State.CLOSING:
-            gone = ServiceUnavailable(f"the client was closing and {reason}")
-            return self._drop_requests_locked(list(self._pending.values()), gone)
-        deferred: Deferred = []
-        held = 0
-        for request in list(self._pending.values()):
-            if request.sent_generation != worker.generation:
-                continue
-            held += 1
-            request.sent_generation = NOT_SENT
-            request.attempts += 1
-            if request.attempts >= self.config.max_attempts:
-                error_type = RequestTimeout if worker.hung else ServiceUnavailable
-                error = error_type(f"gave up after {request.attempts} attempt(s): {reason}")
-                deferred += self._drop_requests_locked([request], error)
-        logger.warning(
-            "%s; %d request(s) it held go to the next worker, %d ran out of attempts",
-            reason,
-            held - len(deferred),
-            len(deferred),
-        )
-        stable = uptime >= self.config.stable_start_time
-        return deferred + self._schedule_restart_locked(reason, stable=stable)
-
-    def _schedule_restart_locked(self, reason: str, *, stable: bool) -> Deferred:
-        if stable:
-            self._consecutive_restarts = 0
-        self._consecutive_restarts += 1
-        if self._consecutive_restarts > self.config.restart_limit:
-            return self._fail_locked(
-                ServiceUnavailable(
-                    f"giving up after {self._consecutive_restarts - 1} restart(s) in a row "
-                    f"(restart_limit={self.config.restart_limit}); the last failure: {reason}"
-                )
-            )
-        delay = self.config.restart_delay(self._consecutive_restarts)
-        self._state = _State.RESTARTING
-        self._start_due = time.monotonic() + delay
-        self._wakeup.notify_all()
-        return []
-
     def _fail_locked(self, error: EmbeddingError) -> Deferred:
         """Give up for good: every waiting and pending call fails with ``error``, and so will
-        every later one."""
+        every later one; every worker is stopped."""
         logger.error("akidb-embed client gives up: %s", error.message)
         self._state = _State.FAILED
         self._failure = error
-        self._start_due = None
         deferred = self._drop_requests_locked(list(self._pending.values()), error)
         for call in self._waiting:
             deferred += self._finish_call_locked(call, error)
         self._waiting.clear()
         deferred.append(functools.partial(_settle_future, self._started, _copy(error)))
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.kill("the client gave up on it")
+        for connection in self._connections:
+            connection.give_up_locked("the client gave up on it")
         self._wakeup.notify_all()
         return deferred
+
+
+def _reworded(error: EmbeddingError, message: str) -> EmbeddingError:
+    if isinstance(error, InvalidInput):
+        return InvalidInput(message, error.index)
+    return type(error)(message)
