@@ -10,9 +10,10 @@ of the pool's worker connections.
        one chunk per turn, cut to the       │  texts in flight ≤ max_in_flight_texts, over
        hello's max_texts_per_request,       │  the whole pool (the rest waits here, as
        max_frame_bytes and ~4 runs of       │  references to the caller's strings)
-       max_batch_tokens (estimated)         ▼
-                  route: the ready connection with the fewest estimated tokens in flight
-                  ┌─────────────────┬───────┴─────────┬──────────────────┐
+       max_batch_tokens (estimated;         │
+       _chunking.py)                        │ route: the ready connection with the fewest
+                                            │ estimated tokens in flight
+                  ┌─────────────────┬───────┴─────────┐
                   ▼                 ▼                 ▼
              Connection 0      Connection 1   ...  Connection N-1     (_connection.py: its
              └ worker process  └ worker process    └ worker process    pending requests,
@@ -56,9 +57,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -73,6 +72,14 @@ from akidb_embed.errors import (
     ServiceUnavailable,
     from_wire,
 )
+from akidb_embed.host_client._chunking import (
+    TEXT_HEADER_BYTES,
+    ChunkLimits,
+    EmbedCall,
+    chunk_end,
+    estimated_tokens,
+    utf8_size,
+)
 from akidb_embed.host_client._config import ClientConfig
 from akidb_embed.host_client._connection import (
     Connection,
@@ -85,31 +92,19 @@ from akidb_embed.host_client._types import (
     BatchEmbeddingRequest,
     BatchEmbeddingResponse,
     ClientStats,
-    ModelInfo,
     Usage,
 )
 from akidb_embed.host_client._worker import REAP_TIMEOUT, Hello
 
-__all__ = ["ChunkLimits", "Dispatcher", "chunk_end", "estimated_tokens", "utf8_size"]
+__all__ = ["Dispatcher"]
 
 logger = logging.getLogger("akidb_embed.host_client")
 
 T = TypeVar("T")
 
-ENVELOPE_BYTES = 256
-"""Room in an embed frame for everything but the texts, the model and the prompt name (id, op,
-flags)."""
 EMPTY_BATCH = "empty input batch"
 """The ``InvalidInput`` message of an embed call without inputs, as AkiDB's providers word it
 (the Rust client's is the same)."""
-TEXT_HEADER_BYTES = 5
-"""Largest msgpack header of one str."""
-SPECIAL_TOKENS = 2
-"""[CLS] and [SEP] around every input (an estimate: only chunk sizes and routing depend on it)."""
-CHUNK_MICRO_BATCHES = 4
-"""An embed wire request carries about this many of the worker's ONNX Runtime runs
-(``max_batch_tokens``) of estimated tokens: a busy worker then answers something every few
-seconds, which is how ``request_timeout`` tells a busy worker from a hung one."""
 
 
 class _State(enum.Enum):
@@ -122,43 +117,6 @@ class _State(enum.Enum):
 
 
 _SERVING = (_State.STARTING, _State.RUNNING)
-
-
-class _EmbedCall:
-    """One ``embed_batch`` call: its texts, how far they were admitted, and its output."""
-
-    def __init__(
-        self, request: BatchEmbeddingRequest, texts: list[str], sizes: list[int], served: ModelInfo
-    ) -> None:
-        self.future: Future[BatchEmbeddingResponse] = Future()
-        # The texts go out shortest first: each wire request, and so each of the worker's
-        # micro-batches, then holds texts of similar length and pads little (measured: +10%
-        # texts/s on the mixed-length bench corpus). ``order[i]`` is the caller's index of the
-        # i-th text sent; replies are written back to those rows.
-        self.order = np.argsort(np.asarray(sizes, dtype=np.int64), kind="stable")
-        self.texts = [texts[i] for i in self.order]
-        self.sizes = [sizes[i] for i in self.order]
-        """UTF-8 bytes of each text, in sending order."""
-        self.model = request.model
-        self.served = served
-        """The model the worker announced under that name (the default one for ``None``)."""
-        self.normalize = request.normalize
-        self.truncate = request.truncate
-        self.prompt_name = request.prompt_name
-        dimension = self.dimension = served.dimension
-        self.embeddings: npt.NDArray[np.float32] = np.empty((len(texts), dimension), np.float32)
-        self.next_index = 0
-        self.chunk_stop: int | None = None
-        """End of the next chunk once computed (it waits for room in the in-flight bound)."""
-        self.outstanding = 0
-        self.total_tokens = 0
-        self.reply_model = ""
-        self.finished = False
-        self.started_at = time.perf_counter()
-
-    @property
-    def fully_admitted(self) -> bool:
-        return self.next_index >= len(self.texts)
 
 
 def _copy(error: EmbeddingError) -> EmbeddingError:
@@ -177,69 +135,6 @@ def _settle_future(future: Future[T], outcome: T | EmbeddingError) -> None:
             future.set_result(outcome)
     except InvalidStateError:
         pass  # the waiter cancelled it (asyncio cancellation, KeyboardInterrupt)
-
-
-def utf8_size(text: str, index: int) -> int:
-    """Bytes of ``text`` in UTF-8 (ASCII text, the common case, without encoding it)."""
-    if text.isascii():
-        return len(text)
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidInput(f"inputs[{index}] is not valid Unicode text: {exc}", index) from None
-
-
-@dataclass(frozen=True)
-class ChunkLimits:
-    """How much one embed wire request may carry, from a worker's hello."""
-
-    max_texts: int
-    max_payload_bytes: int
-    max_tokens_per_text: int
-    max_chunk_tokens: int
-
-    @classmethod
-    def of(
-        cls, hello: Hello, max_in_flight_texts: int, request: BatchEmbeddingRequest | _EmbedCall
-    ) -> ChunkLimits:
-        named = len((request.model or "").encode("utf-8"))
-        named += len((request.prompt_name or "").encode("utf-8"))
-        max_tokens = hello.served(request.model).max_tokens
-        return cls(
-            max_texts=min(hello.max_texts_per_request, max_in_flight_texts),
-            max_payload_bytes=hello.max_frame_bytes - ENVELOPE_BYTES - named,
-            max_tokens_per_text=max_tokens,
-            max_chunk_tokens=CHUNK_MICRO_BATCHES * max(hello.max_batch_tokens, max_tokens),
-        )
-
-
-def estimated_tokens(text: str, max_tokens: int) -> int:
-    """Tokens of ``text`` without a tokenizer: WordPiece makes at most one token per
-    character, plus the special tokens, and truncation caps the count at ``max_tokens``."""
-    return min(len(text) + SPECIAL_TOKENS, max_tokens)
-
-
-def chunk_end(texts: Sequence[str], sizes: Sequence[int], start: int, limits: ChunkLimits) -> int:
-    """End of the chunk starting at ``start``: at most ``max_texts`` texts whose UTF-8 ``sizes``
-    fit ``max_payload_bytes`` and whose estimated tokens fit ``max_chunk_tokens``; a single
-    text always makes a chunk (its size was checked before). Tokens are
-    ``estimated_tokens``.
-    """
-    stop_limit = min(len(texts), start + limits.max_texts)
-    used_bytes = used_tokens = 0
-    for index in range(start, stop_limit):
-        text = texts[index]
-        tokens = estimated_tokens(text, limits.max_tokens_per_text)
-        size = sizes[index] + TEXT_HEADER_BYTES
-        over = (
-            used_bytes + size > limits.max_payload_bytes
-            or used_tokens + tokens > limits.max_chunk_tokens
-        )
-        if over and index > start:
-            return index
-        used_bytes += size
-        used_tokens += tokens
-    return stop_limit
 
 
 class Dispatcher:
@@ -261,7 +156,7 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self._pending: dict[int, WireRequest] = {}
         """Every admitted request not yet settled, held by a connection or by no one."""
-        self._waiting: deque[_EmbedCall] = deque()
+        self._waiting: deque[EmbedCall] = deque()
         self._in_flight_texts = 0
         self._peak_in_flight_texts = 0
         self._resent_requests = 0
@@ -302,7 +197,7 @@ class Dispatcher:
             raise error
         served = hello.served(request.model)
         texts, sizes = self._checked_texts(request, hello)
-        call = _EmbedCall(request, texts, sizes, served)
+        call = EmbedCall(request, texts, sizes, served)
         with self._lock:
             refusal = self._refusal_locked()
             if refusal is not None:
@@ -612,7 +507,7 @@ class Dispatcher:
             return ProtocolError(f"reply without ok and error: {sorted(reply)}")
         return from_wire(error.get("code"), error.get("message"), error.get("index"))
 
-    def _settle_chunk(self, call: _EmbedCall, start: int, stop: int, outcome: Outcome) -> None:
+    def _settle_chunk(self, call: EmbedCall, start: int, stop: int, outcome: Outcome) -> None:
         """One chunk's outcome: rows copied into the call's output, or the call failed."""
         if call.finished:
             return
@@ -644,7 +539,7 @@ class Dispatcher:
             _settle_future(call.future, self._response(call))
 
     def _decode_embeddings(
-        self, reply: dict[str, Any], count: int, call: _EmbedCall
+        self, reply: dict[str, Any], count: int, call: EmbedCall
     ) -> tuple[npt.NDArray[np.float32], int, str]:
         shape = reply.get("shape")
         if shape != [count, call.dimension]:
@@ -663,7 +558,7 @@ class Dispatcher:
         tokens = usage.get("total_tokens", 0) if isinstance(usage, dict) else 0
         return wire.embeddings_from_bytes(data, (count, call.dimension)), int(tokens), model
 
-    def _response(self, call: _EmbedCall) -> BatchEmbeddingResponse:
+    def _response(self, call: EmbedCall) -> BatchEmbeddingResponse:
         model = call.reply_model or call.served.model
         elapsed_ms = (time.perf_counter() - call.started_at) * 1000.0
         return BatchEmbeddingResponse(
@@ -672,7 +567,7 @@ class Dispatcher:
             usage=Usage(total_tokens=call.total_tokens, duration_ms=elapsed_ms),
         )
 
-    def _finish_call_locked(self, call: _EmbedCall, error: EmbeddingError) -> Deferred:
+    def _finish_call_locked(self, call: EmbedCall, error: EmbeddingError) -> Deferred:
         if call.finished:
             return []
         call.finished = True  # its waiting texts are dropped; late replies are ignored

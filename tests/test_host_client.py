@@ -29,7 +29,7 @@ from akidb_embed.host_client import (
     ModelNotFound,
     ServiceUnavailable,
 )
-from akidb_embed.host_client._dispatch import ChunkLimits, chunk_end, utf8_size
+from akidb_embed.host_client._chunking import ChunkLimits, chunk_end, utf8_size
 from akidb_embed.models import ModelMetadata
 
 GOLDEN_MIN_COSINE = 0.99999

@@ -258,7 +258,7 @@ def test_stopped_pool_worker_hands_its_requests_to_the_others(
         metadata.directory,
         workers=2,
         threads=1,
-        request_timeout=3.0,
+        request_timeout=5.0,
         max_attempts=2,
         start_timeout=GUARD_TIMEOUT,
         worker_command=spawns.command,
