@@ -69,7 +69,9 @@ def _progress(total: int | None, description: str, initial: int = 0) -> Iterator
 def _client(args: argparse.Namespace) -> Any:
     from akidb_embed.host_client import EmbeddingClient
 
-    return EmbeddingClient(args.model_dir, provider=args.provider)
+    return EmbeddingClient(
+        args.model_dir, provider=args.provider, workers=args.workers, threads=args.threads
+    )
 
 
 _SUFFIX_FORMATS = {
@@ -288,6 +290,18 @@ def _parser() -> argparse.ArgumentParser:
         "--provider",
         default="auto",
         help="execution provider: auto (CoreML on macOS, then CUDA, then CPU), coreml, cuda, cpu",
+    )
+    common.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes, each holding every model (default: 1)",
+    )
+    common.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime threads of each worker (default: the worker's, the usable cores)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

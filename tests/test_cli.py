@@ -111,3 +111,17 @@ def test_readme_python_example_runs_as_written() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Usage(total_tokens=" in result.stdout
+
+
+def test_embed_on_a_pool_of_two_workers_gives_the_golden_vectors(
+    tmp_path: Path, golden: dict[str, Any]
+) -> None:
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(golden["sentences"][1:]) + "\n", encoding="utf-8")
+    output = tmp_path / "vectors.npy"
+    result = run_cli(
+        "embed", "--workers", "2", "--threads", "1", "--input", str(source), "--output", str(output)
+    )
+    assert result.returncode == 0, result.stderr
+    expected = np.asarray(golden["embeddings"][1:], dtype=np.float32)
+    assert cosines(np.load(output), expected).min() >= 0.99999
