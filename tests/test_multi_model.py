@@ -266,3 +266,38 @@ def test_a_flood_for_one_model_does_not_starve_another(
     batcher.join(60)
     assert finished.count("second") == 1
     assert finished.index("second") < flood // 2, finished
+
+
+def test_raw_frames_choose_a_prompt_and_fall_back_to_the_models_normalize_default(
+    spawn_worker: Any, tiny_models: dict[str, ModelMetadata]
+) -> None:
+    prompts, raw = tiny_models["mpnet_prompts"], tiny_models["bert_max"]
+    worker = spawn_worker("--model-dir", str(prompts.directory), "--model-dir", str(raw.directory))
+    entries = {entry["model"]: entry for entry in worker.hello["models"]}
+    assert set(entries["mpnet_prompts"]["prompts"]) >= {"query", "passage"}
+    assert entries["bert_max"]["normalize_default"] is False
+    plain = worker.request({"id": 1, "op": "embed", "inputs": ["a cat"], "model": "mpnet_prompts"})
+    query = worker.request(
+        {
+            "id": 2,
+            "op": "embed",
+            "inputs": ["a cat"],
+            "model": "mpnet_prompts",
+            "prompt_name": "query",
+        }
+    )
+    assert plain["ok"] and query["ok"] and plain["embeddings"] != query["embeddings"]
+    assert query["usage"]["total_tokens"] > plain["usage"]["total_tokens"]
+    unknown = worker.request(
+        {"id": 3, "op": "embed", "inputs": ["a cat"], "model": "mpnet_prompts", "prompt_name": "x"}
+    )
+    assert unknown["error"]["code"] == "invalid_input"
+    assert "'query'" in unknown["error"]["message"]
+    default = worker.request({"id": 4, "op": "embed", "inputs": ["a cat"], "model": "bert_max"})
+    vector = np.frombuffer(default["embeddings"], dtype="<f4")
+    assert abs(float(np.linalg.norm(vector)) - 1.0) > 0.01  # nil normalize: the model's (off)
+    normalized = worker.request(
+        {"id": 5, "op": "embed", "inputs": ["a cat"], "model": "bert_max", "normalize": True}
+    )
+    unit = np.frombuffer(normalized["embeddings"], dtype="<f4")
+    assert abs(float(np.linalg.norm(unit)) - 1.0) < 1e-5
