@@ -19,7 +19,6 @@ Embeddings travel as one msgpack ``bin`` of little-endian float32 values with a 
 
 from __future__ import annotations
 
-import asyncio
 import re
 import struct
 from collections.abc import Mapping
@@ -50,7 +49,6 @@ __all__ = [
     "is_valid_text",
     "msgpack_type",
     "pack",
-    "read_frame_async",
     "salvage",
     "unpack",
 ]
@@ -251,54 +249,53 @@ def _payload_length(prefix: bytes, max_frame_bytes: int) -> int:
 
 
 class FrameReader:
-    """Reads whole frame payloads from a blocking binary stream (a pipe or file)."""
+    """Reads whole frame payloads from a blocking binary stream (a pipe or file).
+
+    It keeps its own buffer and asks the stream for whatever is there (one system call for
+    several small frames), so ``buffered`` can tell whether another frame's bytes have already
+    arrived without blocking: the worker runs a lone request at once when nothing follows it.
+    """
+
+    READ_SIZE = 64 * 1024
 
     def __init__(self, stream: BinaryIO, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self._stream = stream
+        # read1: at most one system call (a buffered stream); a raw stream's read is one already
+        self._read_some = getattr(stream, "read1", stream.read)
+        self._buffer = bytearray()
         self.max_frame_bytes = max_frame_bytes
 
-    def _read_exactly(self, size: int) -> bytes:
-        chunks = []
-        remaining = size
-        while remaining:
-            chunk = self._stream.read(remaining)
+    @property
+    def buffered(self) -> int:
+        """Bytes already read from the stream and not yet returned as a frame."""
+        return len(self._buffer)
+
+    def _fill(self, size: int) -> bool:
+        """Read until the buffer holds ``size`` bytes; False if the stream ended first."""
+        while len(self._buffer) < size:
+            chunk = self._read_some(max(self.READ_SIZE, size - len(self._buffer)))
             if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
+                return False
+            self._buffer += chunk
+        return True
+
+    def _take(self, size: int) -> bytes:
+        taken = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return taken
 
     def read(self) -> bytes | None:
         """The next payload; ``None`` at a clean end of stream (between frames)."""
-        prefix = self._read_exactly(LENGTH_PREFIX.size)
-        if not prefix:
-            return None
-        length = _payload_length(prefix, self.max_frame_bytes)
-        payload = self._read_exactly(length)
-        if len(payload) < length:
+        if not self._fill(LENGTH_PREFIX.size):
+            if not self._buffer:
+                return None
+            _payload_length(bytes(self._buffer), self.max_frame_bytes)  # raises TruncatedFrame
+        length = _payload_length(self._take(LENGTH_PREFIX.size), self.max_frame_bytes)
+        if not self._fill(length):
             raise TruncatedFrame(
-                f"stream ended inside a frame ({len(payload)} of {length} payload bytes)"
+                f"stream ended inside a frame ({len(self._buffer)} of {length} payload bytes)"
             )
-        return payload
-
-
-async def read_frame_async(
-    reader: asyncio.StreamReader, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> bytes | None:
-    """The asyncio twin of ``FrameReader.read``."""
-    try:
-        prefix = await reader.readexactly(LENGTH_PREFIX.size)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        prefix = exc.partial
-    length = _payload_length(prefix, max_frame_bytes)
-    try:
-        return await reader.readexactly(length)
-    except asyncio.IncompleteReadError as exc:
-        raise TruncatedFrame(
-            f"stream ended inside a frame ({len(exc.partial)} of {length} payload bytes)"
-        ) from None
+        return self._take(length)
 
 
 def error_reply(request_id: object, error: EmbeddingError) -> dict[str, Any]:

@@ -37,9 +37,9 @@ _serve = server.serve
 
 def serve(config, protocol_in, protocol_out):
     from akidb_embed.worker import engine  # imported after the fd guard, as the worker does
-    original_run = engine.Engine.run
+    original_forward = engine.Engine.forward
 {patch}
-    engine.Engine.run = patched_run
+    engine.Engine.forward = patched_forward
     return _serve(config, protocol_in, protocol_out)
 
 server.serve = serve
@@ -49,8 +49,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def patched_worker(patch: str) -> list[str]:
-    """The command running the worker's ``main`` with ``Engine.run`` replaced by
-    ``patched_run`` as defined in ``patch`` (which may call ``original_run``)."""
+    """The command running the worker's ``main`` with ``Engine.forward`` (the ONNX Runtime run
+    of a micro-batch) replaced by ``patched_forward`` as defined in ``patch`` (which may call
+    ``original_forward``)."""
     script = PATCHED_WORKER.format(patch=textwrap.indent(textwrap.dedent(patch), "    "))
     return [sys.executable, "-c", script]
 
@@ -293,12 +294,12 @@ def test_stray_output_inside_the_worker_cannot_corrupt_the_stream(
     worker = spawn_worker(
         command=patched_worker(
             """
-            def patched_run(self, token_ids, normalize=False, skip_tokens=None):
+            def patched_forward(self, token_ids):
                 import os, subprocess
                 print("stray print() output")
                 os.write(1, b"stray write to fd 1\\n")
                 subprocess.run(["sh", "-c", "echo stray child output; cat"], timeout=60, check=True)
-                return original_run(self, token_ids, normalize, skip_tokens)
+                return original_forward(self, token_ids)
             """
         )
     )
@@ -324,10 +325,10 @@ def test_failed_batch_fails_its_requests_and_the_worker_keeps_serving(
     worker = spawn_worker(
         command=patched_worker(
             """
-            def patched_run(self, token_ids, normalize=False, skip_tokens=None):
+            def patched_forward(self, token_ids):
                 if any(len(ids) > 40 for ids in token_ids):
                     raise RuntimeError("injected failure for a long text")
-                return original_run(self, token_ids, normalize, skip_tokens)
+                return original_forward(self, token_ids)
             """
         )
     )

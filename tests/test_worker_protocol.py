@@ -248,6 +248,42 @@ def test_many_requests_in_flight_get_their_own_replies_in_any_order(
         assert replies[request_id]["usage"]["total_tokens"] == expected_tokens
 
 
+TRACE_MARKS = ("read", "parsed", "tokenized", "started", "ran", "pooled")
+
+
+def test_trace_gives_the_stages_of_a_lone_request_run_without_the_queue(
+    shared_worker: Any, golden: dict[str, Any]
+) -> None:
+    reply = embed(shared_worker, [golden["sentences"][0]], trace=True)
+    vectors_of(reply)
+    trace = reply["trace"]
+    marks = [trace[name] for name in TRACE_MARKS]
+    assert marks == sorted(marks), trace
+    assert trace["encode_ns"] > 0
+    # nothing else was in flight: the reader ran it at once, without queueing it
+    assert "queued" not in trace
+    assert "trace" not in embed(shared_worker, [golden["sentences"][0]])
+
+
+def test_requests_arriving_together_go_through_the_queue_and_share_runs(
+    shared_worker: Any, golden: dict[str, Any]
+) -> None:
+    sentences = golden["sentences"]
+    requests = [
+        {"id": new_id(), "op": "embed", "inputs": [sentences[n]], "trace": True}
+        for n in range(8)
+    ]
+    shared_worker.send(*requests)  # one write: the worker reads them back to back
+    replies = {reply["id"]: reply for reply in shared_worker.recv_many(len(requests))}
+    traces = [replies[request["id"]]["trace"] for request in requests]
+    assert all("queued" in trace for trace in traces[1:]), traces
+    # runs shared: fewer distinct run starts than requests
+    assert len({trace["started"] for trace in traces}) < len(requests)
+    expected = np.asarray(golden["embeddings"], dtype=np.float32)
+    for n, request in enumerate(requests):
+        assert cosines(vectors_of(replies[request["id"]]), expected[[n]]).min() >= MIN_COSINE
+
+
 def test_request_larger_than_max_batch_tokens_is_served(
     shared_worker: Any, metadata: ModelMetadata, golden: dict[str, Any]
 ) -> None:

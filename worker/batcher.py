@@ -4,18 +4,26 @@
 
     reader thread                       inference thread (one)
     -------------                       ----------------------
-    submit(job) --> queue of jobs -------> the next model with pending jobs (round-robin), then
-      (one queue per model;                its snapshot, up to snapshot_tokens tokens: first the
-       blocks while more than              oldest job's next texts (one micro-batch worth),
-       max_pending_texts texts             then the jobs with the fewest tokens left
+    run_now(job): the model idle, no    (waits while run_now runs: one run at a time)
+      job queued, the job one run's
+      worth: run it here, at once
+      (a lone query: no hand-over)
+    otherwise submit(job) --> queue of jobs -> the next model with pending jobs (round-robin),
+      (one queue per model;                then its snapshot, up to snapshot_tokens tokens:
+       blocks while more than              first the oldest job's next texts (one micro-batch
+       max_pending_texts texts             worth), then the jobs with the fewest tokens left
        wait: backpressure)                        |
                                            plan_micro_batches: sort the snapshot by length,
                                            cut under max_batch_tokens padded tokens
                                                   |
-                                           engine.run per micro-batch --> vectors into jobs
+                                           engine.forward + engine.pool per micro-batch -->
+                                           vectors into jobs
                                                   |
                                            a job whose texts are all done is finished at
                                            once: job.on_done(job) writes its reply
+
+The reader calls ``run_now`` only when no other frame is waiting behind the request, so
+requests that arrive together still go through the queue and share runs.
 
 Several models: each has its own queue, and the inference thread takes its snapshots from the
 models with pending jobs in turn (round-robin), so one ONNX Runtime run never mixes models and a
@@ -108,6 +116,11 @@ class Job:
     scheduled_tokens: int = 0
     completed: int = 0
     total_tokens: int = field(init=False)
+    trace: dict[str, int] | None = None
+    """Stage marks (``time.monotonic_ns()``) when the request asked for them: the batcher adds
+    ``queued`` (only if it went through the queue rather than ``run_now``), ``started`` (its
+    first run began), ``ran`` (its last ONNX Runtime run returned) and ``pooled`` (its vectors
+    are pooled and normalised)."""
 
     def __post_init__(self) -> None:
         self.total_tokens = sum(len(ids) for ids in self.token_ids)
@@ -145,6 +158,8 @@ class Batcher:
         """Index (into the models) of the next model to take a snapshot from."""
         self._pending_texts = 0
         self._closed = False
+        self._running = False
+        """A snapshot is being run, by the inference thread or by ``run_now``'s caller."""
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
 
     def start(self) -> None:
@@ -160,14 +175,42 @@ class Batcher:
                 and self._pending_texts + job.size > self.max_pending_texts
             ):
                 self._changed.wait()
-            if self._closed:
-                raise ServiceUnavailable("the worker is shutting down")
-            if job.engine is None:
-                job.engine = self._default_engine
-            job.vectors = np.empty((job.size, job.engine.metadata.dimension), dtype=np.float32)
-            self._queues[job.engine].append(job)
-            self._pending_texts += job.size
+            self._queues[self._accept_locked(job)].append(job)
+            if job.trace is not None:
+                job.trace["queued"] = time.monotonic_ns()
             self._changed.notify_all()
+
+    def run_now(self, job: Job) -> bool:
+        """Run ``job`` in the calling thread if the model is idle and it fits in one run (a lone
+        query: no hand-over to the inference thread, no wait for its wake-up); False, and
+        nothing done, otherwise (then ``submit`` it). Raises ``ServiceUnavailable`` once the
+        batcher is closed."""
+        longest = max(len(ids) for ids in job.token_ids)
+        if job.size * longest > self.max_batch_tokens:
+            return False  # several runs: the queue keeps a later request from waiting for all
+        with self._changed:
+            if self._running or any(self._queues.values()):
+                return False
+            self._accept_locked(job)
+            self._running = True
+            snapshot = [(job, index) for index in range(job.size)]
+            job.scheduled, job.scheduled_tokens = job.size, job.total_tokens
+        try:
+            self._run_snapshot(snapshot)
+        finally:
+            with self._changed:
+                self._running = False
+                self._changed.notify_all()
+        return True
+
+    def _accept_locked(self, job: Job) -> Engine:
+        """Count ``job`` as pending (lock held); returns its model's engine."""
+        if self._closed:
+            raise ServiceUnavailable("the worker is shutting down")
+        engine = job.engine = job.engine or self._default_engine
+        job.vectors = np.empty((job.size, engine.metadata.dimension), dtype=np.float32)
+        self._pending_texts += job.size
+        return engine
 
     def close(self) -> None:
         """Accept no more jobs; the thread finishes the queued ones, then ends."""
@@ -190,12 +233,21 @@ class Batcher:
         try:
             while True:
                 with self._changed:
-                    while not (queue := self._next_queue()) and not self._closed:
+                    while True:  # never while run_now runs a snapshot: one run at a time
+                        queue = None if self._running else self._next_queue()
+                        if queue or (self._closed and not self._running):
+                            break
                         self._changed.wait()
                     if not queue:
                         return
                     snapshot = self._take_snapshot(queue)
-                self._run_snapshot(snapshot)
+                    self._running = True
+                try:
+                    self._run_snapshot(snapshot)
+                finally:
+                    with self._changed:
+                        self._running = False
+                        self._changed.notify_all()
         except BaseException as exc:  # a bug: report it rather than leave requests hanging
             log.exception("inference thread failed")
             self._on_fatal(exc)
@@ -253,11 +305,16 @@ class Batcher:
     def _run_micro_batch(self, items: list[_SnapshotItem]) -> None:
         engine = items[0][0].engine
         assert engine is not None  # set by submit; a snapshot holds one model's jobs
+        traced = [job.trace for job, _ in items if job.trace is not None]
+        started = time.monotonic_ns()
+        for trace in traced:
+            trace.setdefault("started", started)
         try:
-            vectors = engine.run(
-                [job.token_ids[index] for job, index in items],
-                skip_tokens=[job.skip_tokens for job, _ in items],
-            )
+            hidden, attention_mask = engine.forward([job.token_ids[index] for job, index in items])
+            ran = time.monotonic_ns()
+            for trace in traced:
+                trace["ran"] = ran
+            vectors = engine.pool(hidden, attention_mask, [job.skip_tokens for job, _ in items])
         except Exception as exc:  # one bad run fails its requests, not the worker
             jobs = list(dict.fromkeys(job for job, _ in items))
             if len(jobs) > 1:
@@ -277,6 +334,8 @@ class Batcher:
             if job.completed == job.size:
                 if job.normalize:
                     job.vectors = l2_normalize(job.vectors)
+                if job.trace is not None:
+                    job.trace["pooled"] = time.monotonic_ns()
                 self._finish(job)
 
     def _fail(self, job: Job, error: EmbeddingError) -> None:

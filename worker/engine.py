@@ -219,6 +219,11 @@ class Engine:
         """Vectors of one micro-batch: padded to its longest row on the model's padding side,
         pooled by the model's mode; ``skip_tokens[i]`` leading tokens of row ``i`` (a prompt)
         are left out of pooling."""
+        hidden, attention_mask = self.forward(token_ids)
+        return self.pool(hidden, attention_mask, skip_tokens, normalize)
+
+    def forward(self, token_ids: Sequence[TokenIds]) -> tuple[npt.NDArray[np.float32], TokenIds]:
+        """The ONNX Runtime run of one micro-batch: its hidden states and attention mask."""
         metadata = self.metadata
         longest = max(len(ids) for ids in token_ids)
         input_ids = np.full((len(token_ids), longest), metadata.pad_token_id, dtype=np.int64)
@@ -232,8 +237,18 @@ class Engine:
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
         (hidden,) = self._session.run([self._output_name], feeds)
-        mask = pooling_mask(attention_mask, skip_tokens or [0] * len(token_ids))
-        pooled = pool(metadata.pooling, hidden, mask)
+        return hidden, attention_mask
+
+    def pool(
+        self,
+        hidden: npt.NDArray[np.float32],
+        attention_mask: TokenIds,
+        skip_tokens: Sequence[int] | None = None,
+        normalize: bool = False,
+    ) -> npt.NDArray[np.float32]:
+        """One vector per row of ``forward``'s hidden states, by the model's pooling mode."""
+        mask = pooling_mask(attention_mask, skip_tokens or [0] * len(attention_mask))
+        pooled = pool(self.metadata.pooling, hidden, mask)
         return l2_normalize(pooled) if normalize else pooled
 
     def embed(

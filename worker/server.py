@@ -3,15 +3,21 @@
 ::
 
     host --frame--> reader thread --validate--> queue --> batcher (inference thread)
-                     | unpack                      (one per | round-robin over models,
-                     | ping/info: reply at once     model)  | snapshot, sort by length,
-                     | embed: route by model, prompt,       | micro-batches under
-                     |   tokenize, submit                   | max_batch_tokens
-                     | shutdown/EOF: stop reading           v
-                     |                                   ONNX Runtime --> vectors
-                     v                                      |
-    host <--frame-- writer (one lock, private stdout) <-----+ reply when a request's texts
-                                                              are all done (any order)
+                     | unpack          |           (one per | round-robin over models,
+                     | ping/info:      |            model)  | snapshot, sort by length,
+                     |   reply at once |                    | micro-batches under
+                     | embed: route by | nothing else       | max_batch_tokens
+                     |   model, prompt,| waiting and the    v
+                     |   tokenize      | model idle:     ONNX Runtime --> vectors
+                     | shutdown/EOF:   +-- run_now, in         |
+                     |   stop reading      this thread --------+
+                     v                                         |
+    host <--frame-- writer (one lock, private stdout) <--------+ reply when a request's texts
+                                                                 are all done (any order)
+
+A lone query runs in the reader thread itself (``Batcher.run_now``): no hand-over to the
+inference thread, whose wake-up would add to its latency. Requests that arrive together (a
+frame already waiting behind the one just read) go through the queue and share runs.
 
 What happens when something fails:
 
@@ -40,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -235,7 +242,9 @@ class _Server:
         self._config = config
         self._writer = writer
         self._writer.on_broken = lambda: self._stop(EXIT_OK, "the host closed our stdout")
-        self._input = os.fdopen(protocol_in, "rb")
+        self._input_fd = protocol_in
+        self._input = os.fdopen(protocol_in, "rb", buffering=0)  # FrameReader buffers
+        self._frames: FrameReader | None = None
         self._limits = RequestLimits(config.max_texts_per_request, config.max_text_bytes)
         self._batcher = Batcher(
             engines,
@@ -306,7 +315,7 @@ class _Server:
 
     def _read_loop(self) -> None:
         try:
-            reader = FrameReader(self._input, self._config.max_frame_bytes)
+            reader = self._frames = FrameReader(self._input, self._config.max_frame_bytes)
             while not self._stopping.is_set():
                 try:
                     payload = reader.read()
@@ -321,7 +330,7 @@ class _Server:
                 if self._stopping.is_set():  # the stop came while this frame was awaited
                     self._refuse(payload, ServiceUnavailable("the worker is shutting down"))
                     return
-                self._handle(payload, time.perf_counter())
+                self._handle(payload, time.perf_counter(), time.monotonic_ns())
         except BaseException as exc:  # a bug: exit visibly rather than stop reading silently
             log.exception("reader thread failed")
             self._stop(EXIT_INTERNAL, f"reader thread failed: {exc}")
@@ -335,7 +344,14 @@ class _Server:
             return
         self._writer.send(error_reply(request.id, error))
 
-    def _handle(self, payload: bytes, received_at: float) -> None:
+    def _more_input_waiting(self) -> bool:
+        """Whether another frame has arrived (or begun to) behind the one being handled."""
+        if self._frames is not None and self._frames.buffered:
+            return True
+        readable, _, _ = select.select([self._input_fd], [], [], 0)
+        return bool(readable)
+
+    def _handle(self, payload: bytes, received_at: float, read_ns: int) -> None:
         try:
             request = parse_payload(payload, self._limits, self._model_ids)
         except RejectedRequest as rejected:
@@ -356,7 +372,8 @@ class _Server:
             self._shutdown_id = request.id
             self._stop(EXIT_OK, "shutdown request")
         elif isinstance(request, EmbedRequest):
-            self._submit(request, received_at, self._embed_done)
+            trace = {"read": read_ns, "parsed": time.monotonic_ns()} if request.trace else None
+            self._submit(request, received_at, self._embed_done, trace)
         else:  # health: one fixed sentence through the same queue and batches as any request
             health = EmbedRequest(
                 request.id, [HEALTH_SENTENCE], self._model_ids[0], normalize=True, truncate=True
@@ -364,8 +381,15 @@ class _Server:
             self._submit(health, received_at, self._health_done)
 
     def _submit(
-        self, request: EmbedRequest, received_at: float, on_done: Callable[[Job], None]
+        self,
+        request: EmbedRequest,
+        received_at: float,
+        on_done: Callable[[Job], None],
+        trace: dict[str, int] | None = None,
     ) -> None:
+        """Tokenize ``request`` and run it: at once in this thread when the model is idle and
+        nothing else has arrived (a lone query skips the hand-over to the inference thread),
+        else through the batcher's queue, where requests that arrive together share runs."""
         request_id = request.id
         engine = self._by_model[request.model]
         self._in_flight.add(request_id)
@@ -383,8 +407,12 @@ class _Server:
                 received_at=received_at,
                 engine=engine,
                 skip_tokens=skip_tokens,
+                trace=trace,
             )
-            self._batcher.submit(job)
+            if trace is not None:
+                trace["tokenized"] = time.monotonic_ns()
+            if self._more_input_waiting() or not self._batcher.run_now(job):
+                self._batcher.submit(job)
         except EmbeddingError as error:
             self._answer(request_id, error_reply(request_id, error))
         except Exception as exc:  # e.g. the tokenizer choking on one text: fail that request
@@ -411,20 +439,22 @@ class _Server:
                 job.request_id, error_reply(job.request_id, job.error or Internal("no vectors"))
             )
             return
-        self._answer(
-            job.request_id,
-            {
-                "id": job.request_id,
-                "ok": True,
-                "model": job.engine.metadata.model if job.engine else self._model_ids[0],
-                "shape": list(job.vectors.shape),
-                "embeddings": embeddings_to_bytes(job.vectors),
-                "usage": {
-                    "total_tokens": job.total_tokens,
-                    "duration_ms": (time.perf_counter() - job.received_at) * 1000.0,
-                },
+        reply = {
+            "id": job.request_id,
+            "ok": True,
+            "model": job.engine.metadata.model if job.engine else self._model_ids[0],
+            "shape": list(job.vectors.shape),
+            "embeddings": embeddings_to_bytes(job.vectors),
+            "usage": {
+                "total_tokens": job.total_tokens,
+                "duration_ms": (time.perf_counter() - job.received_at) * 1000.0,
             },
-        )
+        }
+        if job.trace is not None:
+            encoding = time.monotonic_ns()
+            pack(reply)  # once more than needed: the reply cannot time its own encoding
+            reply["trace"] = {**job.trace, "encode_ns": time.monotonic_ns() - encoding}
+        self._answer(job.request_id, reply)
 
     def _health_done(self, job: Job) -> None:
         if job.error is not None or job.vectors is None:

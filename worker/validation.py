@@ -80,6 +80,8 @@ class EmbedRequest:
     truncate: bool
     prompt_name: str | None = None
     """None: the model's default prompt, if it has one."""
+    trace: bool = False
+    """Whether the reply carries the worker's stage marks (protocol.md, ``trace``)."""
     op: str = "embed"
 
 
@@ -196,6 +198,7 @@ def _embed(
         normalize=_optional_bool(message, "normalize", None),
         truncate=bool(truncate),
         prompt_name=_optional_str(message, "prompt_name"),
+        trace=bool(_optional_bool(message, "trace", False)),
     )
 
 
