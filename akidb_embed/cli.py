@@ -238,6 +238,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.lone or args.breakdown:
+        from akidb_embed.bench.lone import BREAKDOWN_CALLS, run_breakdown, run_lone_benchmark
+        from akidb_embed.worker.config import default_threads
+
+        threads = default_threads() or 2
+        model_dir = args.model_dir[0] if args.model_dir else None
+        if args.breakdown:
+            return run_breakdown(
+                model_dir=model_dir,
+                threads=threads,
+                calls=min(BREAKDOWN_CALLS, 20) if args.quick else BREAKDOWN_CALLS,
+                output=args.output.with_name("bench-breakdown.json"),
+                rust=not args.no_rust,
+            )
+        return run_lone_benchmark(
+            model_dir=model_dir,
+            threads=threads,
+            corpus_size=args.corpus_size,
+            output=args.output.with_name("bench-lone.json"),
+            quick=args.quick,
+            rust=not args.no_rust,
+        )
     if args.pool:
         from akidb_embed.bench.pool import ROUNDS, run_pool_benchmark
         from akidb_embed.worker.config import default_threads
@@ -405,6 +427,20 @@ def _parser() -> argparse.ArgumentParser:
         "--pool",
         action="store_true",
         help="one worker with every core's thread against one single-thread worker per core",
+    )
+    bench.add_argument(
+        "--lone",
+        action="store_true",
+        help="one query at a time: overhead over in-process, first calls, ready time, with and "
+        "without --spin-wait (Python client, raw frames, Rust client)",
+    )
+    bench.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="the stages of one lone request in microseconds (Python client, raw frames, Rust)",
+    )
+    bench.add_argument(
+        "--no-rust", action="store_true", help="leave the Rust client's column out (no cargo)"
     )
     bench.set_defaults(run=_cmd_bench)
     return parser

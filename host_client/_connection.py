@@ -184,8 +184,9 @@ class Connection:
         self.pending[request.request_id] = request
         self.in_flight_texts += request.text_count
         self.in_flight_tokens += request.tokens
-        if len(self.pending) == 1:
-            self._wakeup.notify_all()  # the supervisor has a deadline to watch again
+        # no wake-up of the supervisor: it never sleeps longer than request_timeout, so it
+        # looks again before this request's hang deadline (a wake-up per lone request would
+        # cost a thread switch on the latency path)
         worker.send(request.frame)
 
     def forget_locked(self, request: WireRequest) -> None:
@@ -336,7 +337,8 @@ class Connection:
                     self._kill_hung_locked()
                     continue
                 wake_times = [t for t in (self._start_due, hang_deadline) if t is not None]
-                self._wakeup.wait(min(wake_times) - now if wake_times else None)
+                idle_nap = self.config.request_timeout  # see send_locked
+                self._wakeup.wait(min([*wake_times, now + idle_nap]) - now)
 
     def _hang_deadline_locked(self) -> float | None:
         """When the worker counts as hung: ``request_timeout`` after the later of its oldest

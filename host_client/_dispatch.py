@@ -519,7 +519,7 @@ class Dispatcher:
                 if isinstance(error, InvalidInput) and error.index is not None:
                     if not 0 <= error.index < stop - start:
                         raise ProtocolError(f"error about inputs[{error.index}] of {stop - start}")
-                    error = error.at(int(call.order[start + error.index]))
+                    error = error.at(call.caller_index(start + error.index))
                 raise error
             vectors, tokens, model = self._decode_embeddings(outcome, stop - start, call)
         except EmbeddingError as error:
@@ -527,7 +527,7 @@ class Dispatcher:
                 deferred = self._finish_call_locked(call, error)
             run(deferred)
             return
-        call.embeddings[call.order[start:stop]] = vectors
+        call.place(start, stop, vectors)
         with self._lock:
             call.total_tokens += tokens
             call.reply_model = model

@@ -2,17 +2,21 @@
 
 ::
 
-    connection ──send(frame)──► outbox ──► writer thread ──► stdin ─┐
-                                                                     ▼
-                                                           python -m akidb_embed.worker
-                                                                     │
-    connection ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout
+    connection ──send(frame)──► the caller's own non-blocking write ──► stdin ─┐
+                   │ (pipe full, or frames already waiting)                     │
+                   └──► backlog ──► writer thread (waits until writable) ───────┤
+                                                                                ▼
+                                                              python -m akidb_embed.worker
+                                                                                │
+    connection ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout ◄─────┘
     logger "akidb_embed.worker" + recent lines ◄── stderr thread ◄── stderr
 
-Three daemon threads per process, so that nothing ever blocks on a pipe it does not own: the
-writer alone writes stdin (a worker that stops reading blocks only it), the reader alone reads
-stdout (so the worker can always write its replies), and stderr is drained all the time (a full
-stderr pipe would block the worker).
+The caller writes its own frame when nothing is waiting to be written: a lone request reaches
+the worker without a hand-over to another thread. stdin is non-blocking, so a worker that stops
+reading never blocks a caller: what the pipe does not take goes to the backlog, which the writer
+thread alone drains, in order (a frame is never interleaved with another). The reader alone
+reads stdout (so the worker can always write its replies), and stderr is drained all the time (a
+full stderr pipe would block the worker).
 
 When stdout ends (the worker exited, crashed or was killed) or turns to garbage, the reader
 reaps the process (no zombie), lets stderr finish so its last lines explain the exit, stops
@@ -26,7 +30,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import queue
+import os
+import select
 import signal
 import subprocess
 import threading
@@ -232,7 +237,12 @@ class WorkerProcess:
         self._env = dict(env)
         self._on_frame = on_frame
         self._on_exit = on_exit
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._write_lock = threading.Condition()
+        self._backlog: collections.deque[memoryview] = collections.deque()
+        """Frames (or the rest of one) the pipe did not take at once; the writer drains it."""
+        self._input_closed = False
+        """No frame is accepted any more; the writer closes stdin once the backlog is out."""
+        self._stdin_fd = -1
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self._exited = threading.Event()
         self._process: subprocess.Popen[bytes] | None = None
@@ -267,6 +277,8 @@ class WorkerProcess:
             self._exited.set()
             raise ServiceUnavailable(f"cannot start the worker {self.argv!r}: {exc}") from None
         self._frame_reader = wire.FrameReader(_stream(self._process.stdout))
+        self._stdin_fd = _stream(self._process.stdin).fileno()
+        os.set_blocking(self._stdin_fd, False)
         name = f"akidb-embed-worker-{self._process.pid}"
         self._threads = [
             threading.Thread(target=self._drain_stderr, name=f"{name}-stderr", daemon=True),
@@ -281,13 +293,30 @@ class WorkerProcess:
             self._frame_reader.max_frame_bytes = max_reply_bytes
 
     def send(self, frame: bytes) -> None:
-        """Queue one whole frame for the writer thread; never blocks."""
-        self._outbox.put(frame)
+        """Write one whole frame now if the pipe takes it, else queue it for the writer thread;
+        never blocks."""
+        with self._write_lock:
+            if self._input_closed:
+                return  # the worker is being stopped or is gone: the reader reports its end
+            rest = memoryview(frame)
+            if not self._backlog:
+                try:
+                    rest = rest[os.write(self._stdin_fd, rest) :]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    return  # the worker is gone (broken pipe): the reader sees EOF
+                if not rest:
+                    return
+            self._backlog.append(rest)
+            self._write_lock.notify()
 
     def close_input(self) -> None:
         """Close stdin once the queued frames are written: the worker answers what it has read
         and exits (protocol.md section 6)."""
-        self._outbox.put(None)
+        with self._write_lock:
+            self._input_closed = True
+            self._write_lock.notify()
 
     def kill(self, reason: str | None = None) -> None:
         """SIGKILL (it also ends a stopped process); the reader then reports the exit."""
@@ -361,7 +390,10 @@ class WorkerProcess:
         self.exit_description = describe_returncode(self._process.returncode)
         if self.kill_reason is not None:
             self.exit_description += f" ({self.kill_reason})"
-        self._outbox.put(None)  # the writer may be waiting for a frame that will never come
+        with self._write_lock:  # the writer may be waiting for a frame that will never come
+            self._input_closed = True
+            self._backlog.clear()
+            self._write_lock.notify()
         for stream in (self._process.stdout, self._process.stderr):
             if stream is not None:
                 stream.close()
@@ -380,34 +412,40 @@ class WorkerProcess:
             logger.exception("handling the exit of worker %s failed", self.pid)
 
     def _write_frames(self) -> None:
+        """Drain the backlog in order, waiting for the pipe to be writable; close stdin at the
+        end."""
         assert self._process is not None
-        stdin = _stream(self._process.stdin)
+        fd = self._stdin_fd
+        writable = select.poll()  # poll, not select: a host may hold more than 1024 fds
+        writable.register(fd, select.POLLOUT)
         try:
             while True:
-                frame = self._outbox.get()
-                if frame is None:
-                    break
-                stdin.write(frame)
-                # Write whatever else is queued before one flush: fewer system calls when many
-                # callers submit at once.
-                closing = False
-                while True:
+                with self._write_lock:
+                    while not self._backlog and not self._input_closed:
+                        self._write_lock.wait()
+                    if not self._backlog:
+                        break  # closed, and everything before that was written
+                writable.poll()  # the lock is free meanwhile: send() only appends
+                with self._write_lock:
+                    if not self._backlog:
+                        continue  # cleared: the process is gone
+                    head = self._backlog[0]
                     try:
-                        more = self._outbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        closing = True
-                        break
-                    stdin.write(more)
-                stdin.flush()
-                if closing:
-                    break
+                        written = os.write(fd, head)
+                    except BlockingIOError:
+                        continue
+                    if written == len(head):
+                        self._backlog.popleft()
+                    else:
+                        self._backlog[0] = head[written:]
         except (OSError, ValueError):
             pass  # the worker is gone (broken pipe): the reader sees EOF and reports it
         finally:
+            with self._write_lock:
+                self._input_closed = True
+                self._backlog.clear()
             with contextlib.suppress(OSError, ValueError):
-                stdin.close()
+                _stream(self._process.stdin).close()
 
     def _drain_stderr(self) -> None:
         assert self._process is not None

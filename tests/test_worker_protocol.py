@@ -270,8 +270,7 @@ def test_requests_arriving_together_go_through_the_queue_and_share_runs(
 ) -> None:
     sentences = golden["sentences"]
     requests = [
-        {"id": new_id(), "op": "embed", "inputs": [sentences[n]], "trace": True}
-        for n in range(8)
+        {"id": new_id(), "op": "embed", "inputs": [sentences[n]], "trace": True} for n in range(8)
     ]
     shared_worker.send(*requests)  # one write: the worker reads them back to back
     replies = {reply["id"]: reply for reply in shared_worker.recv_many(len(requests))}

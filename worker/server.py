@@ -242,9 +242,10 @@ class _Server:
         self._config = config
         self._writer = writer
         self._writer.on_broken = lambda: self._stop(EXIT_OK, "the host closed our stdout")
-        self._input_fd = protocol_in
         self._input = os.fdopen(protocol_in, "rb", buffering=0)  # FrameReader buffers
         self._frames: FrameReader | None = None
+        self._input_poll = select.poll()
+        self._input_poll.register(protocol_in, select.POLLIN)
         self._limits = RequestLimits(config.max_texts_per_request, config.max_text_bytes)
         self._batcher = Batcher(
             engines,
@@ -348,8 +349,7 @@ class _Server:
         """Whether another frame has arrived (or begun to) behind the one being handled."""
         if self._frames is not None and self._frames.buffered:
             return True
-        readable, _, _ = select.select([self._input_fd], [], [], 0)
-        return bool(readable)
+        return bool(self._input_poll.poll(0))
 
     def _handle(self, payload: bytes, received_at: float, read_ns: int) -> None:
         try:

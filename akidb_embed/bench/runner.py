@@ -42,7 +42,7 @@ import numpy as np
 from akidb_embed.bench.corpus import build_corpus, corpus_digest
 from akidb_embed.models import load_metadata
 
-__all__ = ["CONCURRENT_CALLERS", "peak_rss_mb", "run_benchmark"]
+__all__ = ["CONCURRENT_CALLERS", "peak_rss_mb", "run_benchmark", "rust_example"]
 
 CONCURRENT_CALLERS = 16
 COLD_START_RUNS = 3
@@ -213,12 +213,17 @@ def _cargo() -> str | None:
     return found
 
 
-def _rust_figures(
-    model_dir: Path, threads: int, corpus: Sequence[str], calls: int, quick: bool
-) -> tuple[dict[str, dict[str, float]] | None, str]:
-    """The Rust client's figures on the same workloads, from the crate's `roundtrip` example
-    (run through .ci/cargo-offline, release build unless ``quick``), and a note; ``None`` and
-    the reason when they cannot be had."""
+def rust_example(
+    model_dir: Path,
+    threads: int,
+    corpus: Sequence[str],
+    calls: int,
+    quick: bool,
+    extra_args: Sequence[str] = (),
+) -> tuple[dict[str, Any] | None, str]:
+    """The JSON report of the Rust crate's `roundtrip` example on the same workloads (run
+    through .ci/cargo-offline, release build unless ``quick``, ``extra_args`` appended), and a
+    note; ``None`` and the reason when it cannot be had."""
     script = CHECKOUT / ".ci" / "cargo-offline"
     if not script.is_file():
         return None, f"rust column omitted: no {script} (not a checkout)"
@@ -231,7 +236,7 @@ def _rust_figures(
         argv = [str(script), "run", *profile, "--quiet", "--example", "roundtrip", "--",
                 "--json", "--python", sys.executable, "--model-dir", str(model_dir),
                 "--threads", str(threads), "--calls", str(calls),
-                "--corpus", str(corpus_file)]  # fmt: skip
+                "--corpus", str(corpus_file), *extra_args]  # fmt: skip
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=RUST_TIMEOUT, check=False
@@ -241,9 +246,9 @@ def _rust_figures(
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return None, f"rust column omitted: the example failed ({done.returncode}): {last}"
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     build = "debug build (--quick)" if quick else "release build"
-    return report["figures"], f"rust = the Rust crate's client, example roundtrip, {build}"
+    return report, f"rust = the Rust crate's client, example roundtrip, {build}"
 
 
 def _format(value: float, reference: float | None) -> str:
@@ -336,9 +341,10 @@ def run_benchmark(
             results.put("worker", "peak_rss_mb", "bridge", rss)
 
     print("  rust: single, concurrent, bulk, cold start", file=sys.stderr)
-    rust, note = _rust_figures(metadata.directory, threads, corpus, single_calls, quick)
+    report, note = rust_example(metadata.directory, threads, corpus, single_calls, quick)
     results.notes.append(note)
-    if rust is not None:
+    if report is not None:
+        rust = report["figures"]
         implementations.append("rust")
         for workload in ("single", f"concurrent x{CONCURRENT_CALLERS}", "bulk", "cold start"):
             for metric, value in rust[workload].items():

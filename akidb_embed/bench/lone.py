@@ -1,0 +1,560 @@
+"""``akidb-embed bench --lone`` and ``--breakdown``: one short query at a time, through the bridge
+and in-process, down to the microsecond.
+
+``--lone`` compares, with and without ``--spin-wait``, in one run:
+
+    in-process   the worker's own engine called directly (the floor)
+    python       akidb_embed.host_client.EmbeddingClient -> worker
+    raw frames   length-prefixed msgpack written to a worker's stdin by hand (no client)
+    rust         the Rust crate's client (example ``roundtrip``), when cargo is there
+
+and prints for each: lone-query latency p50/p99 and its overhead over in-process, the p50 of the
+first 30 calls after start against steady state, the time to ready, and the 16-way and bulk
+throughput ratios. Lone calls are measured in blocks of ``BLOCK_CALLS`` calls, the sides taking
+turns for ``ROUNDS`` rounds with ``PAUSE_SECONDS`` between blocks: ONNX Runtime's threads keep
+spinning for a while after a run (with ``--spin-wait``) and would steal the next side's cores.
+
+``--breakdown`` times the stages of one lone request (the median over many), through the Python
+client and raw frames, from the worker's own marks (``trace: true``, protocol.md) and the
+host's, on the same monotonic clock. The client's stages are timed by wrapping its functions for
+the run (``_ClientProbe``): the client itself carries no timing code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from akidb_embed import wire
+from akidb_embed.bench.corpus import build_corpus
+from akidb_embed.bench.runner import CONCURRENT_CALLERS, _bulk, _concurrent, rust_example
+from akidb_embed.models import load_metadata
+
+__all__ = [
+    "BLOCK_CALLS",
+    "BREAKDOWN_CALLS",
+    "FIRST_CALLS",
+    "ROUNDS",
+    "STAGES",
+    "RawWorker",
+    "run_breakdown",
+    "run_lone_benchmark",
+]
+
+BLOCK_CALLS = 40
+ROUNDS = 5
+PAUSE_SECONDS = 0.3
+FIRST_CALLS = 30
+"""Calls timed right after start, against steady state."""
+BREAKDOWN_CALLS = 200
+FRESH = "in-process (fresh interpreter)"
+"""The side whose ready_s is a fresh interpreter importing and loading the engine."""
+EmbedFn = Callable[[Sequence[str]], Any]
+
+
+class RawWorker:
+    """A worker driven by hand: frames written to its stdin, replies read from its stdout."""
+
+    def __init__(self, model_dir: Path, threads: int, spin_wait: bool) -> None:
+        argv = [sys.executable, "-m", "akidb_embed.worker", "--model-dir", str(model_dir),
+                "--threads", str(threads)] + (["--spin-wait"] if spin_wait else [])  # fmt: skip
+        started = time.perf_counter()
+        self._process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._stdin = self._process.stdin
+        self._replies = wire.FrameReader(self._process.stdout, 1 << 30)
+        hello = self._read()
+        self.ready_seconds = time.perf_counter() - started
+        if hello.get("ok") is not True:
+            raise RuntimeError(f"the worker did not start: {hello}")
+        self._ids = itertools.count(1)
+
+    def _read(self) -> dict[str, Any]:
+        payload = self._replies.read()
+        if payload is None:
+            raise RuntimeError("the worker ended")
+        return wire.unpack(payload)
+
+    def request(self, inputs: Sequence[str], **fields: Any) -> dict[str, Any]:
+        self._stdin.write(wire.pack({"id": next(self._ids), "op": "embed", "inputs": inputs,
+                                     **fields}))  # fmt: skip
+        self._stdin.flush()
+        reply = self._read()
+        if reply.get("ok") is not True:
+            raise RuntimeError(f"embed failed: {reply}")
+        return reply
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        reply = self.request(list(texts))
+        return wire.embeddings_from_bytes(reply["embeddings"], tuple(reply["shape"]))
+
+    def pipelined(self, batches: Sequence[Sequence[str]], depth: int) -> int:
+        """Send ``batches`` as requests with up to ``depth`` in flight; the texts answered."""
+        answered = in_flight = 0
+        for batch in batches:
+            if in_flight == depth:
+                answered += self._read()["shape"][0]
+                in_flight -= 1
+            self._stdin.write(wire.pack({"id": next(self._ids), "op": "embed",
+                                         "inputs": list(batch)}))  # fmt: skip
+            self._stdin.flush()
+            in_flight += 1
+        for _ in range(in_flight):
+            answered += self._read()["shape"][0]
+        return answered
+
+    def close(self) -> None:
+        self._stdin.close()
+        self._process.wait(timeout=30)
+
+
+def _raw_concurrent(raw: RawWorker, sentences: Sequence[str], calls: int) -> dict[str, float]:
+    """16-way for raw frames: 16 one-text requests kept in flight by one thread."""
+    batches = [[sentences[index % len(sentences)]] for index in range(calls)]
+    started = time.perf_counter()
+    raw.pipelined(batches, CONCURRENT_CALLERS)
+    return {"requests_per_s": calls / (time.perf_counter() - started)}
+
+
+def _raw_bulk(raw: RawWorker, corpus: Sequence[str]) -> dict[str, float]:
+    """Bulk for raw frames: the corpus sorted by length, 64 texts a request, 4 in flight."""
+    ordered = sorted(corpus, key=len)
+    batches = [ordered[start : start + 64] for start in range(0, len(ordered), 64)]
+    started = time.perf_counter()
+    raw.pipelined(batches, 4)
+    return {"texts_per_s": len(corpus) / (time.perf_counter() - started)}
+
+
+def _lone_block(embed: EmbedFn, sentences: Sequence[str], calls: int) -> list[float]:
+    samples = []
+    for index in range(calls):
+        started = time.perf_counter()
+        embed([sentences[index % len(sentences)]])
+        samples.append((time.perf_counter() - started) * 1000.0)
+    return samples
+
+
+def _pct(samples: Sequence[float], q: float) -> float:
+    return float(np.percentile(samples, q))
+
+
+def _in_process_start(model_dir: Path, threads: int) -> float:
+    """Seconds from spawning a fresh interpreter to its engine being loaded (imports, session,
+    warm-up): what a host running ONNX Runtime in-process pays to start, measured like the
+    worker's spawn to hello."""
+    code = (
+        "import sys; from akidb_embed.worker.config import WorkerConfig; "
+        "from akidb_embed.worker.engine import Engine; "
+        f"Engine.load(WorkerConfig(model_dir={str(model_dir)!r}, threads={threads})); "
+        "sys.stdout.write('ready\\n'); sys.stdout.flush()"
+    )
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    process.stdout.readline()
+    elapsed = time.perf_counter() - started
+    process.wait(timeout=60)
+    return elapsed
+
+
+def _spin_mode(
+    model_dir: Path,
+    threads: int,
+    spin_wait: bool,
+    short: Sequence[str],
+    corpus: Sequence[str],
+    rounds: int,
+    calls: int,
+) -> dict[str, dict[str, float]]:
+    """Every figure of one spin setting: figures[metric][side]."""
+    from akidb_embed.host_client import EmbeddingClient
+    from akidb_embed.worker.config import WorkerConfig
+    from akidb_embed.worker.engine import Engine
+
+    figures: dict[str, dict[str, float]] = {}
+
+    def put(metric: str, side: str, value: float) -> None:
+        figures.setdefault(metric, {})[side] = value
+
+    put("ready_s", FRESH, _in_process_start(model_dir, threads))
+    config = WorkerConfig(model_dir=model_dir, threads=threads, spin_wait=spin_wait)
+    started = time.perf_counter()
+    engine = Engine.load(config)
+    put("ready_s", "in-process", time.perf_counter() - started)
+    first: dict[str, list[float]] = {"in-process": _lone_block(engine.embed, short, FIRST_CALLS)}
+    time.sleep(PAUSE_SECONDS)
+    started = time.perf_counter()
+    client = EmbeddingClient(
+        model_dir, threads=threads, worker_args=["--spin-wait"] if spin_wait else []
+    )
+    put("ready_s", "python", time.perf_counter() - started)
+    first["python"] = _lone_block(client.embed, short, FIRST_CALLS)
+    time.sleep(PAUSE_SECONDS)
+    raw = RawWorker(model_dir, threads, spin_wait)
+    put("ready_s", "raw frames", raw.ready_seconds)
+    first["raw frames"] = _lone_block(raw.embed, short, FIRST_CALLS)
+    sides: dict[str, EmbedFn] = {
+        "in-process": engine.embed,
+        "python": client.embed,
+        "raw frames": raw.embed,
+    }
+    try:
+        lone: dict[str, list[float]] = {name: [] for name in sides}
+        for _ in range(rounds):
+            for name, embed in sides.items():
+                time.sleep(PAUSE_SECONDS)
+                lone[name] += _lone_block(embed, short, calls)
+        for name, samples in lone.items():
+            put("lone_p50_ms", name, _pct(samples, 50))
+            put("lone_p99_ms", name, _pct(samples, 99))
+            put("first30_p50_ms", name, statistics.median(first[name]))
+        time.sleep(PAUSE_SECONDS)
+        put("x16_requests_per_s", "in-process",
+            _concurrent(engine.embed, short, rounds * calls)["requests_per_s"])  # fmt: skip
+        time.sleep(PAUSE_SECONDS)
+        put("x16_requests_per_s", "python",
+            _concurrent(client.embed, short, rounds * calls)["requests_per_s"])  # fmt: skip
+        time.sleep(PAUSE_SECONDS)
+        put("x16_requests_per_s", "raw frames",
+            _raw_concurrent(raw, short, rounds * calls)["requests_per_s"])  # fmt: skip
+        time.sleep(PAUSE_SECONDS)
+        put("bulk_texts_per_s", "in-process", _bulk(engine.embed, corpus)["texts_per_s"])
+        time.sleep(PAUSE_SECONDS)
+        put("bulk_texts_per_s", "python", _bulk(client.embed, corpus)["texts_per_s"])
+        time.sleep(PAUSE_SECONDS)
+        put("bulk_texts_per_s", "raw frames", _raw_bulk(raw, corpus)["texts_per_s"])
+    finally:
+        client.close()
+        raw.close()
+    return figures
+
+
+def _rust_mode(
+    model_dir: Path, threads: int, spin_wait: bool, corpus: Sequence[str], calls: int, quick: bool
+) -> tuple[dict[str, float] | None, str]:
+    """The Rust client's figures for one spin setting, from its example (run on its own, not
+    interleaved with the others: compare them through their ratios)."""
+    report, note = rust_example(
+        model_dir, threads, corpus, calls, quick, ["--spin-wait"] if spin_wait else []
+    )
+    if report is None:
+        return None, note
+    figures = report["figures"]
+    rust = {
+        "lone_p50_ms": figures["single"]["p50_ms"],
+        "lone_p99_ms": figures["single"]["p99_ms"],
+        "x16_requests_per_s": figures[f"concurrent x{CONCURRENT_CALLERS}"]["requests_per_s"],
+        "bulk_texts_per_s": figures["bulk"]["texts_per_s"],
+    }
+    if "first calls" in figures:
+        rust["first30_p50_ms"] = figures["first calls"]["p50_ms"]
+    if "ready" in figures:
+        rust["ready_s"] = figures["ready"]["ms"] / 1000.0
+    return rust, note
+
+
+def _print_lone(title: str, figures: dict[str, dict[str, float]]) -> None:
+    sides = list(dict.fromkeys(side for values in figures.values() for side in values))
+    print(f"\n{title}")
+    rows = [["metric", *sides]]
+    base = figures["lone_p50_ms"]["in-process"]
+    for metric, values in figures.items():
+        row = [metric]
+        for side in sides:
+            value = values.get(side)
+            if value is None:
+                row.append("-")
+                continue
+            text = f"{value:.3f}" if value < 10 else f"{value:,.1f}"
+            if metric == "lone_p50_ms" and side != "in-process":
+                text += f" (+{value - base:.3f} ms)"
+            elif metric == "first30_p50_ms":
+                steady = figures["lone_p50_ms"].get(side)
+                text += f" ({value / steady:.2f}x steady)" if steady else ""
+            elif metric == "ready_s" and not side.startswith("in-process"):
+                fresh = values.get(FRESH)
+                text += f" (+{value - fresh:.3f} s)" if fresh else ""
+            elif metric != "ready_s":
+                reference = values.get("in-process")
+                text += f" ({value / reference:.2f}x)" if reference else ""
+            row.append(text)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def run_lone_benchmark(
+    *,
+    model_dir: Path | None,
+    threads: int,
+    corpus_size: int,
+    output: Path,
+    quick: bool = False,
+    rust: bool = True,
+) -> int:
+    metadata = load_metadata(model_dir)
+    corpus = build_corpus(min(corpus_size, 64) if quick else corpus_size)
+    short = [text for text in corpus if len(text) < 120][:50] or corpus[:50]
+    rounds, calls = (1, 10) if quick else (ROUNDS, BLOCK_CALLS)
+    print(
+        f"akidb-embed bench --lone: {metadata.model}, {threads} threads, lone blocks of {calls} "
+        f"calls x {rounds} rounds, {PAUSE_SECONDS} s pauses",
+        file=sys.stderr,
+    )
+    document: dict[str, Any] = {"model": metadata.model, "threads": threads, "modes": {}}
+    for spin_wait in (False, True):
+        mode = "--spin-wait" if spin_wait else "--no-spin-wait"
+        print(f"  {mode}: in-process, python, raw frames", file=sys.stderr)
+        figures = _spin_mode(metadata.directory, threads, spin_wait, short, corpus, rounds, calls)
+        if rust:
+            print(f"  {mode}: rust", file=sys.stderr)
+            rust_figures, note = _rust_mode(
+                metadata.directory, threads, spin_wait, corpus, rounds * calls, quick
+            )
+            if rust_figures is not None:
+                for metric, value in rust_figures.items():
+                    figures.setdefault(metric, {})["rust"] = value
+            document.setdefault("notes", []).append(note)
+        document["modes"][mode] = figures
+        _print_lone(f"lone query, {mode}", figures)
+    print(
+        "\nlone_p50_ms (+x): overhead over in-process; first30_p50_ms: the first "
+        f"{FIRST_CALLS} calls after start against the same side's steady p50; ready_s: "
+        "spawn to hello (+x over a fresh interpreter loading the engine in-process); other "
+        "(x): ratio to in-process. The rust column runs apart from the others."
+    )
+    for note in document.get("notes", []):
+        print(f"note: {note}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"results written to {output}")
+    return 0
+
+
+# -- the stages of one lone request ----------------------------------------------------------
+
+
+STAGES = (
+    ("client_submit_us", "client: checks, admission, routing"),
+    ("client_encode_us", "client: msgpack encode"),
+    ("client_write_us", "client: write to the pipe"),
+    ("pipe_in_us", "pipe + worker reader wake-up"),
+    ("worker_parse_us", "worker: decode + validate"),
+    ("tokenize_us", "worker: tokenize"),
+    ("queue_us", "worker: queue wait (0 when run at once)"),
+    ("ort_run_us", "ONNX Runtime run"),
+    ("pool_us", "pooling + normalise"),
+    ("reply_encode_us", "worker: reply encode"),
+    ("pipe_out_us", "worker write + pipe + client reader wake-up"),
+    ("client_decode_us", "client: msgpack decode"),
+    ("client_deliver_us", "client: reply to the call's future"),
+    ("caller_wakeup_us", "client: caller wakes, builds the response"),
+    ("total_us", "round trip"),
+)
+
+
+class _ClientProbe:
+    """Marks (``time.monotonic_ns()``) of the Python client's stages for one call at a time,
+    taken by wrapping the functions the client calls on its data path; ``trace: true`` is added
+    to every embed request it encodes."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, int] = {}
+        self.reply: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        from akidb_embed.host_client import _connection, _dispatch, _worker
+
+        marks = self.marks
+        real_pack, real_unpack = wire.pack, wire.unpack
+        real_send = _worker.WorkerProcess.send
+        real_on_frame = _connection.Connection._on_frame
+
+        def pack(message: Any) -> bytes:
+            if message.get("op") == "embed":
+                message = {**message, "trace": True}
+            marks["encoding"] = time.monotonic_ns()
+            frame = real_pack(message)
+            marks["encoded"] = time.monotonic_ns()
+            return frame
+
+        def send(process: Any, frame: bytes) -> None:
+            marks["writing"] = time.monotonic_ns()
+            real_send(process, frame)
+            marks["written"] = time.monotonic_ns()
+
+        def unpack(payload: bytes) -> dict[str, Any]:
+            marks["decoding"] = time.monotonic_ns()
+            message = real_unpack(payload)
+            marks["decoded"] = time.monotonic_ns()
+            if "trace" in message:
+                self.reply = message
+            return message
+
+        def on_frame(connection: Any, process: Any, message: dict[str, Any]) -> None:
+            real_on_frame(connection, process, message)
+            marks["delivered"] = time.monotonic_ns()
+
+        patches = [
+            (_dispatch.wire, "pack", pack),
+            (_worker.wire, "unpack", unpack),
+            (_worker.WorkerProcess, "send", send),
+            (_connection.Connection, "_on_frame", on_frame),
+        ]
+        originals = [(target, name, getattr(target, name)) for target, name, _ in patches]
+        try:
+            for target, name, replacement in patches:
+                setattr(target, name, replacement)
+            yield
+        finally:
+            for target, name, original in originals:
+                setattr(target, name, original)
+
+
+def _worker_stages(trace: dict[str, int]) -> dict[str, float]:
+    queued_from = trace.get("queued", trace["tokenized"])
+    return {
+        "worker_parse_us": (trace["parsed"] - trace["read"]) / 1000,
+        "tokenize_us": (trace["tokenized"] - trace["parsed"]) / 1000,
+        "queue_us": (trace["started"] - queued_from) / 1000
+        + (queued_from - trace["tokenized"]) / 1000,
+        "ort_run_us": (trace["ran"] - trace["started"]) / 1000,
+        "pool_us": (trace["pooled"] - trace["ran"]) / 1000,
+        "reply_encode_us": trace["encode_ns"] / 1000,
+    }
+
+
+def _python_breakdown(
+    model_dir: Path, threads: int, sentences: Sequence[str], calls: int
+) -> dict[str, float]:
+    from akidb_embed.host_client import EmbeddingClient
+
+    probe = _ClientProbe()
+    rows: list[dict[str, float]] = []
+    with probe.installed(), EmbeddingClient(model_dir, threads=threads) as client:
+        for index in range(calls + 10):
+            probe.marks.clear()
+            called = time.monotonic_ns()
+            client.embed([sentences[index % len(sentences)]])
+            returned = time.monotonic_ns()
+            m, reply = probe.marks, probe.reply
+            assert reply is not None
+            trace = reply["trace"]
+            row = {
+                "client_submit_us": (m["encoding"] - called) / 1000,
+                "client_encode_us": (m["encoded"] - m["encoding"]) / 1000,
+                "client_write_us": (m["written"] - m["writing"]) / 1000,
+                "pipe_in_us": (trace["read"] - m["written"]) / 1000,
+                **_worker_stages(trace),
+                "pipe_out_us": (m["decoding"] - trace["pooled"] - trace["encode_ns"]) / 1000,
+                "client_decode_us": (m["decoded"] - m["decoding"]) / 1000,
+                "client_deliver_us": (m["delivered"] - m["decoded"]) / 1000,
+                "caller_wakeup_us": (returned - m["delivered"]) / 1000,
+                "total_us": (returned - called) / 1000,
+            }
+            # routing happens after encoding: count it with the submit, not the write
+            row["client_submit_us"] += (m["writing"] - m["encoded"]) / 1000
+            if index >= 10:
+                rows.append(row)
+    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
+
+
+def _raw_breakdown(
+    model_dir: Path, threads: int, sentences: Sequence[str], calls: int
+) -> dict[str, float]:
+    raw = RawWorker(model_dir, threads, spin_wait=False)
+    stdin = raw._stdin
+    rows: list[dict[str, float]] = []
+    try:
+        for index in range(calls + 10):
+            called = time.monotonic_ns()
+            frame = wire.pack({"id": index + 1, "op": "embed", "trace": True,
+                               "inputs": [sentences[index % len(sentences)]]})  # fmt: skip
+            encoded = time.monotonic_ns()
+            stdin.write(frame)
+            stdin.flush()
+            written = time.monotonic_ns()
+            payload = raw._replies.read()
+            decoding = time.monotonic_ns()
+            assert payload is not None
+            reply = wire.unpack(payload)
+            wire.embeddings_from_bytes(reply["embeddings"], tuple(reply["shape"]))
+            returned = time.monotonic_ns()
+            trace = reply["trace"]
+            row = {
+                "client_submit_us": 0.0,
+                "client_encode_us": (encoded - called) / 1000,
+                "client_write_us": (written - encoded) / 1000,
+                "pipe_in_us": (trace["read"] - written) / 1000,
+                **_worker_stages(trace),
+                "pipe_out_us": (decoding - trace["pooled"] - trace["encode_ns"]) / 1000,
+                "client_decode_us": (returned - decoding) / 1000,
+                "client_deliver_us": 0.0,
+                "caller_wakeup_us": 0.0,
+                "total_us": (returned - called) / 1000,
+            }
+            if index >= 10:
+                rows.append(row)
+    finally:
+        raw.close()
+    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
+
+
+def run_breakdown(
+    *, model_dir: Path | None, threads: int, calls: int, output: Path, rust: bool = True
+) -> int:
+    metadata = load_metadata(model_dir)
+    corpus = build_corpus(200)
+    short = [text for text in corpus if len(text) < 120][:50] or corpus[:50]
+    columns: dict[str, dict[str, float]] = {}
+    print(f"akidb-embed bench --breakdown: {calls} lone traced calls per client", file=sys.stderr)
+    columns["raw frames"] = _raw_breakdown(metadata.directory, threads, short, calls)
+    time.sleep(PAUSE_SECONDS)
+    columns["python"] = _python_breakdown(metadata.directory, threads, short, calls)
+    notes = []
+    if rust:
+        report, note = rust_example(
+            metadata.directory, threads, short, calls, False, ["--breakdown", str(calls)]
+        )
+        notes.append(note)
+        if report is not None and "breakdown" in report:
+            columns["rust"] = report["breakdown"]
+    in_model = ("tokenize_us", "ort_run_us", "pool_us")
+    print("\nmedian microseconds of one lone request's stages (one short sentence)")
+    names = list(columns)
+    rows = [["stage", *names]]
+    for stage, meaning in STAGES:
+        rows.append([f"{stage} ({meaning})"] + [
+            f"{columns[name][stage]:,.1f}" if stage in columns[name] else "-" for name in names
+        ])  # fmt: skip
+    rows.append(["bridge overhead (total - tokenize - run - pool)"] + [
+        f"{columns[name]['total_us'] - sum(columns[name][s] for s in in_model):,.1f}"
+        for name in names
+    ])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    for note in notes:
+        print(f"note: {note}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"calls": calls, "stages": columns}, indent=2) + "\n")
+    print(f"results written to {output}")
+    return 0
