@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+WARM_UP_LENGTHS = (8, 16, 32)
+"""Token counts of the warm-up runs: the range of short search queries (4-30 tokens)."""
+WARM_UP_SECONDS = 0.1
+"""At most this long (a little over, a run being whole) is spent warming shapes up at load."""
 
 TokenIds = npt.NDArray[np.int64]
 """The token ids of one text, special tokens included, unpadded."""
@@ -164,13 +169,27 @@ class Engine:
         return list(self._session.get_providers())
 
     def _check_dimension(self) -> None:
-        # also the warm-up run: the first real request does not pay for lazy initialisation
+        # also the first warm-up run: the first real request does not pay for lazy set-up
         probe = self.run(self.tokenize(["warm-up"]))
         if probe.shape != (1, self.metadata.dimension):
             raise ModelNotFound(
                 f"{self.metadata.path(MODEL_FILE)} produces vectors of shape {probe.shape[1:]}, "
                 f"its metadata says dimension {self.metadata.dimension}"
             )
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run the shapes of the first queries once (one text of WARM_UP_LENGTHS tokens), so
+        that the first calls after start are as fast as later ones: an execution provider
+        that compiles per shape (CoreML) does it here, not on a user's query. Bounded by
+        WARM_UP_SECONDS (each length is run whole; the next is not started after that)."""
+        started = time.perf_counter()
+        (ids,) = self.tokenize([" ".join(["warm"] * max(WARM_UP_LENGTHS))])
+        for length in WARM_UP_LENGTHS:
+            if time.perf_counter() - started > WARM_UP_SECONDS or length > len(ids):
+                break
+            # the text's first tokens and its last (an end token, if the model has one)
+            self.run([np.concatenate([ids[: length - 1], ids[-1:]])])
 
     def resolve_prompt(self, prompt_name: str | None) -> tuple[str, int]:
         """The text put before each input for ``prompt_name`` (None: the model's default

@@ -279,13 +279,13 @@ def _print_lone(title: str, figures: dict[str, dict[str, float]]) -> None:
                 continue
             text = f"{value:.3f}" if value < 10 else f"{value:,.1f}"
             if metric == "lone_p50_ms" and side != "in-process":
-                text += f" (+{value - base:.3f} ms)"
+                text += f" ({value - base:+.3f} ms)"
             elif metric == "first30_p50_ms":
                 steady = figures["lone_p50_ms"].get(side)
                 text += f" ({value / steady:.2f}x steady)" if steady else ""
             elif metric == "ready_s" and not side.startswith("in-process"):
                 fresh = values.get(FRESH)
-                text += f" (+{value - fresh:.3f} s)" if fresh else ""
+                text += f" ({value - fresh:+.3f} s)" if fresh else ""
             elif metric != "ready_s":
                 reference = values.get("in-process")
                 text += f" ({value / reference:.2f}x)" if reference else ""
