@@ -73,6 +73,7 @@ pub use config::{
 pub use dispatch::{ClientStats, WorkerStats};
 pub use types::{
     BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
-    EmbeddingResult, ModelDescription, ModelInfo, Usage, EMPTY_BATCH_MESSAGE,
+    EmbeddingResult, ModelDescription, ModelInfo, RequestTrace, TracedEmbedding, Usage,
+    WorkerTrace, EMPTY_BATCH_MESSAGE,
 };
 pub use wire::{Limits, ReadyHello};

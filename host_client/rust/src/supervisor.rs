@@ -30,7 +30,7 @@
 //! already replaced is ignored.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
@@ -47,7 +47,45 @@ use crate::wire::{self, ReadyHello, ReplyEnvelope};
 pub(crate) use crate::process::StartedWorker;
 
 /// A frame shared by the dispatcher's pending table (for re-sending) and a writer task.
-pub(crate) type Frame = Arc<Vec<u8>>;
+pub(crate) type Frame = Arc<OutFrame>;
+
+/// One request's whole frame, and for a traced request when it was first written whole.
+pub(crate) struct OutFrame {
+    bytes: Vec<u8>,
+    written_at: Option<OnceLock<std::time::Instant>>,
+}
+
+impl OutFrame {
+    pub(crate) fn new(bytes: Vec<u8>, traced: bool) -> Frame {
+        Arc::new(Self { bytes, written_at: traced.then(OnceLock::new) })
+    }
+
+    /// The length prefix and payload.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// For a traced frame: the frame has been handed whole to the worker's stdin (the first
+    /// time counts: a frame sent again to a new worker keeps its first time).
+    fn mark_written(&self) {
+        if let Some(written_at) = &self.written_at {
+            let _ = written_at.set(std::time::Instant::now());
+        }
+    }
+
+    /// When a traced frame was first written whole; `None` for an untraced one, or one not
+    /// written yet.
+    pub(crate) fn written_at(&self) -> Option<std::time::Instant> {
+        self.written_at.as_ref().and_then(|at| at.get().copied())
+    }
+}
+
+/// A reply frame's payload as the reader read it.
+pub(crate) struct Reply {
+    pub payload: Vec<u8>,
+    /// When its frame's first bytes were read.
+    pub first_bytes_at: std::time::Instant,
+}
 /// Where the dispatcher puts the frames routed to one worker; dropping it closes the worker's
 /// stdin (after the frames already queued).
 pub(crate) type FrameSender = mpsc::UnboundedSender<Frame>;
@@ -67,7 +105,7 @@ pub(crate) trait Pool: Send + Sync + 'static {
     /// A worker of `slot` wrote its hello: requests may be routed to it through `frames`.
     fn ready(&self, slot: usize, generation: u64, hello: ReadyHello, frames: FrameSender);
     /// The worker answered request `id`.
-    fn deliver(&self, slot: usize, generation: u64, id: u64, payload: Vec<u8>);
+    fn deliver(&self, slot: usize, generation: u64, id: u64, reply: Reply);
     /// Since when the worker has held a request without answering anything (the oldest such
     /// request); `None` when it holds none.
     fn quiet_since(&self, slot: usize, generation: u64) -> Option<std::time::Instant>;
@@ -394,16 +432,24 @@ async fn write_frames(
     generation: u64,
 ) {
     let mut stdin = BufWriter::with_capacity(STDIN_BUFFER_BYTES, stdin);
+    let mut batch = Vec::new();
     while let Some(frame) = frames.recv().await {
-        let mut written = stdin.write_all(&frame).await;
+        let mut written = stdin.write_all(frame.bytes()).await;
+        batch.push(frame);
         while written.is_ok() {
             match frames.try_recv() {
-                Ok(frame) => written = stdin.write_all(&frame).await,
+                Ok(frame) => {
+                    written = stdin.write_all(frame.bytes()).await;
+                    batch.push(frame);
+                }
                 Err(_) => break,
             }
         }
         if written.is_ok() {
             written = stdin.flush().await;
+        }
+        if written.is_ok() {
+            batch.drain(..).for_each(|frame| frame.mark_written());
         }
         if let Err(error) = written {
             let reason = format!("stopped reading its stdin ({error})");
@@ -425,18 +471,20 @@ async fn read_replies(
     max_reply_bytes: usize,
 ) {
     let reason = loop {
-        match wire::read_frame(&mut stdout, max_reply_bytes).await {
-            Ok(Some(payload)) => match wire::decode_payload::<ReplyEnvelope>(&payload) {
-                Ok(ReplyEnvelope { id: Some(id), .. }) => {
-                    pool.deliver(slot, generation, id, payload)
+        match wire::read_frame_timed(&mut stdout, max_reply_bytes).await {
+            Ok(Some((payload, first_bytes_at))) => {
+                match wire::decode_payload::<ReplyEnvelope>(&payload) {
+                    Ok(ReplyEnvelope { id: Some(id), .. }) => {
+                        pool.deliver(slot, generation, id, Reply { payload, first_bytes_at })
+                    }
+                    Ok(ReplyEnvelope { id: None, error, .. }) => {
+                        // About no request of ours (a frame the worker could not read): a bug to
+                        // log, not a reason to stop.
+                        tracing::warn!(pid, "worker reported an error about no request: {error:?}");
+                    }
+                    Err(error) => break format!("wrote a frame this client cannot read ({error})"),
                 }
-                Ok(ReplyEnvelope { id: None, error, .. }) => {
-                    // About no request of ours (a frame the worker could not read): a bug to
-                    // log, not a reason to stop.
-                    tracing::warn!(pid, "worker reported an error about no request: {error:?}");
-                }
-                Err(error) => break format!("wrote a frame this client cannot read ({error})"),
-            },
+            }
             Ok(None) => break "closed its stdout".to_owned(),
             Err(error) => break format!("broke the frame stream ({error})"),
         }

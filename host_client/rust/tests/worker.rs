@@ -258,6 +258,39 @@ async fn health_check_and_ping_succeed() {
 }
 
 #[tokio::test]
+async fn a_traced_call_gives_the_workers_marks_in_order_and_the_same_vectors() {
+    within(async {
+        let client = spawn(config()).await;
+        let texts = vec!["where does the time of a lone query go?".to_owned()];
+        let untraced = client.embed_batch(request("", &texts)).await.unwrap();
+        let traced =
+            client.embed_traced(request("", &texts), &EmbedOptions::default()).await.unwrap();
+        // a trace changes nothing in the response but the worker's duration
+        assert_eq!(traced.response.embeddings, untraced.embeddings);
+        assert_eq!(traced.response.model, untraced.model);
+        assert_eq!(traced.response.usage.total_tokens, untraced.usage.total_tokens);
+        let [trace] = traced.traces[..] else {
+            panic!("one text is one wire request: {:?}", traced.traces)
+        };
+        let worker = trace.worker.expect("the worker sent its marks");
+        let mut marks = vec![worker.read, worker.parsed, worker.tokenized];
+        marks.extend(worker.queued);
+        marks.extend([worker.started, worker.ran, worker.pooled]);
+        assert!(marks.windows(2).all(|pair| pair[0] <= pair[1]), "marks out of order: {worker:?}");
+        assert!(worker.read > 0 && worker.encode_ns > 0, "{worker:?}");
+        assert!(worker.ort_run() > Duration::ZERO, "{worker:?}");
+        for stage in [trace.client_encode, trace.client_write, trace.client_decode] {
+            assert!(stage > Duration::ZERO, "{trace:?}");
+        }
+        // the stages happen one after the other within the round trip
+        assert!(trace.measured() <= trace.total, "{trace:?}");
+        assert_eq!(trace.pipes_and_wakeups(), trace.total - trace.measured());
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_request_for_another_model_is_model_not_found() {
     within(async {
         let client = spawn(config()).await;
@@ -361,6 +394,13 @@ async fn a_mixed_length_batch_split_and_sent_shortest_first_comes_back_in_order(
         assert_eq!((flat.dimension, flat.values.len()), (384, texts.len() * 384));
         assert_close(&flat.rows().map(<[f32]>::to_vec).collect::<Vec<_>>(), &want);
         assert_eq!(flat.usage.total_tokens, response.usage.total_tokens);
+        // traced: the same vectors, and one trace per wire request
+        let traced =
+            client.embed_traced(request("", &texts), &EmbedOptions::default()).await.unwrap();
+        assert_eq!(traced.response.embeddings.len(), texts.len());
+        assert_close(&traced.response.embeddings, &want);
+        assert_eq!(traced.traces.len(), 6);
+        assert!(traced.traces.iter().all(|trace| trace.worker.is_some()));
         client.close().await;
     })
     .await;
