@@ -198,8 +198,9 @@ impl Table {
             return;
         };
         let Some(pending) = self.pending.get_mut(&id) else { return };
-        // A closed channel means the worker just died; its supervisor re-routes what it held.
-        let _ = frames.send(pending.frame.clone());
+        // Written now when the worker's stdin is idle, else queued for its writer task (never
+        // waits). A worker that just died reports it; its supervisor re-routes what it held.
+        frames.send(pending.frame.clone());
         pending.route = Some(Route { slot, generation: *generation, sent_at: Instant::now() });
         pending.attempts += 1;
         if let Some(load) = &mut loads[slot] {

@@ -522,6 +522,76 @@ async fn a_stopped_worker_times_out_and_is_replaced() {
     .await;
 }
 
+/// A text whose frame is larger than a pipe holds (64 KiB on Linux): its caller's own write
+/// can take only part of it, the writer task writes the rest.
+fn over_a_pipe() -> String {
+    "a long text that does not fit in the pipe at once ".repeat(4000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_larger_than_the_pipe_are_finished_before_the_next_ones() {
+    within(async {
+        let client = spawn(config()).await;
+        let long = over_a_pipe();
+        let short: Vec<String> = (0..20).map(|i| format!("a short sentence {i}")).collect();
+        let alone = client.embed_batch(request("", std::slice::from_ref(&long))).await.unwrap();
+        let want = client.embed_batch(request("", &short)).await.unwrap().embeddings;
+        // Each task sends the long frame, then the short ones while the pipe is still full,
+        // and the tasks overlap: a frame written into the middle of another would break the
+        // stream (the worker would exit 3 and be replaced).
+        let pid = client.worker_pid();
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let (client, long, short) = (client.clone(), long.clone(), short.clone());
+                tokio::spawn(async move {
+                    let calls = std::iter::once(&long)
+                        .chain(&short)
+                        .map(|text| client.embed_batch(request("", std::slice::from_ref(text))));
+                    futures_join_all(calls).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let mut responses = task.await.unwrap().into_iter();
+            let first = responses.next().unwrap().unwrap();
+            assert_close(&first.embeddings, &alone.embeddings);
+            let got: Vec<Vec<f32>> =
+                responses.map(|response| response.unwrap().embeddings.remove(0)).collect();
+            assert_close(&got, &want);
+        }
+        assert_eq!(client.worker_pid(), pid, "the same worker answered all");
+        assert_eq!(client.stats().restarts, 0);
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stopped_worker_with_a_full_pipe_blocks_no_caller() {
+    within(async {
+        let mut config = config();
+        config.request_timeout = Duration::from_secs(3);
+        let client = spawn(config).await;
+        let stopped_pid = client.worker_pid().unwrap();
+        signal(stopped_pid, "STOP");
+        // The pipe fills up and stays full: every call still returns to its task at once (this
+        // test's runtime has one thread: a caller blocked in a write would stop everything,
+        // the supervisor's hang watch included), and the replacement answers them all.
+        let long = over_a_pipe();
+        let texts = [long.clone(), "one".to_owned(), long, "two".to_owned()];
+        let calls =
+            texts.iter().map(|text| client.embed_batch(request("", std::slice::from_ref(text))));
+        for response in futures_join_all(calls).await {
+            assert_eq!(response.unwrap().embeddings.len(), 1);
+        }
+        assert_ne!(client.worker_pid(), Some(stopped_pid));
+        eventually("the stopped worker is killed and reaped", || !process_exists(stopped_pid))
+            .await;
+        client.close().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_request_that_always_times_out_fails_with_service_unavailable() {
     within(async {
