@@ -10,7 +10,8 @@
 //!          ┌────────────────────┬──────────┴──────────┬─────────────────────┐
 //!          ▼                    ▼                     ▼
 //!     supervisor 0         supervisor 1     ...  supervisor N-1      (supervisor.rs)
-//!     └ writer ─▶ worker   └ writer ─▶ worker      └ writer ─▶ worker
+//!     └ stdin ─▶ worker    └ stdin ─▶ worker       └ stdin ─▶ worker
+//!       (written by the caller itself when idle, else by the worker's writer task)
 //!       reader ─▶ deliver(id) ─▶ the caller's oneshot
 //!
 //!   a worker died or hung ─▶ Pool::lost: each request it held costs one attempt (none left:
@@ -135,7 +136,7 @@ struct Route {
 
 /// Whether a worker slot takes requests.
 enum SlotState {
-    /// A worker is serving; frames routed to it go through `frames` to its writer task.
+    /// A worker is serving; frames routed to it go through `frames` to its stdin.
     Ready { generation: u64, pid: u32, frames: FrameSender, last_reply_at: Instant },
     /// Its worker is being replaced.
     Starting,

@@ -1,11 +1,13 @@
-//! One worker of the pool and its supervisor: the process, its writer and reader tasks, the
-//! hang watch and the restart budget. The requests themselves belong to the dispatcher above
-//! (`dispatch.rs`), which this module knows only as the [`Pool`] trait: a supervisor tells it
-//! when its worker is ready, what the worker answered, and when the worker is gone, and the
-//! dispatcher decides where requests go.
+//! One worker of the pool and its supervisor: the process, its stdin lane (written by the
+//! callers when idle, else by its writer task), its reader task, the hang watch and the
+//! restart budget. The requests themselves belong to the dispatcher above (`dispatch.rs`),
+//! which this module knows only as the [`Pool`] trait: a supervisor tells it when its worker
+//! is ready, what the worker answered, and when the worker is gone, and the dispatcher decides
+//! where requests go.
 //!
 //! ```text
-//!   dispatcher ── frames routed to this worker ──▶ writer task ──▶ stdin
+//!   dispatcher ── frames routed to this worker ──▶ FrameSender::send ──▶ stdin: the caller
+//!     writes its own frame when the stream is idle, else the writer task (see FrameSender)
 //!   reader task: frame from stdout ── Pool::deliver(slot, generation, id) ──▶ the caller
 //!
 //!   reader task: stdout EOF / broken frame ─┐
@@ -505,7 +507,8 @@ impl Supervisor {
     /// Graceful stop: the worker gets EOF on stdin, answers what it holds and exits (killed
     /// after `close_timeout`).
     async fn close(&mut self) {
-        // Dropping the frame sender ends the writer task, which closes the worker's stdin.
+        // Dropping the frame sender ends the writer task (once it has written what was
+        // queued), which closes the worker's stdin.
         self.pool.unroutable(self.slot);
         if let Some(mut worker) = self.worker.take() {
             let close_timeout = self.config().close_timeout;

@@ -200,9 +200,10 @@ impl RequestTrace {
     }
 
     /// `total` minus every measured stage: the two pipe transits, the wake-ups of the worker's
-    /// reader and of the client's reader, and the worker's moments between its marks (its
-    /// hand-over to its writer thread, the reply's write). Zero if the stages add up to more
-    /// (clock granularity).
+    /// reader and of the client's reader, and the worker's moments outside its marked stages
+    /// (building the reply, writing it). A traced reply is encoded twice by the worker (once
+    /// more to time it), so this also holds one extra `reply_encode` that an untraced call
+    /// does not spend. Zero if the stages add up to more (clock granularity).
     pub fn pipes_and_wakeups(&self) -> Duration {
         self.total.saturating_sub(self.measured())
     }
