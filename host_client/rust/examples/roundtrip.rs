@@ -1,11 +1,12 @@
 //! Measures the Rust client against a real worker with the workloads of `akidb-embed bench`:
 //! one short sentence at a time, 16 concurrent callers, one bulk request, the cold start
-//! (spawn to first vector), and the bridge's own round trip (`ping`).
+//! (spawn to first vector), and the bridge's own round trip (`ping`); also the start (spawn to
+//! ready), the first calls of a fresh worker, and on request where a lone call's time goes.
 //!
 //! ```text
 //! .ci/cargo-offline run --release --example roundtrip -- \
 //!     [--python PATH] [--model-dir DIR] [--workers 1] [--threads N] [--calls 500]
-//!     [--corpus texts.json] [--json]
+//!     [--corpus texts.json] [--breakdown N] [--spin-wait] [--json]
 //! ```
 //!
 //! `--corpus` takes a JSON array of strings (`akidb-embed bench` passes its own corpus, so the
@@ -13,12 +14,23 @@
 //! directory's golden sentences to 1,000 texts. The short sentences are chosen, and the
 //! percentiles computed, as the Python runner does. `--json` prints one JSON object
 //! (`{"figures": {workload: {metric: value}}, ...}`) instead of the text report.
+//!
+//! Beside the runner's workloads, `figures` holds `"ready": {"ms"}` (spawn to every worker's
+//! hello) and `"first calls": {"p50_ms"}` (the first 30 lone calls, made back to back as soon
+//! as the client is ready, before any other call; the first of them is the cold start's).
+//! `--breakdown N` makes N lone traced calls (`WorkerClient::embed_traced`, after 10 traced
+//! warm-up calls) and adds `"breakdown": {stage: median microseconds}` at the top level:
+//! `client_encode_us`, `client_write_us`, `worker_parse_us`, `tokenize_us`, `queue_us`,
+//! `ort_run_us`, `pool_us`, `reply_encode_us`, `pipes_and_wakeups_us` (each call's round trip
+//! minus every other stage, the reader's read included), `client_decode_us`,
+//! `caller_wakeup_us`, `total_us`. Each is the median over the calls of that stage alone, so
+//! the medians need not add up to `total_us`. `--spin-wait` passes `--spin-wait` to the worker.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use akidb_embed_client::{BatchEmbeddingRequest, WorkerClient, WorkerConfig};
+use akidb_embed_client::{BatchEmbeddingRequest, EmbedOptions, WorkerClient, WorkerConfig};
 use serde_json::json;
 
 const WARM_UP_CALLS: usize = 10;
@@ -27,6 +39,8 @@ const DEFAULT_BULK_TEXTS: usize = 1000;
 /// Texts shorter than this (in characters) count as "one short sentence", as in the runner.
 const SHORT_TEXT_CHARS: usize = 120;
 const SHORT_TEXTS: usize = 50;
+/// Lone calls timed right after the client is ready (`"first calls"`).
+const FIRST_CALLS: usize = 30;
 
 struct Options {
     python: PathBuf,
@@ -36,6 +50,8 @@ struct Options {
     calls: usize,
     corpus: Option<PathBuf>,
     json: bool,
+    breakdown: usize,
+    spin_wait: bool,
 }
 
 fn options() -> Options {
@@ -48,11 +64,17 @@ fn options() -> Options {
         calls: 500,
         corpus: None,
         json: false,
+        breakdown: 0,
+        spin_wait: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        if flag == "--json" {
-            options.json = true;
+        match flag.as_str() {
+            "--json" => options.json = true,
+            "--spin-wait" => options.spin_wait = true,
+            _ => {}
+        }
+        if matches!(flag.as_str(), "--json" | "--spin-wait") {
             continue;
         }
         let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -63,6 +85,7 @@ fn options() -> Options {
             "--threads" => options.threads = Some(value.parse().expect("--threads takes a number")),
             "--calls" => options.calls = value.parse().expect("--calls takes a number"),
             "--corpus" => options.corpus = Some(value.into()),
+            "--breakdown" => options.breakdown = value.parse().expect("--breakdown takes a number"),
             other => panic!("unknown option {other}"),
         }
     }
@@ -93,6 +116,83 @@ fn percentiles(samples: &mut [Duration]) -> serde_json::Value {
         low_ms + (high_ms - low_ms) * (position - low as f64)
     };
     json!({"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99)})
+}
+
+/// The median of `values`, 0 for none.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn microseconds(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+/// The stages of `--breakdown`, in the order of a call.
+const STAGES: [&str; 12] = [
+    "client_encode_us",
+    "client_write_us",
+    "worker_parse_us",
+    "tokenize_us",
+    "queue_us",
+    "ort_run_us",
+    "pool_us",
+    "reply_encode_us",
+    "pipes_and_wakeups_us",
+    "client_decode_us",
+    "caller_wakeup_us",
+    "total_us",
+];
+
+/// `calls` lone traced calls (after warm-up ones): each stage's median in microseconds, and
+/// the reader's read (part of `pipes_and_wakeups_us`) on its own.
+async fn breakdown(
+    client: &WorkerClient,
+    short: &[String],
+    calls: usize,
+) -> (serde_json::Value, f64) {
+    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(calls); STAGES.len()];
+    let mut reader_read = Vec::with_capacity(calls);
+    for index in 0..WARM_UP_CALLS + calls {
+        let request = BatchEmbeddingRequest::new("", vec![short[index % short.len()].clone()]);
+        let traced = client
+            .embed_traced(request, &EmbedOptions::default())
+            .await
+            .expect("embedding succeeds");
+        if index < WARM_UP_CALLS {
+            continue;
+        }
+        let [trace] = traced.traces[..] else { panic!("a lone text is one wire request") };
+        let worker = trace.worker.expect("the worker traces (a worker older than tracing?)");
+        let stages = [
+            trace.client_encode,
+            trace.client_write,
+            worker.parse(),
+            worker.tokenize(),
+            worker.queue(),
+            worker.ort_run(),
+            worker.pool(),
+            worker.reply_encode(),
+            trace.pipes_and_wakeups(),
+            trace.client_decode,
+            trace.caller_wakeup,
+            trace.total,
+        ];
+        for (sample, stage) in samples.iter_mut().zip(stages) {
+            sample.push(microseconds(stage));
+        }
+        reader_read.push(microseconds(trace.reader_read));
+    }
+    let medians: serde_json::Map<String, serde_json::Value> = STAGES
+        .iter()
+        .zip(samples.iter_mut())
+        .map(|(stage, values)| ((*stage).to_owned(), json!(median(values))))
+        .collect();
+    (serde_json::Value::Object(medians), median(&mut reader_read))
 }
 
 async fn embed_one(client: &WorkerClient, text: &str) {
@@ -166,12 +266,25 @@ async fn main() {
         model_dirs: vec![options.model_dir.clone()],
         workers: options.workers,
         threads: options.threads,
+        extra_args: if options.spin_wait { vec!["--spin-wait".into()] } else { vec![] },
         ..WorkerConfig::from_python(&options.python)
     })
     .await
     .expect("the worker starts");
-    embed_one(&client, "hello world").await;
-    let cold_start = milliseconds(spawned.elapsed());
+    let ready = milliseconds(spawned.elapsed());
+    // The first calls of a fresh worker, back to back: the first one ends the cold start.
+    let mut first_samples = Vec::with_capacity(FIRST_CALLS);
+    let mut cold_start = 0.0;
+    for index in 0..FIRST_CALLS {
+        let text = if index == 0 { "hello world" } else { &short[index % short.len()] };
+        let started = Instant::now();
+        embed_one(&client, text).await;
+        first_samples.push(started.elapsed());
+        if index == 0 {
+            cold_start = milliseconds(spawned.elapsed());
+        }
+    }
+    let first_calls = json!({"p50_ms": percentiles(&mut first_samples)["p50_ms"]});
     let hello = client.hello().expect("the worker serves");
 
     let mut ping_samples = Vec::with_capacity(options.calls);
@@ -184,6 +297,10 @@ async fn main() {
     }
     let ping = percentiles(&mut ping_samples);
     let single = single(&client, &short, options.calls).await;
+    let breakdown = match options.breakdown {
+        0 => None,
+        calls => Some(breakdown(&client, &short, calls).await),
+    };
     let concurrent = concurrent(&client, &short, options.calls).await;
 
     let started = Instant::now();
@@ -196,7 +313,7 @@ async fn main() {
     client.close().await;
 
     let concurrent_workload = format!("concurrent x{CONCURRENT_CALLERS}");
-    let report = json!({
+    let mut report = json!({
         "model": hello.model.model,
         "worker_pid": hello.pid,
         "providers": hello.providers,
@@ -206,8 +323,13 @@ async fn main() {
             "bulk": {"texts_per_s": bulk_texts.len() as f64 / seconds, "seconds": seconds},
             "cold start": {"ms_to_first_answer": cold_start},
             "ping": ping,
+            "first calls": first_calls,
+            "ready": {"ms": ready},
         },
     });
+    if let Some((stages, _)) = &breakdown {
+        report["breakdown"] = stages.clone();
+    }
     if options.json {
         println!("{report}");
         return;
@@ -217,7 +339,12 @@ async fn main() {
         "akidb-embed-client roundtrip: {} ({} dims), worker {} on {:?}",
         hello.model.model, hello.model.dimension, hello.pid, hello.providers
     );
+    println!("ready (spawn to hello): {ready:.0} ms");
     println!("cold start (spawn to first vector): {cold_start:.0} ms");
+    println!(
+        "first {FIRST_CALLS} calls: p50 {:.3} ms",
+        figures["first calls"]["p50_ms"].as_f64().unwrap_or_default()
+    );
     let latency = |workload: &str| {
         let ms = |metric: &str| figures[workload][metric].as_f64().unwrap_or_default();
         format!(
@@ -240,4 +367,14 @@ async fn main() {
         response.usage.total_tokens,
         bulk_texts.len() as f64 / seconds
     );
+    if let Some((stages, reader_read)) = &breakdown {
+        println!(
+            "one sentence, traced, {} calls: median microseconds per stage",
+            options.breakdown
+        );
+        for stage in STAGES {
+            println!("  {stage:<22} {:>9.1}", stages[stage].as_f64().unwrap_or_default());
+        }
+        println!("  (of pipes_and_wakeups: the client reader's read {reader_read:.1})");
+    }
 }

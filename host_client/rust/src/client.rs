@@ -9,12 +9,14 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::config::WorkerConfig;
 use crate::dispatch::{ClientStats, Dispatcher};
 use crate::types::{
     BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
-    EmbeddingResult, FlatEmbeddings, ModelDescription, ModelInfo, Usage, EMPTY_BATCH_MESSAGE,
+    EmbeddingResult, FlatEmbeddings, ModelDescription, ModelInfo, RequestTrace, TracedEmbedding,
+    Usage, EMPTY_BATCH_MESSAGE,
 };
 use crate::wire::{
     self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, ReadyHello, ReplyEnvelope,
@@ -85,17 +87,42 @@ impl WorkerClient {
         request: BatchEmbeddingRequest,
         options: &EmbedOptions,
     ) -> EmbeddingResult<BatchEmbeddingResponse> {
+        Ok(self.embed_vectors(request, options, false).await?.response)
+    }
+
+    /// [`embed_batch_with`](Self::embed_batch_with), traced: each wire request asks the worker
+    /// for its stage marks (`trace: true`, protocol.md `embed`) and comes back with them and
+    /// the client's own stage durations ([`RequestTrace`]). For measuring where a request's
+    /// time goes, a lone query above all; the vectors are the same as untraced. The worker
+    /// encodes a traced reply twice (to time its encoding), so tracing costs a little.
+    pub async fn embed_traced(
+        &self,
+        request: BatchEmbeddingRequest,
+        options: &EmbedOptions,
+    ) -> EmbeddingResult<TracedEmbedding> {
+        self.embed_vectors(request, options, true).await
+    }
+
+    async fn embed_vectors(
+        &self,
+        request: BatchEmbeddingRequest,
+        options: &EmbedOptions,
+        traced: bool,
+    ) -> EmbeddingResult<TracedEmbedding> {
         // Empty vectors do not allocate; each is replaced by its row.
         let mut embeddings = vec![Vec::new(); request.inputs.len()];
-        let (model, usage) = self
-            .embed_rows(request, options, |caller_index, row, dimension| {
+        let (model, usage, traces) = self
+            .embed_rows(request, options, traced, |caller_index, row, dimension| {
                 let vector = &mut embeddings[caller_index];
                 vector.reserve_exact(dimension);
                 wire::decode_row(row, vector);
                 Ok(())
             })
             .await?;
-        Ok(BatchEmbeddingResponse { model, embeddings, usage })
+        Ok(TracedEmbedding {
+            response: BatchEmbeddingResponse { model, embeddings, usage },
+            traces,
+        })
     }
 
     /// [`embed_batch_with`](Self::embed_batch_with) with every vector in one buffer.
@@ -107,8 +134,8 @@ impl WorkerClient {
         let texts = request.inputs.len();
         let mut values = Vec::new();
         let mut known_dimension = None;
-        let (model, usage) = self
-            .embed_rows(request, options, |caller_index, row, dimension| {
+        let (model, usage, _) = self
+            .embed_rows(request, options, false, |caller_index, row, dimension| {
                 if *known_dimension.get_or_insert(dimension) != dimension {
                     return Err(wire::protocol_violation("replies of different dimensions"));
                 }
@@ -126,13 +153,15 @@ impl WorkerClient {
 
     /// The embedding calls' one path: checks, sorts and splits the batch, submits its chunks,
     /// and hands each reply's rows to `place` with the caller's index of their text and the
-    /// dimension; returns the serving model and the summed usage.
+    /// dimension; returns the serving model, the summed usage, and when `traced`, each wire
+    /// request's trace.
     async fn embed_rows(
         &self,
         request: BatchEmbeddingRequest,
         options: &EmbedOptions,
+        traced: bool,
         mut place: impl FnMut(usize, &[u8], usize) -> EmbeddingResult<()>,
-    ) -> EmbeddingResult<(String, Usage)> {
+    ) -> EmbeddingResult<(String, Usage, Vec<RequestTrace>)> {
         if request.inputs.is_empty() {
             return Err(EmbeddingError::InvalidInput(EMPTY_BATCH_MESSAGE.into()));
         }
@@ -157,7 +186,7 @@ impl WorkerClient {
             let tokens = inputs.iter().map(|text| plan.estimated_tokens(text)).sum();
             let pending = self
                 .service
-                .submit(inputs.len(), tokens, true, |id| {
+                .submit(inputs.len(), tokens, (true, traced), |id| {
                     wire::encode_frame(&EmbedRequest {
                         id,
                         op: EmbedRequest::OP,
@@ -166,6 +195,7 @@ impl WorkerClient {
                         normalize,
                         truncate: options.truncate,
                         prompt_name: options.prompt_name.as_deref(),
+                        trace: traced,
                     })
                 })
                 .await?;
@@ -176,9 +206,10 @@ impl WorkerClient {
 
         let mut usage = Usage::default();
         let mut reply_model = None;
+        let mut traces = Vec::new();
         for (range, pending) in replies {
             let sent_order = &order[range];
-            let payload = pending.wait().await?;
+            let (payload, times) = pending.wait_timed().await?;
             wire::decode_payload::<ReplyEnvelope>(&payload)?
                 .into_embed_result(sent_order.len(), |index| sent_order[index])?;
             let reply: EmbedReply<'_> = wire::decode_payload(&payload)?;
@@ -193,12 +224,24 @@ impl WorkerClient {
             for (row, &caller_index) in rows.zip(sent_order) {
                 place(caller_index, row, dimension)?;
             }
+            if let Some(times) = times {
+                let decoded = Instant::now();
+                traces.push(RequestTrace {
+                    worker: reply.trace,
+                    client_encode: times.encoded - times.encode_started,
+                    client_write: times.written.saturating_duration_since(times.encoded),
+                    reader_read: times.delivered.saturating_duration_since(times.reply_read),
+                    caller_wakeup: times.woke.saturating_duration_since(times.delivered),
+                    client_decode: decoded - times.woke,
+                    total: decoded - times.encode_started,
+                });
+            }
             let reply_usage = Usage::from(reply.usage);
             usage.total_tokens += reply_usage.total_tokens;
             usage.duration_ms = usage.duration_ms.max(reply_usage.duration_ms);
             reply_model.get_or_insert(reply.model);
         }
-        Ok((reply_model.unwrap_or(request_model), usage))
+        Ok((reply_model.unwrap_or(request_model), usage, traces))
     }
 
     /// The default model's id, dimension and token limit, from the worker's hello (no round
@@ -272,7 +315,7 @@ impl WorkerClient {
         let shows_progress = op != "ping";
         let pending = self
             .service
-            .submit(0, 0, shows_progress, |id| wire::encode_frame(&OpRequest { id, op }))
+            .submit(0, 0, (shows_progress, false), |id| wire::encode_frame(&OpRequest { id, op }))
             .await?;
         let payload = pending.wait().await?;
         wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()?;

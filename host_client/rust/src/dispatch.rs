@@ -10,7 +10,8 @@
 //!          ┌────────────────────┬──────────┴──────────┬─────────────────────┐
 //!          ▼                    ▼                     ▼
 //!     supervisor 0         supervisor 1     ...  supervisor N-1      (supervisor.rs)
-//!     └ writer ─▶ worker   └ writer ─▶ worker      └ writer ─▶ worker
+//!     └ stdin ─▶ worker    └ stdin ─▶ worker       └ stdin ─▶ worker
+//!       (written by the caller itself when idle, else by the worker's writer task)
 //!       reader ─▶ deliver(id) ─▶ the caller's oneshot
 //!
 //!   a worker died or hung ─▶ Pool::lost: each request it held costs one attempt (none left:
@@ -37,7 +38,9 @@ use std::time::Instant;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::WorkerConfig;
-use crate::supervisor::{self, Frame, FrameSender, Loss, Pool, StartedWorker, SupervisorHandle};
+use crate::supervisor::{
+    self, Frame, FrameSender, Loss, OutFrame, Pool, Reply, StartedWorker, SupervisorHandle,
+};
 use crate::types::{EmbeddingError, EmbeddingResult};
 use crate::wire::ReadyHello;
 
@@ -82,7 +85,7 @@ pub struct WorkerStats {
 /// One wire request waiting for its reply.
 struct Pending {
     frame: Frame,
-    reply: oneshot::Sender<EmbeddingResult<Vec<u8>>>,
+    reply: oneshot::Sender<EmbeddingResult<Delivery>>,
     /// The worker it was last written to, and when; `None` while it waits for one.
     route: Option<Route>,
     /// Workers it has been written to.
@@ -94,6 +97,34 @@ struct Pending {
     /// Whether its reply shows the worker's model path is alive (a `ping` is answered by the
     /// worker's reader alone, so it does not).
     shows_progress: bool,
+    /// Whether its caller wants the client's stage times.
+    traced: bool,
+}
+
+/// A reply as its caller receives it.
+struct Delivery {
+    payload: Vec<u8>,
+    /// When the reader read the first bytes of its frame.
+    first_bytes_at: Instant,
+    /// When it was handed to the caller (taken for traced requests only).
+    delivered_at: Option<Instant>,
+}
+
+/// The client's instants of one traced request, from the encoding of its frame to its caller
+/// running again with the reply.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientTimes {
+    pub encode_started: Instant,
+    pub encoded: Instant,
+    /// The frame was handed whole to the worker's stdin (`encoded` if it never was: a reply
+    /// cannot come before its request, so this does not happen).
+    pub written: Instant,
+    /// The reader read the first bytes of the reply frame.
+    pub reply_read: Instant,
+    /// The reply was handed to the caller.
+    pub delivered: Instant,
+    /// The caller ran again with it.
+    pub woke: Instant,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -105,7 +136,7 @@ struct Route {
 
 /// Whether a worker slot takes requests.
 enum SlotState {
-    /// A worker is serving; frames routed to it go through `frames` to its writer task.
+    /// A worker is serving; frames routed to it go through `frames` to its stdin.
     Ready { generation: u64, pid: u32, frames: FrameSender, last_reply_at: Instant },
     /// Its worker is being replaced.
     Starting,
@@ -168,8 +199,9 @@ impl Table {
             return;
         };
         let Some(pending) = self.pending.get_mut(&id) else { return };
-        // A closed channel means the worker just died; its supervisor re-routes what it held.
-        let _ = frames.send(pending.frame.clone());
+        // Written now when the worker's stdin is idle, else queued for its writer task (never
+        // waits). A worker that just died reports it; its supervisor re-routes what it held.
+        frames.send(pending.frame.clone());
         pending.route = Some(Route { slot, generation: *generation, sent_at: Instant::now() });
         pending.attempts += 1;
         if let Some(load) = &mut loads[slot] {
@@ -260,7 +292,7 @@ impl Pool for State {
         table.route_waiting();
     }
 
-    fn deliver(&self, slot: usize, generation: u64, id: u64, payload: Vec<u8>) {
+    fn deliver(&self, slot: usize, generation: u64, id: u64, reply: Reply) {
         let pending = {
             let mut table = self.lock();
             let pending = table.pending.remove(&id);
@@ -276,7 +308,9 @@ impl Pool for State {
         // Unknown ids are replies to requests already answered by an earlier worker, or whose
         // caller has gone: nothing waits for them.
         if let Some(pending) = pending {
-            let _ = pending.reply.send(Ok(payload));
+            let delivered_at = pending.traced.then(Instant::now);
+            let Reply { payload, first_bytes_at } = reply;
+            let _ = pending.reply.send(Ok(Delivery { payload, first_bytes_at, delivered_at }));
         }
     }
 
@@ -553,12 +587,13 @@ impl Dispatcher {
     /// Enters one wire request in the pending table and writes it to the least-loaded ready
     /// worker (else it waits there for one). Waits first for `texts` in-flight permits (at
     /// most `max_in_flight_texts`: the client's chunks never hold more). `tokens` is its
-    /// estimated size, what routing weighs.
+    /// estimated size, what routing weighs. `traced`: the reply comes with the client's
+    /// instants ([`PendingReply::wait_timed`]).
     pub(crate) async fn submit(
         &self,
         texts: usize,
         tokens: usize,
-        shows_progress: bool,
+        (shows_progress, traced): (bool, bool),
         encode: impl FnOnce(u64) -> EmbeddingResult<Vec<u8>>,
     ) -> EmbeddingResult<PendingReply> {
         let state = &self.state;
@@ -574,7 +609,9 @@ impl Dispatcher {
             }
         };
         let id = state.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = Arc::new(encode(id)?);
+        let encode_started = Instant::now();
+        let frame = OutFrame::new(encode(id)?, traced);
+        let encoded = traced.then(|| (encode_started, Instant::now(), frame.clone()));
         let (reply, receiver) = oneshot::channel();
         let mut table = state.lock();
         match &table.serving {
@@ -591,12 +628,13 @@ impl Dispatcher {
             tokens,
             _texts: permit,
             shows_progress,
+            traced,
         };
         table.pending.insert(id, pending);
         let mut loads = table.loads();
         table.route(id, &mut loads);
         drop(table);
-        Ok(PendingReply { state: state.clone(), id, reply: Some(receiver) })
+        Ok(PendingReply { state: state.clone(), id, reply: Some(receiver), encoded })
     }
 }
 
@@ -605,18 +643,36 @@ impl Dispatcher {
 pub(crate) struct PendingReply {
     state: Arc<State>,
     id: u64,
-    reply: Option<oneshot::Receiver<EmbeddingResult<Vec<u8>>>>,
+    reply: Option<oneshot::Receiver<EmbeddingResult<Delivery>>>,
+    /// For a traced request: when its encoding began and ended, and its frame (which holds
+    /// when it was written).
+    encoded: Option<(Instant, Instant, Frame)>,
 }
 
 impl PendingReply {
     /// The reply's payload. Ends when a worker answers, when the request runs out of
     /// attempts, or when the pool stops (a dropped sender means exactly that).
-    pub(crate) async fn wait(mut self) -> EmbeddingResult<Vec<u8>> {
+    pub(crate) async fn wait(self) -> EmbeddingResult<Vec<u8>> {
+        Ok(self.wait_timed().await?.0)
+    }
+
+    /// [`wait`](Self::wait), with the client's instants of a request submitted `traced`.
+    pub(crate) async fn wait_timed(mut self) -> EmbeddingResult<(Vec<u8>, Option<ClientTimes>)> {
         let reply = self.reply.as_mut().expect("a reply is awaited once");
         // Borrowed, not taken: if this future is dropped mid-wait, `drop` still withdraws.
         let result = reply.await.unwrap_or_else(|_| Err(supervisor_gone()));
+        let woke = Instant::now();
         self.reply = None;
-        result
+        let Delivery { payload, first_bytes_at, delivered_at } = result?;
+        let times = self.encoded.take().map(|(encode_started, encoded, frame)| ClientTimes {
+            encode_started,
+            encoded,
+            written: frame.written_at().unwrap_or(encoded),
+            reply_read: first_bytes_at,
+            delivered: delivered_at.unwrap_or(woke),
+            woke,
+        });
+        Ok((payload, times))
     }
 }
 

@@ -13,7 +13,8 @@
 //!    pending: id ─▶ {frame, oneshot, attempts, tokens} ─▶ routed to the ready worker with
 //!    the fewest estimated tokens outstanding (a bulk request does not hold up queries)
 //!          │                         │                          │
-//!          ▼ supervisor.rs, one per worker: writer task ──frames──▶ worker stdin
+//!          ▼ supervisor.rs, one per worker: stdin lane ──frames──▶ worker stdin (the caller
+//!    │       writes its own frame when the stdin is idle, else the worker's writer task does)
 //!    ▲                                                              │ batcher ─▶ ONNX Runtime
 //!    │ oneshot(reply payload)                                       ▼
 //!  reader task ─▶ Dispatcher: by id ◀──────frames, any order──── worker stdout
@@ -73,6 +74,7 @@ pub use config::{
 pub use dispatch::{ClientStats, WorkerStats};
 pub use types::{
     BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
-    EmbeddingResult, ModelDescription, ModelInfo, Usage, EMPTY_BATCH_MESSAGE,
+    EmbeddingResult, ModelDescription, ModelInfo, RequestTrace, TracedEmbedding, Usage,
+    WorkerTrace, EMPTY_BATCH_MESSAGE,
 };
 pub use wire::{Limits, ReadyHello};

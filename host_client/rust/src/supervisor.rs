@@ -1,11 +1,13 @@
-//! One worker of the pool and its supervisor: the process, its writer and reader tasks, the
-//! hang watch and the restart budget. The requests themselves belong to the dispatcher above
-//! (`dispatch.rs`), which this module knows only as the [`Pool`] trait: a supervisor tells it
-//! when its worker is ready, what the worker answered, and when the worker is gone, and the
-//! dispatcher decides where requests go.
+//! One worker of the pool and its supervisor: the process, its stdin lane (written by the
+//! callers when idle, else by its writer task), its reader task, the hang watch and the
+//! restart budget. The requests themselves belong to the dispatcher above (`dispatch.rs`),
+//! which this module knows only as the [`Pool`] trait: a supervisor tells it when its worker
+//! is ready, what the worker answered, and when the worker is gone, and the dispatcher decides
+//! where requests go.
 //!
 //! ```text
-//!   dispatcher ── frames routed to this worker ──▶ writer task ──▶ stdin
+//!   dispatcher ── frames routed to this worker ──▶ FrameSender::send ──▶ stdin: the caller
+//!     writes its own frame when the stream is idle, else the writer task (see FrameSender)
 //!   reader task: frame from stdout ── Pool::deliver(slot, generation, id) ──▶ the caller
 //!
 //!   reader task: stdout EOF / broken frame ─┐
@@ -29,13 +31,16 @@
 //! Events carry the generation of the worker they are about, so a late event about a worker
 //! already replaced is ignored.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::{Child, ChildStdin, ChildStdout};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -46,11 +51,168 @@ use crate::wire::{self, ReadyHello, ReplyEnvelope};
 
 pub(crate) use crate::process::StartedWorker;
 
-/// A frame shared by the dispatcher's pending table (for re-sending) and a writer task.
-pub(crate) type Frame = Arc<Vec<u8>>;
-/// Where the dispatcher puts the frames routed to one worker; dropping it closes the worker's
-/// stdin (after the frames already queued).
-pub(crate) type FrameSender = mpsc::UnboundedSender<Frame>;
+/// A frame shared by the dispatcher's pending table (for re-sending) and the worker's stdin
+/// lane ([`FrameSender`]).
+pub(crate) type Frame = Arc<OutFrame>;
+
+/// One request's whole frame, and for a traced request when it was first written whole.
+pub(crate) struct OutFrame {
+    bytes: Vec<u8>,
+    written_at: Option<OnceLock<std::time::Instant>>,
+}
+
+impl OutFrame {
+    pub(crate) fn new(bytes: Vec<u8>, traced: bool) -> Frame {
+        Arc::new(Self { bytes, written_at: traced.then(OnceLock::new) })
+    }
+
+    /// The length prefix and payload.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// For a traced frame: the frame has been handed whole to the worker's stdin (the first
+    /// time counts: a frame sent again to a new worker keeps its first time).
+    fn mark_written(&self) {
+        if let Some(written_at) = &self.written_at {
+            let _ = written_at.set(std::time::Instant::now());
+        }
+    }
+
+    /// When a traced frame was first written whole; `None` for an untraced one, or one not
+    /// written yet.
+    pub(crate) fn written_at(&self) -> Option<std::time::Instant> {
+        self.written_at.as_ref().and_then(|at| at.get().copied())
+    }
+}
+
+/// A reply frame's payload as the reader read it.
+pub(crate) struct Reply {
+    pub payload: Vec<u8>,
+    /// When its frame's first bytes were read.
+    pub first_bytes_at: std::time::Instant,
+}
+/// Where the dispatcher puts the frames routed to one worker ([`FrameSender::send`]): the
+/// worker's stdin, written by the caller itself when nobody else is writing, else by the
+/// worker's writer task. Dropping it closes the worker's stdin once every frame sent before is
+/// written.
+///
+/// ```text
+///   send(frame) ─▶ lane lock ─▶ stdin idle and nothing queued? ─▶ the caller writes the frame
+///                    │              now, as far as the pipe takes it without waiting (never
+///                    │              awaits, never blocks) ─▶ all of it: done
+///                    └─ else (writer busy, or the pipe full) ─▶ queue (the rest of) the frame
+///                         ─▶ writer task: takes stdin out of the lane, writes the queue in
+///                            order, flushes, puts stdin back once the queue is empty
+/// ```
+///
+/// Frames go out in the order of `send` and never interleave: a caller writes only while the
+/// queue is empty and the writer task does not hold the stream, and whatever part of its frame
+/// the pipe did not take is queued first. The lane's lock is never held across an await: a
+/// worker that stops reading fills the pipe, the caller queues what is left and returns, and
+/// only the writer task waits (until the worker reads again, or is killed and its stdin
+/// breaks).
+pub(crate) struct FrameSender {
+    lane: Arc<Lane>,
+}
+
+impl FrameSender {
+    /// Writes `frame` to the worker's stdin after every frame sent before it: at once, by the
+    /// calling thread, when the stream is idle and the pipe has room; what is left is handed
+    /// to the writer task. Returns without waiting in either case; a worker whose stdin broke
+    /// is reported by the writer task.
+    pub(crate) fn send(&self, frame: Frame) {
+        let mut lane = self.lane.lock();
+        let mut written = 0;
+        if cfg!(unix) && lane.queue.is_empty() {
+            if let Some(stdin) = lane.idle.as_mut() {
+                written = write_now(stdin.get_mut(), frame.bytes(), &self.lane.no_wake);
+                if written == frame.bytes().len() {
+                    frame.mark_written();
+                    return;
+                }
+            }
+        }
+        lane.queue.push_back((frame, written));
+        drop(lane);
+        self.lane.work.notify_one();
+    }
+}
+
+impl Drop for FrameSender {
+    /// The dispatcher routes nothing more here: the writer task writes what is queued and
+    /// closes the worker's stdin.
+    fn drop(&mut self) {
+        self.lane.lock().open = false;
+        self.lane.work.notify_one();
+    }
+}
+
+/// One worker's stdin, shared by the callers (through the [`FrameSender`]) and its writer task.
+struct Lane {
+    state: Mutex<LaneState>,
+    /// Wakes the writer task: a frame was queued, or the sender was dropped.
+    work: Notify,
+    /// The waker of a caller's write: nobody waits for its readiness (what the pipe does not
+    /// take at once goes to the writer task, which waits with its own waker).
+    no_wake: Waker,
+}
+
+struct LaneState {
+    /// The worker's stdin while nobody is writing to it, its buffer empty. The writer task
+    /// takes it out while it writes.
+    idle: Option<BufWriter<ChildStdin>>,
+    /// What the writer task has to write, in order: frames, each with the bytes of it
+    /// already written (by a caller whose write the pipe took only in part).
+    queue: VecDeque<(Frame, usize)>,
+    /// False once the sender is dropped.
+    open: bool,
+}
+
+impl Lane {
+    fn lock(&self) -> MutexGuard<'_, LaneState> {
+        // Every update is one step: a panic elsewhere leaves the lane consistent.
+        self.state.lock().unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+struct NoWake;
+
+impl std::task::Wake for NoWake {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// Writes what the pipe takes of `bytes` right now, without waiting; returns how many bytes
+/// were written (0 when the pipe is full or the write failed: the writer task then meets the
+/// same error and reports it).
+fn write_now(stdin: &mut ChildStdin, mut bytes: &[u8], no_wake: &Waker) -> usize {
+    let mut context = Context::from_waker(no_wake);
+    let mut written = 0;
+    while !bytes.is_empty() {
+        match Pin::new(&mut *stdin).poll_write(&mut context, bytes) {
+            Poll::Ready(Ok(count)) if count > 0 => {
+                written += count;
+                bytes = &bytes[count..];
+            }
+            _ => break,
+        }
+    }
+    written
+}
+
+/// A new lane over `stdin` and its sender; `write_frames` is its writer task.
+fn lane(stdin: ChildStdin) -> (FrameSender, Arc<Lane>) {
+    let lane = Arc::new(Lane {
+        state: Mutex::new(LaneState {
+            idle: Some(BufWriter::with_capacity(STDIN_BUFFER_BYTES, stdin)),
+            queue: VecDeque::new(),
+            open: true,
+        }),
+        work: Notify::new(),
+        no_wake: Waker::from(Arc::new(NoWake)),
+    });
+    (FrameSender { lane: lane.clone() }, lane)
+}
 
 /// Why the requests a worker held are being sent elsewhere.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -67,7 +229,7 @@ pub(crate) trait Pool: Send + Sync + 'static {
     /// A worker of `slot` wrote its hello: requests may be routed to it through `frames`.
     fn ready(&self, slot: usize, generation: u64, hello: ReadyHello, frames: FrameSender);
     /// The worker answered request `id`.
-    fn deliver(&self, slot: usize, generation: u64, id: u64, payload: Vec<u8>);
+    fn deliver(&self, slot: usize, generation: u64, id: u64, reply: Reply);
     /// Since when the worker has held a request without answering anything (the oldest such
     /// request); `None` when it holds none.
     fn quiet_since(&self, slot: usize, generation: u64) -> Option<std::time::Instant>;
@@ -264,8 +426,8 @@ impl Supervisor {
             hello.providers
         );
         let max_reply_bytes = hello.limits.max_frame_bytes.max(wire::DEFAULT_MAX_FRAME_BYTES);
-        let (frames, frames_rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_frames(stdin, frames_rx, self.events_tx.clone(), generation));
+        let (frames, lane) = lane(stdin);
+        tokio::spawn(write_frames(lane, self.events_tx.clone(), generation));
         let reader = tokio::spawn(read_replies(
             stdout,
             self.pool.clone(),
@@ -345,7 +507,8 @@ impl Supervisor {
     /// Graceful stop: the worker gets EOF on stdin, answers what it holds and exits (killed
     /// after `close_timeout`).
     async fn close(&mut self) {
-        // Dropping the frame sender ends the writer task, which closes the worker's stdin.
+        // Dropping the frame sender ends the writer task (once it has written what was
+        // queued), which closes the worker's stdin.
         self.pool.unroutable(self.slot);
         if let Some(mut worker) = self.worker.take() {
             let close_timeout = self.config().close_timeout;
@@ -385,33 +548,74 @@ async fn retire(mut worker: LiveWorker) -> (Option<std::process::ExitStatus>, St
     (status, worker.stderr_tail.quoted())
 }
 
-/// Writes frames to the worker's stdin in the order they were queued, batching whatever is
-/// queued into one flush. Ends (closing stdin) when the dispatcher stops routing to this worker.
-async fn write_frames(
-    stdin: ChildStdin,
-    mut frames: mpsc::UnboundedReceiver<Frame>,
-    events: mpsc::UnboundedSender<Event>,
-    generation: u64,
-) {
-    let mut stdin = BufWriter::with_capacity(STDIN_BUFFER_BYTES, stdin);
-    while let Some(frame) = frames.recv().await {
-        let mut written = stdin.write_all(&frame).await;
-        while written.is_ok() {
-            match frames.try_recv() {
-                Ok(frame) => written = stdin.write_all(&frame).await,
-                Err(_) => break,
+/// The writer task of a worker's stdin lane: whenever frames are queued, takes the stream out
+/// of the lane, writes them in order (several at once are flushed together), and puts the
+/// stream back once nothing is queued. Ends when the dispatcher drops the sender (after the
+/// frames queued before: the worker's stdin then closes) or when a write fails (the worker is
+/// reported gone).
+async fn write_frames(lane: Arc<Lane>, events: mpsc::UnboundedSender<Event>, generation: u64) {
+    let mut written = Vec::new();
+    loop {
+        let next = {
+            let mut state = lane.lock();
+            match (state.queue.is_empty(), state.open) {
+                (false, _) => Next::Write(state.idle.take()),
+                (true, true) => Next::Wait,
+                (true, false) => Next::Close(state.idle.take()),
+            }
+        };
+        let mut stdin = match next {
+            Next::Wait => {
+                lane.work.notified().await;
+                continue;
+            }
+            Next::Close(stdin) => {
+                if let Some(mut stdin) = stdin {
+                    let _ = stdin.shutdown().await;
+                }
+                return;
+            }
+            // only this task takes the stream out of the lane, and it puts it back before
+            // it waits: it is there
+            Next::Write(None) => return,
+            Next::Write(Some(stdin)) => stdin,
+        };
+        loop {
+            if let Err(error) = write_queued(&lane, &mut stdin, &mut written).await {
+                let reason = format!("stopped reading its stdin ({error})");
+                let _ = events.send(Event::WorkerGone { generation, reason });
+                return;
+            }
+            let mut state = lane.lock();
+            if state.queue.is_empty() {
+                state.idle = Some(stdin);
+                break;
             }
         }
-        if written.is_ok() {
-            written = stdin.flush().await;
-        }
-        if let Err(error) = written {
-            let reason = format!("stopped reading its stdin ({error})");
-            let _ = events.send(Event::WorkerGone { generation, reason });
-            return;
-        }
     }
-    let _ = stdin.shutdown().await;
+}
+
+enum Next {
+    Write(Option<BufWriter<ChildStdin>>),
+    Wait,
+    Close(Option<BufWriter<ChildStdin>>),
+}
+
+/// Writes the lane's queue to `stdin` until it is empty, and flushes.
+async fn write_queued(
+    lane: &Lane,
+    stdin: &mut BufWriter<ChildStdin>,
+    written: &mut Vec<Frame>,
+) -> std::io::Result<()> {
+    loop {
+        let next = lane.lock().queue.pop_front();
+        let Some((frame, from)) = next else { break };
+        stdin.write_all(&frame.bytes()[from..]).await?;
+        written.push(frame);
+    }
+    stdin.flush().await?;
+    written.drain(..).for_each(|frame| frame.mark_written());
+    Ok(())
 }
 
 /// Reads replies from the worker's stdout and hands each to the dispatcher, until the stream
@@ -425,18 +629,20 @@ async fn read_replies(
     max_reply_bytes: usize,
 ) {
     let reason = loop {
-        match wire::read_frame(&mut stdout, max_reply_bytes).await {
-            Ok(Some(payload)) => match wire::decode_payload::<ReplyEnvelope>(&payload) {
-                Ok(ReplyEnvelope { id: Some(id), .. }) => {
-                    pool.deliver(slot, generation, id, payload)
+        match wire::read_frame_timed(&mut stdout, max_reply_bytes).await {
+            Ok(Some((payload, first_bytes_at))) => {
+                match wire::decode_payload::<ReplyEnvelope>(&payload) {
+                    Ok(ReplyEnvelope { id: Some(id), .. }) => {
+                        pool.deliver(slot, generation, id, Reply { payload, first_bytes_at })
+                    }
+                    Ok(ReplyEnvelope { id: None, error, .. }) => {
+                        // About no request of ours (a frame the worker could not read): a bug to
+                        // log, not a reason to stop.
+                        tracing::warn!(pid, "worker reported an error about no request: {error:?}");
+                    }
+                    Err(error) => break format!("wrote a frame this client cannot read ({error})"),
                 }
-                Ok(ReplyEnvelope { id: None, error, .. }) => {
-                    // About no request of ours (a frame the worker could not read): a bug to
-                    // log, not a reason to stop.
-                    tracing::warn!(pid, "worker reported an error about no request: {error:?}");
-                }
-                Err(error) => break format!("wrote a frame this client cannot read ({error})"),
-            },
+            }
             Ok(None) => break "closed its stdout".to_owned(),
             Err(error) => break format!("broke the frame stream ({error})"),
         }

@@ -21,6 +21,7 @@
 //! ```
 
 use std::future::Future;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -133,6 +134,149 @@ pub struct EmbedOptions {
     /// `Some(false)`: an input longer than the model's `max_tokens` fails the request with
     /// `InvalidInput` instead of being cut. `None` leaves it to the worker (which truncates).
     pub truncate: Option<bool>,
+}
+
+/// The vectors of a traced call ([`WorkerClient::embed_traced`]) and where each of its wire
+/// requests spent its time.
+///
+/// [`WorkerClient::embed_traced`]: crate::WorkerClient::embed_traced
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracedEmbedding {
+    /// What `embed_batch_with` would have answered.
+    pub response: BatchEmbeddingResponse,
+    /// One trace per wire request, in sending order (shortest texts first); a lone query, or
+    /// any batch within the worker's limits, is one wire request.
+    pub traces: Vec<RequestTrace>,
+}
+
+/// Where one wire request of a traced call spent its time: the client's stages, measured on
+/// the client's clock, and the worker's marks ([`WorkerTrace`]), on the worker's. Only
+/// durations are compared across the two clocks: [`pipes_and_wakeups`] is what remains of
+/// `total` once every measured stage is taken out.
+///
+/// ```text
+/// caller ── client_encode ──▶ frame ── client_write ──▶ worker stdin
+///   worker: read ─ parse ─ tokenize ─ queue ─ ort_run ─ pool ─ reply_encode ─▶ stdout
+/// reader ── reader_read ──▶ delivered ── caller_wakeup ──▶ caller ── client_decode ──▶ done
+/// total: from the start of client_encode to the end of client_decode
+/// ```
+///
+/// Meant for a lone request: when several wire requests are in flight together, their stages
+/// overlap and each total includes waiting for the others.
+///
+/// [`pipes_and_wakeups`]: RequestTrace::pipes_and_wakeups
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTrace {
+    /// The worker's marks for this request; `None` from a worker that predates tracing (it
+    /// ignores the request's `trace`).
+    pub worker: Option<WorkerTrace>,
+    /// Request to frame bytes (msgpack encoding and the length prefix).
+    pub client_encode: Duration,
+    /// Frame ready to frame written to the worker's stdin: the hand-over to whoever writes it
+    /// (the caller itself when the stream is idle, else the worker's writer task) and the
+    /// write system calls.
+    pub client_write: Duration,
+    /// The client's reader: from the first bytes of the reply frame read off the worker's
+    /// stdout to the reply handed to the caller (the rest of the frame, the envelope decoded,
+    /// the request looked up by id).
+    pub reader_read: Duration,
+    /// From the reply handed to the caller to the caller running again.
+    pub caller_wakeup: Duration,
+    /// The caller decoding the reply: envelope, body, vectors to `f32`s in the caller's order.
+    pub client_decode: Duration,
+    /// From the start of `client_encode` to the end of `client_decode`.
+    pub total: Duration,
+}
+
+impl RequestTrace {
+    /// Every measured stage, client's and worker's, summed.
+    pub fn measured(&self) -> Duration {
+        self.client_encode
+            + self.client_write
+            + self.worker.map_or(Duration::ZERO, |worker| worker.stages())
+            + self.reader_read
+            + self.caller_wakeup
+            + self.client_decode
+    }
+
+    /// `total` minus every measured stage: the two pipe transits, the wake-ups of the worker's
+    /// reader and of the client's reader, and the worker's moments outside its marked stages
+    /// (building the reply, writing it). A traced reply is encoded twice by the worker (once
+    /// more to time it), so this also holds one extra `reply_encode` that an untraced call
+    /// does not spend. Zero if the stages add up to more (clock granularity).
+    pub fn pipes_and_wakeups(&self) -> Duration {
+        self.total.saturating_sub(self.measured())
+    }
+}
+
+/// The worker's stage marks for one traced embed request (protocol.md, `embed`, `trace`):
+/// instants of the worker's monotonic clock in nanoseconds (`CLOCK_MONOTONIC` on Linux), and
+/// the time it took to encode the reply. The methods give the stages as durations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub struct WorkerTrace {
+    /// The request's frame was read whole.
+    pub read: u64,
+    /// It was decoded and validated.
+    pub parsed: u64,
+    /// Its texts were tokenized.
+    pub tokenized: u64,
+    /// It was put in the batching queue; `None` when the worker ran it at once (a lone query).
+    #[serde(default)]
+    pub queued: Option<u64>,
+    /// The model run holding its first text began.
+    pub started: u64,
+    /// The model run holding its last text returned.
+    pub ran: u64,
+    /// Its vectors were pooled (and normalised).
+    pub pooled: u64,
+    /// Nanoseconds the worker took to encode the reply (a duration, not a mark).
+    pub encode_ns: u64,
+}
+
+impl WorkerTrace {
+    fn between(from: u64, to: u64) -> Duration {
+        Duration::from_nanos(to.saturating_sub(from))
+    }
+
+    /// `parsed - read`: decoding and validating the request.
+    pub fn parse(&self) -> Duration {
+        Self::between(self.read, self.parsed)
+    }
+
+    /// `tokenized - parsed`.
+    pub fn tokenize(&self) -> Duration {
+        Self::between(self.parsed, self.tokenized)
+    }
+
+    /// `started - (queued, or tokenized when it was not queued)`: waiting for the model.
+    pub fn queue(&self) -> Duration {
+        Self::between(self.queued.unwrap_or(self.tokenized), self.started)
+    }
+
+    /// `ran - started`: ONNX Runtime's run.
+    pub fn ort_run(&self) -> Duration {
+        Self::between(self.started, self.ran)
+    }
+
+    /// `pooled - ran`: pooling and normalising.
+    pub fn pool(&self) -> Duration {
+        Self::between(self.ran, self.pooled)
+    }
+
+    /// `encode_ns`: encoding the reply.
+    pub fn reply_encode(&self) -> Duration {
+        Duration::from_nanos(self.encode_ns)
+    }
+
+    /// The sum of the stages above (the moments between them are not included).
+    pub fn stages(&self) -> Duration {
+        self.parse()
+            + self.tokenize()
+            + self.queue()
+            + self.ort_run()
+            + self.pool()
+            + self.reply_encode()
+    }
 }
 
 /// AkiDB's `BatchEmbeddingResponse`.

@@ -11,10 +11,14 @@
 //! embeddings `bin` is borrowed from the payload, not copied, and becomes `f32`s in one bulk
 //! conversion ([`embeddings_from_bytes`]).
 
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::types::{EmbeddingError, EmbeddingResult, ModelDescription, ModelInfo, Usage};
+use crate::types::{
+    EmbeddingError, EmbeddingResult, ModelDescription, ModelInfo, Usage, WorkerTrace,
+};
 
 /// Major version of the wire contract; a worker announcing another one is refused.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -42,6 +46,14 @@ pub struct EmbedRequest<'a> {
     pub truncate: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_name: Option<&'a str>,
+    /// Ask the worker for its stage marks in the reply ([`EmbedReply::trace`]); written only
+    /// when `true`, so an untraced request is the same bytes as before the field existed.
+    #[serde(skip_serializing_if = "is_false")]
+    pub trace: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl<'a> EmbedRequest<'a> {
@@ -145,6 +157,9 @@ pub struct EmbedReply<'a> {
     #[serde(borrow)]
     pub embeddings: &'a serde_bytes::Bytes,
     pub usage: WireUsage,
+    /// The worker's stage marks, present when the request had `trace: true`.
+    #[serde(default)]
+    pub trace: Option<WorkerTrace>,
 }
 
 /// An embed reply's `usage` as the wire has it (the worker measures fractions of a
@@ -330,8 +345,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max_frame_bytes: usize,
 ) -> Result<Option<Vec<u8>>, FrameError> {
+    Ok(read_frame_timed(reader, max_frame_bytes).await?.map(|(payload, _)| payload))
+}
+
+/// [`read_frame`], with the instant the frame's first bytes were read (the reader's read of
+/// the frame runs from then to the return).
+pub async fn read_frame_timed<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_frame_bytes: usize,
+) -> Result<Option<(Vec<u8>, Instant)>, FrameError> {
     let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
     let mut filled = 0;
+    let mut first_bytes_at = None;
     while filled < LENGTH_PREFIX_BYTES {
         let read = reader.read(&mut prefix[filled..]).await?;
         if read == 0 {
@@ -340,6 +365,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             }
             return Err(FrameError::Truncated { read: filled, expected: LENGTH_PREFIX_BYTES });
         }
+        first_bytes_at.get_or_insert_with(Instant::now);
         filled += read;
     }
     let length = u32::from_be_bytes(prefix) as usize;
@@ -355,7 +381,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         }
         filled += read;
     }
-    Ok(Some(payload))
+    Ok(Some((payload, first_bytes_at.unwrap_or_else(Instant::now))))
 }
 
 /// The `count` rows of `dimension` values held by `data` (row-major little-endian f32), each

@@ -49,6 +49,7 @@ fn embed_request_encodes_to_the_golden_frame() {
         normalize: true,
         truncate: Some(true),
         prompt_name: None,
+        trace: false,
     })
     .unwrap();
     assert_eq!(frame, golden("embed_request.bin"));
@@ -90,6 +91,7 @@ fn an_embed_request_without_model_or_truncate_omits_them() {
         normalize: false,
         truncate: None,
         prompt_name: None,
+        trace: false,
     };
     let frame = wire::encode_frame(&request).unwrap();
     // fixmap of 4: id, op, inputs, normalize
@@ -107,6 +109,7 @@ fn a_prompt_name_travels_as_the_last_key() {
         normalize: true,
         truncate: None,
         prompt_name: Some("query"),
+        trace: false,
     };
     let frame = wire::encode_frame(&request).unwrap();
     let decoded: serde_json::Value = rmp_serde::from_slice(payload(&frame)).unwrap();

@@ -258,6 +258,39 @@ async fn health_check_and_ping_succeed() {
 }
 
 #[tokio::test]
+async fn a_traced_call_gives_the_workers_marks_in_order_and_the_same_vectors() {
+    within(async {
+        let client = spawn(config()).await;
+        let texts = vec!["where does the time of a lone query go?".to_owned()];
+        let untraced = client.embed_batch(request("", &texts)).await.unwrap();
+        let traced =
+            client.embed_traced(request("", &texts), &EmbedOptions::default()).await.unwrap();
+        // a trace changes nothing in the response but the worker's duration
+        assert_eq!(traced.response.embeddings, untraced.embeddings);
+        assert_eq!(traced.response.model, untraced.model);
+        assert_eq!(traced.response.usage.total_tokens, untraced.usage.total_tokens);
+        let [trace] = traced.traces[..] else {
+            panic!("one text is one wire request: {:?}", traced.traces)
+        };
+        let worker = trace.worker.expect("the worker sent its marks");
+        let mut marks = vec![worker.read, worker.parsed, worker.tokenized];
+        marks.extend(worker.queued);
+        marks.extend([worker.started, worker.ran, worker.pooled]);
+        assert!(marks.windows(2).all(|pair| pair[0] <= pair[1]), "marks out of order: {worker:?}");
+        assert!(worker.read > 0 && worker.encode_ns > 0, "{worker:?}");
+        assert!(worker.ort_run() > Duration::ZERO, "{worker:?}");
+        for stage in [trace.client_encode, trace.client_write, trace.client_decode] {
+            assert!(stage > Duration::ZERO, "{trace:?}");
+        }
+        // the stages happen one after the other within the round trip
+        assert!(trace.measured() <= trace.total, "{trace:?}");
+        assert_eq!(trace.pipes_and_wakeups(), trace.total - trace.measured());
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_request_for_another_model_is_model_not_found() {
     within(async {
         let client = spawn(config()).await;
@@ -361,6 +394,13 @@ async fn a_mixed_length_batch_split_and_sent_shortest_first_comes_back_in_order(
         assert_eq!((flat.dimension, flat.values.len()), (384, texts.len() * 384));
         assert_close(&flat.rows().map(<[f32]>::to_vec).collect::<Vec<_>>(), &want);
         assert_eq!(flat.usage.total_tokens, response.usage.total_tokens);
+        // traced: the same vectors, and one trace per wire request
+        let traced =
+            client.embed_traced(request("", &texts), &EmbedOptions::default()).await.unwrap();
+        assert_eq!(traced.response.embeddings.len(), texts.len());
+        assert_close(&traced.response.embeddings, &want);
+        assert_eq!(traced.traces.len(), 6);
+        assert!(traced.traces.iter().all(|trace| trace.worker.is_some()));
         client.close().await;
     })
     .await;
@@ -474,6 +514,76 @@ async fn a_stopped_worker_times_out_and_is_replaced() {
         signal(stopped_pid, "STOP");
         let response = client.embed_batch(request("", &["still answered".to_owned()])).await;
         assert_eq!(response.unwrap().embeddings.len(), 1);
+        assert_ne!(client.worker_pid(), Some(stopped_pid));
+        eventually("the stopped worker is killed and reaped", || !process_exists(stopped_pid))
+            .await;
+        client.close().await;
+    })
+    .await;
+}
+
+/// A text whose frame is larger than a pipe holds (64 KiB on Linux): its caller's own write
+/// can take only part of it, the writer task writes the rest.
+fn over_a_pipe() -> String {
+    "a long text that does not fit in the pipe at once ".repeat(4000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_larger_than_the_pipe_are_finished_before_the_next_ones() {
+    within(async {
+        let client = spawn(config()).await;
+        let long = over_a_pipe();
+        let short: Vec<String> = (0..20).map(|i| format!("a short sentence {i}")).collect();
+        let alone = client.embed_batch(request("", std::slice::from_ref(&long))).await.unwrap();
+        let want = client.embed_batch(request("", &short)).await.unwrap().embeddings;
+        // Each task sends the long frame, then the short ones while the pipe is still full,
+        // and the tasks overlap: a frame written into the middle of another would break the
+        // stream (the worker would exit 3 and be replaced).
+        let pid = client.worker_pid();
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let (client, long, short) = (client.clone(), long.clone(), short.clone());
+                tokio::spawn(async move {
+                    let calls = std::iter::once(&long)
+                        .chain(&short)
+                        .map(|text| client.embed_batch(request("", std::slice::from_ref(text))));
+                    futures_join_all(calls).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let mut responses = task.await.unwrap().into_iter();
+            let first = responses.next().unwrap().unwrap();
+            assert_close(&first.embeddings, &alone.embeddings);
+            let got: Vec<Vec<f32>> =
+                responses.map(|response| response.unwrap().embeddings.remove(0)).collect();
+            assert_close(&got, &want);
+        }
+        assert_eq!(client.worker_pid(), pid, "the same worker answered all");
+        assert_eq!(client.stats().restarts, 0);
+        client.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stopped_worker_with_a_full_pipe_blocks_no_caller() {
+    within(async {
+        let mut config = config();
+        config.request_timeout = Duration::from_secs(3);
+        let client = spawn(config).await;
+        let stopped_pid = client.worker_pid().unwrap();
+        signal(stopped_pid, "STOP");
+        // The pipe fills up and stays full: every call still returns to its task at once (this
+        // test's runtime has one thread: a caller blocked in a write would stop everything,
+        // the supervisor's hang watch included), and the replacement answers them all.
+        let long = over_a_pipe();
+        let texts = [long.clone(), "one".to_owned(), long, "two".to_owned()];
+        let calls =
+            texts.iter().map(|text| client.embed_batch(request("", std::slice::from_ref(text))));
+        for response in futures_join_all(calls).await {
+            assert_eq!(response.unwrap().embeddings.len(), 1);
+        }
         assert_ne!(client.worker_pid(), Some(stopped_pid));
         eventually("the stopped worker is killed and reaped", || !process_exists(stopped_pid))
             .await;
