@@ -160,6 +160,8 @@ class Dispatcher:
         self._in_flight_texts = 0
         self._peak_in_flight_texts = 0
         self._resent_requests = 0
+        self._limits_of: Hello | None = None
+        self._limits_cache: dict[tuple[str | None, str | None], ChunkLimits] = {}
 
     # ----------------------------------------------------------------- public to the twins
 
@@ -309,7 +311,7 @@ class Dispatcher:
         if self._pending.pop(request.request_id, None) is not request:
             return []
         self._in_flight_texts -= request.text_count
-        admitted = self._admit_locked() if request.text_count else []
+        admitted = self._admit_locked() if request.text_count and self._waiting else []
         return [functools.partial(self._pump, admitted)] if admitted else []
 
     def lost_locked(
@@ -385,7 +387,7 @@ class Dispatcher:
         texts = list(request.inputs)
         if not texts:
             raise InvalidInput(EMPTY_BATCH)
-        frame_room = ChunkLimits.of(hello, 1, request).max_payload_bytes - TEXT_HEADER_BYTES
+        frame_room = self._limits(hello, request).max_payload_bytes - TEXT_HEADER_BYTES
         max_text_bytes = min(hello.max_text_bytes, frame_room)
         sizes = []
         for index, text in enumerate(texts):
@@ -400,6 +402,17 @@ class Dispatcher:
                 )
             sizes.append(size)
         return texts, sizes
+
+    def _limits(self, hello: Hello, call: BatchEmbeddingRequest | EmbedCall) -> ChunkLimits:
+        """What one wire request of ``call`` may carry (cached per hello, model and prompt)."""
+        key = (call.model, call.prompt_name)
+        if self._limits_of is not hello:
+            self._limits_of, self._limits_cache = hello, {}
+        limits = self._limits_cache.get(key)
+        if limits is None:
+            limits = ChunkLimits.of(hello, self.config.max_in_flight_texts, call)
+            self._limits_cache[key] = limits
+        return limits
 
     def _admit_locked(self) -> list[WireRequest]:
         """Turn waiting texts into wire requests while the in-flight bound has room."""
@@ -416,7 +429,7 @@ class Dispatcher:
                 continue
             start = call.next_index
             if call.chunk_stop is None:
-                limits = ChunkLimits.of(hello, bound, call)
+                limits = self._limits(hello, call)
                 call.chunk_stop = chunk_end(call.texts, call.sizes, start, limits)
             stop = call.chunk_stop
             count = stop - start
@@ -481,7 +494,7 @@ class Dispatcher:
         ready = [connection for connection in self._connections if connection.ready]
         if not ready:
             return
-        target = min(ready, key=lambda connection: connection.load_locked())
+        target = ready[0] if len(ready) == 1 else min(ready, key=Connection.load_locked)
         if request.attempts:
             self._resent_requests += 1
         target.send_locked(request)

@@ -30,7 +30,7 @@ def test_breakdown_times_every_stage_of_a_lone_request(
     run_bench(metadata, tmp_path, "--breakdown")
     document = json.loads((tmp_path / "bench-breakdown.json").read_text())
     stages = document["stages"]
-    assert list(stages) == ["raw frames", "python"]
+    assert list(stages) == ["in-process", "raw frames", "python"]
     for column in stages.values():
         assert list(column) == [name for name, _ in STAGES]
         # one clock for host and worker: every stage is a non-negative span of the round trip

@@ -28,16 +28,23 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 
 from akidb_embed import wire
 from akidb_embed.bench.corpus import build_corpus
-from akidb_embed.bench.runner import CONCURRENT_CALLERS, _bulk, _concurrent, rust_example
+from akidb_embed.bench.runner import (
+    CONCURRENT_CALLERS,
+    _bulk,
+    _concurrent,
+    rust_example,
+    rust_example_argv,
+)
 from akidb_embed.models import load_metadata
 
 __all__ = [
@@ -74,7 +81,7 @@ class RawWorker:
         )
         assert self._process.stdin is not None and self._process.stdout is not None
         self._stdin = self._process.stdin
-        self._replies = wire.FrameReader(self._process.stdout, 1 << 30)
+        self._replies = wire.FrameReader(cast(BinaryIO, self._process.stdout), 1 << 30)
         hello = self._read()
         self.ready_seconds = time.perf_counter() - started
         if hello.get("ok") is not True:
@@ -120,23 +127,6 @@ class RawWorker:
         self._process.wait(timeout=30)
 
 
-def _raw_concurrent(raw: RawWorker, sentences: Sequence[str], calls: int) -> dict[str, float]:
-    """16-way for raw frames: 16 one-text requests kept in flight by one thread."""
-    batches = [[sentences[index % len(sentences)]] for index in range(calls)]
-    started = time.perf_counter()
-    raw.pipelined(batches, CONCURRENT_CALLERS)
-    return {"requests_per_s": calls / (time.perf_counter() - started)}
-
-
-def _raw_bulk(raw: RawWorker, corpus: Sequence[str]) -> dict[str, float]:
-    """Bulk for raw frames: the corpus sorted by length, 64 texts a request, 4 in flight."""
-    ordered = sorted(corpus, key=len)
-    batches = [ordered[start : start + 64] for start in range(0, len(ordered), 64)]
-    started = time.perf_counter()
-    raw.pipelined(batches, 4)
-    return {"texts_per_s": len(corpus) / (time.perf_counter() - started)}
-
-
 def _lone_block(embed: EmbedFn, sentences: Sequence[str], calls: int) -> list[float]:
     samples = []
     for index in range(calls):
@@ -144,6 +134,127 @@ def _lone_block(embed: EmbedFn, sentences: Sequence[str], calls: int) -> list[fl
         embed([sentences[index % len(sentences)]])
         samples.append((time.perf_counter() - started) * 1000.0)
     return samples
+
+
+class Side:
+    """One way of embedding measured by ``--lone``: started (``ready_s``, then the first
+    calls, ``first_ms``) when made, then asked for blocks of workloads in turn with the others.
+    """
+
+    name = ""
+    ready_s = 0.0
+    first_ms: list[float]
+
+    def lone(self, sentences: Sequence[str], calls: int) -> list[float]:
+        raise NotImplementedError
+
+    def concurrent(self, sentences: Sequence[str], calls: int) -> float:
+        raise NotImplementedError
+
+    def bulk(self, corpus: Sequence[str]) -> float:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _Embedder(Side):
+    """In-process or the Python client: an ``embed`` function called by this process."""
+
+    def __init__(self, name: str, start: Callable[[], Any], sentences: Sequence[str]) -> None:
+        self.name = name
+        started = time.perf_counter()
+        self._embedder = start()
+        self.ready_s = time.perf_counter() - started
+        self.first_ms = _lone_block(self._embedder.embed, sentences, FIRST_CALLS)
+
+    def lone(self, sentences: Sequence[str], calls: int) -> list[float]:
+        return _lone_block(self._embedder.embed, sentences, calls)
+
+    def concurrent(self, sentences: Sequence[str], calls: int) -> float:
+        return _concurrent(self._embedder.embed, sentences, calls)["requests_per_s"]
+
+    def bulk(self, corpus: Sequence[str]) -> float:
+        return _bulk(self._embedder.embed, corpus)["texts_per_s"]
+
+    def close(self) -> None:
+        close = getattr(self._embedder, "close", None)
+        if close is not None:
+            close()
+
+
+class _RawFrames(Side):
+    name = "raw frames"
+
+    def __init__(self, model_dir: Path, threads: int, spin_wait: bool, sentences: Sequence[str]):
+        self._raw = RawWorker(model_dir, threads, spin_wait)
+        self.ready_s = self._raw.ready_seconds
+        self.first_ms = _lone_block(self._raw.embed, sentences, FIRST_CALLS)
+
+    def lone(self, sentences: Sequence[str], calls: int) -> list[float]:
+        return _lone_block(self._raw.embed, sentences, calls)
+
+    def concurrent(self, sentences: Sequence[str], calls: int) -> float:
+        """16 one-text requests kept in flight by one thread."""
+        batches = [[sentences[index % len(sentences)]] for index in range(calls)]
+        started = time.perf_counter()
+        self._raw.pipelined(batches, CONCURRENT_CALLERS)
+        return calls / (time.perf_counter() - started)
+
+    def bulk(self, corpus: Sequence[str]) -> float:
+        """The corpus sorted by length, 64 texts a request, 4 requests in flight."""
+        ordered = sorted(corpus, key=len)
+        batches = [ordered[start : start + 64] for start in range(0, len(ordered), 64)]
+        started = time.perf_counter()
+        self._raw.pipelined(batches, 4)
+        return len(corpus) / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        self._raw.close()
+
+
+class _Rust(Side):
+    """The Rust crate's client: its ``roundtrip`` example in ``--serve`` mode, one stdin
+    command per block (its start figures are its own: spawn to ready, first 30 calls)."""
+
+    name = "rust"
+
+    def __init__(self, argv: list[str], corpus_file: Path) -> None:
+        self._process = subprocess.Popen(
+            [*argv, "--serve", "--corpus", str(corpus_file)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        start = self._answer(None)
+        self.ready_s = start["ready_ms"] / 1000.0
+        self.first_ms = [start["first_calls_p50_ms"]]
+
+    def _answer(self, command: str | None) -> dict[str, Any]:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        if command is not None:
+            self._process.stdin.write(command + "\n")
+            self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the Rust example ended (exit {self._process.wait()})")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def lone(self, sentences: Sequence[str], calls: int) -> list[float]:
+        return list(self._answer(f"lone {calls}")["samples_ms"])
+
+    def concurrent(self, sentences: Sequence[str], calls: int) -> float:
+        return float(self._answer(f"x16 {calls}")["requests_per_s"])
+
+    def bulk(self, corpus: Sequence[str]) -> float:
+        return float(self._answer("bulk")["texts_per_s"])
+
+    def close(self) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.close()
+        self._process.wait(timeout=60)
 
 
 def _pct(samples: Sequence[float], q: float) -> float:
@@ -177,6 +288,8 @@ def _spin_mode(
     corpus: Sequence[str],
     rounds: int,
     calls: int,
+    rust_argv: list[str] | None,
+    corpus_file: Path,
 ) -> dict[str, dict[str, float]]:
     """Every figure of one spin setting: figures[metric][side]."""
     from akidb_embed.host_client import EmbeddingClient
@@ -190,79 +303,43 @@ def _spin_mode(
 
     put("ready_s", FRESH, _in_process_start(model_dir, threads))
     config = WorkerConfig(model_dir=model_dir, threads=threads, spin_wait=spin_wait)
-    started = time.perf_counter()
-    engine = Engine.load(config)
-    put("ready_s", "in-process", time.perf_counter() - started)
-    first: dict[str, list[float]] = {"in-process": _lone_block(engine.embed, short, FIRST_CALLS)}
-    time.sleep(PAUSE_SECONDS)
-    started = time.perf_counter()
-    client = EmbeddingClient(
-        model_dir, threads=threads, worker_args=["--spin-wait"] if spin_wait else []
-    )
-    put("ready_s", "python", time.perf_counter() - started)
-    first["python"] = _lone_block(client.embed, short, FIRST_CALLS)
-    time.sleep(PAUSE_SECONDS)
-    raw = RawWorker(model_dir, threads, spin_wait)
-    put("ready_s", "raw frames", raw.ready_seconds)
-    first["raw frames"] = _lone_block(raw.embed, short, FIRST_CALLS)
-    sides: dict[str, EmbedFn] = {
-        "in-process": engine.embed,
-        "python": client.embed,
-        "raw frames": raw.embed,
-    }
+    worker_args = ["--spin-wait"] if spin_wait else []
+    starts: list[Callable[[], Side]] = [
+        lambda: _Embedder("in-process", lambda: Engine.load(config), short),
+        lambda: _Embedder(
+            "python",
+            lambda: EmbeddingClient(model_dir, threads=threads, worker_args=worker_args),
+            short,
+        ),
+        lambda: _RawFrames(model_dir, threads, spin_wait, short),
+    ]
+    if rust_argv is not None:
+        starts.append(lambda: _Rust(rust_argv + worker_args, corpus_file))
+    sides: list[Side] = []
     try:
-        lone: dict[str, list[float]] = {name: [] for name in sides}
+        for start in starts:  # one at a time: a start is measured on a quiet machine
+            time.sleep(PAUSE_SECONDS)
+            sides.append(start())
+        lone: dict[str, list[float]] = {side.name: [] for side in sides}
         for _ in range(rounds):
-            for name, embed in sides.items():
+            for side in sides:
                 time.sleep(PAUSE_SECONDS)
-                lone[name] += _lone_block(embed, short, calls)
-        for name, samples in lone.items():
-            put("lone_p50_ms", name, _pct(samples, 50))
-            put("lone_p99_ms", name, _pct(samples, 99))
-            put("first30_p50_ms", name, statistics.median(first[name]))
-        time.sleep(PAUSE_SECONDS)
-        put("x16_requests_per_s", "in-process",
-            _concurrent(engine.embed, short, rounds * calls)["requests_per_s"])  # fmt: skip
-        time.sleep(PAUSE_SECONDS)
-        put("x16_requests_per_s", "python",
-            _concurrent(client.embed, short, rounds * calls)["requests_per_s"])  # fmt: skip
-        time.sleep(PAUSE_SECONDS)
-        put("x16_requests_per_s", "raw frames",
-            _raw_concurrent(raw, short, rounds * calls)["requests_per_s"])  # fmt: skip
-        time.sleep(PAUSE_SECONDS)
-        put("bulk_texts_per_s", "in-process", _bulk(engine.embed, corpus)["texts_per_s"])
-        time.sleep(PAUSE_SECONDS)
-        put("bulk_texts_per_s", "python", _bulk(client.embed, corpus)["texts_per_s"])
-        time.sleep(PAUSE_SECONDS)
-        put("bulk_texts_per_s", "raw frames", _raw_bulk(raw, corpus)["texts_per_s"])
+                lone[side.name] += side.lone(short, calls)
+        for side in sides:
+            put("ready_s", side.name, side.ready_s)
+            put("lone_p50_ms", side.name, _pct(lone[side.name], 50))
+            put("lone_p99_ms", side.name, _pct(lone[side.name], 99))
+            put("first30_p50_ms", side.name, statistics.median(side.first_ms))
+        for side in sides:
+            time.sleep(PAUSE_SECONDS)
+            put("x16_requests_per_s", side.name, side.concurrent(short, rounds * calls))
+        for side in sides:
+            time.sleep(PAUSE_SECONDS)
+            put("bulk_texts_per_s", side.name, side.bulk(corpus))
     finally:
-        client.close()
-        raw.close()
+        for side in sides:
+            side.close()
     return figures
-
-
-def _rust_mode(
-    model_dir: Path, threads: int, spin_wait: bool, corpus: Sequence[str], calls: int, quick: bool
-) -> tuple[dict[str, float] | None, str]:
-    """The Rust client's figures for one spin setting, from its example (run on its own, not
-    interleaved with the others: compare them through their ratios)."""
-    report, note = rust_example(
-        model_dir, threads, corpus, calls, quick, ["--spin-wait"] if spin_wait else []
-    )
-    if report is None:
-        return None, note
-    figures = report["figures"]
-    rust = {
-        "lone_p50_ms": figures["single"]["p50_ms"],
-        "lone_p99_ms": figures["single"]["p99_ms"],
-        "x16_requests_per_s": figures[f"concurrent x{CONCURRENT_CALLERS}"]["requests_per_s"],
-        "bulk_texts_per_s": figures["bulk"]["texts_per_s"],
-    }
-    if "first calls" in figures:
-        rust["first30_p50_ms"] = figures["first calls"]["p50_ms"]
-    if "ready" in figures:
-        rust["ready_s"] = figures["ready"]["ms"] / 1000.0
-    return rust, note
 
 
 def _print_lone(title: str, figures: dict[str, dict[str, float]]) -> None:
@@ -317,28 +394,27 @@ def run_lone_benchmark(
         file=sys.stderr,
     )
     document: dict[str, Any] = {"model": metadata.model, "threads": threads, "modes": {}}
-    for spin_wait in (False, True):
-        mode = "--spin-wait" if spin_wait else "--no-spin-wait"
-        print(f"  {mode}: in-process, python, raw frames", file=sys.stderr)
-        figures = _spin_mode(metadata.directory, threads, spin_wait, short, corpus, rounds, calls)
-        if rust:
-            print(f"  {mode}: rust", file=sys.stderr)
-            rust_figures, note = _rust_mode(
-                metadata.directory, threads, spin_wait, corpus, rounds * calls, quick
-            )
-            if rust_figures is not None:
-                for metric, value in rust_figures.items():
-                    figures.setdefault(metric, {})["rust"] = value
-            document.setdefault("notes", []).append(note)
-        document["modes"][mode] = figures
-        _print_lone(f"lone query, {mode}", figures)
+    rust_argv, note = rust_example_argv(metadata.directory, threads, quick)
+    document["notes"] = [note]
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus_file = Path(scratch) / "corpus.json"
+        corpus_file.write_text(json.dumps(list(corpus)), encoding="utf-8")
+        for spin_wait in (False, True):
+            mode = "--spin-wait" if spin_wait else "--no-spin-wait"
+            print(f"  {mode}", file=sys.stderr)
+            figures = _spin_mode(
+                metadata.directory, threads, spin_wait, short, corpus, rounds, calls,
+                rust_argv if rust else None, corpus_file,
+            )  # fmt: skip
+            document["modes"][mode] = figures
+            _print_lone(f"lone query, {mode}", figures)
     print(
         "\nlone_p50_ms (+x): overhead over in-process; first30_p50_ms: the first "
         f"{FIRST_CALLS} calls after start against the same side's steady p50; ready_s: "
         "spawn to hello (+x over a fresh interpreter loading the engine in-process); other "
-        "(x): ratio to in-process. The rust column runs apart from the others."
+        "(x): ratio to in-process."
     )
-    for note in document.get("notes", []):
+    for note in document["notes"]:
         print(f"note: {note}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, indent=2) + "\n")
@@ -366,6 +442,7 @@ STAGES = (
     ("caller_wakeup_us", "client: caller wakes, builds the response"),
     ("total_us", "round trip"),
 )
+PIPES = ("pipes_and_wakeups_us", "both pipes and wake-ups: pipe_in_us + pipe_out_us")
 
 
 class _ClientProbe:
@@ -379,7 +456,7 @@ class _ClientProbe:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        from akidb_embed.host_client import _connection, _dispatch, _worker
+        from akidb_embed.host_client import _connection, _worker
 
         marks = self.marks
         real_pack, real_unpack = wire.pack, wire.unpack
@@ -412,8 +489,8 @@ class _ClientProbe:
             marks["delivered"] = time.monotonic_ns()
 
         patches = [
-            (_dispatch.wire, "pack", pack),
-            (_worker.wire, "unpack", unpack),
+            (wire, "pack", pack),  # the module both client modules call it through
+            (wire, "unpack", unpack),
             (_worker.WorkerProcess, "send", send),
             (_connection.Connection, "_on_frame", on_frame),
         ]
@@ -440,6 +517,50 @@ def _worker_stages(trace: dict[str, int]) -> dict[str, float]:
     }
 
 
+def _pipe_out(decoding: int, trace: dict[str, int]) -> float:
+    """From the reply's vectors being ready to the host decoding it, less the two encodings
+    of a traced reply (one counted as reply_encode_us, the other an artefact of tracing)."""
+    return (decoding - trace["pooled"] - 2 * trace["encode_ns"]) / 1000
+
+
+def _in_process_breakdown(
+    model_dir: Path, threads: int, sentences: Sequence[str], calls: int
+) -> dict[str, float]:
+    """The same stages in-process: ``Engine.embed`` with its tokenize, ONNX Runtime run and
+    pooling timed; everything else it does counts as ``queue_us`` (planning, result copy)."""
+    from akidb_embed.worker.config import WorkerConfig
+    from akidb_embed.worker.engine import Engine
+
+    engine = Engine.load(WorkerConfig(model_dir=model_dir, threads=threads))
+    spans: dict[str, int] = {}
+
+    def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic_ns()
+            result = function(*args, **kwargs)
+            spans[name] = spans.get(name, 0) + time.monotonic_ns() - started
+            return result
+
+        return wrapper
+
+    engine.tokenize = timed("tokenize_us", engine.tokenize)  # type: ignore[method-assign]
+    engine.forward = timed("ort_run_us", engine.forward)  # type: ignore[method-assign]
+    engine.pool = timed("pool_us", engine.pool)  # type: ignore[method-assign]
+    rows: list[dict[str, float]] = []
+    for index in range(calls + 10):
+        spans.clear()
+        called = time.monotonic_ns()
+        engine.embed([sentences[index % len(sentences)]])
+        total = time.monotonic_ns() - called
+        row = {name: 0.0 for name, _ in STAGES}
+        row.update({name: span / 1000 for name, span in spans.items()})
+        row["total_us"] = total / 1000
+        row["queue_us"] = row["total_us"] - sum(span / 1000 for span in spans.values())
+        if index >= 10:
+            rows.append(row)
+    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
+
+
 def _python_breakdown(
     model_dir: Path, threads: int, sentences: Sequence[str], calls: int
 ) -> dict[str, float]:
@@ -462,7 +583,7 @@ def _python_breakdown(
                 "client_write_us": (m["written"] - m["writing"]) / 1000,
                 "pipe_in_us": (trace["read"] - m["written"]) / 1000,
                 **_worker_stages(trace),
-                "pipe_out_us": (m["decoding"] - trace["pooled"] - trace["encode_ns"]) / 1000,
+                "pipe_out_us": _pipe_out(m["decoding"], trace),
                 "client_decode_us": (m["decoded"] - m["decoding"]) / 1000,
                 "client_deliver_us": (m["delivered"] - m["decoded"]) / 1000,
                 "caller_wakeup_us": (returned - m["delivered"]) / 1000,
@@ -503,7 +624,7 @@ def _raw_breakdown(
                 "client_write_us": (written - encoded) / 1000,
                 "pipe_in_us": (trace["read"] - written) / 1000,
                 **_worker_stages(trace),
-                "pipe_out_us": (decoding - trace["pooled"] - trace["encode_ns"]) / 1000,
+                "pipe_out_us": _pipe_out(decoding, trace),
                 "client_decode_us": (returned - decoding) / 1000,
                 "client_deliver_us": 0.0,
                 "caller_wakeup_us": 0.0,
@@ -524,34 +645,47 @@ def run_breakdown(
     short = [text for text in corpus if len(text) < 120][:50] or corpus[:50]
     columns: dict[str, dict[str, float]] = {}
     print(f"akidb-embed bench --breakdown: {calls} lone traced calls per client", file=sys.stderr)
+    columns["in-process"] = _in_process_breakdown(metadata.directory, threads, short, calls)
+    time.sleep(PAUSE_SECONDS)
     columns["raw frames"] = _raw_breakdown(metadata.directory, threads, short, calls)
     time.sleep(PAUSE_SECONDS)
     columns["python"] = _python_breakdown(metadata.directory, threads, short, calls)
     notes = []
     if rust:
+        time.sleep(PAUSE_SECONDS)
         report, note = rust_example(
             metadata.directory, threads, short, calls, False, ["--breakdown", str(calls)]
         )
         notes.append(note)
         if report is not None and "breakdown" in report:
-            columns["rust"] = report["breakdown"]
-    in_model = ("tokenize_us", "ort_run_us", "pool_us")
+            rust_stages = dict(report["breakdown"])
+            # its remainder holds the traced reply's second encoding, as _pipe_out removes
+            rust_stages["pipes_and_wakeups_us"] -= rust_stages["reply_encode_us"]
+            columns["rust"] = rust_stages
+    for column in columns.values():
+        if "pipes_and_wakeups_us" not in column:
+            column["pipes_and_wakeups_us"] = column["pipe_in_us"] + column["pipe_out_us"]
+    reference = columns["in-process"]["total_us"]
     print("\nmedian microseconds of one lone request's stages (one short sentence)")
     names = list(columns)
     rows = [["stage", *names]]
-    for stage, meaning in STAGES:
+    for stage, meaning in (*STAGES[:-1], PIPES, STAGES[-1]):
         rows.append([f"{stage} ({meaning})"] + [
             f"{columns[name][stage]:,.1f}" if stage in columns[name] else "-" for name in names
         ])  # fmt: skip
-    rows.append(["bridge overhead (total - tokenize - run - pool)"] + [
-        f"{columns[name]['total_us'] - sum(columns[name][s] for s in in_model):,.1f}"
-        for name in names
+    rows.append(["overhead over in-process (total_us difference)"] + [
+        f"{columns[name]['total_us'] - reference:+,.1f}" for name in names
     ])  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for index, row in enumerate(rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
         if index == 0:
             print("  ".join("-" * width for width in widths))
+    print(
+        "(each stage is its own median over the calls, so the stages need not add up to the "
+        "total; in-process queue_us is everything Engine.embed does besides the three timed "
+        "stages)"
+    )
     for note in notes:
         print(f"note: {note}")
     output.parent.mkdir(parents=True, exist_ok=True)

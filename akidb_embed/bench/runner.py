@@ -42,7 +42,13 @@ import numpy as np
 from akidb_embed.bench.corpus import build_corpus, corpus_digest
 from akidb_embed.models import load_metadata
 
-__all__ = ["CONCURRENT_CALLERS", "peak_rss_mb", "run_benchmark", "rust_example"]
+__all__ = [
+    "CONCURRENT_CALLERS",
+    "peak_rss_mb",
+    "run_benchmark",
+    "rust_example",
+    "rust_example_argv",
+]
 
 CONCURRENT_CALLERS = 16
 COLD_START_RUNS = 3
@@ -213,6 +219,24 @@ def _cargo() -> str | None:
     return found
 
 
+def rust_example_argv(model_dir: Path, threads: int, quick: bool) -> tuple[list[str] | None, str]:
+    """The command running the Rust crate's `roundtrip` example on ``model_dir`` (through
+    .ci/cargo-offline, release build unless ``quick``; options follow), and a note; ``None`` and
+    the reason when it cannot run here."""
+    script = CHECKOUT / ".ci" / "cargo-offline"
+    if not script.is_file():
+        return None, f"rust column omitted: no {script} (not a checkout)"
+    if _cargo() is None:
+        return None, "rust column omitted: no cargo on PATH or in $CARGO_HOME/bin"
+    profile = [] if quick else ["--release"]
+    build = "debug build (--quick)" if quick else "release build"
+    return [str(script), "run", *profile, "--quiet", "--example", "roundtrip", "--",
+            "--python", sys.executable, "--model-dir", str(model_dir),
+            "--threads", str(threads)], (
+        f"rust = the Rust crate's client, example roundtrip, {build}"
+    )  # fmt: skip
+
+
 def rust_example(
     model_dir: Path,
     threads: int,
@@ -221,22 +245,15 @@ def rust_example(
     quick: bool,
     extra_args: Sequence[str] = (),
 ) -> tuple[dict[str, Any] | None, str]:
-    """The JSON report of the Rust crate's `roundtrip` example on the same workloads (run
-    through .ci/cargo-offline, release build unless ``quick``, ``extra_args`` appended), and a
-    note; ``None`` and the reason when it cannot be had."""
-    script = CHECKOUT / ".ci" / "cargo-offline"
-    if not script.is_file():
-        return None, f"rust column omitted: no {script} (not a checkout)"
-    if _cargo() is None:
-        return None, "rust column omitted: no cargo on PATH or in $CARGO_HOME/bin"
+    """The JSON report of the Rust crate's `roundtrip` example on the same workloads
+    (``extra_args`` appended), and a note; ``None`` and the reason when it cannot be had."""
+    argv, note = rust_example_argv(model_dir, threads, quick)
+    if argv is None:
+        return None, note
     with tempfile.TemporaryDirectory() as scratch:
         corpus_file = Path(scratch) / "corpus.json"
         corpus_file.write_text(json.dumps(list(corpus)), encoding="utf-8")
-        profile = [] if quick else ["--release"]
-        argv = [str(script), "run", *profile, "--quiet", "--example", "roundtrip", "--",
-                "--json", "--python", sys.executable, "--model-dir", str(model_dir),
-                "--threads", str(threads), "--calls", str(calls),
-                "--corpus", str(corpus_file), *extra_args]  # fmt: skip
+        argv += ["--json", "--calls", str(calls), "--corpus", str(corpus_file), *extra_args]
         try:
             done = subprocess.run(
                 argv, capture_output=True, text=True, timeout=RUST_TIMEOUT, check=False
@@ -247,8 +264,7 @@ def rust_example(
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return None, f"rust column omitted: the example failed ({done.returncode}): {last}"
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    build = "debug build (--quick)" if quick else "release build"
-    return report, f"rust = the Rust crate's client, example roundtrip, {build}"
+    return report, note
 
 
 def _format(value: float, reference: float | None) -> str:

@@ -6,7 +6,7 @@
 //! ```text
 //! .ci/cargo-offline run --release --example roundtrip -- \
 //!     [--python PATH] [--model-dir DIR] [--workers 1] [--threads N] [--calls 500]
-//!     [--corpus texts.json] [--breakdown N] [--spin-wait] [--json]
+//!     [--corpus texts.json] [--breakdown N] [--spin-wait] [--json | --serve]
 //! ```
 //!
 //! `--corpus` takes a JSON array of strings (`akidb-embed bench` passes its own corpus, so the
@@ -25,6 +25,10 @@
 //! minus every other stage, the reader's read included), `client_decode_us`,
 //! `caller_wakeup_us`, `total_us`. Each is the median over the calls of that stage alone, so
 //! the medians need not add up to `total_us`. `--spin-wait` passes `--spin-wait` to the worker.
+//! `--serve` measures the start, then runs workloads one stdin command at a time (see `serve`),
+//! so that `akidb-embed bench --lone` can alternate them with its in-process blocks.
+//!
+//! Calls are made from a task on the runtime's worker threads, as an async server makes them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -52,6 +56,7 @@ struct Options {
     json: bool,
     breakdown: usize,
     spin_wait: bool,
+    serve: bool,
 }
 
 fn options() -> Options {
@@ -66,15 +71,17 @@ fn options() -> Options {
         json: false,
         breakdown: 0,
         spin_wait: false,
+        serve: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--json" => options.json = true,
             "--spin-wait" => options.spin_wait = true,
+            "--serve" => options.serve = true,
             _ => {}
         }
-        if matches!(flag.as_str(), "--json" | "--spin-wait") {
+        if matches!(flag.as_str(), "--json" | "--spin-wait" | "--serve") {
             continue;
         }
         let value = args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -243,9 +250,57 @@ async fn concurrent(client: &WorkerClient, short: &[String], calls: usize) -> se
     figures
 }
 
+/// `--serve`: after the start figures (one JSON line: `ready_ms`, `first_calls_p50_ms`), one
+/// command per stdin line, one JSON line in answer, until EOF: `lone N` (N lone calls:
+/// `samples_ms`), `x16 N` (the concurrent workload's figures), `bulk` (`texts_per_s`). The
+/// Python bench alternates these blocks with its own, pausing between them.
+async fn serve(client: &WorkerClient, short: &[String], bulk_texts: &[String]) {
+    loop {
+        let line = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|read| (read, line))
+        })
+        .await
+        .expect("stdin reader");
+        let Ok((read, line)) = line else { return };
+        if read == 0 {
+            return;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let count = |at: usize| words.get(at).and_then(|w| w.parse().ok()).unwrap_or(40);
+        let answer = match words.first().copied() {
+            Some("lone") => {
+                let mut samples = Vec::new();
+                for index in 0..count(1) {
+                    let started = Instant::now();
+                    embed_one(client, &short[index % short.len()]).await;
+                    samples.push(milliseconds(started.elapsed()));
+                }
+                json!({ "samples_ms": samples })
+            }
+            Some("x16") => concurrent(client, short, count(1)).await,
+            Some("bulk") => {
+                let started = Instant::now();
+                client
+                    .embed_batch(BatchEmbeddingRequest::new("", bulk_texts.to_vec()))
+                    .await
+                    .expect("bulk embedding succeeds");
+                json!({"texts_per_s": bulk_texts.len() as f64 / started.elapsed().as_secs_f64()})
+            }
+            _ => json!({ "error": format!("unknown command {line:?}") }),
+        };
+        println!("{answer}");
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let options = options();
+    // Every call is made from a task on the runtime's worker threads, as a server (AkiDB) makes
+    // them: waking the main thread parked in `block_on` costs ~65 µs more per call.
+    tokio::spawn(run(options())).await.expect("the benchmark task");
+}
+
+async fn run(options: Options) {
     let golden = read_json_strings(&options.model_dir.join("golden.json"), Some("sentences"));
     let bulk_texts = match &options.corpus {
         Some(path) => read_json_strings(path, None),
@@ -286,6 +341,12 @@ async fn main() {
     }
     let first_calls = json!({"p50_ms": percentiles(&mut first_samples)["p50_ms"]});
     let hello = client.hello().expect("the worker serves");
+    if options.serve {
+        println!("{}", json!({"ready_ms": ready, "first_calls_p50_ms": first_calls["p50_ms"]}));
+        serve(&client, &short, &bulk_texts).await;
+        client.close().await;
+        return;
+    }
 
     let mut ping_samples = Vec::with_capacity(options.calls);
     for index in 0..WARM_UP_CALLS + options.calls {
