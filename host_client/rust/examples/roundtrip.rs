@@ -23,7 +23,8 @@
 //! `client_encode_us`, `client_write_us`, `worker_parse_us`, `tokenize_us`, `queue_us`,
 //! `ort_run_us`, `pool_us`, `reply_encode_us`, `pipes_and_wakeups_us` (each call's round trip
 //! minus every other stage, the reader's read included), `client_decode_us`,
-//! `caller_wakeup_us`, `total_us`. Each is the median over the calls of that stage alone, so
+//! `caller_wakeup_us`, `total_us`, `outside_model_us` (the round trip less tokenize, run and
+//! pooling). Each is the median over the calls of that stage alone, so
 //! the medians need not add up to `total_us`. `--spin-wait` passes `--spin-wait` to the worker.
 //! `--serve` measures the start, then runs workloads one stdin command at a time (see `serve`),
 //! so that `akidb-embed bench --lone` can alternate them with its in-process blocks.
@@ -139,8 +140,9 @@ fn microseconds(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e6
 }
 
-/// The stages of `--breakdown`, in the order of a call.
-const STAGES: [&str; 12] = [
+/// The stages of `--breakdown`, in the order of a call, then the call's time outside the model
+/// (round trip minus tokenize, ONNX Runtime run and pooling).
+const STAGES: [&str; 13] = [
     "client_encode_us",
     "client_write_us",
     "worker_parse_us",
@@ -153,6 +155,7 @@ const STAGES: [&str; 12] = [
     "client_decode_us",
     "caller_wakeup_us",
     "total_us",
+    "outside_model_us",
 ];
 
 /// `calls` lone traced calls (after warm-up ones): each stage's median in microseconds, and
@@ -188,6 +191,7 @@ async fn breakdown(
             trace.client_decode,
             trace.caller_wakeup,
             trace.total,
+            trace.total.saturating_sub(worker.tokenize() + worker.ort_run() + worker.pool()),
         ];
         for (sample, stage) in samples.iter_mut().zip(stages) {
             sample.push(microseconds(stage));
