@@ -33,6 +33,8 @@ demo: models
 
 bench: models
 	$(PY) -m akidb_embed.cli bench
+	$(PY) -m akidb_embed.cli bench --lone
+	$(PY) -m akidb_embed.cli bench --breakdown
 	$(PY) -m akidb_embed.cli bench --two-models
 	$(PY) -m akidb_embed.cli bench --pool
 
