@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from akidb_embed.errors import InvalidInput
+from akidb_embed.errors import InvalidInput, ServiceUnavailable
 from akidb_embed.models import ModelMetadata
 from akidb_embed.worker.batcher import Batcher, Job
 from akidb_embed.worker.config import WorkerConfig
@@ -140,3 +140,57 @@ def test_reading_pauses_while_too_many_texts_are_pending(
     batcher.close()
     assert batcher.join(120)
     assert events == ["done 1", "submitted 2", "done 2"]
+
+
+def test_query_arriving_during_a_snapshot_runs_between_its_micro_batches(
+    engine: Engine, batcher: Batcher, golden: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one bulk request that fits one snapshot but takes many runs of max_batch_tokens: a query
+    # sent while its first run is under way is answered before the rest of the snapshot
+    bulk_texts = golden["sentences"][:12]
+    assert sum(golden["token_counts"][:12]) <= batcher.snapshot_tokens
+    first_run, query_sent = threading.Event(), threading.Event()
+    forward = engine.forward
+
+    def forward_after_the_query(token_ids: Any) -> Any:
+        if not first_run.is_set():
+            first_run.set()
+            query_sent.wait(30)
+        return forward(token_ids)
+
+    monkeypatch.setattr(engine, "forward", forward_after_the_query)
+    recorder = Recorder()
+    bulk = recorder.job(engine, 1, bulk_texts)
+    batcher.submit(bulk)
+    batcher.start()
+    assert first_run.wait(60)
+    batcher.submit(recorder.job(engine, 2, ["a search query typed by someone"]))
+    query_sent.set()
+    assert recorder.all_done.wait(120)
+    assert recorder.finished == [2, 1]
+    assert bulk.vectors is not None and bulk.vectors.shape == (12, engine.metadata.dimension)
+
+
+def test_run_now_runs_a_lone_job_in_the_calling_thread_only_when_idle(
+    engine: Engine, golden: dict[str, Any]
+) -> None:
+    batcher = Batcher(engine, max_batch_tokens=64, max_pending_texts=10_000)
+    threads: list[str] = []
+
+    def job(request_id: int, texts: list[str]) -> Job:
+        def done(finished: Job) -> None:
+            threads.append(threading.current_thread().name)
+
+        return Job(request_id, engine.tokenize(texts), normalize=True, on_done=done)
+
+    lone = job(1, ["a search query"])
+    assert batcher.run_now(lone)  # the inference thread is not even started
+    assert threads == [threading.current_thread().name]
+    assert lone.vectors is not None and lone.vectors.shape == (1, engine.metadata.dimension)
+    several_runs = job(2, golden["sentences"][:12])
+    assert not batcher.run_now(several_runs)
+    batcher.submit(several_runs)
+    assert not batcher.run_now(job(3, ["another query"]))  # a job is queued: no overtaking
+    batcher.close()
+    with pytest.raises(ServiceUnavailable):
+        batcher.run_now(job(4, ["too late"]))

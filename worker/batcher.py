@@ -29,6 +29,11 @@ Several models: each has its own queue, and the inference thread takes its snaps
 models with pending jobs in turn (round-robin), so one ONNX Runtime run never mixes models and a
 flood of requests for one model delays another's by at most one snapshot.
 
+A lone query does not wait for a whole snapshot of a bulk load either: between two
+micro-batches of a snapshot, jobs that arrived meanwhile and fit one run (up to one run's worth)
+are taken out of their queue and run first (``_take_newcomers``), so such a query waits for one
+run, and the snapshot still advances by one run between two such runs.
+
 Fairness within a model: a snapshot is bounded in tokens. The oldest job always gets a
 micro-batch worth of its texts into it, so every job advances once it is the oldest and a flood
 of later requests cannot starve an earlier one. The rest of the snapshot goes to the jobs with
@@ -116,6 +121,8 @@ class Job:
     scheduled_tokens: int = 0
     completed: int = 0
     total_tokens: int = field(init=False)
+    arrival: int = 0
+    """Its place in the order jobs were queued in (set by ``submit``)."""
     trace: dict[str, int] | None = None
     """Stage marks (``time.monotonic_ns()``) when the request asked for them: the batcher adds
     ``queued`` (only if it went through the queue rather than ``run_now``), ``started`` (its
@@ -160,6 +167,8 @@ class Batcher:
         self._closed = False
         self._running = False
         """A snapshot is being run, by the inference thread or by ``run_now``'s caller."""
+        self._arrivals = 0
+        """Jobs queued so far: the next one's ``arrival``."""
         self._thread = threading.Thread(target=self._serve, name="inference", daemon=True)
 
     def start(self) -> None:
@@ -176,6 +185,8 @@ class Batcher:
             ):
                 self._changed.wait()
             self._queues[self._accept_locked(job)].append(job)
+            job.arrival = self._arrivals
+            self._arrivals += 1
             if job.trace is not None:
                 job.trace["queued"] = time.monotonic_ns()
             self._changed.notify_all()
@@ -185,13 +196,12 @@ class Batcher:
         query: no hand-over to the inference thread, no wait for its wake-up); False, and
         nothing done, otherwise (then ``submit`` it). Raises ``ServiceUnavailable`` once the
         batcher is closed."""
-        longest = max(len(ids) for ids in job.token_ids)
-        if job.size * longest > self.max_batch_tokens:
+        if not self._fits_one_run(job):
             return False  # several runs: the queue keeps a later request from waiting for all
         with self._changed:
-            if self._running or any(self._queues.values()):
+            if not self._closed and (self._running or any(self._queues.values())):
                 return False
-            self._accept_locked(job)
+            self._accept_locked(job)  # raises once closed
             self._running = True
             snapshot = [(job, index) for index in range(job.size)]
             job.scheduled, job.scheduled_tokens = job.size, job.total_tokens
@@ -293,7 +303,9 @@ class Batcher:
 
     def _run_snapshot(self, snapshot: list[_SnapshotItem]) -> None:
         lengths = [len(job.token_ids[index]) for job, index in snapshot]
-        for batch in plan_micro_batches(lengths, self.max_batch_tokens):
+        batches = plan_micro_batches(lengths, self.max_batch_tokens)
+        horizon = self._arrivals  # jobs submitted from now on are newcomers to this snapshot
+        for number, batch in enumerate(batches, 1):
             items = [snapshot[position] for position in batch]
             live = [(job, index) for job, index in items if job.error is None]
             if live:
@@ -301,6 +313,42 @@ class Batcher:
             with self._changed:
                 self._pending_texts -= len(items)
                 self._changed.notify_all()
+                newcomers = self._take_newcomers(horizon) if number < len(batches) else None
+            if newcomers:
+                horizon = self._arrivals
+                self._run_snapshot(newcomers)
+
+    def _fits_one_run(self, job: Job) -> bool:
+        return job.size * max(len(ids) for ids in job.token_ids) <= self.max_batch_tokens
+
+    def _take_newcomers(self, horizon: int) -> list[_SnapshotItem]:
+        """Jobs submitted since ``horizon`` that fit one run (lone queries), taken from one
+        model's queue (lock held) up to one run of ``max_batch_tokens``, oldest first: they run
+        between the micro-batches of the snapshot under way, so such a query waits for one run
+        of a bulk load, not for all of its snapshot, and the snapshot still advances by one
+        run between two such runs."""
+        for queue in self._queues.values():
+            taken: list[Job] = []
+            rows = longest = 0
+            for job in queue:
+                if job.arrival < horizon or job.scheduled or not self._fits_one_run(job):
+                    continue
+                job_longest = max(longest, *(len(ids) for ids in job.token_ids))
+                if taken and (rows + job.size) * job_longest > self.max_batch_tokens:
+                    break
+                taken.append(job)
+                rows, longest = rows + job.size, job_longest
+            if not taken:
+                continue
+            remaining = [job for job in queue if job not in taken]
+            queue.clear()
+            queue.extend(remaining)
+            group: list[_SnapshotItem] = []
+            for job in taken:
+                job.scheduled, job.scheduled_tokens = job.size, job.total_tokens
+                group += [(job, index) for index in range(job.size)]
+            return group
+        return []
 
     def _run_micro_batch(self, items: list[_SnapshotItem]) -> None:
         engine = items[0][0].engine
