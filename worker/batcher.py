@@ -205,12 +205,7 @@ class Batcher:
             self._running = True
             snapshot = [(job, index) for index in range(job.size)]
             job.scheduled, job.scheduled_tokens = job.size, job.total_tokens
-        try:
-            self._run_snapshot(snapshot)
-        finally:
-            with self._changed:
-                self._running = False
-                self._changed.notify_all()
+        self._run_and_release(snapshot)
         return True
 
     def _accept_locked(self, job: Job) -> Engine:
@@ -252,15 +247,19 @@ class Batcher:
                         return
                     snapshot = self._take_snapshot(queue)
                     self._running = True
-                try:
-                    self._run_snapshot(snapshot)
-                finally:
-                    with self._changed:
-                        self._running = False
-                        self._changed.notify_all()
+                self._run_and_release(snapshot)
         except BaseException as exc:  # a bug: report it rather than leave requests hanging
             log.exception("inference thread failed")
             self._on_fatal(exc)
+
+    def _run_and_release(self, snapshot: list[_SnapshotItem]) -> None:
+        """Run ``snapshot``, whose caller set ``_running`` under the lock; clear it after."""
+        try:
+            self._run_snapshot(snapshot)
+        finally:
+            with self._changed:
+                self._running = False
+                self._changed.notify_all()
 
     def _next_queue(self) -> deque[Job] | None:
         """The queue of the next model with pending jobs, round-robin (lock held); None if all
