@@ -504,20 +504,30 @@ async fn a_killed_worker_loses_no_request() {
     .await;
 }
 
+/// A client (request_timeout 3 s) whose worker was just stopped with SIGSTOP, and that pid.
+async fn client_with_a_stopped_worker() -> (WorkerClient, u32) {
+    let mut config = config();
+    config.request_timeout = Duration::from_secs(3);
+    let client = spawn(config).await;
+    let stopped_pid = client.worker_pid().unwrap();
+    signal(stopped_pid, "STOP");
+    (client, stopped_pid)
+}
+
+/// The stopped worker was replaced, then killed and reaped; the client is closed.
+async fn replaced_and_closed(client: WorkerClient, stopped_pid: u32) {
+    assert_ne!(client.worker_pid(), Some(stopped_pid));
+    eventually("the stopped worker is killed and reaped", || !process_exists(stopped_pid)).await;
+    client.close().await;
+}
+
 #[tokio::test]
 async fn a_stopped_worker_times_out_and_is_replaced() {
     within(async {
-        let mut config = config();
-        config.request_timeout = Duration::from_secs(3);
-        let client = spawn(config).await;
-        let stopped_pid = client.worker_pid().unwrap();
-        signal(stopped_pid, "STOP");
+        let (client, stopped_pid) = client_with_a_stopped_worker().await;
         let response = client.embed_batch(request("", &["still answered".to_owned()])).await;
         assert_eq!(response.unwrap().embeddings.len(), 1);
-        assert_ne!(client.worker_pid(), Some(stopped_pid));
-        eventually("the stopped worker is killed and reaped", || !process_exists(stopped_pid))
-            .await;
-        client.close().await;
+        replaced_and_closed(client, stopped_pid).await;
     })
     .await;
 }
@@ -569,11 +579,7 @@ async fn frames_larger_than_the_pipe_are_finished_before_the_next_ones() {
 #[tokio::test]
 async fn a_stopped_worker_with_a_full_pipe_blocks_no_caller() {
     within(async {
-        let mut config = config();
-        config.request_timeout = Duration::from_secs(3);
-        let client = spawn(config).await;
-        let stopped_pid = client.worker_pid().unwrap();
-        signal(stopped_pid, "STOP");
+        let (client, stopped_pid) = client_with_a_stopped_worker().await;
         // The pipe fills up and stays full: every call still returns to its task at once (this
         // test's runtime has one thread: a caller blocked in a write would stop everything,
         // the supervisor's hang watch included), and the replacement answers them all.
@@ -584,10 +590,7 @@ async fn a_stopped_worker_with_a_full_pipe_blocks_no_caller() {
         for response in futures_join_all(calls).await {
             assert_eq!(response.unwrap().embeddings.len(), 1);
         }
-        assert_ne!(client.worker_pid(), Some(stopped_pid));
-        eventually("the stopped worker is killed and reaped", || !process_exists(stopped_pid))
-            .await;
-        client.close().await;
+        replaced_and_closed(client, stopped_pid).await;
     })
     .await;
 }
