@@ -783,6 +783,17 @@ class Output:
         if self.skipped is not None:
             self.skipped.rollback()
 
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """The job's block: ``finish`` when it ends, ``rollback`` (then re-raise) on any
+        exception, the finish's own included."""
+        try:
+            yield
+            self.finish()
+        except BaseException:
+            self.rollback()
+            raise
+
 
 def bad_record_error(bad: BadRecord, rows: int, options: JobOptions) -> InvalidInput:
     unit = "row" if options.input_format == "parquet" else "line"
@@ -873,27 +884,22 @@ def run_job(
         if progress is not None:
             progress.advance(chunk.records)
 
-    try:
-        with _StopOnSignal() as stop:
-            for chunk in pending_chunks(options, output):
-                if stop.requested:
-                    break
-                if chunk.bad and not options.skip_bad:
-                    while waiting:
-                        write_oldest()
-                    raise bad_record_error(chunk.bad[0], output.state["rows"], options)
-                future = embedder.submit(chunk.texts) if chunk.texts else None
-                waiting.append((chunk, future))
-                if len(waiting) >= in_flight:
-                    write_oldest()
-            while waiting:
-                write_oldest()
+    with output.committing(), _StopOnSignal() as stop:
+        for chunk in pending_chunks(options, output):
             if stop.requested:
-                raise Interrupted(output.state["rows"], options.progress_file)
-        output.finish()
-    except BaseException:
-        output.rollback()
-        raise
+                break
+            if chunk.bad and not options.skip_bad:
+                while waiting:
+                    write_oldest()
+                raise bad_record_error(chunk.bad[0], output.state["rows"], options)
+            future = embedder.submit(chunk.texts) if chunk.texts else None
+            waiting.append((chunk, future))
+            if len(waiting) >= in_flight:
+                write_oldest()
+        while waiting:
+            write_oldest()
+        if stop.requested:
+            raise Interrupted(output.state["rows"], options.progress_file)
     summary.seconds = time.perf_counter() - started
     return summary
 

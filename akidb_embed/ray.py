@@ -134,7 +134,7 @@ def run_ray_job(
     started = time.perf_counter()
     if progress is not None:
         progress.start(output.state["records"])
-    try:
+    with output.committing():
         # the driver's pass: chunk boundaries and bad records, no texts kept
         plan: list[tuple[Chunk, Position]] = []
         start = output.start
@@ -183,9 +183,5 @@ def run_ray_job(
             summary.skipped += len(chunk.bad)
             if progress is not None:
                 progress.advance(chunk.records)
-        output.finish()
-    except BaseException:
-        output.rollback()
-        raise
     summary.seconds = time.perf_counter() - started
     return summary

@@ -46,6 +46,7 @@ __all__ = [
     "CONCURRENT_CALLERS",
     "peak_rss_mb",
     "run_benchmark",
+    "run_callers",
     "rust_example",
     "rust_example_argv",
 ]
@@ -84,30 +85,42 @@ def _single(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, f
     return _percentiles(samples)
 
 
-def _concurrent(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, float]:
-    per_caller = max(1, calls // CONCURRENT_CALLERS)
-    samples: list[float] = []
-    lock = threading.Lock()
+def run_callers(caller: Callable[[int], None]) -> float:
+    """Seconds for ``CONCURRENT_CALLERS`` threads running ``caller(index)``, timed from the
+    moment all of them are started and released together."""
     barrier = threading.Barrier(CONCURRENT_CALLERS + 1)
 
-    def caller(offset: int) -> None:
-        mine = []
+    def released(index: int) -> None:
         barrier.wait()
-        for index in range(per_caller):
-            started = time.perf_counter()
-            embed([sentences[(offset + index) % len(sentences)]])
-            mine.append((time.perf_counter() - started) * 1000)
-        with lock:
-            samples.extend(mine)
+        caller(index)
 
-    threads = [threading.Thread(target=caller, args=(i * 7,)) for i in range(CONCURRENT_CALLERS)]
+    threads = [
+        threading.Thread(target=released, args=(index,)) for index in range(CONCURRENT_CALLERS)
+    ]
     for thread in threads:
         thread.start()
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def _concurrent(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, float]:
+    per_caller = max(1, calls // CONCURRENT_CALLERS)
+    samples: list[float] = []
+    lock = threading.Lock()
+
+    def caller(index: int) -> None:
+        mine = []
+        for call in range(per_caller):
+            started = time.perf_counter()
+            embed([sentences[(index * 7 + call) % len(sentences)]])
+            mine.append((time.perf_counter() - started) * 1000)
+        with lock:
+            samples.extend(mine)
+
+    elapsed = run_callers(caller)
     return {"requests_per_s": len(samples) / elapsed, **_percentiles(samples)}
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from akidb_embed.bench.corpus import build_corpus
-from akidb_embed.bench.runner import CONCURRENT_CALLERS, peak_rss_mb
+from akidb_embed.bench.runner import CONCURRENT_CALLERS, peak_rss_mb, run_callers
 from akidb_embed.models import METADATA_FILE, load_metadata
 
 __all__ = ["run_two_model_benchmark"]
@@ -60,22 +59,13 @@ def _link_or_copy(source: str, target: str) -> None:
 
 def _mixed(embed: Embed, models: list[str], texts: list[str], calls: int) -> float:
     per_caller = max(1, calls // CONCURRENT_CALLERS)
-    barrier = threading.Barrier(CONCURRENT_CALLERS + 1)
 
     def caller(index: int) -> None:
         model = models[index % len(models)]
-        barrier.wait()
         for call in range(per_caller):
             embed([texts[(index * 7 + call) % len(texts)]], model)
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(CONCURRENT_CALLERS)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return per_caller * CONCURRENT_CALLERS / (time.perf_counter() - started)
+    return per_caller * CONCURRENT_CALLERS / run_callers(caller)
 
 
 def _lone(embed: Embed, model: str, texts: list[str], calls: int) -> tuple[float, float]:
