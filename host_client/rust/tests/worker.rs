@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use akidb_embed_client::{
-    BatchEmbeddingRequest, EmbedOptions, EmbeddingError, EmbeddingProvider, WorkerClient,
-    WorkerConfig,
+    BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
+    WorkerClient, WorkerConfig,
 };
 use serde::Deserialize;
 
@@ -446,6 +446,58 @@ async fn an_error_about_one_text_of_a_split_batch_names_the_callers_index() {
     .await;
 }
 
+const TASKS: usize = 8;
+const CALLS_PER_TASK: usize = 40;
+
+type GoldenCalls = Vec<(Vec<usize>, Result<BatchEmbeddingResponse, EmbeddingError>)>;
+
+/// `TASKS` tasks of `CALLS_PER_TASK` calls each, batches of 1 to 4 golden sentences different in
+/// every call; `done` counts the calls answered.
+fn golden_load(
+    client: &WorkerClient,
+    golden: &Arc<Golden>,
+    done: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<GoldenCalls>> {
+    (0..TASKS)
+        .map(|task| {
+            let (client, golden, done) = (client.clone(), golden.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                for call in 0..CALLS_PER_TASK {
+                    let start = (task * 7 + call * 3) % golden.sentences.len();
+                    let count = 1 + (task + call) % 4;
+                    let indices: Vec<usize> =
+                        (start..start + count).map(|i| i % golden.sentences.len()).collect();
+                    let texts: Vec<String> =
+                        indices.iter().map(|&i| golden.sentences[i].clone()).collect();
+                    let response = client.embed_batch(request("", &texts)).await;
+                    done.fetch_add(1, Ordering::SeqCst);
+                    results.push((indices, response));
+                }
+                results
+            })
+        })
+        .collect()
+}
+
+/// Every call of `golden_load` succeeded with its golden vectors; how many there were.
+async fn golden_answers(
+    tasks: Vec<tokio::task::JoinHandle<GoldenCalls>>,
+    golden: &Golden,
+) -> usize {
+    let mut answered = 0;
+    for task in tasks {
+        for (indices, response) in task.await.unwrap() {
+            let response = response.expect("no call fails because a worker was killed");
+            let want: Vec<Vec<f32>> =
+                indices.iter().map(|&i| golden.embeddings[i].clone()).collect();
+            assert_close(&response.embeddings, &want);
+            answered += 1;
+        }
+    }
+    answered
+}
+
 #[tokio::test]
 async fn a_killed_worker_loses_no_request() {
     within(async {
@@ -453,45 +505,14 @@ async fn a_killed_worker_loses_no_request() {
         let client = spawn(config()).await;
         let first_pid = client.worker_pid().unwrap();
         let done = Arc::new(AtomicUsize::new(0));
-        const TASKS: usize = 8;
-        const CALLS_PER_TASK: usize = 40;
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|task| {
-                let (client, golden, done) = (client.clone(), golden.clone(), done.clone());
-                tokio::spawn(async move {
-                    let mut results = Vec::new();
-                    for call in 0..CALLS_PER_TASK {
-                        // batches of 1 to 4 sentences, different in every call
-                        let start = (task * 7 + call * 3) % golden.sentences.len();
-                        let count = 1 + (task + call) % 4;
-                        let indices: Vec<usize> =
-                            (start..start + count).map(|i| i % golden.sentences.len()).collect();
-                        let texts: Vec<String> =
-                            indices.iter().map(|&i| golden.sentences[i].clone()).collect();
-                        let response = client.embed_batch(request("", &texts)).await;
-                        done.fetch_add(1, Ordering::SeqCst);
-                        results.push((indices, response));
-                    }
-                    results
-                })
-            })
-            .collect();
+        let tasks = golden_load(&client, &golden, &done);
         while done.load(Ordering::SeqCst) < TASKS * 3 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         signal(first_pid, "KILL");
         let done_before_kill = done.load(Ordering::SeqCst);
         assert!(done_before_kill < TASKS * CALLS_PER_TASK, "the kill came under load");
-        let mut answered = 0;
-        for task in tasks {
-            for (indices, response) in task.await.unwrap() {
-                let response = response.expect("no call fails because the worker was killed");
-                let want: Vec<Vec<f32>> =
-                    indices.iter().map(|&i| golden.embeddings[i].clone()).collect();
-                assert_close(&response.embeddings, &want);
-                answered += 1;
-            }
-        }
+        let answered = golden_answers(tasks, &golden).await;
         assert_eq!(answered, TASKS * CALLS_PER_TASK);
         let second_pid = client.worker_pid().expect("a new worker serves");
         assert_ne!(second_pid, first_pid);
@@ -1060,28 +1081,7 @@ async fn a_killed_worker_of_a_pool_loses_nothing_while_the_others_answer() {
         let first_pids = pids(&client);
         let killed = first_pids[1];
         let done = Arc::new(AtomicUsize::new(0));
-        const TASKS: usize = 8;
-        const CALLS_PER_TASK: usize = 40;
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|task| {
-                let (client, golden, done) = (client.clone(), golden.clone(), done.clone());
-                tokio::spawn(async move {
-                    let mut results = Vec::new();
-                    for call in 0..CALLS_PER_TASK {
-                        let start = (task * 7 + call * 3) % golden.sentences.len();
-                        let count = 1 + (task + call) % 4;
-                        let indices: Vec<usize> =
-                            (start..start + count).map(|i| i % golden.sentences.len()).collect();
-                        let texts: Vec<String> =
-                            indices.iter().map(|&i| golden.sentences[i].clone()).collect();
-                        let response = client.embed_batch(request("", &texts)).await;
-                        done.fetch_add(1, Ordering::SeqCst);
-                        results.push((indices, response));
-                    }
-                    results
-                })
-            })
-            .collect();
+        let tasks = golden_load(&client, &golden, &done);
         while done.load(Ordering::SeqCst) < TASKS * 3 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -1097,16 +1097,7 @@ async fn a_killed_worker_of_a_pool_loses_nothing_while_the_others_answer() {
         .await;
         let answered_while_restarting = done.load(Ordering::SeqCst) - done_at_kill;
 
-        let mut answered = 0;
-        for task in tasks {
-            for (indices, response) in task.await.unwrap() {
-                let response = response.expect("no call fails because a worker was killed");
-                let want: Vec<Vec<f32>> =
-                    indices.iter().map(|&i| golden.embeddings[i].clone()).collect();
-                assert_close(&response.embeddings, &want);
-                answered += 1;
-            }
-        }
+        let answered = golden_answers(tasks, &golden).await;
         assert_eq!(answered, TASKS * CALLS_PER_TASK);
         assert!(answered_while_restarting > 0, "the other workers kept answering");
         eventually("the killed worker is replaced", || replaced(&client)).await;
