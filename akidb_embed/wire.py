@@ -36,6 +36,7 @@ __all__ = [
     "LENGTH_PREFIX",
     "MAX_NESTING",
     "PROTOCOL_VERSION",
+    "FrameEncoder",
     "FrameError",
     "FrameReader",
     "FrameTooLarge",
@@ -93,6 +94,21 @@ def pack(message: Mapping[str, Any]) -> bytes:
     """One frame: the length prefix followed by ``message`` as msgpack."""
     payload: bytes = msgpack.packb(message, use_bin_type=True)
     return LENGTH_PREFIX.pack(len(payload)) + payload
+
+
+class FrameEncoder:
+    """``pack`` for a writer that sends many frames: one msgpack ``Packer`` kept for all of them
+    (``packb`` builds a new one, with a fresh buffer, per call), and the frame as its two parts
+    (length prefix, payload) for a gathering write instead of a copy joining them. Not
+    thread-safe: one per writer, used under its lock."""
+
+    def __init__(self) -> None:
+        self._packer = msgpack.Packer(use_bin_type=True)
+
+    def encode(self, message: Mapping[str, Any]) -> tuple[bytes, bytes]:
+        """The length prefix and the payload of ``message``'s frame."""
+        payload: bytes = self._packer.pack(message)
+        return LENGTH_PREFIX.pack(len(payload)), payload
 
 
 def msgpack_type(value: object) -> str:
@@ -286,6 +302,17 @@ class FrameReader:
 
     def read(self) -> bytes | None:
         """The next payload; ``None`` at a clean end of stream (between frames)."""
+        buffer = self._buffer
+        if len(buffer) < LENGTH_PREFIX.size:
+            self._fill(LENGTH_PREFIX.size)
+        if len(buffer) >= LENGTH_PREFIX.size:
+            (length,) = LENGTH_PREFIX.unpack_from(buffer)
+            end = LENGTH_PREFIX.size + length
+            if len(buffer) >= end and length <= self.max_frame_bytes:
+                # the usual case, one read holding the whole frame: one copy, one cut
+                payload = bytes(buffer[LENGTH_PREFIX.size : end])
+                del buffer[:end]
+                return payload
         if not self._fill(LENGTH_PREFIX.size):
             if not self._buffer:
                 return None

@@ -203,9 +203,15 @@ class Batcher:
                 return False
             self._accept_locked(job)  # raises once closed
             self._running = True
-            snapshot = [(job, index) for index in range(job.size)]
             job.scheduled, job.scheduled_tokens = job.size, job.total_tokens
-        self._run_and_release(snapshot)
+        try:
+            # one micro-batch, no snapshot to plan: the fewest steps between frame and reply
+            self._run_micro_batch([(job, index) for index in range(job.size)])
+        finally:
+            with self._changed:
+                self._pending_texts -= job.size
+                self._running = False
+                self._changed.notify_all()
         return True
 
     def _accept_locked(self, job: Job) -> Engine:
@@ -213,7 +219,6 @@ class Batcher:
         if self._closed:
             raise ServiceUnavailable("the worker is shutting down")
         engine = job.engine = job.engine or self._default_engine
-        job.vectors = np.empty((job.size, engine.metadata.dimension), dtype=np.float32)
         self._pending_texts += job.size
         return engine
 
@@ -361,7 +366,14 @@ class Batcher:
             ran = time.monotonic_ns()
             for trace in traced:
                 trace["ran"] = ran
-            vectors = engine.pool(hidden, attention_mask, [job.skip_tokens for job, _ in items])
+            first = items[0][0]
+            # a whole job in its own order (a lone query): its vectors are the run's, pooled
+            # and normalised in one go; otherwise rows are copied into each job's array
+            whole = len(items) == first.size and all(
+                job is first and index == row for row, (job, index) in enumerate(items)
+            )
+            skips = [job.skip_tokens for job, _ in items]
+            vectors = engine.pool(hidden, attention_mask, skips, whole and first.normalize)
         except Exception as exc:  # one bad run fails its requests, not the worker
             jobs = list(dict.fromkeys(job for job, _ in items))
             if len(jobs) > 1:
@@ -374,16 +386,25 @@ class Batcher:
             log.exception("inference failed for request %s", jobs[0].request_id)
             self._fail(jobs[0], Internal(f"inference failed: {type(exc).__name__}: {exc}"))
             return
+        if whole:
+            first.vectors, first.completed = vectors, first.size
+            self._finished(first)
+            return
         for row, (job, index) in enumerate(items):
-            assert job.vectors is not None
+            if job.vectors is None:
+                job.vectors = np.empty((job.size, engine.metadata.dimension), dtype=np.float32)
             job.vectors[index] = vectors[row]
             job.completed += 1
             if job.completed == job.size:
                 if job.normalize:
                     job.vectors = l2_normalize(job.vectors)
-                if job.trace is not None:
-                    job.trace["pooled"] = time.monotonic_ns()
-                self._finish(job)
+                self._finished(job)
+
+    def _finished(self, job: Job) -> None:
+        """``job``'s vectors are all in: mark the trace, send the reply."""
+        if job.trace is not None:
+            job.trace["pooled"] = time.monotonic_ns()
+        self._finish(job)
 
     def _fail(self, job: Job, error: EmbeddingError) -> None:
         job.error = error

@@ -215,10 +215,12 @@ class Engine:
         length."""
         if prompt:
             texts = [prompt + text for text in texts]
-        if truncate:
-            encodings = self._truncating.encode_batch(list(texts))
+        tokenizer = self._truncating if truncate else self._whole
+        if len(texts) == 1:  # encode_batch would hand one text to the tokenizer's thread pool
+            encodings = [tokenizer.encode(texts[0])]
         else:
-            encodings = self._whole.encode_batch(list(texts))
+            encodings = tokenizer.encode_batch(list(texts))
+        if not truncate:
             limit = self.metadata.max_tokens
             for index, encoding in enumerate(encodings):
                 if len(encoding.ids) > limit:

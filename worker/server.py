@@ -66,6 +66,7 @@ from akidb_embed.errors import (
 )
 from akidb_embed.wire import (
     PROTOCOL_VERSION,
+    FrameEncoder,
     FrameError,
     FrameReader,
     embeddings_to_bytes,
@@ -120,6 +121,7 @@ class FrameWriter:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._lock = threading.Lock()
+        self._encoder = FrameEncoder()
         self.on_broken: Callable[[], None] = lambda: None
         self.broken = False
 
@@ -129,14 +131,16 @@ class FrameWriter:
             self.broken = True
 
     def send(self, message: dict[str, Any]) -> None:
-        frame = memoryview(pack(message))
         with self._lock:
             if self.broken:
                 return
+            prefix, payload = self._encoder.encode(message)
             try:
-                while frame:
-                    written = os.write(self._fd, frame)
-                    frame = frame[written:]
+                written = os.writev(self._fd, (prefix, payload))
+                if written < len(prefix) + len(payload):  # a reply larger than the pipe holds
+                    rest = memoryview(prefix + payload)[written:]
+                    while rest:
+                        rest = rest[os.write(self._fd, rest) :]
             except OSError as exc:
                 self.broken = True
                 log.warning("cannot write replies any more (%s); the host is gone", exc)
@@ -364,16 +368,16 @@ class _Server:
             )
             self._writer.send(error_reply(request.id, duplicate))
             return
-        if request.op == "ping":
+        if isinstance(request, EmbedRequest):
+            trace = {"read": read_ns, "parsed": time.monotonic_ns()} if request.trace else None
+            self._submit(request, received_at, self._embed_done, trace)
+        elif request.op == "ping":
             self._writer.send({"id": request.id, "ok": True})
         elif request.op == "info":
             self._writer.send(self._info_reply(request.id))
         elif request.op == "shutdown":
             self._shutdown_id = request.id
             self._stop(EXIT_OK, "shutdown request")
-        elif isinstance(request, EmbedRequest):
-            trace = {"read": read_ns, "parsed": time.monotonic_ns()} if request.trace else None
-            self._submit(request, received_at, self._embed_done, trace)
         else:  # health: one fixed sentence through the same queue and batches as any request
             health = EmbedRequest(
                 request.id, [HEALTH_SENTENCE], self._model_ids[0], normalize=True, truncate=True
