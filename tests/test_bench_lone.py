@@ -37,6 +37,9 @@ def test_breakdown_times_every_stage_of_a_lone_request(
         assert all(value >= 0 for value in column.values()), column
         assert column["ort_run_us"] > 0 and column["tokenize_us"] > 0
         assert all(value <= column["total_us"] for value in column.values())
+    # the machine's floor beside them: bare pipe wake-ups, and one reply's encoding both ways
+    assert set(document["floor"]) == {"wake_ups_us", "encode_warm_us", "encode_after_run_us"}
+    assert all(value > 0 for value in document["floor"].values())
 
 
 def test_lone_table_compares_every_side_with_and_without_spin_wait(

@@ -19,7 +19,10 @@ cores, and load that comes and goes then weighs on every side alike. Lone blocks
 ``--breakdown`` times the stages of one lone request (the median over many), through the Python
 client and raw frames, from the worker's own marks (``trace: true``, protocol.md) and the
 host's, on the same monotonic clock. The client's stages are timed by wrapping its functions for
-the run (``_ClientProbe``): the client itself carries no timing code.
+the run (``_ClientProbe``): the client itself carries no timing code. Beside the stages it
+prints this machine's floor for any process bridge: two bare pipe wake-ups around a model run's
+time of busy CPU (``_wake_up_floor``), and one reply's encoding in a loop against right after a
+model run (``_cold_python``), the factor every Python step of a bridge pays.
 """
 
 from __future__ import annotations
@@ -659,6 +662,68 @@ def _raw_breakdown(
     return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
 
 
+_ECHO = """
+import os, sys, time
+busy = float(sys.argv[1])
+while os.read(0, 1):
+    end = time.perf_counter() + busy
+    while time.perf_counter() < end:
+        pass
+    os.write(1, b"x")
+"""
+"""A child that holds each byte it reads for ``busy`` seconds of busy CPU, then echoes it."""
+
+
+def _wake_up_floor(busy_seconds: float, calls: int) -> float:
+    """Median microseconds a byte takes to a child process and back, less the ``busy_seconds``
+    the child holds it (one model run): the two pipe wake-ups any process bridge pays on this
+    machine, with no bridge code at all."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ECHO, str(busy_seconds)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        bufsize=0,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    samples = []
+    try:
+        for _ in range(calls):
+            time.sleep(0.002)  # the child idles between calls, as a worker between queries
+            started = time.perf_counter_ns()
+            child.stdin.write(b"x")
+            child.stdout.read(1)
+            samples.append((time.perf_counter_ns() - started) / 1000 - busy_seconds * 1e6)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    return statistics.median(samples)
+
+
+def _cold_python(model_dir: Path, threads: int, calls: int) -> dict[str, float]:
+    """Median microseconds of encoding one reply (msgpack) in a loop and right after a model
+    run: every Python step of a bridge runs after a run, its caches emptied by the run."""
+    from akidb_embed.worker.config import WorkerConfig
+    from akidb_embed.worker.engine import Engine
+
+    engine = Engine.load(WorkerConfig(model_dir=model_dir, threads=threads))
+    token_ids = engine.tokenize(["a short query to run between two encodings"])
+    vector = engine.run(token_ids, normalize=True)
+    reply = {"id": 1, "ok": True, "model": engine.metadata.model, "shape": list(vector.shape),
+             "embeddings": wire.embeddings_to_bytes(vector),
+             "usage": {"total_tokens": 9, "duration_ms": 6.5}}  # fmt: skip
+    timings: dict[str, float] = {}
+    for name, after_run in (("encode_warm_us", False), ("encode_after_run_us", True)):
+        samples = []
+        for _ in range(calls):
+            if after_run:
+                engine.forward(token_ids)
+            started = time.perf_counter_ns()
+            wire.pack(reply)
+            samples.append((time.perf_counter_ns() - started) / 1000)
+        timings[name] = statistics.median(samples)
+    return timings
+
+
 def run_breakdown(
     *, model_dir: Path | None, threads: int, calls: int, output: Path, rust: bool = True
 ) -> int:
@@ -685,6 +750,9 @@ def run_breakdown(
             rust_stages["pipes_and_wakeups_us"] -= rust_stages["reply_encode_us"]
             rust_stages["outside_model_us"] -= rust_stages["reply_encode_us"]
             columns["rust"] = rust_stages
+    time.sleep(PAUSE_SECONDS)
+    floor = {"wake_ups_us": _wake_up_floor(columns["in-process"]["ort_run_us"] / 1e6, calls)}
+    floor.update(_cold_python(metadata.directory, threads, calls))
     for column in columns.values():
         if "pipes_and_wakeups_us" not in column:
             column["pipes_and_wakeups_us"] = column["pipe_in_us"] + column["pipe_out_us"]
@@ -710,9 +778,18 @@ def run_breakdown(
         "stages. The overhead compares the time outside the model, which the run's own "
         "variation does not blur)"
     )
+    print(
+        f"this machine's floor: two pipe wake-ups around one model run's time of busy CPU "
+        f"(a byte to a child process and back, no bridge code): {floor['wake_ups_us']:,.1f} us; "
+        f"encoding one reply: {floor['encode_warm_us']:,.1f} us in a loop, "
+        f"{floor['encode_after_run_us']:,.1f} us right after a model run "
+        f"({floor['encode_after_run_us'] / floor['encode_warm_us']:.0f}x: the run empties the "
+        "caches, so each Python step of a bridge costs that much more)"
+    )
     for note in notes:
         print(f"note: {note}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"calls": calls, "stages": columns}, indent=2) + "\n")
+    document = {"calls": calls, "stages": columns, "floor": floor}
+    output.write_text(json.dumps(document, indent=2) + "\n")
     print(f"results written to {output}")
     return 0
