@@ -21,6 +21,10 @@ of the pool's worker connections.
                   └───── reply by id ──► rows copied into the call's output array
                                          call's Future resolved when its last chunk is in
 
+    lone path: a call that fits one wire request, with no call waiting before it, skips the
+       waiting line: encoded first, then admitted, routed and written under one acquisition
+       of the lock (same bound, same order, same errors; anything else takes the line above)
+
     a connection's worker died or hung ──► every request it held comes back here
        (one attempt spent) ──► routed again to any ready connection, or held until one is
 
@@ -200,6 +204,8 @@ class Dispatcher:
         served = hello.served(request.model)
         texts, sizes = self._checked_texts(request, hello)
         call = EmbedCall(request, texts, sizes, served)
+        if not self._waiting and self._send_whole(call, hello):
+            return call.future
         with self._lock:
             refusal = self._refusal_locked()
             if refusal is not None:
@@ -435,24 +441,8 @@ class Dispatcher:
             count = stop - start
             if self._in_flight_texts + count > bound:
                 break  # first come, first served: wait for replies to make room
-            request_id = next(self._ids)
-            texts = call.texts[start:stop]
-            message = {
-                "id": request_id,
-                "op": "embed",
-                "model": call.model,
-                "inputs": texts,
-                "normalize": call.normalize,
-                "truncate": call.truncate,
-                "prompt_name": call.prompt_name,
-            }
-            max_tokens = call.served.max_tokens
-            tokens = sum(estimated_tokens(text, max_tokens) for text in texts)
-            settle = functools.partial(self._settle_chunk, call, start, stop)
-            request = WireRequest(request_id, count, tokens, settle, message)
-            self._pending[request_id] = request
-            self._in_flight_texts += count
-            self._peak_in_flight_texts = max(self._peak_in_flight_texts, self._in_flight_texts)
+            request = self._wire_request(call, start, stop)
+            self._count_in_locked(request)
             call.next_index, call.chunk_stop = stop, None
             call.outstanding += 1
             self._waiting.popleft()
@@ -460,6 +450,59 @@ class Dispatcher:
                 self._waiting.append(call)  # round robin: one huge call does not starve others
             admitted.append(request)
         return admitted
+
+    def _wire_request(self, call: EmbedCall, start: int, stop: int) -> WireRequest:
+        """The wire request of ``call``'s texts ``start:stop`` (not yet encoded)."""
+        request_id = next(self._ids)  # atomic: the lone path takes one without the lock
+        texts = call.texts[start:stop]
+        message = {
+            "id": request_id,
+            "op": "embed",
+            "model": call.model,
+            "inputs": texts,
+            "normalize": call.normalize,
+            "truncate": call.truncate,
+            "prompt_name": call.prompt_name,
+        }
+        max_tokens = call.served.max_tokens
+        tokens = sum(estimated_tokens(text, max_tokens) for text in texts)
+        settle = functools.partial(self._settle_chunk, call, start, stop)
+        return WireRequest(request_id, stop - start, tokens, settle, message)
+
+    def _count_in_locked(self, request: WireRequest) -> None:
+        self._pending[request.request_id] = request
+        self._in_flight_texts += request.text_count
+        self._peak_in_flight_texts = max(self._peak_in_flight_texts, self._in_flight_texts)
+
+    def _send_whole(self, call: EmbedCall, hello: Hello) -> bool:
+        """The lone path: a call that fits one wire request, with no call waiting before it,
+        is encoded before the lock is taken, then admitted, routed and written under a single
+        acquisition of it. False, with nothing done, when the call must take the queue path
+        (it needs several requests, the bound has no room, another call waits, the client
+        refuses, the frame does not encode): that path then does what it always did."""
+        count = len(call.texts)
+        if chunk_end(call.texts, call.sizes, 0, self._limits(hello, call)) != count:
+            return False
+        request = self._wire_request(call, 0, count)
+        assert request.message is not None
+        try:
+            request.frame = wire.pack(request.message)
+        except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
+            return False  # the queue path fails the call with the reason
+        request.message = None
+        with self._lock:
+            if (
+                self._state not in _SERVING
+                or self._waiting
+                or self._hello is not hello
+                or self._in_flight_texts + count > self.config.max_in_flight_texts
+            ):
+                return False
+            self._count_in_locked(request)
+            call.next_index = count
+            call.outstanding = 1
+            self._route_locked(request)
+        return True
 
     def _pump(self, requests: list[WireRequest]) -> None:
         """Encode newly admitted requests (outside the lock) and route them."""

@@ -252,6 +252,40 @@ def test_texts_in_flight_never_exceed_the_bound(small_frames_client: EmbeddingCl
     assert stats.in_flight_texts == 0
 
 
+def test_lone_calls_among_queued_calls_keep_the_bound_and_their_own_vectors(
+    small_frames_client: EmbeddingClient,
+) -> None:
+    """One-text calls take the lone path (one lock, no waiting line) only when nothing waits
+    before them: racing calls that the bound holds back, each still gets its own vector and the
+    texts in flight never pass the bound."""
+    bound = small_frames_client.config.max_in_flight_texts
+    expected = {index: small_frames_client.embed([f"lone text {index}"])[0] for index in range(8)}
+    lone: dict[int, list[npt.NDArray[np.float32]]] = {index: [] for index in range(8)}
+    big: dict[int, npt.NDArray[np.float32]] = {}
+
+    def lone_caller(index: int) -> None:
+        for _ in range(5):
+            lone[index].append(small_frames_client.embed([f"lone text {index}"])[0])
+
+    def big_caller(index: int) -> None:
+        big[index] = small_frames_client.embed(words(100, prefix=f"b{index}-"))
+
+    threads = [threading.Thread(target=lone_caller, args=(index,)) for index in range(8)]
+    threads += [threading.Thread(target=big_caller, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(CALL_TIMEOUT)
+
+    for index, vectors in lone.items():
+        assert len(vectors) == 5
+        assert all(min_cosine(vector[None], expected[index][None]) > 0.9999 for vector in vectors)
+    assert sorted(big) == [0, 1] and all(v.shape[0] == 100 for v in big.values())
+    stats = small_frames_client.stats()
+    assert 0 < stats.peak_in_flight_texts <= bound
+    assert stats.in_flight_texts == 0
+
+
 def chunks(texts: list[str], limits: ChunkLimits) -> list[int]:
     """Sizes of the wire requests ``texts`` are cut into."""
     utf8_sizes = [utf8_size(text, index) for index, text in enumerate(texts)]
