@@ -215,12 +215,13 @@ class Engine:
         length."""
         if prompt:
             texts = [prompt + text for text in texts]
-        tokenizer = self._truncating if truncate else self._whole
-        if len(texts) == 1:  # encode_batch would hand one text to the tokenizer's thread pool
-            encodings = [tokenizer.encode(texts[0])]
+        # encode_batch even for one text: it releases the GIL while it works and ``encode`` does
+        # not (measured, 16 in-process callers of one text: 152-160 requests/s with
+        # encode_batch, 138-139 with encode, which saves ~20 us on a lone call)
+        if truncate:
+            encodings = self._truncating.encode_batch(list(texts))
         else:
-            encodings = tokenizer.encode_batch(list(texts))
-        if not truncate:
+            encodings = self._whole.encode_batch(list(texts))
             limit = self.metadata.max_tokens
             for index, encoding in enumerate(encodings):
                 if len(encoding.ids) > limit:
