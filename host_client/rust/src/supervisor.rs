@@ -649,3 +649,93 @@ async fn read_replies(
     };
     let _ = events.send(Event::WorkerGone { generation, reason });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    const SENDERS: u32 = 4;
+    const FRAMES_EACH: u32 = 200;
+    const BODY_BYTES: usize = 2000;
+
+    /// A frame of `BODY_BYTES` bytes naming its sender and its number, filled with a byte of
+    /// both, so that a frame cut or interleaved with another is seen.
+    fn numbered_frame(sender: u32, number: u32) -> Frame {
+        let length = (8 + BODY_BYTES) as u32;
+        let mut bytes = length.to_be_bytes().to_vec();
+        bytes.extend(sender.to_be_bytes());
+        bytes.extend(number.to_be_bytes());
+        bytes.extend(std::iter::repeat((sender * 31 + number) as u8).take(BODY_BYTES));
+        OutFrame::new(bytes, false)
+    }
+
+    /// Several threads send at once to a stdin that reads nothing for a while, then reads fast:
+    /// callers' own writes fill the pipe, the rest of a frame goes to the writer task, which
+    /// takes the stream over while callers go on sending and hands it back when its queue is
+    /// empty, again and again over 1.6 MB. Every frame comes out whole, each sender's in order.
+    #[test]
+    fn frames_sent_from_many_threads_stay_whole_and_in_order_through_a_full_pipe() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        runtime.block_on(async {
+            let mut child = tokio::process::Command::new("sh")
+                .args(["-c", "sleep 0.005; exec cat"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdout = child.stdout.take().unwrap();
+            let reading = tokio::spawn(async move {
+                let mut all = Vec::new();
+                stdout.read_to_end(&mut all).await.map(|_| all)
+            });
+            let (sender, lane) = lane(child.stdin.take().unwrap());
+            let (events, _events_kept) = mpsc::unbounded_channel();
+            let writer = tokio::spawn(write_frames(lane, events, 0));
+            let sender = Arc::new(sender);
+            let threads: Vec<_> = (0..SENDERS)
+                .map(|who| {
+                    let (sender, handle) = (sender.clone(), handle.clone());
+                    std::thread::spawn(move || {
+                        let _runtime = handle.enter();
+                        for number in 0..FRAMES_EACH {
+                            sender.send(numbered_frame(who, number));
+                            if number % 8 == 0 {
+                                // pauses: the pipe drains and callers write themselves again
+                                std::thread::sleep(Duration::from_micros(300));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for thread in threads {
+                thread.join().unwrap();
+            }
+            drop(sender); // the last one: the writer closes stdin after what is queued
+            writer.await.unwrap();
+            let all = reading.await.unwrap().unwrap();
+            child.wait().await.unwrap();
+
+            let mut next = vec![0u32; SENDERS as usize];
+            let mut rest = &all[..];
+            while !rest.is_empty() {
+                let length = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                assert_eq!(length, 8 + BODY_BYTES, "a frame cut or interleaved");
+                let payload = &rest[4..4 + length];
+                let who = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                let number = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                assert_eq!(number, next[who as usize], "sender {who}'s frames out of order");
+                let fill = (who * 31 + number) as u8;
+                assert!(payload[8..].iter().all(|&byte| byte == fill), "a frame's body mixed");
+                next[who as usize] += 1;
+                rest = &rest[4 + length..];
+            }
+            assert_eq!(next, vec![FRAMES_EACH; SENDERS as usize], "frames lost");
+        });
+    }
+}
