@@ -6,8 +6,9 @@
     -------------                       ----------------------
     run_now(job): the model idle, no    (waits while run_now runs: one run at a time)
       job queued, the job one run's
-      worth: run it here, at once
-      (a lone query: no hand-over)
+      worth: run it here, at once, as
+      one micro-batch (a lone query:
+      no hand-over, nothing to plan)
     otherwise submit(job) --> queue of jobs -> the next model with pending jobs (round-robin),
       (one queue per model;                then its snapshot, up to snapshot_tokens tokens:
        blocks while more than              first the oldest job's next texts (one micro-batch
