@@ -69,6 +69,8 @@ PAUSE_SECONDS = 0.3
 FIRST_CALLS = 30
 """Calls timed right after start, against steady state."""
 BREAKDOWN_CALLS = 200
+BREAKDOWN_WARM_UP_CALLS = 10
+"""Calls made before each breakdown column's timed ones, and not counted."""
 X16_CALLS = 160
 """Calls of one 16-way block (10 per caller); the figure is the median of ``ROUNDS`` blocks."""
 BULK_ROUNDS = 2
@@ -521,6 +523,11 @@ class _ClientProbe:
                 setattr(target, name, original)
 
 
+def _stage_medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median over the timed calls of one breakdown column."""
+    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
+
+
 def _worker_stages(trace: dict[str, int]) -> dict[str, float]:
     queued_from = trace.get("queued", trace["tokenized"])
     return {
@@ -569,7 +576,7 @@ def _in_process_breakdown(
     engine.forward = timed("ort_run_us", engine.forward)  # type: ignore[method-assign]
     engine.pool = timed("pool_us", engine.pool)  # type: ignore[method-assign]
     rows: list[dict[str, float]] = []
-    for index in range(calls + 10):
+    for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
         spans.clear()
         called = time.monotonic_ns()
         engine.embed([sentences[index % len(sentences)]])
@@ -579,9 +586,9 @@ def _in_process_breakdown(
         row["total_us"] = total / 1000
         row["queue_us"] = row["total_us"] - sum(span / 1000 for span in spans.values())
         row["outside_model_us"] = row["queue_us"]
-        if index >= 10:
+        if index >= BREAKDOWN_WARM_UP_CALLS:
             rows.append(row)
-    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
+    return _stage_medians(rows)
 
 
 def _python_breakdown(
@@ -592,7 +599,7 @@ def _python_breakdown(
     probe = _ClientProbe()
     rows: list[dict[str, float]] = []
     with probe.installed(), EmbeddingClient(model_dir, threads=threads) as client:
-        for index in range(calls + 10):
+        for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
             probe.marks.clear()
             called = time.monotonic_ns()
             client.embed([sentences[index % len(sentences)]])
@@ -615,9 +622,9 @@ def _python_breakdown(
             # routing happens after encoding: count it with the submit, not the write
             row["client_submit_us"] += (m["writing"] - m["encoded"]) / 1000
             row["outside_model_us"] = _outside_model(row)
-            if index >= 10:
+            if index >= BREAKDOWN_WARM_UP_CALLS:
                 rows.append(row)
-    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
+    return _stage_medians(rows)
 
 
 def _raw_breakdown(
@@ -627,7 +634,7 @@ def _raw_breakdown(
     stdin = raw._stdin
     rows: list[dict[str, float]] = []
     try:
-        for index in range(calls + 10):
+        for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
             called = time.monotonic_ns()
             frame = wire.pack({"id": index + 1, "op": "embed", "trace": True,
                                "inputs": [sentences[index % len(sentences)]]})  # fmt: skip
@@ -655,11 +662,11 @@ def _raw_breakdown(
                 "total_us": (returned - called) / 1000,
             }
             row["outside_model_us"] = _outside_model(row)
-            if index >= 10:
+            if index >= BREAKDOWN_WARM_UP_CALLS:
                 rows.append(row)
     finally:
         raw.close()
-    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
+    return _stage_medians(rows)
 
 
 _ECHO = """
