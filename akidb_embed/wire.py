@@ -295,34 +295,23 @@ class FrameReader:
             self._buffer += chunk
         return True
 
-    def _take(self, size: int) -> bytes:
-        taken = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return taken
-
     def read(self) -> bytes | None:
         """The next payload; ``None`` at a clean end of stream (between frames)."""
-        buffer = self._buffer
-        if len(buffer) < LENGTH_PREFIX.size:
-            self._fill(LENGTH_PREFIX.size)
-        if len(buffer) >= LENGTH_PREFIX.size:
-            (length,) = LENGTH_PREFIX.unpack_from(buffer)
-            end = LENGTH_PREFIX.size + length
-            if len(buffer) >= end and length <= self.max_frame_bytes:
-                # the usual case, one read holding the whole frame: one copy, one cut
-                payload = bytes(buffer[LENGTH_PREFIX.size : end])
-                del buffer[:end]
-                return payload
-        if not self._fill(LENGTH_PREFIX.size):
-            if not self._buffer:
+        buffer, prefix = self._buffer, LENGTH_PREFIX.size
+        if not self._fill(prefix):
+            if not buffer:
                 return None
-            _payload_length(bytes(self._buffer), self.max_frame_bytes)  # raises TruncatedFrame
-        length = _payload_length(self._take(LENGTH_PREFIX.size), self.max_frame_bytes)
-        if not self._fill(length):
+            _payload_length(bytes(buffer), self.max_frame_bytes)  # raises TruncatedFrame
+        length = _payload_length(bytes(buffer[:prefix]), self.max_frame_bytes)
+        end = prefix + length
+        if not self._fill(end):
             raise TruncatedFrame(
-                f"stream ended inside a frame ({len(self._buffer)} of {length} payload bytes)"
+                f"stream ended inside a frame ({len(buffer) - prefix} of {length} payload bytes)"
             )
-        return self._take(length)
+        # one copy and one cut (a frame is usually whole after the first read)
+        payload = bytes(buffer[prefix:end])
+        del buffer[:end]
+        return payload
 
 
 def error_reply(request_id: object, error: EmbeddingError) -> dict[str, Any]:

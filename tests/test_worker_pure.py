@@ -289,6 +289,26 @@ def test_cut_stream_yields_the_whole_frames_then_truncation(
         assert isinstance(error, TruncatedFrame)
 
 
+class CountingPipe(io.BytesIO):
+    """A stream whose reads are counted (each read of a pipe is a system call)."""
+
+    reads = 0
+
+    def read1(self, size: int = -1) -> bytes:
+        self.reads += 1
+        return super().read1(size)
+
+
+def test_a_frame_is_one_read_and_the_end_of_the_stream_one_more() -> None:
+    # a second read after EOF would race a host closing the stream once it has seen the end
+    pipe = CountingPipe(pack({"id": 1}) + pack({"id": 2}))
+    reader = FrameReader(pipe)
+    assert [reader.read(), reader.read(), reader.read()] == [
+        msgpack.packb({"id": 1}), msgpack.packb({"id": 2}), None
+    ]  # fmt: skip
+    assert pipe.reads == 2  # both frames in the first read, then the end
+
+
 def test_non_map_payload_is_malformed_not_broken() -> None:
     with pytest.raises(MalformedMessage):
         unpack(msgpack.packb([1, 2]))
