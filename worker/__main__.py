@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from akidb_embed.models import MODEL_DIR_ENV
-from akidb_embed.worker.config import PROVIDER_CHOICES, CoreMLOptions, WorkerConfig
+from akidb_embed.worker.config import (
+    LONE_QUERY_THREADS,
+    PROVIDER_CHOICES,
+    CoreMLOptions,
+    WorkerConfig,
+    size_lanes,
+    usable_cores,
+)
 
 __all__ = ["ENV_PREFIX", "build_parser", "config_from_args", "main"]
 
@@ -106,12 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
         "execution provider: auto = CoreML on macOS, else CUDA if available, else CPU",
         choices=PROVIDER_CHOICES,
     )
+    cores = usable_cores()
+    sized_lanes, sized_threads = size_lanes(cores)
     option(
         "--threads",
         _non_negative_int,
-        _DEFAULTS.threads,
-        "ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (default: usable cores, "
-        "at most the physical ones: %(default)s)",
+        None,
+        "ONNX Runtime intra-op threads of each model's session, shared by the lanes; 0 lets "
+        f"ONNX Runtime choose (default: at most {LONE_QUERY_THREADS}, here {sized_threads}; "
+        "with --lanes alone: the cores the lanes leave)",
+    )
+    option(
+        "--lanes",
+        _positive_int,
+        None,
+        "ONNX Runtime runs at once over each model's one session (default: the cores left "
+        f"after --threads, plus one; here {sized_lanes}, for {cores or 'unknown'} usable cores)",
     )
     parser.add_argument(
         "--spin-wait",
@@ -179,6 +196,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     settings = {
         f.name: getattr(args, f.name) for f in fields(WorkerConfig) if hasattr(args, f.name)
     }
+    settings["lanes"], settings["threads"] = size_lanes(
+        usable_cores(), settings.pop("lanes"), settings.pop("threads")
+    )
     model_dirs: list[Path] = settings.pop("model_dir") or _env_model_dirs()
     if model_dirs:
         settings["model_dir"], settings["extra_model_dirs"] = model_dirs[0], tuple(model_dirs[1:])

@@ -76,7 +76,9 @@ def _check_files(metadata: ModelMetadata) -> None:
 def _session_options(threads: int, spin_wait: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    # one graph runs at a time (the batcher's single inference thread): no inter-op pool needed
+    # Lanes run several graphs at once on this session, each on its own lane thread, which
+    # also works through its graph's parallel sections with the threads - 1 pool threads
+    # (shared by the lanes); each graph's nodes run in order: no inter-op pool.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
