@@ -34,6 +34,7 @@ from akidb_embed.bulk import (
     count_records,
     run_job,
 )
+from akidb_embed.cores import CPUS_PER_WORKER, LONE_QUERY_THREADS, usable_cores
 from akidb_embed.errors import EmbeddingError, InvalidInput
 
 __all__ = ["main"]
@@ -70,8 +71,22 @@ def _client(args: argparse.Namespace) -> Any:
     from akidb_embed.host_client import EmbeddingClient
 
     return EmbeddingClient(
-        args.model_dir, provider=args.provider, workers=args.workers, threads=args.threads
+        args.model_dir,
+        provider=args.provider,
+        workers=args.workers,
+        threads=args.threads,
+        lanes=args.lanes,
     )
+
+
+def _workers(text: str) -> int | str:
+    """``--workers``: a positive number or ``auto``."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 or auto, got {value}")
+    return value
 
 
 _SUFFIX_FORMATS = {
@@ -260,14 +275,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             quick=args.quick,
             rust=not args.no_rust,
         )
+    if args.sweep:
+        from akidb_embed.bench.sweep import run_sweep
+
+        return run_sweep(
+            model_dir=args.model_dir[0] if args.model_dir else None,
+            provider=args.provider,
+            output=args.output.with_name("bench-sweep.json"),
+            quick=args.quick,
+            corpus_size=args.corpus_size,
+            calls=args.single_calls,
+        )
     if args.pool:
         from akidb_embed.bench.pool import ROUNDS, run_pool_benchmark
-        from akidb_embed.worker.config import default_threads
 
         return run_pool_benchmark(
             model_dir=args.model_dir[0] if args.model_dir else None,
             provider=args.provider,
-            cores=default_threads() or 2,
+            cores=usable_cores() or 2,
             corpus_size=min(args.corpus_size, 64) if args.quick else args.corpus_size,
             calls=min(args.single_calls, 32) if args.quick else args.single_calls,
             output=args.output.with_name("bench-pool.json"),
@@ -315,15 +340,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--workers",
+        type=_workers,
+        default="auto",
+        help="worker processes, each holding every model (default: auto, one per "
+        f"{CPUS_PER_WORKER} usable CPUs)",
+    )
+    common.add_argument(
+        "--lanes",
         type=int,
-        default=1,
-        help="worker processes, each holding every model (default: 1)",
+        default=None,
+        help="ONNX Runtime runs at once in each worker (default: the worker's, sized to fill "
+        "its share of the cores)",
     )
     common.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="ONNX Runtime threads of each worker (default: the worker's, the usable cores)",
+        help="ONNX Runtime intra-op threads of each worker's session (default: the worker's, "
+        f"at most {LONE_QUERY_THREADS})",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -422,6 +456,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one worker serving two models against two one-model workers (the second "
         "--model-dir, else the default model provisioned again under another id)",
+    )
+    bench.add_argument(
+        "--sweep",
+        action="store_true",
+        help="in-process sessions beside the default client and a grid of workers x lanes x "
+        "threads that fill the cores: lone, 16 and 64 callers, bulk, RSS",
     )
     bench.add_argument(
         "--pool",

@@ -41,12 +41,14 @@ class EmbeddingClient(ClientBase):
     """Embeds texts through a pool of supervised worker processes (one by default);
     thread-safe and pipelined.
 
-    ``EmbeddingClient(model_dir=None, *, workers=1, provider="auto", threads=None,
-    request_timeout=30.0, start_timeout=60.0, close_timeout=10.0, max_attempts=3,
+    ``EmbeddingClient(model_dir=None, *, workers="auto", provider="auto", threads=None,
+    lanes=None, request_timeout=30.0, start_timeout=60.0, close_timeout=10.0, max_attempts=3,
     restart_limit=5, stable_start_time=10.0, max_in_flight_texts=2048, worker_command=None,
     worker_args=(), env=None)`` spawns ``workers`` processes of ``python -m akidb_embed.worker``
     in parallel (same interpreter; ``worker_command`` replaces that prefix, ``worker_args`` are
-    appended), each serving every model with ``threads`` ONNX Runtime threads, and returns once
+    appended), each serving every model with ``lanes`` ONNX Runtime runs at once on sessions of
+    ``threads`` intra-op threads (by default sized to fill the worker's share of the cores;
+    ``workers="auto"``: one worker per 32 usable CPUs), and returns once
     every hello has been read and its protocol version checked. A worker that cannot start
     makes the constructor raise its own reason: ``ModelNotFound`` (no usable model directory)
     or ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs are

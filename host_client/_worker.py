@@ -93,6 +93,10 @@ class Hello:
     worker_version: str
     models: tuple[ModelInfo, ...] = ()
     """Every model the worker serves, the default (``model``) first."""
+    lanes: int = 1
+    """ONNX Runtime runs the worker makes at once (1 from a worker that does not say)."""
+    threads: int = 0
+    """Intra-op threads of the worker's sessions (0: ONNX Runtime's choice, or not said)."""
 
     def served(self, model: str | None) -> ModelInfo:
         """The served model named ``model`` (``None``: the default one); ``ModelNotFound``
@@ -168,6 +172,8 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
             limits={str(name): int(value) for name, value in limits.items()},
             worker_version=str(message.get("worker_version", "")),
             models=tuple(served),
+            lanes=int(message.get("lanes", 1)),
+            threads=int(message.get("threads", 0)),
         )
         for name in REQUIRED_LIMITS:
             if name not in hello.limits:

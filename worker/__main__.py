@@ -20,15 +20,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from akidb_embed.cores import LONE_QUERY_THREADS, size_lanes, usable_cores
 from akidb_embed.models import MODEL_DIR_ENV
-from akidb_embed.worker.config import (
-    LONE_QUERY_THREADS,
-    PROVIDER_CHOICES,
-    CoreMLOptions,
-    WorkerConfig,
-    size_lanes,
-    usable_cores,
-)
+from akidb_embed.worker.config import PROVIDER_CHOICES, CoreMLOptions, WorkerConfig
 
 __all__ = ["ENV_PREFIX", "build_parser", "config_from_args", "main"]
 
@@ -124,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with --lanes alone: the cores the lanes leave)",
     )
     option(
+        "--pool-workers",
+        _positive_int,
+        1,
+        "workers of one pool sharing this machine: the default --lanes and --threads fill "
+        "this worker's share of the cores, usable cores / pool workers (%(default)s)",
+    )
+    option(
         "--lanes",
         _positive_int,
         None,
@@ -196,8 +197,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     settings = {
         f.name: getattr(args, f.name) for f in fields(WorkerConfig) if hasattr(args, f.name)
     }
+    share = max(1, usable_cores() // args.pool_workers) if usable_cores() else 0
     settings["lanes"], settings["threads"] = size_lanes(
-        usable_cores(), settings.pop("lanes"), settings.pop("threads")
+        share, settings.pop("lanes"), settings.pop("threads")
     )
     model_dirs: list[Path] = settings.pop("model_dir") or _env_model_dirs()
     if model_dirs:

@@ -12,19 +12,17 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from akidb_embed.cores import size_lanes, usable_cores
 from akidb_embed.models import default_model_dir
 from akidb_embed.wire import DEFAULT_MAX_FRAME_BYTES
 
 __all__ = [
-    "LONE_QUERY_THREADS",
     "PROVIDER_CHOICES",
     "CoreMLOptions",
     "WorkerConfig",
     "default_coreml_cache_dir",
     "default_lanes",
     "default_threads",
-    "size_lanes",
-    "usable_cores",
 ]
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "coreml")
@@ -37,77 +35,6 @@ def default_coreml_cache_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "akidb-embed" / "coreml"
-
-
-def _usable_cpus() -> set[int]:
-    if hasattr(os, "sched_getaffinity"):
-        return set(os.sched_getaffinity(0))
-    return set(range(os.cpu_count() or 1))
-
-
-def _physical_cores(cpus: set[int]) -> int:
-    """Distinct physical cores among ``cpus`` (hyper-thread siblings count once), Linux only."""
-    cores = set()
-    for cpu in cpus:
-        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-        try:
-            cores.add(siblings.read_text().strip())
-        except OSError:
-            return len(cpus)
-    return len(cores) or len(cpus)
-
-
-def _cgroup_cpu_limit() -> int | None:
-    """The CPU quota of a cgroup v2 container, rounded up, if one is set."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    return max(1, -(-int(quota) // int(period)))
-
-
-def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity, at most the physical cores, at most a
-    container's CPU quota; ``0`` outside Linux, where it is not known (ONNX Runtime then picks).
-
-    ONNX Runtime's own default counts the machine's physical cores and ignores CPU affinity and
-    container quotas, which oversubscribes a constrained worker.
-    """
-    if not sys.platform.startswith("linux"):
-        return 0
-    cores = _physical_cores(_usable_cpus())
-    quota = _cgroup_cpu_limit()
-    return max(1, min(cores, quota) if quota else cores)
-
-
-LONE_QUERY_THREADS = 4
-"""Intra-op threads a run gets by default, when the cores allow: a lone query is fastest at a
-few threads. Measured on a 16-core Xeon (MiniLM, one short sentence, in-process): 3.2-3.4 ms at
-4 threads, 4.2-4.7 ms at 16 (short runs scale badly across many threads), 6.4-8.2 ms at 1."""
-
-
-def size_lanes(cores: int, lanes: int | None = None, threads: int | None = None) -> tuple[int, int]:
-    """``(lanes, threads)`` that fill ``cores``: ``lanes`` runs at once, each on its lane's
-    thread plus the session's ``threads - 1`` shared pool threads, keep
-    ``lanes + threads - 1`` threads busy, so the default makes that ``cores``.
-
-    Neither given: ``threads = min(cores, LONE_QUERY_THREADS)`` (a lone query's best) and the
-    rest of the cores as further lanes (2 cores: 1 lane x 2 threads; 16 cores: 13 lanes x 4
-    threads). One given: the other fills the cores. ``cores`` 0 (unknown) or ``threads`` 0
-    (ONNX Runtime chooses): one lane unless ``lanes`` says otherwise.
-    """
-    if threads is None:
-        if cores == 0:
-            threads = 0
-        elif lanes is None:
-            threads = min(cores, LONE_QUERY_THREADS)
-        else:
-            threads = max(1, cores - lanes + 1)
-    if lanes is None:
-        lanes = 1 if cores == 0 or threads == 0 else max(1, cores - threads + 1)
-    return lanes, threads
 
 
 def default_threads() -> int:
