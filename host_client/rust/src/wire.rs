@@ -212,6 +212,12 @@ pub struct Hello {
     pub models: Option<Vec<ModelDescription>>,
     #[serde(default)]
     pub providers: Vec<String>,
+    /// ONNX Runtime runs the worker makes at once; absent from a worker without lanes.
+    #[serde(default)]
+    pub lanes: Option<usize>,
+    /// Intra-op threads of the worker's sessions (0: ONNX Runtime's choice).
+    #[serde(default)]
+    pub threads: Option<usize>,
     pub limits: Option<Limits>,
     pub error: Option<WireError>,
 }
@@ -228,6 +234,10 @@ pub struct ReadyHello {
     /// Every loaded model, the default first; never empty.
     pub models: Vec<ModelDescription>,
     pub providers: Vec<String>,
+    /// ONNX Runtime runs the worker makes at once (1 from a worker that does not say).
+    pub lanes: usize,
+    /// Intra-op threads of the worker's sessions (0: ONNX Runtime's choice, or not said).
+    pub threads: usize,
     pub limits: Limits,
 }
 
@@ -301,6 +311,8 @@ impl Hello {
             normalize_default,
             models,
             providers: self.providers,
+            lanes: self.lanes.unwrap_or(1),
+            threads: self.threads.unwrap_or(0),
             limits: self.limits.ok_or_else(|| missing("limits"))?,
         })
     }
@@ -480,6 +492,8 @@ mod tests {
             normalize_default: None,
             models: None,
             providers: vec![],
+            lanes: None,
+            threads: None,
             limits: None,
             error: None,
         };

@@ -500,9 +500,24 @@ async fn golden_answers(
 
 #[tokio::test]
 async fn a_killed_worker_loses_no_request() {
+    killed_under_load_loses_no_request(config()).await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_with_busy_lanes_loses_no_request() {
+    // two ONNX Runtime runs at once in the worker (one thread each): both lanes hold requests
+    // when it dies
+    killed_under_load_loses_no_request(WorkerConfig { lanes: Some(2), ..config() }).await;
+}
+
+/// Under `golden_load`, the worker of a client started with `config` is killed: every call
+/// still gets its golden vectors, and the replacement has the same lanes.
+async fn killed_under_load_loses_no_request(config: WorkerConfig) {
+    let lanes = config.lanes.unwrap_or(1);
     within(async {
         let golden = Arc::new(golden());
-        let client = spawn(config()).await;
+        let client = spawn(config).await;
+        assert_eq!(client.hello().unwrap().lanes, lanes);
         let first_pid = client.worker_pid().unwrap();
         let done = Arc::new(AtomicUsize::new(0));
         let tasks = golden_load(&client, &golden, &done);
@@ -520,6 +535,7 @@ async fn a_killed_worker_loses_no_request() {
             .number_after("sending again the ", &format!("worker {first_pid} "))
             .expect("a restart note");
         assert!(resent > 0, "requests were in flight when the worker was killed");
+        assert_eq!(client.hello().unwrap().lanes, lanes);
         client.close().await;
     })
     .await;
