@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_PROVIDER = "auto"
-DEFAULT_WORKERS = "auto"
+DEFAULT_WORKERS: Literal["auto"] = "auto"
 """One worker per ``akidb_embed.cores.CPUS_PER_WORKER`` usable CPUs (``auto_workers``): a worker's
 lanes fill its cores, and more workers only help once its Python steps are the ceiling."""
 DEFAULT_REQUEST_TIMEOUT = 30.0
