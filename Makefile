@@ -36,7 +36,7 @@ bench: models
 	$(PY) -m akidb_embed.cli bench --lone
 	$(PY) -m akidb_embed.cli bench --breakdown
 	$(PY) -m akidb_embed.cli bench --two-models
-	$(PY) -m akidb_embed.cli bench --pool
+	$(PY) -m akidb_embed.cli bench --sweep
 
 lint: venv
 	$(VENV)/bin/ruff check .

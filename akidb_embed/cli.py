@@ -34,7 +34,7 @@ from akidb_embed.bulk import (
     count_records,
     run_job,
 )
-from akidb_embed.cores import CPUS_PER_WORKER, LONE_QUERY_THREADS, usable_cores
+from akidb_embed.cores import CPUS_PER_WORKER, LONE_QUERY_THREADS
 from akidb_embed.errors import EmbeddingError, InvalidInput
 
 __all__ = ["main"]
@@ -203,6 +203,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
                     "max_tokens": info.max_tokens,
                     "models": models,
                     "providers": list(client.providers),
+                    "workers": client.config.workers,
+                    "lanes": client.lanes,
+                    "threads": client.threads,
                     "limits": dict(client.limits),
                 },
                 indent=2,
@@ -285,18 +288,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             quick=args.quick,
             corpus_size=args.corpus_size,
             calls=args.single_calls,
-        )
-    if args.pool:
-        from akidb_embed.bench.pool import ROUNDS, run_pool_benchmark
-
-        return run_pool_benchmark(
-            model_dir=args.model_dir[0] if args.model_dir else None,
-            provider=args.provider,
-            cores=usable_cores() or 2,
-            corpus_size=min(args.corpus_size, 64) if args.quick else args.corpus_size,
-            calls=min(args.single_calls, 32) if args.quick else args.single_calls,
-            output=args.output.with_name("bench-pool.json"),
-            rounds=1 if args.quick else ROUNDS,
         )
     if args.two_models:
         from akidb_embed.bench.two_models import run_two_model_benchmark
@@ -462,11 +453,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="in-process sessions beside the default client and a grid of workers x lanes x "
         "threads that fill the cores: lone, 16 and 64 callers, bulk, RSS",
-    )
-    bench.add_argument(
-        "--pool",
-        action="store_true",
-        help="one worker with every core's thread against one single-thread worker per core",
     )
     bench.add_argument(
         "--lone",

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from akidb_embed.cores import size_lanes, usable_cores
 from akidb_embed.models import ModelMetadata
 
 CLI = (sys.executable, "-m", "akidb_embed.cli")
@@ -65,6 +66,14 @@ def test_info_reports_model_facts_from_metadata(metadata: ModelMetadata) -> None
     )
     assert "CPUExecutionProvider" in info["providers"]
     assert info["limits"]["max_texts_per_request"] > 0
+    assert (info["workers"], info["lanes"], info["threads"]) == (1, *size_lanes(usable_cores()))
+
+
+def test_info_passes_lanes_and_threads_to_the_worker() -> None:
+    result = run_cli("info", "--lanes", "2", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["lanes"], info["threads"]) == (2, 1)
 
 
 def test_health_succeeds_and_a_missing_model_fails_with_its_reason(tmp_path: Path) -> None:
