@@ -1,7 +1,9 @@
 """``akidb-embed bench --sweep``: how the worker fills this machine's cores, in one run.
 
-Rows, all on the same model file and corpus, measured one after another with a pause between
-any two (so that one row's tail does not weigh on the next):
+Rows, all on the same model file and corpus, every one started first, then measured in turn
+for ``ROUNDS`` rounds with a pause between any two (so that one row's tail does not weigh on
+the next, and load coming and going on a shared machine weighs on all alike); a figure is the
+median of its rounds:
 
     in-process      the engine called directly from this process: one ONNX Runtime session
                     of all the cores' threads, of LONE_QUERY_THREADS and of 1, its callers
@@ -29,10 +31,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,8 @@ from akidb_embed.models import load_metadata
 __all__ = ["CALLER_COUNTS", "SweepRow", "client_grid", "run_sweep"]
 
 CALLER_COUNTS = (16, 64)
+ROUNDS = 3
+"""Every row is measured once per round, rows in turn; a figure is the median of its rounds."""
 PAUSE_SECONDS = 2.0
 """Between two rows: the previous row's threads go idle and the cores cool down alike."""
 
@@ -172,6 +178,7 @@ def run_sweep(
     quick: bool = False,
     corpus_size: int = 1000,
     calls: int = 300,
+    rounds: int = ROUNDS,
 ) -> int:
     from akidb_embed.host_client import EmbeddingClient
     from akidb_embed.worker.config import WorkerConfig
@@ -179,7 +186,7 @@ def run_sweep(
 
     cores = usable_cores() or os.cpu_count() or 1
     if quick:
-        corpus_size, calls = min(corpus_size, 48), min(calls, 64)
+        corpus_size, calls, rounds = min(corpus_size, 48), min(calls, 64), 1
     pause = 0.2 if quick else PAUSE_SECONDS
     metadata = load_metadata(model_dir)
     corpus = build_corpus(corpus_size)
@@ -194,31 +201,47 @@ def run_sweep(
         flush=True,
     )
     rows: list[SweepRow] = []
-    reference: npt.NDArray[np.float32] | None = None
-    for threads in sorted({cores, min(cores, LONE_QUERY_THREADS), 1}, reverse=True):
-        row = SweepRow(f"in-process 1 x {threads}", "in-process", 0, 1, threads)
-        print(f"  {row.name}", file=sys.stderr, flush=True)
-        engine = Engine.load(WorkerConfig(threads=threads, lanes=1), metadata.directory)
-        row.figures, vectors = _measure(engine.embed, short, corpus, calls)
-        reference = vectors if reference is None else reference
-        rows.append(row)
-        del engine
-        time.sleep(pause)
-    assert reference is not None
-    configurations: list[tuple[str, dict[str, Any]]] = [("default", {})]
-    for workers, lanes, threads in client_grid(cores):
-        name = f"{workers} x {lanes} x {threads}"
-        configurations.append((name, {"workers": workers, "lanes": lanes, "threads": threads}))
-    for name, settings in configurations:
-        print(f"  client {name}", file=sys.stderr, flush=True)
-        with EmbeddingClient(metadata.directory, provider=provider, **settings) as client:
-            row = SweepRow(name, "client", client.config.workers, client.lanes, client.threads)
-            row.figures, vectors = _measure(client.embed, short, corpus, calls)
-            row.figures["min_cosine"] = _min_cosine(vectors, reference)
+    embedders: list[EmbedFn] = []
+    with ExitStack() as stack:
+        for threads in sorted({cores, min(cores, LONE_QUERY_THREADS), 1}, reverse=True):
+            engine = Engine.load(WorkerConfig(threads=threads, lanes=1), metadata.directory)
+            rows.append(SweepRow(f"in-process 1 x {threads}", "in-process", 0, 1, threads))
+            embedders.append(engine.embed)
+        configurations: list[tuple[str, dict[str, Any]]] = [("default", {})]
+        for workers, lanes, threads in client_grid(cores):
+            name = f"{workers} x {lanes} x {threads}"
+            configurations.append((name, {"workers": workers, "lanes": lanes, "threads": threads}))
+        clients = []
+        for name, settings in configurations:
+            client = stack.enter_context(
+                EmbeddingClient(metadata.directory, provider=provider, **settings)
+            )
+            rows.append(
+                SweepRow(name, "client", client.config.workers, client.lanes, client.threads)
+            )
+            embedders.append(client.embed)
+            clients.append(client)
+        # rounds in turn, so that load coming and going on a shared machine weighs on every
+        # row alike; each figure is the median of its rounds
+        samples: list[list[dict[str, float]]] = [[] for _ in rows]
+        vectors: list[npt.NDArray[np.float32]] = [np.empty(0, np.float32)] * len(rows)
+        for round_index in range(rounds):
+            for index, (row, embed) in enumerate(zip(rows, embedders, strict=True)):
+                print(
+                    f"  round {round_index + 1}/{rounds}: {row.name}", file=sys.stderr, flush=True
+                )
+                figures, vectors[index] = _measure(embed, short, corpus, calls)
+                samples[index].append(figures)
+                time.sleep(pause)
+        for row, runs, bulk_vectors in zip(rows, samples, vectors, strict=True):
+            row.figures = {
+                metric: statistics.median(run[metric] for run in runs) for metric in runs[0]
+            }
+            if row.kind == "client":
+                row.figures["min_cosine"] = _min_cosine(bulk_vectors, vectors[0])
+        for row, client in zip(rows[-len(clients) :], clients, strict=True):
             pids = [slot.pid for slot in client.stats().workers if slot.pid is not None]
             row.figures["rss_mb"] = sum(peak_rss_mb(pid) or 0.0 for pid in pids)
-        rows.append(row)
-        time.sleep(pause)
     _print_table(rows)
     output.parent.mkdir(parents=True, exist_ok=True)
     document = {
@@ -228,6 +251,7 @@ def run_sweep(
         "corpus_size": len(corpus),
         "corpus_digest": corpus_digest(corpus),
         "calls": calls,
+        "rounds": rounds,
         "default": {"workers": default_workers, "lanes": default_lanes, "threads": default_threads},
         "rows": [
             {

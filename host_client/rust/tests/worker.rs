@@ -500,7 +500,7 @@ async fn golden_answers(
 
 #[tokio::test]
 async fn a_killed_worker_loses_no_request() {
-    killed_under_load_loses_no_request(config()).await;
+    killed_under_load_loses_no_request(WorkerConfig { lanes: Some(1), ..config() }).await;
 }
 
 #[tokio::test]
@@ -513,7 +513,7 @@ async fn a_killed_worker_with_busy_lanes_loses_no_request() {
 /// Under `golden_load`, the worker of a client started with `config` is killed: every call
 /// still gets its golden vectors, and the replacement has the same lanes.
 async fn killed_under_load_loses_no_request(config: WorkerConfig) {
-    let lanes = config.lanes.unwrap_or(1);
+    let lanes = config.lanes.expect("the test names its lanes");
     within(async {
         let golden = Arc::new(golden());
         let client = spawn(config).await;
