@@ -632,7 +632,9 @@ class Dispatcher:
     def _fail_locked(self, error: EmbeddingError) -> Deferred:
         """Give up for good: every waiting and pending call fails with ``error``, and so will
         every later one; every worker is stopped."""
-        logger.error("akidb-embed client gives up: %s", error.message)
+        # while starting, the error is the caller's (raised by the constructor): not logged
+        level = logging.DEBUG if self._state is _State.STARTING else logging.ERROR
+        logger.log(level, "akidb-embed client gives up: %s", error.message)
         self._state = _State.FAILED
         self._failure = error
         deferred = self._drop_requests_locked(list(self._pending.values()), error)

@@ -22,7 +22,8 @@ When stdout ends (the worker exited, crashed or was killed) or turns to garbage,
 reaps the process (no zombie), lets stderr finish so its last lines explain the exit, stops
 the writer, and reports the exit exactly once through ``on_exit``. A worker that ends before
 its hello fails ``hello`` with ``ServiceUnavailable`` carrying its exit status and last stderr
-lines.
+lines. Until a worker is ready its error lines are logged at DEBUG: why it could not start
+reaches the caller once, as the start's error.
 """
 
 from __future__ import annotations
@@ -463,10 +464,15 @@ class WorkerProcess:
                 if not line:
                     continue
                 self._stderr_tail.append(line)
+                level = _level_of(line)
+                if self.ready_at is None and level >= logging.ERROR:
+                    # why it cannot start: the caller gets that as the start's error; here it
+                    # is kept for a host that captures debug logs
+                    level = logging.DEBUG
                 if f"[{pid}]" in line:  # the worker's own log format names its pid already
-                    worker_logger.log(_level_of(line), "%s", line)
+                    worker_logger.log(level, "%s", line)
                 else:
-                    worker_logger.log(_level_of(line), "[worker %d] %s", pid, line)
+                    worker_logger.log(level, "[worker %d] %s", pid, line)
         except (OSError, ValueError):
             pass  # closed under us after the process was reaped
 

@@ -192,7 +192,7 @@ def test_a_started_run_is_not_overwritten_without_resume(tmp_path: Path) -> None
     output = tmp_path / "out.npy"
     output.with_name("out.npy.progress.json").write_text("{}")
     result = run_cli("-i", str(source), "-o", str(output))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert b"pass --resume" in result.stderr
 
 
@@ -213,9 +213,9 @@ def test_bad_lines_stop_the_run_naming_their_line(tmp_path: Path) -> None:
     source.write_bytes(BAD_JSONL)
     output = tmp_path / "out.npy"
     result = run_cli("-i", str(source), "-o", str(output))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "line 2: invalid JSON" in result.stderr.decode()
-    assert np.load(output).shape == (0, 384)  # nothing written, and what is there is valid
+    assert np.load(output).shape == (1, 384)  # the good line before it, in a valid .npy
 
 
 def test_skip_bad_lists_every_bad_line_beside_the_output(tmp_path: Path) -> None:
@@ -230,9 +230,9 @@ def test_skip_bad_lists_every_bad_line_beside_the_output(tmp_path: Path) -> None
     assert [(row["line"], row["problem"].split(" (")[0]) for row in skipped] == [
         (2, "invalid JSON"),
         (4, "no field 'text'"),
-        (5, "field 'text' is int, not a string"),
+        (5, "field 'text' is a number, not a string"),
         (6, "invalid UTF-8 at byte 14"),
-        (7, "not a JSON object but list"),
+        (7, "not a JSON object but an array"),
     ]
     assert "5 bad records skipped" in result.stderr.decode()
 
@@ -241,7 +241,7 @@ def test_parquet_input_reports_null_texts_by_row(tmp_path: Path) -> None:
     source = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["a", None, "c"]}), source)
     result = run_cli("-i", str(source), "-o", str(tmp_path / "out.npy"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "row 2: column 'text' is null" in result.stderr.decode()
 
 

@@ -80,7 +80,7 @@ def test_health_succeeds_and_a_missing_model_fails_with_its_reason(tmp_path: Pat
     healthy = run_cli("health")
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "ok"), healthy.stderr
     missing = run_cli("health", "--model-dir", str(tmp_path / "nowhere"))
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert "ModelNotFound" in missing.stderr
     assert "Traceback" not in missing.stderr
 
