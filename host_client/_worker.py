@@ -100,12 +100,14 @@ class Hello:
     """Intra-op threads of the worker's sessions (0: ONNX Runtime's choice, or not said)."""
 
     def served(self, model: str | None) -> ModelInfo:
-        """The served model named ``model`` (``None``: the default one); ``ModelNotFound``
-        listing the loaded ids otherwise."""
+        """The served model named ``model`` (``None``: the default one; a short name such as
+        ``all-MiniLM-L6-v2`` when only one id ends with it); ``ModelNotFound`` listing the
+        loaded ids otherwise."""
         if model is None:
             return self.models[0]
+        found = wire.served_model_id(model, [info.model for info in self.models])
         for info in self.models:
-            if info.model == model:
+            if info.model == found:
                 return info
         loaded = ", ".join(repr(info.model) for info in self.models)
         raise ModelNotFound(f"model {model!r} is not loaded; the worker serves {loaded}")
