@@ -401,8 +401,8 @@ class Dispatcher:
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 kind = type(text).__name__
-            article = "an" if kind[0] in "aeiou" else "a"
-            raise InvalidInput(f"inputs[{index}] is {article} {kind}, not a str", index)
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise InvalidInput(f"inputs[{index}] is {article} {kind}, not a str", index)
             size = utf8_size(text, index)
             if size > max_text_bytes:
                 raise InvalidInput(

@@ -156,15 +156,29 @@ def test_wrong_model_is_model_not_found_and_the_worker_stays_usable(
     assert client.embed(["still here"]).shape[0] == 1
 
 
+def test_a_models_short_name_names_it(client: EmbeddingClient, metadata: ModelMetadata) -> None:
+    short_name = metadata.model.rsplit("/", 1)[-1]
+    assert short_name != metadata.model  # sentence-transformers/all-MiniLM-L6-v2
+
+    assert client.model_info(short_name) == client.model_info()
+    response = client.embed_batch(BatchEmbeddingRequest(short_name, ["a cat on a mat"]))
+    assert response.model == metadata.model
+    assert np.array_equal(response.embeddings, client.embed(["a cat on a mat"]))
+
+
 def test_over_long_input_without_truncation_is_invalid_input(
     client: EmbeddingClient, metadata: ModelMetadata
 ) -> None:
     over_long = " ".join(["word"] * (metadata.max_tokens * 2))
 
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as raised:
         client.embed_batch(
             BatchEmbeddingRequest(metadata.model, ["fine", over_long], truncate=False)
         )
+    # in the words of this API, not the wire's
+    assert raised.value.message.endswith("; shorten it or pass truncate=True (the default)")
+    with pytest.raises(InvalidInput, match=r"^inputs\[0\] has \d+ tokens"):
+        client.embed([over_long], truncate=False)
 
     truncated = client.embed_batch(BatchEmbeddingRequest(metadata.model, [over_long]))
     assert truncated.usage.total_tokens == metadata.max_tokens
@@ -194,8 +208,10 @@ def test_invalid_input_names_the_callers_index_in_a_split_and_sorted_batch(
     ],
 )
 def test_inputs_that_cannot_be_sent_are_invalid_input(client: EmbeddingClient, inputs: Any) -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as raised:
         client.embed_batch(BatchEmbeddingRequest(None, inputs))
+    if inputs == ["fine", 42]:
+        assert raised.value.message == "inputs[1] is an int, not a str"
 
     assert client.stats().in_flight_texts == 0
     assert client.embed(["still here"]).shape[0] == 1
@@ -341,6 +357,10 @@ def test_async_client_serves_many_concurrent_tasks(
             assert await client.health_check() is True
             with pytest.raises(InvalidInput, match=r"^empty input batch$"):
                 await client.embed([])
+            over_long = " ".join(["word"] * (metadata.max_tokens * 2))
+            with pytest.raises(InvalidInput, match=r"pass truncate=True"):
+                await client.embed([over_long], truncate=False)
+            assert (await client.embed([over_long])).shape == (1, metadata.dimension)
 
             async def task(index: int) -> float:
                 picked = [index % len(sentences), (index * 7) % len(sentences)]
