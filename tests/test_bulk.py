@@ -292,3 +292,100 @@ def test_memory_of_a_million_line_job_stays_bounded(tmp_path: Path) -> None:
     assert texts == 1_000_000
     assert np.load(tmp_path / "out.npy", mmap_mode="r").shape == (1_000_000, 8)
     assert peak_mb < RSS_BOUND_MB, f"peak RSS {peak_mb} MB for a {source.stat().st_size} B file"
+
+
+def jsonl_with_null_text_at(path: Path, count: int, bad_line: int) -> Path:
+    """``count`` lines of ``{"id", "text"}``, the text of line ``bad_line`` null."""
+    texts = sentences(count, seed=11)
+    lines = (
+        json.dumps({"id": f"t{number}", "text": None if number == bad_line else text}) + "\n"
+        for number, text in enumerate(texts, 1)
+    )
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def one_line(stderr: bytes) -> str:
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("output_suffix", "bad_line"),
+    [(".jsonl", 20), (".parquet", 20), (".npy", 6), (".jsonl", 6), (".parquet", 1)],
+)
+def test_a_stop_on_a_bad_record_commits_what_came_before_and_resume_skip_bad_goes_on(
+    tmp_path: Path, output_suffix: str, bad_line: int
+) -> None:
+    """Line 20 is in the third chunk of 8, line 6 in the first, line 1 has nothing before it;
+    the finished file equals a run with --skip-bad from the start, bit for bit."""
+    source = jsonl_with_null_text_at(tmp_path / "in.jsonl", 30, bad_line)
+    args = ["-i", str(source), "--chunk-texts", "8"]
+    if output_suffix != ".npy":
+        args += ["--id-field", "id"]
+    whole = tmp_path / f"whole{output_suffix}"
+    assert run_cli(*args, "-o", str(whole), "--skip-bad").returncode == 0
+
+    output = tmp_path / f"out{output_suffix}"
+    stopped = run_cli(*args, "-o", str(output))
+    assert stopped.returncode == 2
+    message = one_line(stopped.stderr)
+    assert f"line {bad_line}: field 'text' is null, not a string" in message
+    assert f"the {bad_line - 1} rows before it are committed" in message
+    assert "--resume --skip-bad" in message
+    progress = output.with_name(output.name + ".progress.json")
+    assert json.loads(progress.read_text())["rows"] == bad_line - 1
+    if output_suffix == ".npy":
+        assert np.load(output).shape == (bad_line - 1, 384)
+
+    resumed = run_cli(*args, "-o", str(output), "--resume", "--skip-bad")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 bad record skipped" in resumed.stderr.decode()
+    assert output.read_bytes() == whole.read_bytes()
+    skipped = output.with_name(output.name + ".skipped.jsonl").read_text()
+    problem = "field 'text' is null, not a string"
+    assert json.loads(skipped) == {"line": bad_line, "problem": problem}
+    assert not progress.exists()
+
+
+def test_resume_after_a_stop_without_skip_bad_stops_at_the_next_bad_record(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ["one", "two", None, "four", 5, "six"]),
+        encoding="utf-8",
+    )
+    output = tmp_path / "out.jsonl"
+    first = run_cli("-i", str(source), "-o", str(output))
+    assert "line 3:" in one_line(first.stderr) and "the 2 rows before it" in one_line(first.stderr)
+    second = run_cli("-i", str(source), "-o", str(output), "--resume", "--skip-bad")
+    assert second.returncode == 0, second.stderr
+    _, _, written = read_output(output)
+    assert written == ["one", "two", "four", "six"]
+
+
+def test_a_failure_before_the_first_commit_leaves_nothing_behind(tmp_path: Path) -> None:
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"title": ["no text column"]}), source)
+    output = tmp_path / "out.npy"
+    result = run_cli("-i", str(source), "-o", str(output))
+    assert result.returncode == 2
+    assert "has no column 'text'" in one_line(result.stderr)
+    assert list(tmp_path.iterdir()) == [source]
+
+
+@pytest.mark.parametrize("where", ["file", "stdin"])
+def test_an_empty_input_is_refused_leaving_no_output(tmp_path: Path, where: str) -> None:
+    output = tmp_path / "out.npy"
+    if where == "file":
+        source = tmp_path / "empty.txt"
+        source.touch()
+        result = run_cli("-i", str(source), "-o", str(output))
+    else:
+        result = run_cli("-o", str(output), stdin=b"")
+    assert result.returncode == 2
+    assert "no texts to embed" in one_line(result.stderr)
+    assert not output.exists()
+    assert not output.with_name("out.npy.progress.json").exists()

@@ -8,11 +8,13 @@ test_host_client_supervision.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -437,3 +439,19 @@ def test_public_api_is_what_all_lists_and_errors_are_the_shared_tree() -> None:
     for name in errors.__all__:
         if name != "from_wire":
             assert getattr(host_client, name) is getattr(errors, name)
+
+
+def test_a_failed_start_logs_the_workers_reason_at_debug_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller gets the reason as the constructor's error; a host that captures debug logs
+    also finds the worker's own line there, and nothing is logged as a warning or error."""
+    caplog.set_level(logging.DEBUG, logger="akidb_embed")
+    with pytest.raises(ModelNotFound, match="no model at"):
+        EmbeddingClient(tmp_path / "nowhere")
+    ours = [record for record in caplog.records if record.name.startswith("akidb_embed")]
+    assert any(
+        record.name == "akidb_embed.worker" and "cannot start" in record.getMessage()
+        for record in ours
+    ), [record.getMessage() for record in ours]
+    assert [record for record in ours if record.levelno >= logging.WARNING] == []
