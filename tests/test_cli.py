@@ -113,16 +113,6 @@ def test_quick_bench_measures_every_implementation_side_by_side(tmp_path: Path) 
         assert any(note.startswith("rust column omitted: ") for note in notes), notes
 
 
-def test_readme_python_example_runs_as_written() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    result = subprocess.run(
-        [sys.executable, "-c", example], capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Usage(total_tokens=" in result.stdout
-
-
 def test_embed_on_a_pool_of_two_workers_gives_the_golden_vectors(
     tmp_path: Path, golden: dict[str, Any]
 ) -> None:
