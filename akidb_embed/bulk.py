@@ -916,21 +916,22 @@ class _NoTexts(Exception):
     """The job ended without a single good text."""
 
 
-def _continue_hint(options: JobOptions, rows: int) -> str:
-    """Where the committed rows are and how to go on, for a job stopped by an error."""
+def _written(options: JobOptions, rows: str) -> str:
+    """``rows`` ("the 5 rows before it") and where they are, for a job stopped by an error."""
     if options.output is None:
-        return f"the {rows} rows before it were written"
+        return f"{rows} were written"
     where = str(options.output)
     if options.output_format == "parquet":
         where = f"{options.output}{PARTS_SUFFIX}/ ({options.output} is written at the end)"
-    return f"the {rows} rows before it are committed to {where}"
+    return f"{rows} are committed to {where}"
 
 
 def bad_record_error(bad: BadRecord, rows: int, options: JobOptions) -> InvalidInput:
     """The error of a job stopped at the bad record ``bad``, with ``rows`` rows committed: what
     is wrong, what was written, how to go on."""
     unit = "row" if options.input_format == "parquet" else "line"
-    stopped = f"{unit} {bad.number}: {bad.problem}. Stopped there: {_continue_hint(options, rows)}"
+    written = _written(options, f"the {rows} rows before it")
+    stopped = f"{unit} {bad.number}: {bad.problem}. Stopped there: {written}"
     if options.output is None:
         return InvalidInput(f"{stopped}; --skip-bad leaves such records out")
     return InvalidInput(
@@ -943,8 +944,9 @@ def _failed_after_commits(error: EmbeddingError, output: Output) -> EmbeddingErr
     """``error`` (the embedder's) with what was committed and how to resume, if anything was."""
     if not output.resumable:
         return error
+    written = _written(output.options, f"{output.state['rows']} rows")
     message = (
-        f"{error.message}. Stopped: {_continue_hint(output.options, output.state['rows'])}; "
+        f"{error.message}. Stopped: {written}; "
         f"run the same command with --resume to go on ({output.progress_file})"
     )
     if isinstance(error, InvalidInput):

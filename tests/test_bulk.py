@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from akidb_embed.host_client import EmbeddingClient
+from akidb_embed.bulk import Embedded, JobOptions, run_job
+from akidb_embed.host_client import EmbeddingClient, ServiceUnavailable
 
 CLI = (sys.executable, "-m", "akidb_embed.cli")
 TIMEOUT = 300
@@ -389,3 +392,45 @@ def test_an_empty_input_is_refused_leaving_no_output(tmp_path: Path, where: str)
     assert "no texts to embed" in one_line(result.stderr)
     assert not output.exists()
     assert not output.with_name("out.npy.progress.json").exists()
+
+
+class FailingEmbedder:
+    """An embedder whose chunk number ``fail_at`` (from 0) fails as a worker that cannot be
+    replaced fails a call: the job's handling of it, without the minutes a real restart budget
+    takes to run out."""
+
+    dimension, model = 4, "probe"
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def submit(self, texts: list[str]) -> Future[Embedded]:
+        future: Future[Embedded] = Future()
+        if self.calls == self.fail_at:
+            future.set_exception(ServiceUnavailable("giving up after 5 restarts in a row"))
+        else:
+            future.set_result(Embedded(np.ones((len(texts), 4), np.float32), len(texts)))
+        self.calls += 1
+        return future
+
+
+@pytest.mark.parametrize("fail_at", [0, 3])
+def test_a_failed_embedding_leaves_a_resumable_state_it_names_or_nothing(
+    tmp_path: Path, fail_at: int
+) -> None:
+    source = write_input(tmp_path / "in.txt", sentences(40))
+    output = tmp_path / "out.npy"
+    options = JobOptions(source, output, "txt", "npy", chunk_texts=8)
+    with pytest.raises(ServiceUnavailable) as raised:
+        run_job(options, FailingEmbedder(fail_at), in_flight=1)
+    progress = output.with_name("out.npy.progress.json")
+    if fail_at == 0:  # nothing committed: nothing left
+        assert str(raised.value) == "giving up after 5 restarts in a row"
+        assert sorted(tmp_path.iterdir()) == [source]
+        return
+    assert f"Stopped: 24 rows are committed to {output};" in str(raised.value)
+    assert f"--resume to go on ({progress})" in str(raised.value)
+    assert np.load(output).shape == (24, 4)
+    resumed = run_job(replace(options, resume=True), FailingEmbedder(-1))
+    assert (resumed.resumed_at, resumed.texts) == (24, 16)
+    assert np.load(output).shape == (40, 4) and not progress.exists()
