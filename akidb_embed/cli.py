@@ -6,21 +6,25 @@ as the reference the bridge is measured against.
 
     akidb-embed embed "first text" "second text"        # JSON lines on stdout
     cat texts.txt | akidb-embed embed --format npy -o vectors.npy
-    akidb-embed --model-dir A --model-dir B embed --model ID --prompt-name query "text"
+    akidb-embed embed --model-dir A --model-dir B --model ID --prompt-name query "text"
     akidb-embed info | health | demo | bench
+
+Every error is one line on stderr and exit code 2 (130: interrupted); what can be checked
+before the worker starts (files, formats, extras) is checked first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -32,12 +36,17 @@ from akidb_embed.bulk import (
     Interrupted,
     JobOptions,
     count_records,
+    require_extra,
+    require_pyarrow,
     run_job,
 )
 from akidb_embed.cores import CPUS_PER_WORKER, LONE_QUERY_THREADS
 from akidb_embed.errors import EmbeddingError, InvalidInput
 
 __all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 DEMO_SENTENCES = (
     "A cat sleeps on the warm windowsill.",
@@ -103,12 +112,22 @@ def _file_argument(value: str | None) -> Path | None:
     return None if value in (None, "-") else Path(value)
 
 
-def _format_of(path: Path | None, given: str | None, default: str) -> str:
+def _format_of(path: Path | None, given: str | None, default: str, option: str) -> str:
+    """The format ``given`` by ``option``, else the one of ``path``'s suffix (``default`` for
+    stdin/stdout); an unknown suffix is refused rather than guessed."""
     if given is not None:
         return given
     if path is None:
         return default
-    return _SUFFIX_FORMATS.get(path.suffix.lower(), default)
+    found = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if found is None:
+        choices = INPUT_FORMATS if option == "--input-format" else OUTPUT_FORMATS
+        known = ", ".join(suffix for suffix, name in _SUFFIX_FORMATS.items() if name in choices)
+        raise InvalidInput(
+            f"{path}: cannot tell its format from the suffix {path.suffix or '(none)'!r} "
+            f"(known: {known}); name it with {option} {{{','.join(choices)}}}"
+        )
+    return found
 
 
 class _Bar:
@@ -128,18 +147,30 @@ class _Bar:
 
 
 def _job_options(args: argparse.Namespace) -> JobOptions:
+    """The job the arguments describe, checked as far as it can be without the worker."""
     source = _file_argument(args.input)
     output = _file_argument(args.output)
-    output_format = _format_of(output, args.format, "jsonl")
-    input_format = _format_of(source, args.input_format, "txt")
+    if args.texts and source is not None:
+        raise InvalidInput("give texts as arguments or --input, not both")
+    if source is not None and not source.is_file():
+        problem = "is not a file" if source.exists() else "does not exist"
+        raise InvalidInput(f"input file {source} {problem}")
+    output_format = _format_of(output, args.format, "jsonl", "--format")
+    input_format = _format_of(source, args.input_format, "txt", "--input-format")
     if input_format not in INPUT_FORMATS:
         raise InvalidInput(f"input format {input_format!r} is not one of {INPUT_FORMATS}")
     if output_format not in OUTPUT_FORMATS:
         raise InvalidInput(f"output format {output_format!r} is not one of {OUTPUT_FORMATS}")
-    if args.texts and source is not None:
-        raise InvalidInput("give texts as arguments or --input, not both")
     if args.id_field is not None and output_format == "npy":
         raise InvalidInput(".npy holds vectors only: write .parquet or .jsonl to keep the ids")
+    if args.id_field is not None and (args.texts or input_format == "txt"):
+        raise InvalidInput("--id-field needs .jsonl or .parquet input")
+    if args.resume and (source is None or output is None):
+        raise InvalidInput("--resume needs an input file and an output file, not stdin/stdout")
+    if "parquet" in (input_format, output_format):
+        require_pyarrow()
+    if args.ray is not None:
+        require_extra("ray.data", "ray", "--ray")
     return JobOptions(
         input=source,
         output=output,
@@ -160,14 +191,12 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
 def _cmd_embed(args: argparse.Namespace) -> int:
     options = _job_options(args)
     if options.output_format != "jsonl" and options.output is None and sys.stdout.isatty():
-        print(
-            f"akidb-embed: refusing to write .{options.output_format} to a terminal; use -o FILE",
-            file=sys.stderr,
-        )
-        return 2
+        raise InvalidInput(f"refusing to write .{options.output_format} to a terminal; use -o FILE")
     total = (
         len(options.texts) if options.texts else count_records(options.input, options.input_format)
     )
+    if total == 0 and not options.resume:
+        raise InvalidInput(f"no texts to embed: {options.input} is empty")
     with ExitStack() as stack:
         bar = _Bar(total, stack)
         try:
@@ -183,10 +212,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 summary = run_job(options, embedder, bar)
         except Interrupted as exc:
             print(f"akidb-embed: {exc}", file=sys.stderr)
-            return 130
-    if summary.texts == 0 and summary.resumed_at == 0:
-        print("akidb-embed: no texts to embed", file=sys.stderr)
-        return 2
+            return EXIT_INTERRUPTED
     print(f"akidb-embed: {summary.line()}", file=sys.stderr)
     return 0
 
@@ -313,9 +339,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as every other error of the command
+    (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="akidb-embed", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(prog="akidb-embed", description=__doc__.splitlines()[0])
+    common = _Parser(add_help=False)
     common.add_argument(
         "--model-dir",
         type=Path,
@@ -474,13 +508,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # the clients' warnings (a worker replaced during a long run); errors are printed below
+    logging.basicConfig(level=logging.WARNING, format="akidb-embed: %(message)s")
     try:
         return int(args.run(args))
     except EmbeddingError as exc:
-        print(f"akidb-embed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        print(f"akidb-embed: {type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
+    except OSError as exc:  # a file that cannot be read or written, a closed stdout
+        print(f"akidb-embed: {_one_line(str(exc))}", file=sys.stderr)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line (a worker's stderr tail may span several)."""
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -53,10 +53,13 @@ class AsyncEmbeddingClient(ClientBase):
         *,
         model: str | None = None,
         prompt_name: str | None = None,
+        truncate: bool = True,
     ) -> npt.NDArray[np.float32]:
         """The ``(len(texts), dimension)`` float32 vectors of ``texts``; see
         ``EmbeddingClient.embed``."""
-        request = BatchEmbeddingRequest(model, texts, normalize, prompt_name=prompt_name)
+        request = BatchEmbeddingRequest(
+            model, texts, normalize, truncate=truncate, prompt_name=prompt_name
+        )
         return (await self.embed_batch(request)).embeddings
 
     async def model_info(self, model: str | None = None) -> ModelInfo:

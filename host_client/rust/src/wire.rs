@@ -78,6 +78,11 @@ pub struct WireError {
     pub index: Option<usize>,
 }
 
+/// How the worker ends the message of an input over `max_tokens` sent with `truncate: false`
+/// (protocol.md, section 5), and what this client says instead.
+const TRUNCATE_HINT: &str = "send truncate: true";
+const TRUNCATE_WORDING: &str = "leave EmbedOptions::truncate at None (the worker then truncates)";
+
 impl WireError {
     /// The error about a request whose `inputs[i]` is the caller's `inputs[caller_index(i)]`
     /// (the request holds `texts` of them): an `index` is mapped to the caller's position and
@@ -101,6 +106,8 @@ impl WireError {
             Some(rest) => format!("inputs[{}]{rest}", caller_index(index)),
             None => self.message,
         };
+        // the worker's advice in this crate's words
+        let message = message.replace(TRUNCATE_HINT, TRUNCATE_WORDING);
         EmbeddingError::from_wire(&self.code, &message)
     }
 }
@@ -242,12 +249,22 @@ pub struct ReadyHello {
 }
 
 impl ReadyHello {
-    /// The loaded model `id` names; the empty id names the default model.
+    /// The loaded model `id` names; the empty id names the default model, and a short name
+    /// (the part after the last `/`, `all-MiniLM-L6-v2`) the one model whose id ends with it
+    /// when no other does (protocol.md, `embed`).
     pub fn find_model(&self, id: &str) -> Option<&ModelDescription> {
         if id.is_empty() {
             return self.models.first();
         }
-        self.models.iter().find(|model| model.model == id)
+        if let Some(exact) = self.models.iter().find(|model| model.model == id) {
+            return Some(exact);
+        }
+        let short_name = |model: &&ModelDescription| model.model.rsplit('/').next() == Some(id);
+        let mut matches = self.models.iter().filter(short_name);
+        match (matches.next(), matches.next()) {
+            (Some(only), None) => Some(only),
+            _ => None,
+        }
     }
 
     /// The ids of the loaded models, for messages: `"a", "b"`.
