@@ -8,8 +8,8 @@
         pooling mode the worker does not serve (exit 1)
     provision --check [--model-dir DIR]
         only verify (metadata, sizes, sha256): exit 0 when intact, else print the problems, exit 1
-    quantize --model-dir DIR --out DIR [--min-recall R] [--min-cosine C] [--recipes A,B]
-             [--threads N] [--force]
+    quantize --model-dir DIR --out DIR [--variant int8] [--min-recall R] [--min-cosine C]
+             [--recipes A,B] [--threads N] [--force]
         try every int8 recipe on the fp32 model in DIR, print the table (recall@10, min
         cosine, texts/s against fp32) and write the fastest recipe passing the gate to --out
         (exit 0; "nothing to do" when --out already holds it); none passes: nothing written,
@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from akidb_embed.errors import ModelNotFound
-from akidb_embed.models.metadata import PROVISION_HINT, default_model_dir, verify_model_dir
+from akidb_embed.models.metadata import (
+    INT8,
+    PROVISION_HINT,
+    default_model_dir,
+    verify_model_dir,
+)
 from akidb_embed.models.sources import resolve_model_id
 
 EXIT_OK = 0
@@ -83,6 +88,9 @@ def _add_quantize(commands: Any) -> None:
         description="Try int8 recipes on a provisioned fp32 model directory; keep the fastest "
         "whose vectors pass the gate against fp32 on the gate corpus (recall@10 of corpus "
         "neighbours and min cosine); when none passes, write nothing and exit 1.",
+    )
+    quantize.add_argument(
+        "--variant", choices=[INT8], default=INT8, help="the variant to make (only int8)"
     )
     quantize.add_argument("--model-dir", type=Path, required=True, help="the fp32 model")
     quantize.add_argument("--out", type=Path, required=True, help="the variant's directory")

@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_NAME",
     "GOLDEN_FILE",
+    "INT8",
     "METADATA_FILE",
     "MODEL_DIR_ENV",
     "MODEL_FILE",
@@ -78,6 +79,10 @@ MODEL_DIR_ENV = "AKIDB_EMBED_MODEL_DIR"
 """Environment variable naming the model directory (several, for a worker serving several
 models, separated by ``os.pathsep``: the first is the default); overrides every default
 location."""
+
+INT8 = "int8"
+"""The one variant there is (``quantize.py``): its name, and the suffix of its model id after
+``@``."""
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"

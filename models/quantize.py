@@ -48,6 +48,7 @@ import numpy.typing as npt
 from akidb_embed.models.gate_corpus import DEFAULT_GATE, Gate, GateCorpus, gate_corpus
 from akidb_embed.models.metadata import (
     GOLDEN_FILE,
+    INT8,
     METADATA_FILE,
     MODEL_FILE,
     REQUIRED_FILES,
@@ -68,18 +69,22 @@ __all__ = [
     "DEFAULT_GATE",
     "INT8",
     "RECIPES",
+    "Calibration",
     "Gate",
+    "GraphFacts",
     "Measurement",
     "QuantizeRefused",
     "QuantizeResult",
     "Recipe",
     "format_table",
+    "gate_figures",
+    "graph_facts",
+    "open_candidate",
     "quantize",
+    "smooth_activations",
     "variant_model_id",
 ]
 
-INT8 = "int8"
-"""The one variant there is: its name, the suffix of its model id after ``@``."""
 SPEED_TEXTS = 512
 """Evaluation texts run for the speed figures (each model, each round)."""
 SPEED_ROUNDS = 2
@@ -203,12 +208,11 @@ class Calibration:
 
     feeds: list[dict[str, npt.NDArray[np.int64]]]
 
-
-def _calibration(engine: Engine, texts: Sequence[str], batch: int = 16) -> Calibration:
-    token_ids = engine.tokenize(texts)
-    return Calibration(
-        [engine.feeds(token_ids[start : start + batch]) for start in range(0, len(texts), batch)]
-    )
+    @classmethod
+    def of(cls, engine: Engine, texts: Sequence[str], batch: int = 16) -> Calibration:
+        """``texts`` tokenised and padded by ``engine`` as it runs them, ``batch`` a run."""
+        token_ids = engine.tokenize(texts)
+        return cls([engine.feeds(token_ids[i : i + batch]) for i in range(0, len(texts), batch)])
 
 
 def _dynamic(
@@ -300,6 +304,72 @@ def _blockwise(
     return build
 
 
+def smooth_activations(
+    source: Path, target: Path, facts: GraphFacts, calibration: Calibration, alpha: float
+) -> None:
+    """SmoothQuant (Xiao et al., 2023) on an ONNX graph: the input of each weight MatMul is
+    divided per channel by ``s`` (a Mul node, shared by the MatMuls reading the same tensor)
+    and the weight's rows multiplied by it, so the fp32 product is unchanged while the
+    activations' outlier channels, which per-tensor int8 activations cannot resolve, move into
+    the weights, which are quantised per channel. ``s = max|x|^alpha / max|w|^(1 - alpha)``,
+    with ``max|x|`` per channel over the calibration texts."""
+    import onnx
+    import onnxruntime as ort  # type: ignore[import-untyped]
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    weights = {initializer.name: initializer for initializer in model.graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        if node.name in facts.weight_matmuls and node.input[1] in weights:
+            readers.setdefault(node.input[0], []).append(node)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in readers:
+        probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = list(readers)
+    maxima: dict[str, npt.NDArray[np.float32]] = {}
+    for feed in calibration.feeds:
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            maxima[name] = np.maximum(maxima.get(name, channel_max), channel_max)
+    position = {id(node): index for index, node in enumerate(model.graph.node)}
+    inserts = []
+    for name, nodes in readers.items():
+        matrices = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
+        weight_max = np.max([np.abs(matrix).max(axis=1) for matrix in matrices], axis=0)
+        scale = maxima[name] ** alpha / np.maximum(weight_max, 1e-8) ** (1 - alpha)
+        scale = np.clip(scale, 1e-5, None).astype(np.float32)
+        for node, matrix in zip(nodes, matrices, strict=True):
+            scaled = (matrix * scale[:, None]).astype(np.float32)
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array(scaled, node.input[1]))
+        divisor = f"{name}/smooth_scale"
+        model.graph.initializer.append(numpy_helper.from_array(1.0 / scale, divisor))
+        smoothed = f"{name}/smoothed"
+        mul = helper.make_node("Mul", [name, divisor], [smoothed], name=f"{name}/smooth")
+        for node in nodes:
+            node.input[0] = smoothed
+        inserts.append((min(position[id(node)] for node in nodes), mul))
+    for index, mul in sorted(inserts, key=lambda item: -item[0]):
+        model.graph.node.insert(index, mul)
+    onnx.save(model, str(target))
+
+
+def _smoothed_dynamic(alpha: float) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+    weights_only = _dynamic(op_types=["MatMul"], weights_only=True)
+
+    def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
+        smoothed = target.with_name(f"smoothed-{target.name}")
+        smooth_activations(source, smoothed, facts, calibration, alpha)
+        try:
+            weights_only(smoothed, target, facts, calibration)
+        finally:
+            smoothed.unlink()
+
+    return build
+
+
 def _last_layer(facts: GraphFacts) -> Sequence[str]:
     return facts.last_layer
 
@@ -374,6 +444,17 @@ RECIPES: tuple[Recipe, ...] = (
         "blockwise-32 with the last layer left in fp32",
         _blockwise(32, keep=_last_layer),
     ),
+    Recipe(
+        "smoothquant-dynamic",
+        "SmoothQuant (alpha 0.5, scales from the calibration texts) then dynamic-weights",
+        _smoothed_dynamic(0.5),
+    ),
+    Recipe(
+        "smoothquant-0.7-dynamic",
+        "SmoothQuant with alpha 0.7 (more of the activations' range moved to the weights) "
+        "then dynamic-weights",
+        _smoothed_dynamic(0.7),
+    ),
 )
 
 
@@ -424,7 +505,9 @@ def _speeds(fp32: Engine, candidate: Engine, texts: Sequence[str]) -> tuple[floa
     return max(ours), max(theirs)
 
 
-def _open_candidate(fp32: ModelMetadata, directory: Path, threads: int | None) -> Engine:
+def open_candidate(fp32: ModelMetadata, directory: Path, threads: int | None = None) -> Engine:
+    """An engine on ``directory``'s model.onnx with every other fact of the ``fp32`` model (its
+    tokenizer is copied beside it)."""
     from akidb_embed.worker.config import WorkerConfig
     from akidb_embed.worker.engine import Engine
 
@@ -483,7 +566,7 @@ def _measure(
     directory.mkdir()
     try:
         recipe.build(fp32.metadata.path(MODEL_FILE), directory / MODEL_FILE, facts, calibration)
-        candidate = _open_candidate(fp32.metadata, directory, threads)
+        candidate = open_candidate(fp32.metadata, directory, threads)
         vectors = candidate.embed(corpus.evaluation, normalize=True)
         recall, min_cosine, mean_cosine = gate_figures(reference, vectors, gate.neighbours)
         speed, fp32_speed = _speeds(fp32, candidate, corpus.evaluation[:SPEED_TEXTS])
@@ -562,7 +645,7 @@ def quantize(
     log(f"fp32 vectors of {len(corpus.evaluation)} evaluation texts ({base.model})")
     reference = fp32.embed(corpus.evaluation, normalize=True)
     facts = graph_facts(base.path(MODEL_FILE))
-    calibration = _calibration(fp32, corpus.calibration)
+    calibration = Calibration.of(fp32, corpus.calibration)
     table: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="akidb-embed-quantize-") as scratch:
         for recipe in chosen:

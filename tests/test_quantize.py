@@ -28,7 +28,16 @@ from akidb_embed.models import (
 )
 from akidb_embed.models.__main__ import main
 from akidb_embed.models.gate_corpus import EVALUATION_TEXTS, gate_corpus
-from akidb_embed.models.quantize import gate_figures, variant_model_id
+from akidb_embed.models.quantize import (
+    Calibration,
+    gate_figures,
+    graph_facts,
+    open_candidate,
+    smooth_activations,
+    variant_model_id,
+)
+from akidb_embed.worker.config import WorkerConfig
+from akidb_embed.worker.engine import Engine
 
 TINY = "bert_cls"
 RECIPES = "dynamic-weights,blockwise-32-fp32-last-layer"
@@ -74,6 +83,20 @@ def test_gate_figures_see_moved_neighbours_that_cosines_hide() -> None:
     recall, min_cosine, _ = gate_figures(reference, noisy, 10)
     assert min_cosine > 0.9
     assert recall < 0.95
+
+
+def test_smoothing_moves_activation_range_into_the_weights_and_keeps_the_fp32_vectors(
+    fp32: ModelMetadata, tmp_path: Path
+) -> None:
+    engine = Engine.load(WorkerConfig(provider="cpu"), fp32.directory)
+    texts = FIXTURE_TEXTS[:48]
+    facts = graph_facts(fp32.path(MODEL_FILE))
+    calibration = Calibration.of(engine, FIXTURE_TEXTS[48:96])
+    smooth_activations(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts, calibration, 0.5)
+    smoothed = open_candidate(fp32, tmp_path)
+    assert (tmp_path / MODEL_FILE).read_bytes() != fp32.path(MODEL_FILE).read_bytes()
+    ours, theirs = smoothed.embed(texts, normalize=True), engine.embed(texts, normalize=True)
+    assert np.sum(ours.astype(np.float64) * theirs, axis=1).min() >= 0.99999
 
 
 def test_a_variant_passing_the_gate_is_a_model_directory_that_says_where_it_came_from(
