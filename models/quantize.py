@@ -142,7 +142,8 @@ class GraphFacts:
     last_layer: list[str]
     """The weight MatMuls of the last encoder layer (from the node names), feeding pooling."""
     feed_forward_outputs: list[str]
-    """The weight MatMuls reading the feed-forward activation (GELU outputs: long tails)."""
+    """The feed-forward output projections (their input, the GELU's output, has long tails);
+    found by the names BERT-like exports give them."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ class Recipe:
     name: str
     description: str
     build: Callable[[Path, Path, GraphFacts, Calibration], None]
-    needs_no_vnni: bool = False
+    only_without_vnni: bool = False
     """Only tried on a CPU without VNNI, where the full int8 range can overflow."""
 
 
@@ -165,12 +166,6 @@ def graph_facts(onnx_path: Path) -> GraphFacts:
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     weights = {initializer.name for initializer in model.graph.initializer}
-    produced_by_activation = {
-        output
-        for node in model.graph.node
-        if node.op_type in ("Gelu", "Erf", "FastGelu", "BiasGelu")
-        for output in node.output
-    }
     weight_matmuls, activation_matmuls, layer_of = [], [], {}
     for node in model.graph.node:
         if node.op_type != "MatMul":
@@ -183,16 +178,10 @@ def graph_facts(onnx_path: Path) -> GraphFacts:
         else:
             activation_matmuls.append(node.name)
     last = max(layer_of.values(), default=None)
-    # the feed-forward output projection reads the GELU's product (Mul after Erf) in BERT
-    # exports; its input is found by name, since the Mul itself is not an activation op
+    # BERT and MPNet exports name it <layer>/output/dense; the attention block has its own
+    # <layer>/attention/output/dense
     feed_forward = [
-        name
-        for name in weight_matmuls
-        if ("output/dense" in name and "attention" not in name)
-        or any(
-            node.name == name and node.input[0] in produced_by_activation
-            for node in model.graph.node
-        )
+        name for name in weight_matmuls if "output/dense" in name and "attention" not in name
     ]
     return GraphFacts(
         weight_matmuls=weight_matmuls,
@@ -374,10 +363,6 @@ def _last_layer(facts: GraphFacts) -> Sequence[str]:
     return facts.last_layer
 
 
-def _attention_and_last_layer(facts: GraphFacts) -> Sequence[str]:
-    return [*facts.activation_matmuls, *facts.last_layer]
-
-
 def _feed_forward_outputs(facts: GraphFacts) -> Sequence[str]:
     return facts.feed_forward_outputs
 
@@ -390,14 +375,10 @@ RECIPES: tuple[Recipe, ...] = (
         _dynamic(),
     ),
     Recipe(
-        "dynamic-matmul",
-        "dynamic QInt8 per-channel, MatMul only (attention scores and softmax inputs too)",
-        _dynamic(op_types=["MatMul"]),
-    ),
-    Recipe(
         "dynamic-weights",
-        "dynamic QInt8 per-channel, weight MatMuls only: attention scores, softmax inputs and "
-        "the embedding output stay fp32",
+        "dynamic QInt8 per-channel, op types MatMul only: the MatMuls with a weight (ONNX "
+        "Runtime's dynamic mode leaves MatMuls of two activations, the attention scores and "
+        "softmax inputs, in fp32), the embedding output in fp32",
         _dynamic(op_types=["MatMul"], weights_only=True),
     ),
     Recipe(
@@ -415,7 +396,7 @@ RECIPES: tuple[Recipe, ...] = (
         "dynamic-weights-reduce-range",
         "dynamic-weights with 7-bit weights (reduce_range), for CPUs without VNNI",
         _dynamic(op_types=["MatMul"], weights_only=True, reduce_range=True),
-        needs_no_vnni=True,
+        only_without_vnni=True,
     ),
     Recipe(
         "static-qdq",
@@ -636,7 +617,7 @@ def quantize(
     if not force and target.exists() and _already_made(target, base, base_sha, gate):
         return None
     vnni = cpu_has_vnni()
-    chosen = [r for r in recipes or RECIPES if not (r.needs_no_vnni and vnni is not False)]
+    chosen = [r for r in recipes or RECIPES if not (r.only_without_vnni and vnni is not False)]
     corpus = corpus or gate_corpus()
     config = WorkerConfig(model_dir=base.directory, provider="cpu")
     if threads is not None:
@@ -673,6 +654,21 @@ def quantize(
     return QuantizeResult(metadata, recipe, table)
 
 
+def _parity_with_golden(base: ModelMetadata, built: Path, gate: Gate) -> dict[str, Any]:
+    """The variant's vectors of golden.json's sentences against its reference vectors (those
+    of the fp32 model's reference framework), judged by the gate's min cosine: the variant's
+    parity record, in place of the fp32 model's."""
+    from akidb_embed.models import golden
+
+    stored = golden.read_golden(base.path(GOLDEN_FILE))
+    engine = open_candidate(base, built)
+    ours = engine.embed(stored.sentences, normalize=stored.normalize)
+    parity = replace(
+        golden.compare(ours, stored.embeddings, stored.reference), threshold=gate.min_cosine
+    )
+    return {**parity.to_json(), "verified": parity.passes, "of": f"{INT8} variant"}
+
+
 def _write_variant(
     base: ModelMetadata,
     built: Path,
@@ -686,6 +682,7 @@ def _write_variant(
 ) -> ModelMetadata:
     """Install the candidate in ``built`` as the model directory ``target`` (atomically)."""
     shutil.copyfile(base.path(GOLDEN_FILE), built / GOLDEN_FILE)
+    parity = _parity_with_golden(base, built, gate)
     files = {
         name: FileRecord(sha256=file_sha256(built / name), bytes=(built / name).stat().st_size)
         for name in REQUIRED_FILES
@@ -715,6 +712,7 @@ def _write_variant(
         directory=target,
         model=variant_model_id(base.model),
         files=files,
+        parity=parity,
         variant=INT8,
         base_model=base.model,
         quantization=record,

@@ -116,6 +116,9 @@ def test_a_variant_passing_the_gate_is_a_model_directory_that_says_where_it_came
     assert record["recall"] >= 0.75
     assert record["min_cosine"] >= 0.98
     assert variant.files[MODEL_FILE].sha256 != fp32.files[MODEL_FILE].sha256
+    assert variant.parity["threshold"] == 0.98
+    assert variant.parity["min_cosine"] >= 0.98
+    assert variant.parity["min_cosine"] < fp32.parity["min_cosine"]
     assert (variant.dimension, variant.pooling) == (fp32.dimension, fp32.pooling)
 
 
