@@ -4,9 +4,9 @@
 
     fp32 model directory (model.onnx, tokenizer.json, golden.json, akidb-embed.json)
        |
-       +-- each RECIPE (onnxruntime.quantization: dynamic, static QDQ calibrated on the gate
-       |   corpus' calibration texts, block-wise weight-only; some leave the sensitive nodes in
-       |   fp32) --> candidate model.onnx
+       +-- each RECIPE (onnxruntime.quantization: dynamic per-channel, static QDQ calibrated
+       |   on the gate corpus' calibration texts, block-wise MatMulNBits, SmoothQuant then
+       |   dynamic; some leave sensitive nodes in fp32) --> candidate model.onnx
        |
        v   the worker's own Engine runs the gate corpus' evaluation texts (gate_corpus.py)
     fp32 vectors   vs   candidate vectors
@@ -613,6 +613,8 @@ def quantize(
     if base.variant is not None:
         raise ProvisionError(f"{base.directory} is already a variant ({base.model})")
     target = Path(out).expanduser().absolute()
+    if target == base.directory.expanduser().absolute():
+        raise ProvisionError(f"--out {target} is the fp32 model's own directory")
     base_sha = base.files[MODEL_FILE].sha256
     if not force and target.exists() and _already_made(target, base, base_sha, gate):
         return None

@@ -168,6 +168,15 @@ def test_a_variant_cannot_be_quantised_again(
     assert "already a variant" in capsys.readouterr().err
 
 
+def test_the_fp32_directory_is_never_the_output(
+    fp32: ModelMetadata, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = fp32.path(MODEL_FILE).stat().st_mtime_ns
+    assert quantize_command(fp32.directory, fp32.directory) == 1
+    assert "the fp32 model's own directory" in capsys.readouterr().err
+    assert fp32.path(MODEL_FILE).stat().st_mtime_ns == before
+
+
 def test_the_worker_serves_the_variant_beside_its_fp32_model(
     fp32: ModelMetadata, variant: ModelMetadata
 ) -> None:
