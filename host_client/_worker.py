@@ -189,6 +189,7 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
 def _model_info(entry: Mapping[str, Any]) -> ModelInfo:
     """One entry of the hello's ``models`` list."""
     default_prompt = entry.get("default_prompt_name")
+    variant, base_model = entry.get("variant"), entry.get("base_model")
     return ModelInfo(
         model=str(entry["model"]),
         dimension=int(entry["dimension"]),
@@ -197,6 +198,8 @@ def _model_info(entry: Mapping[str, Any]) -> ModelInfo:
         pooling=str(entry.get("pooling", "mean")),
         prompts=tuple(str(name) for name in entry.get("prompts") or ()),
         default_prompt_name=None if default_prompt is None else str(default_prompt),
+        variant=None if variant is None else str(variant),
+        base_model=None if base_model is None else str(base_model),
     )
 
 

@@ -13,6 +13,10 @@ from the exporting framework) and ``akidb-embed.json``, the metadata written by 
      "source": {...how the files were obtained...},
      "parity": {...figures of the export check...}}
 
+A quantised variant (``quantize.py``) adds ``"variant": "int8"``, ``"base_model"`` (the fp32
+model's id; its own ``model`` is ``<base_model>@int8``) and ``"quantization"`` (the recipe, the
+gate and its figures, every recipe's row, the fp32 model.onnx's sha256, the corpus digests).
+
 Every fact is read from the source's sentence-transformers configs and tokenizer at provisioning
 (``sources.read_model_config``); the worker and the host clients read them from this file, never
 from literals. ``prompt_lengths`` is, per prompt, how many leading tokens pooling skips when the
@@ -46,6 +50,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_NAME",
     "GOLDEN_FILE",
+    "INT8",
     "METADATA_FILE",
     "MODEL_DIR_ENV",
     "MODEL_FILE",
@@ -74,6 +79,10 @@ MODEL_DIR_ENV = "AKIDB_EMBED_MODEL_DIR"
 """Environment variable naming the model directory (several, for a worker serving several
 models, separated by ``os.pathsep``: the first is the default); overrides every default
 location."""
+
+INT8 = "int8"
+"""The one variant there is (``quantize.py``): its name, and the suffix of its model id after
+``@``."""
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -122,6 +131,12 @@ class ModelMetadata:
     prompt_lengths: dict[str, int] = field(default_factory=dict)
     padding_side: str = "right"
     pad_token_id: int = 0
+    variant: str | None = None
+    """None: the model as exported; ``"int8"``: a quantised variant of ``base_model``."""
+    base_model: str | None = None
+    """A variant's fp32 model id (its own ``model`` is this id with ``@<variant>``)."""
+    quantization: dict[str, Any] = field(default_factory=dict)
+    """A variant's recipe, gate figures and every recipe's row (``quantize.py``)."""
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -146,6 +161,15 @@ class ModelMetadata:
             },
             "source": self.source,
             "parity": self.parity,
+            **(
+                {
+                    "variant": self.variant,
+                    "base_model": self.base_model,
+                    "quantization": self.quantization,
+                }
+                if self.variant is not None
+                else {}
+            ),
         }
 
 
@@ -236,6 +260,9 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
             prompt_lengths={str(k): int(v) for k, v in (raw.get("prompt_lengths") or {}).items()},
             padding_side=str(raw.get("padding_side", "right")),
             pad_token_id=int(raw.get("pad_token_id", 0)),
+            variant=None if raw.get("variant") is None else str(raw["variant"]),
+            base_model=None if raw.get("base_model") is None else str(raw["base_model"]),
+            quantization=dict(raw.get("quantization") or {}),
         )
         if metadata.pooling not in POOLING_MODES:
             raise ValueError(f"pooling {metadata.pooling!r} is not one of {POOLING_MODES}")

@@ -88,6 +88,8 @@ def _model_entry(metadata: ModelMetadata) -> dict[str, Any]:
         "pooling": metadata.pooling,
         "prompts": list(metadata.prompts),
         "default_prompt_name": metadata.default_prompt_name,
+        "variant": metadata.variant,
+        "base_model": metadata.base_model,
     }
 
 

@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -249,6 +248,13 @@ class Engine:
 
     def forward(self, token_ids: Sequence[TokenIds]) -> tuple[npt.NDArray[np.float32], TokenIds]:
         """The ONNX Runtime run of one micro-batch: its hidden states and attention mask."""
+        feeds = self.feeds(token_ids)
+        (hidden,) = self._session.run([self._output_name], feeds)
+        return hidden, feeds["attention_mask"]
+
+    def feeds(self, token_ids: Sequence[TokenIds]) -> dict[str, TokenIds]:
+        """The ONNX Runtime inputs of one micro-batch: ids padded to its longest row on the
+        model's padding side, the attention mask, and token type ids when the graph has them."""
         metadata = self.metadata
         longest = max(len(ids) for ids in token_ids)
         input_ids = np.full((len(token_ids), longest), metadata.pad_token_id, dtype=np.int64)
@@ -258,11 +264,10 @@ class Engine:
             span = slice(longest - len(ids), longest) if left else slice(0, len(ids))
             input_ids[row, span] = ids
             attention_mask[row, span] = 1
-        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        (hidden,) = self._session.run([self._output_name], feeds)
-        return hidden, attention_mask
+        return feeds
 
     def pool(
         self,

@@ -172,6 +172,8 @@ def _model_entry(engine: Engine) -> dict[str, Any]:
         "pooling": metadata.pooling,
         "prompts": list(metadata.prompts),
         "default_prompt_name": metadata.default_prompt_name,
+        "variant": metadata.variant,
+        "base_model": metadata.base_model,
     }
 
 

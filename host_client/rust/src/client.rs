@@ -460,6 +460,8 @@ mod tests {
             pooling: None,
             prompts: Vec::new(),
             default_prompt_name: None,
+            variant: None,
+            base_model: None,
         }
     }
 

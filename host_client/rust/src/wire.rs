@@ -319,6 +319,8 @@ impl Hello {
                 pooling: None,
                 prompts: Vec::new(),
                 default_prompt_name: None,
+                variant: None,
+                base_model: None,
             }],
         };
         Ok(ReadyHello {
