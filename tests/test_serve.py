@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,8 @@ class Server:
         self.lines: list[str] = []
         self._listening = threading.Event()
         self.port = 0
-        threading.Thread(target=self._collect, daemon=True).start()
+        self._collector = threading.Thread(target=self._collect, daemon=True)
+        self._collector.start()
         if not self._listening.wait(GUARD_TIMEOUT) or not self.port:
             self.stop()
             raise AssertionError(f"the server did not listen:\n{self.stderr()}")
@@ -69,6 +71,12 @@ class Server:
 
     def stderr(self) -> str:
         return "".join(self.lines)
+
+    def wait(self) -> int:
+        """The exit status, once every line of stderr is collected."""
+        status = self.process.wait(GUARD_TIMEOUT)
+        self._collector.join(GUARD_TIMEOUT)
+        return status
 
     def request(
         self,
@@ -529,6 +537,16 @@ def test_workers_that_cannot_serve_give_503(metadata: ModelMetadata) -> None:
         fragile.stop()
 
 
+def test_workers_that_cannot_start_end_the_server_with_their_reason(tmp_path: Path) -> None:
+    failing = Server("--model-dir", str(tmp_path / "no-model-here"))
+    try:
+        assert failing.wait() == 1
+        last = failing.stderr().strip().splitlines()[-1]
+        assert last.startswith("akidb-embed: ModelNotFound: "), failing.stderr()
+    finally:
+        failing.stop()
+
+
 def test_sigterm_answers_requests_in_flight_then_stops_the_workers(
     metadata: ModelMetadata,
 ) -> None:
@@ -553,7 +571,7 @@ def test_sigterm_answers_requests_in_flight_then_stops_the_workers(
             thread.join(GUARD_TIMEOUT)
         assert [status for status, _ in replies] == [200] * 4
         assert all(len(reply["data"]) == len(texts) for _, reply in replies)
-        assert stopping.process.wait(GUARD_TIMEOUT) == -signal.SIGTERM
+        assert stopping.wait() == -signal.SIGTERM
         wait_until(lambda: not os.path.exists(f"/proc/{pid}"), "the worker gone")
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", stopping.port), timeout=5).close()

@@ -55,6 +55,12 @@ def _reply(
     return status, headers + (extra or []), body
 
 
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, f"the body is over the limit of {limit} bytes (--max-body-bytes)", "request_too_large"
+    )
+
+
 class EmbeddingsApp:
     """``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health`` and ``GET /metrics``.
 
@@ -182,14 +188,9 @@ class EmbeddingsApp:
         """The request body, refused with 413 as soon as it is known to pass the limit: a
         declared length at once, a chunked body at the first chunk past it."""
         limit = self._max_body_bytes
-        too_large = ApiError(
-            413,
-            f"the body is over the limit of {limit} bytes (--max-body-bytes)",
-            "request_too_large",
-        )
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise too_large
+                raise _too_large(limit)
         chunks = []
         size = 0
         while True:
@@ -199,7 +200,7 @@ class EmbeddingsApp:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise too_large
+                raise _too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
