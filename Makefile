@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	@# The CPU build of torch first (used only to export the model): the export extra's plain
 	@# `torch` requirement is then satisfied and pip does not fetch a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[export,dev,cli,files]'
+	$(PIP) install --quiet -e '.[export,dev,cli,files,serve]'
 	touch $@
 
 venv: $(VENV)/.installed

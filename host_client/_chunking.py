@@ -85,6 +85,8 @@ class EmbedCall:
         self.reply_model = ""
         self.finished = False
         self.started_at = time.perf_counter()
+        self.admitted_at: float | None = None
+        """When its last text was admitted (``Usage.queue_ms``)."""
 
     @property
     def fully_admitted(self) -> bool:

@@ -452,6 +452,8 @@ class Dispatcher:
             self._waiting.popleft()
             if not call.fully_admitted:
                 self._waiting.append(call)  # round robin: one huge call does not starve others
+            else:
+                call.admitted_at = time.perf_counter()
             admitted.append(request)
         return admitted
 
@@ -624,11 +626,10 @@ class Dispatcher:
     def _response(self, call: EmbedCall) -> BatchEmbeddingResponse:
         model = call.reply_model or call.served.model
         elapsed_ms = (time.perf_counter() - call.started_at) * 1000.0
-        return BatchEmbeddingResponse(
-            model=model,
-            embeddings=call.embeddings,
-            usage=Usage(total_tokens=call.total_tokens, duration_ms=elapsed_ms),
-        )
+        # the lone path admits at once: no admission time, no queue
+        queued_s = 0.0 if call.admitted_at is None else call.admitted_at - call.started_at
+        usage = Usage(call.total_tokens, elapsed_ms, queue_ms=max(queued_s * 1000.0, 0.0))
+        return BatchEmbeddingResponse(model=model, embeddings=call.embeddings, usage=usage)
 
     def _finish_call_locked(self, call: EmbedCall, error: EmbeddingError) -> Deferred:
         if call.finished:

@@ -57,6 +57,11 @@ class Usage:
 
     total_tokens: int
     duration_ms: float
+    queue_ms: float = 0.0
+    """Of ``duration_ms``, how long the call's texts waited in the client before the last of
+    them was admitted (``max_in_flight_texts`` full): the client's own queue, 0 for a call
+    admitted at once. For monitoring (``akidb-embed serve`` exports it); the Rust client has
+    no such field."""
 
 
 @dataclass(frozen=True, eq=False)

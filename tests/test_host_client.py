@@ -315,6 +315,19 @@ def chunks(texts: list[str], limits: ChunkLimits) -> list[int]:
     return sizes
 
 
+def test_queue_ms_is_the_wait_for_room_under_the_bound(
+    small_frames_client: EmbeddingClient,
+) -> None:
+    """A call of more texts than the bound allows in flight waits for its first chunks'
+    replies before its last chunk is admitted; a lone call is admitted at once."""
+    bound = small_frames_client.config.max_in_flight_texts
+    texts = [f"text number {index} waits for room" for index in range(bound * 3)]
+    waited = small_frames_client.embed_batch(BatchEmbeddingRequest(None, texts)).usage
+    assert 0 < waited.queue_ms < waited.duration_ms
+    lone = small_frames_client.embed_batch(BatchEmbeddingRequest(None, ["alone"])).usage
+    assert lone.queue_ms == 0
+
+
 def test_chunks_respect_text_count_frame_bytes_and_estimated_tokens() -> None:
     limits = ChunkLimits(
         max_texts=8, max_payload_bytes=4096, max_tokens_per_text=256, max_chunk_tokens=1024

@@ -4,6 +4,8 @@ Implementations, all on the same model file with the same ONNX Runtime thread co
 
     in-process      the worker's own engine called directly: no pipe, no process (the limit)
     bridge          akidb_embed.host_client -> worker process (what a host uses)
+    http            `akidb-embed serve` in a child process, called over HTTP with OpenAI's body
+                    (base64 replies) from keep-alive connections, when the serve extra is there
     jsonl           a JSON-lines subprocess, one request at a time, floats as text (the naive
                     design the bridge replaces)
     st              sentence-transformers in PyTorch, when it is importable
@@ -368,6 +370,16 @@ def run_benchmark(
         rss = peak_rss_mb(pid) if pid is not None else None
         if rss is not None:
             results.put("worker", "peak_rss_mb", "bridge", rss)
+
+    from akidb_embed.bench.http_column import HttpServer, missing_extra
+
+    http_missing = missing_extra()
+    if http_missing is None:
+        with HttpServer(metadata.directory, provider, threads) as server:
+            implementations.insert(implementations.index("bridge") + 1, "http")
+            measure("http", server.embed)
+    else:
+        results.notes.append(http_missing)
 
     print("  rust: single, concurrent, bulk, cold start", file=sys.stderr)
     report, note = rust_example(metadata.directory, threads, corpus, single_calls, quick)
