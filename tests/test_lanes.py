@@ -30,7 +30,7 @@ from akidb_embed.errors import Internal
 from akidb_embed.host_client import EmbeddingClient
 from akidb_embed.host_client._config import ClientConfig
 from akidb_embed.models import ModelMetadata
-from akidb_embed.worker.batcher import Batcher, Job, plan_micro_batches
+from akidb_embed.worker.batcher import MAX_PADDING, Batcher, Job, plan_micro_batches
 from akidb_embed.worker.config import WorkerConfig
 from akidb_embed.worker.engine import Engine
 
@@ -315,3 +315,14 @@ def test_killed_worker_with_busy_lanes_loses_nothing(
 def test_lanes_come_from_the_environment_too(metadata: ModelMetadata) -> None:
     with EmbeddingClient(metadata.directory, env={"AKIDB_EMBED_LANES": "3"}) as client:
         assert (client.lanes, client.threads) == size_lanes(usable_cores(), lanes=3)
+
+
+def test_micro_batches_are_cut_before_padding_outweighs_batching() -> None:
+    # 3 x 30 padded tokens for 50 real ones is more than MAX_PADDING allows: the long text
+    # runs alone; texts of nearly one length still share a run
+    assert plan_micro_batches([10, 10, 30], 1000) == [[0, 1], [2]]
+    assert plan_micro_batches([12, 10, 11], 1000) == [[1, 2, 0]]
+    lengths = [5, 9, 17, 30, 8, 22, 14, 6, 27, 11]
+    for batch in plan_micro_batches(lengths, 1000):
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert len(batch) == 1 or padded <= MAX_PADDING * sum(lengths[i] for i in batch)

@@ -38,7 +38,16 @@ NOT_RUN = {
     "python -m akidb_embed.models provision --source-dir ~/my-e5-model": (
         "needs a sentence-transformers model directory of your own"
     ),
+    "akidb-embed serve": (
+        "a server, running until stopped: tests/test_serve.py starts it on a free port and "
+        "calls it with curl's body and OpenAI's client"
+    ),
+    "curl -s http://127.0.0.1:8081/v1/embeddings": "needs the server above (tests/test_serve.py)",
 }
+NOT_RUN_PYTHON = {
+    "from openai import OpenAI": "needs the server above (tests/test_serve.py runs this client)",
+}
+"""Python examples left out, by their first line, with the reason."""
 NOT_PROVISIONED_HERE = ("models/e5",)
 """Model directories the examples name that `make` does not provision."""
 
@@ -97,7 +106,11 @@ def test_each_shell_command_runs_as_written(command: str, scratch: Path) -> None
     assert result.returncode == 0, f"{command}\n{result.stderr}"
 
 
-@pytest.mark.parametrize("block", blocks("python"))
+def python_runnable(block: str) -> bool:
+    return not any(block.startswith(start) for start in NOT_RUN_PYTHON)
+
+
+@pytest.mark.parametrize("block", [b for b in blocks("python") if python_runnable(b)])
 def test_each_python_example_runs_as_written(block: str, scratch: Path) -> None:
     result = run([sys.executable, "-c", block], scratch)
     assert result.returncode == 0, result.stderr
@@ -107,3 +120,5 @@ def test_every_command_not_run_is_still_in_the_readme() -> None:
     commands = shell_commands()
     for start in NOT_RUN:
         assert any(command.startswith(start) for command in commands), start
+    for start in NOT_RUN_PYTHON:
+        assert any(block.startswith(start) for block in blocks("python")), start

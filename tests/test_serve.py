@@ -540,7 +540,7 @@ def test_workers_that_cannot_serve_give_503(metadata: ModelMetadata) -> None:
 def test_workers_that_cannot_start_end_the_server_with_their_reason(tmp_path: Path) -> None:
     failing = Server("--model-dir", str(tmp_path / "no-model-here"))
     try:
-        assert failing.wait() == 1
+        assert failing.wait() == 2  # a CLI error: one line, exit code 2
         last = failing.stderr().strip().splitlines()[-1]
         assert last.startswith("akidb-embed: ModelNotFound: "), failing.stderr()
     finally:
