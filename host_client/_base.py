@@ -30,10 +30,31 @@ from akidb_embed.host_client._config import (
     as_paths,
 )
 from akidb_embed.host_client._dispatch import Dispatcher
-from akidb_embed.host_client._types import ClientStats, ModelInfo
+from akidb_embed.host_client._types import BatchEmbeddingRequest, ClientStats, ModelInfo
 from akidb_embed.host_client._worker import Hello
 
-__all__ = ["ClientBase"]
+__all__ = ["ClientBase", "embed_request"]
+
+
+def embed_request(
+    texts: Sequence[str],
+    normalize: bool | None,
+    model: str | None,
+    prompt_name: str | None,
+    dimensions: int | None,
+    truncate: bool,
+    truncation_side: str,
+) -> BatchEmbeddingRequest:
+    """The request of the twins' ``embed`` arguments."""
+    return BatchEmbeddingRequest(
+        model,
+        texts,
+        normalize,
+        truncate=truncate,
+        prompt_name=prompt_name,
+        dimensions=dimensions,
+        truncation_side=truncation_side,
+    )
 
 
 class ClientBase:

@@ -12,12 +12,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
 
+from akidb_embed.encodings import DEFAULT_ENCODING
 from akidb_embed.host_client._base import ClientBase
+from akidb_embed.host_client._base import embed_request as _request
 from akidb_embed.host_client._types import (
     BatchEmbeddingRequest,
     BatchEmbeddingResponse,
@@ -65,6 +67,7 @@ class EmbeddingClient(ClientBase):
         """
         return _wait(self._dispatcher.submit_embed(request))
 
+    @overload
     def embed(
         self,
         texts: Sequence[str],
@@ -72,12 +75,85 @@ class EmbeddingClient(ClientBase):
         *,
         model: str | None = None,
         prompt_name: str | None = None,
-    ) -> npt.NDArray[np.float32]:
-        """The ``(len(texts), dimension)`` float32 vectors of ``texts`` from ``model`` (``None``:
-        the default model); ``normalize`` and ``prompt_name`` ``None``: the model's own
-        defaults."""
-        request = BatchEmbeddingRequest(model, texts, normalize, prompt_name=prompt_name)
-        return self.embed_batch(request).embeddings
+        dimensions: int | None = None,
+        encoding: Literal["float32"] = "float32",
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> npt.NDArray[np.float32]: ...
+
+    @overload
+    def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        encoding: str,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> npt.NDArray[Any]: ...
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        encoding: str = DEFAULT_ENCODING,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> npt.NDArray[Any]:
+        """The vectors of ``texts`` from ``model`` (``None``: the default model), one row per
+        text: ``(len(texts), dimensions)`` float32 by default; ``normalize`` and
+        ``prompt_name`` ``None``: the model's own defaults. ``dimensions`` keeps each vector's
+        first components (re-normalised when normalising; ``None``: all). ``encoding``:
+        ``float16``, ``int8`` or ``uint8`` give that dtype, ``binary`` (int8) and ``ubinary``
+        (uint8) ``dimensions / 8`` bytes of packed sign bits per row, as sentence-transformers'
+        ``quantize_embeddings``. ``truncation_side="left"`` keeps an over-long text's end."""
+        request = _request(
+            texts, normalize, model, prompt_name, dimensions, truncate, truncation_side
+        )
+        return _wait(self._dispatcher.submit_embed(request, encoding)).embeddings
+
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> list[list[int]]:
+        """The token ids each text would run with (special tokens and the prompt included,
+        cut to ``max_tokens`` unless ``truncate`` is false, which raises ``InvalidInput`` for an
+        over-long text instead), without embedding anything."""
+        future = self._dispatcher.submit_tokenize(
+            texts, model, prompt_name, truncate, truncation_side
+        )
+        return _wait(future)
+
+    def count_tokens(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> list[int]:
+        """How many tokens each text would run with; see ``tokenize``."""
+        ids = self.tokenize(
+            texts,
+            model=model,
+            prompt_name=prompt_name,
+            truncate=truncate,
+            truncation_side=truncation_side,
+        )
+        return [len(row) for row in ids]
 
     def model_info(self, model: str | None = None) -> ModelInfo:
         """A loaded model (``None``: the default one) as the worker announced it (no round

@@ -188,6 +188,8 @@ def _model_info(entry: Mapping[str, Any]) -> ModelInfo:
         pooling=str(entry.get("pooling", "mean")),
         prompts=tuple(str(name) for name in entry.get("prompts") or ()),
         default_prompt_name=None if default_prompt is None else str(default_prompt),
+        encodings=tuple(str(name) for name in entry.get("encodings") or ("float32",)),
+        matryoshka_dimensions=tuple(int(d) for d in entry.get("matryoshka_dimensions") or ()),
     )
 
 

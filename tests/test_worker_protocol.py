@@ -86,6 +86,7 @@ def _model_entry(metadata: ModelMetadata) -> dict[str, Any]:
         "pooling": metadata.pooling,
         "prompts": list(metadata.prompts),
         "default_prompt_name": metadata.default_prompt_name,
+        "encodings": ["float32", "float16", "int8", "uint8", "binary", "ubinary"],
     }
 
 
