@@ -7,6 +7,7 @@ as the reference the bridge is measured against.
     akidb-embed embed "first text" "second text"        # JSON lines on stdout
     cat texts.txt | akidb-embed embed --format npy -o vectors.npy
     akidb-embed --model-dir A --model-dir B embed --model ID --prompt-name query "text"
+    akidb-embed embed --dimensions 256 --encoding int8 -i docs.txt -o codes.npy
     akidb-embed info | health | demo | bench
 """
 
@@ -34,6 +35,7 @@ from akidb_embed.bulk import (
     count_records,
     run_job,
 )
+from akidb_embed.encodings import DEFAULT_ENCODING, ENCODINGS, check_encoding
 from akidb_embed.errors import EmbeddingError, InvalidInput
 
 __all__ = ["main"]
@@ -135,6 +137,8 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
         include_text=not args.no_text,
         normalize=False if args.no_normalize else None,  # None: the model's own convention
         prompt_name=args.prompt_name,
+        dimensions=args.dimensions,
+        encoding=check_encoding(args.encoding),
         skip_bad=args.skip_bad,
         resume=args.resume,
         chunk_texts=args.chunk_texts,
@@ -160,10 +164,19 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 from akidb_embed.ray import run_ray_job
 
                 model_dir = args.model_dir[0] if args.model_dir else None
+                if options.dimensions is not None or options.encoding != DEFAULT_ENCODING:
+                    raise InvalidInput("--dimensions and --encoding are not served with --ray")
                 summary = run_ray_job(options, args.ray, args.ray_actors, model_dir, bar)
             else:
                 client = stack.enter_context(_client(args))
-                embedder = ClientEmbedder(client, args.model, options.normalize, args.prompt_name)
+                embedder = ClientEmbedder(
+                    client,
+                    args.model,
+                    options.normalize,
+                    args.prompt_name,
+                    dimensions=options.dimensions,
+                    encoding=options.encoding,
+                )
                 stack.callback(embedder.close)
                 summary = run_job(options, embedder, bar)
         except Interrupted as exc:
@@ -395,6 +408,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     embed.add_argument(
         "--prompt-name", default=None, help="one of the model's prompts (default: its own)"
+    )
+    embed.add_argument(
+        "--dimensions",
+        type=int,
+        default=None,
+        help="keep each vector's first N components, normalised again (default: all)",
+    )
+    embed.add_argument(
+        "--encoding",
+        default=DEFAULT_ENCODING,
+        help=f"values written: {', '.join(ENCODINGS)} (binary/ubinary: packed sign bits, "
+        "N/8 bytes per text; default float32)",
     )
     embed.add_argument(
         "--no-normalize",

@@ -90,12 +90,18 @@ class AsyncEmbeddingClient(ClientBase):
         truncation_side: str = "right",
     ) -> npt.NDArray[Any]:
         """The vectors of ``texts``; see ``EmbeddingClient.embed``."""
-        await self._ensure_started()
         request = _request(
             texts, normalize, model, prompt_name, dimensions, truncate, truncation_side
         )
-        future = self._dispatcher.submit_embed(request, encoding)
-        return (await asyncio.wrap_future(future)).embeddings
+        return (await self.embed_encoded(request, encoding)).embeddings
+
+    async def embed_encoded(
+        self, request: BatchEmbeddingRequest, encoding: str
+    ) -> BatchEmbeddingResponse:
+        """``embed_batch`` with the vectors in ``encoding``; see
+        ``EmbeddingClient.embed_encoded``."""
+        await self._ensure_started()
+        return await asyncio.wrap_future(self._dispatcher.submit_embed(request, encoding))
 
     async def tokenize(
         self,

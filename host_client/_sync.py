@@ -67,6 +67,13 @@ class EmbeddingClient(ClientBase):
         """
         return _wait(self._dispatcher.submit_embed(request))
 
+    def embed_encoded(
+        self, request: BatchEmbeddingRequest, encoding: str
+    ) -> BatchEmbeddingResponse:
+        """``embed_batch`` with the vectors in ``encoding`` (see ``embed``): the response's
+        ``embeddings`` is that encoding's array, its usage as ``embed_batch``'s."""
+        return _wait(self._dispatcher.submit_embed(request, encoding))
+
     @overload
     def embed(
         self,
@@ -117,7 +124,7 @@ class EmbeddingClient(ClientBase):
         request = _request(
             texts, normalize, model, prompt_name, dimensions, truncate, truncation_side
         )
-        return _wait(self._dispatcher.submit_embed(request, encoding)).embeddings
+        return self.embed_encoded(request, encoding).embeddings
 
     def tokenize(
         self,

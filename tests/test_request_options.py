@@ -10,6 +10,8 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -397,3 +399,55 @@ def test_matryoshka_dimensions_come_from_the_configs_or_the_model_card(tmp_path:
     assert read_model_config(listed).matryoshka_dimensions == (384, 256, 32)
     (listed / "README.md").write_text("no losses here\n", encoding="utf-8")
     assert read_model_config(listed).matryoshka_dimensions == ()
+
+
+# -- the command line ------------------------------------------------------------------------
+
+CLI = (sys.executable, "-m", "akidb_embed.cli")
+
+
+def _run_cli(*args: str, stdin: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], input=stdin, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_cli_writes_each_format_in_the_encoding_asked_for(
+    tmp_path: Path, client: EmbeddingClient
+) -> None:
+    texts = ["one", "two words", "a third text"]
+    expected = client.embed(texts, dimensions=128, encoding="int8")
+    stdin = "\n".join(texts) + "\n"
+    options = ("--dimensions", "128", "--encoding", "int8")
+    npy = tmp_path / "codes.npy"
+    result = _run_cli("embed", *options, "-o", str(npy), stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    written = np.load(npy)
+    assert written.dtype == np.int8
+    np.testing.assert_array_equal(written, expected)
+    jsonl = tmp_path / "codes.jsonl"
+    assert _run_cli("embed", *options, "-o", str(jsonl), stdin=stdin).returncode == 0
+    rows = [json.loads(line)["embedding"] for line in jsonl.read_text().splitlines()]
+    np.testing.assert_array_equal(np.asarray(rows, dtype=np.int8), expected)
+    parquet = tmp_path / "bits.parquet"
+    bits = ("--dimensions", "128", "--encoding", "ubinary")
+    assert _run_cli("embed", *bits, "-o", str(parquet), stdin=stdin).returncode == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(parquet)
+    column_type = table.schema.field("embedding").type
+    assert (str(column_type.value_type), column_type.list_size) == ("uint8", 16)
+    packed = np.asarray(table.column("embedding").to_pylist(), dtype=np.uint8)
+    np.testing.assert_array_equal(packed, client.embed(texts, dimensions=128, encoding="ubinary"))
+
+
+def test_cli_refuses_a_bad_encoding_or_dimensions_with_one_line(tmp_path: Path) -> None:
+    for args, message in (
+        (("--encoding", "int4"), "encoding must be one of float32, float16"),
+        (("--dimensions", "0"), "dimensions must be from 1 to 384"),
+        (("--dimensions", "20", "--encoding", "binary"), "dimensions 20 is not a multiple of 8"),
+    ):
+        result = _run_cli("embed", *args, "-o", str(tmp_path / "x.npy"), stdin="one\n")
+        assert result.returncode != 0
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
