@@ -1287,7 +1287,8 @@ async fn dimensions_encodings_truncation_side_and_tokenize_reach_the_worker() {
         let kept_end = client.tokenize("", vec!["the very end".into()], &left).await.unwrap();
         let end = &kept_end[0][1..kept_end[0].len() - 1]; // without [CLS] and [SEP]
         assert!(left_ids[0][..left_ids[0].len() - 1].ends_with(end));
-        let by_side = client.embed_batch_with(request("", &[long.clone()]), &left).await.unwrap();
+        let by_side =
+            client.embed_batch_with(request("", std::slice::from_ref(&long)), &left).await.unwrap();
         let by_right = client.embed_batch(request("", &[long])).await.unwrap();
         assert!(cosine(&by_side.embeddings[0], &by_right.embeddings[0]) < 0.99);
         client.close().await;
