@@ -451,3 +451,43 @@ def test_cli_refuses_a_bad_encoding_or_dimensions_with_one_line(tmp_path: Path) 
         assert result.returncode != 0
         assert message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_a_matryoshka_model_announces_its_dimensions(
+    tiny_models: dict[str, ModelMetadata], tmp_path: Path, spawn_worker: Any
+) -> None:
+    from akidb_embed.models.provision import provision
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_models["bert_max"].source["path"], source)
+    config_path = source / "config_sentence_transformers.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "matryoshka_dimensions": [16, 32, 8]}))
+    result = provision(
+        tmp_path / "model", source_dir=source, model_id="tiny-matryoshka", log=lambda m: None
+    )
+    assert result.metadata.matryoshka_dimensions == (32, 16, 8)
+    worker = spawn_worker("--model-dir", str(result.metadata.directory))
+    (entry,) = worker.hello["models"]
+    assert entry["matryoshka_dimensions"] == [32, 16, 8]
+    reply = worker.request({"id": 1, "op": "embed", "inputs": ["a cat"], "dimensions": 16})
+    assert reply["shape"] == [1, 16]
+
+
+def test_the_async_client_takes_the_same_options(metadata: ModelMetadata) -> None:
+    import asyncio
+
+    from akidb_embed.host_client import AsyncEmbeddingClient
+
+    async def scenario() -> tuple[np.ndarray, np.ndarray, list[int]]:
+        async with AsyncEmbeddingClient(metadata.directory) as client:
+            floats = await client.embed(TEXTS[:4], dimensions=64)
+            bits = await client.embed(TEXTS[:4], dimensions=64, encoding="binary")
+            return floats, bits, await client.count_tokens(TEXTS[:4], truncation_side="left")
+
+    floats, bits, counts = asyncio.run(scenario())
+    assert floats.shape == (4, 64) and bits.shape == (4, 8) and bits.dtype == np.int8
+    decided = np.abs(floats) > ZERO_NOISE
+    signs = np.unpackbits((bits.astype(np.int16) + 128).astype(np.uint8), axis=1).astype(bool)
+    np.testing.assert_array_equal(signs[decided], (floats > 0)[decided])
+    assert len(counts) == 4 and counts[3] == 2  # TEXTS[3] is "": [CLS] [SEP]
