@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from akidb_embed.encodings import DEFAULT_ENCODING
-from akidb_embed.host_client._base import ClientBase
+from akidb_embed.host_client._base import ClientBase, ranges_of
 from akidb_embed.host_client._base import embed_request as _request
 from akidb_embed.host_client._types import (
     BatchEmbeddingRequest,
@@ -102,6 +102,19 @@ class AsyncEmbeddingClient(ClientBase):
         ``EmbeddingClient.embed_encoded``."""
         await self._ensure_started()
         return await asyncio.wrap_future(self._dispatcher.submit_embed(request, encoding))
+
+    async def quantization_ranges(
+        self,
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The int8/uint8 ranges; see ``EmbeddingClient.quantization_ranges``."""
+        await self._ensure_started()
+        future = self._dispatcher.submit_ranges(model, dimensions, normalize)
+        reply: dict[str, Any] = await asyncio.wrap_future(future)
+        return ranges_of(reply)
 
     async def tokenize(
         self,

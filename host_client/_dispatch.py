@@ -266,6 +266,16 @@ class Dispatcher:
             chunk.add_done_callback(collect)
         return result
 
+    def submit_ranges(
+        self, model: str | None, dimensions: int | None, normalize: bool | None
+    ) -> Future[dict[str, Any]]:
+        """The ``quantization_ranges`` reply for an embed of ``model`` with ``dimensions`` and
+        ``normalize`` (worker-side checks, like an embed's)."""
+        self._started_hello()
+        fields: dict[str, Any] = {"op": "quantization_ranges", "model": model}
+        fields.update(dimensions=dimensions, normalize=normalize)
+        return self._submit_message(fields)
+
     def submit_op(self, op: str) -> Future[dict[str, Any]]:
         """Send one text-free op (``ping``, ``info``, ``health``) to the least-loaded worker;
         the future holds its ok reply. These bypass the text bound: they carry no caller

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from akidb_embed.encodings import DEFAULT_ENCODING
-from akidb_embed.host_client._base import ClientBase
+from akidb_embed.host_client._base import ClientBase, ranges_of
 from akidb_embed.host_client._base import embed_request as _request
 from akidb_embed.host_client._types import (
     BatchEmbeddingRequest,
@@ -125,6 +125,19 @@ class EmbeddingClient(ClientBase):
             texts, normalize, model, prompt_name, dimensions, truncate, truncation_side
         )
         return self.embed_encoded(request, encoding).embeddings
+
+    def quantization_ranges(
+        self,
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The ``(2, dimensions)`` per-dimension min and max that ``int8``/``uint8`` codes of
+        an ``embed`` with the same arguments are cut over: ``akidb_embed.encodings.dequantize``
+        maps codes back with them (compare codes that way, not by their raw dot product)."""
+        reply = _wait(self._dispatcher.submit_ranges(model, dimensions, normalize))
+        return ranges_of(reply)
 
     def tokenize(
         self,

@@ -131,6 +131,7 @@ def test_scalar_encodings_are_quantize_embeddings_over_the_calibrated_ranges(
     floats = client.embed(TEXTS, dimensions=dimensions)
     calibration = np.load(metadata.path(CALIBRATION_FILE))
     ranges = quantization_ranges(calibration, floats.shape[1], normalize=True)
+    np.testing.assert_array_equal(client.quantization_ranges(dimensions=dimensions), ranges)
     ours = client.embed(TEXTS, dimensions=dimensions, encoding=encoding)
     theirs = quantize_embeddings(floats, precision=encoding, ranges=ranges)
     assert ours.dtype == theirs.dtype == ENCODINGS[encoding]
@@ -154,15 +155,26 @@ def test_float16_is_the_float32_vectors_rounded(client: EmbeddingClient) -> None
     np.testing.assert_array_equal(halves, client.embed(TEXTS, dimensions=200).astype(np.float16))
 
 
-def test_int8_codes_keep_the_nearest_neighbours_of_float32(
-    client: EmbeddingClient, metadata: ModelMetadata
-) -> None:
+def test_int8_codes_keep_the_nearest_neighbours_of_float32(client: EmbeddingClient) -> None:
     corpus = build_corpus(300)
     floats = client.embed(corpus)
     codes = client.embed(corpus, encoding="int8")
-    ranges = quantization_ranges(np.load(metadata.path(CALIBRATION_FILE)), 384, normalize=True)
-    recall = _recall_at_10(floats, dequantize(codes, "int8", ranges))
+    recall = _recall_at_10(floats, dequantize(codes, "int8", client.quantization_ranges()))
     assert recall >= 0.95, recall
+
+
+def test_quantization_ranges_follow_dimensions_and_normalisation(
+    client: EmbeddingClient, shared_worker: Any
+) -> None:
+    whole = client.quantization_ranges()
+    assert whole.shape == (2, 384) and (whole[0] < whole[1]).all()
+    raw = client.quantization_ranges(normalize=False, dimensions=100)
+    assert raw.shape == (2, 100)
+    np.testing.assert_array_equal(raw, client.quantization_ranges(normalize=False)[:, :100])
+    with pytest.raises(InvalidInput, match=r"^dimensions must be from 1 to 384"):
+        client.quantization_ranges(dimensions=500)
+    request = {"id": next(_ids), "op": "quantization_ranges", "dimensions": 0}
+    assert shared_worker.request(request)["error"]["code"] == "invalid_input"
 
 
 def _recall_at_10(floats: np.ndarray, codes: np.ndarray) -> float:

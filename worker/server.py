@@ -79,6 +79,7 @@ from akidb_embed.worker.batcher import Batcher, Job
 from akidb_embed.worker.config import WorkerConfig
 from akidb_embed.worker.validation import (
     EmbedRequest,
+    RangesRequest,
     RejectedRequest,
     RequestLimits,
     TokenizeRequest,
@@ -382,6 +383,8 @@ class _Server:
             self._submit(request, received_at, self._embed_done, trace)
         elif isinstance(request, TokenizeRequest):
             self._writer.send(self._tokenize_reply(request))
+        elif isinstance(request, RangesRequest):
+            self._writer.send(self._ranges_reply(request))
         elif request.op == "ping":
             self._writer.send({"id": request.id, "ok": True})
         elif request.op == "info":
@@ -475,6 +478,24 @@ class _Server:
             "model": engine.metadata.model,
             "token_counts": [len(ids) for ids in token_ids],
             "ids": [ids.tolist() for ids in token_ids],
+        }
+
+    def _ranges_reply(self, request: RangesRequest) -> dict[str, Any]:
+        """The int8/uint8 ranges of a ``quantization_ranges`` request, answered at once."""
+        engine = self._by_model[request.model]
+        metadata = engine.metadata
+        normalize = metadata.normalize if request.normalize is None else request.normalize
+        try:
+            form = engine.output_form(request.dimensions, normalize, "int8")
+        except EmbeddingError as error:
+            return error_reply(request.id, error)
+        assert form.ranges is not None
+        return {
+            "id": request.id,
+            "ok": True,
+            "model": metadata.model,
+            "shape": list(form.ranges.shape),
+            "ranges": embeddings_to_bytes(form.ranges),
         }
 
     def _embed_done(self, job: Job, request: EmbedRequest, form: OutputForm) -> None:

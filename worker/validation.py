@@ -38,6 +38,7 @@ __all__ = [
     "OPS",
     "EmbedRequest",
     "OpRequest",
+    "RangesRequest",
     "RejectedRequest",
     "Request",
     "RequestLimits",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 MAX_REQUEST_ID = 2**64 - 1
-OPS = ("embed", "tokenize", "info", "health", "ping", "shutdown")
+OPS = ("embed", "tokenize", "quantization_ranges", "info", "health", "ping", "shutdown")
 _MAX_QUOTED = 60
 """Longest piece of a request quoted back in an error message."""
 _MAX_PATH_DEPTH = 5
@@ -103,7 +104,19 @@ class TokenizeRequest:
     op: str = "tokenize"
 
 
-Request = OpRequest | EmbedRequest | TokenizeRequest
+@dataclass(frozen=True)
+class RangesRequest:
+    """The int8/uint8 ranges an embed of the same ``model``, ``dimensions`` and ``normalize``
+    quantises with."""
+
+    id: int
+    model: str
+    normalize: bool | None
+    dimensions: int | None = None
+    op: str = "quantization_ranges"
+
+
+Request = OpRequest | EmbedRequest | TokenizeRequest | RangesRequest
 
 
 class RejectedRequest(Exception):
@@ -288,9 +301,16 @@ def parse_request(message: dict[str, Any], limits: RequestLimits, models: Sequen
         raise RejectedRequest(request_id, ProtocolError(f"op {problem}"))
     if op not in OPS:
         raise RejectedRequest(request_id, ProtocolError(f"unknown op {_quote(op)}"))
-    if op not in ("embed", "tokenize"):
+    if op not in ("embed", "tokenize", "quantization_ranges"):
         return OpRequest(id=request_id, op=op)
     try:
+        if op == "quantization_ranges":
+            return RangesRequest(
+                id=request_id,
+                model=_model(message, models),
+                normalize=_optional_bool(message, "normalize", None),
+                dimensions=_dimensions(message),
+            )
         parse = _embed if op == "embed" else _tokenize
         return parse(request_id, message, limits, models)
     except EmbeddingError as error:
