@@ -19,8 +19,8 @@ use crate::types::{
     ModelInfo, RequestTrace, TracedEmbedding, TruncationSide, Usage, EMPTY_BATCH_MESSAGE,
 };
 use crate::wire::{
-    self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, ReadyHello, ReplyEnvelope,
-    TokenizeReply, TokenizeRequest,
+    self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, RangesReply, RangesRequest,
+    ReadyHello, ReplyEnvelope, TokenizeReply, TokenizeRequest,
 };
 
 /// Bytes of an embed request's map besides its texts: keys, id, op, flags (generous).
@@ -232,6 +232,45 @@ impl WorkerClient {
             ids.extend(reply.ids);
         }
         Ok(ids)
+    }
+
+    /// The per-dimension `(min, max)` that [`Encoding::Int8`] and [`Encoding::Uint8`] codes of
+    /// an embed of `model` with `dimensions` and `normalize` (`None`: the model's default) are
+    /// cut over: a code `c` of int8 maps back to `min + (c + 128) * (max - min) / 255`. Compare
+    /// codes that way, not by their raw dot product.
+    pub async fn quantization_ranges(
+        &self,
+        model: &str,
+        dimensions: Option<u32>,
+        normalize: Option<bool>,
+    ) -> EmbeddingResult<(Vec<f32>, Vec<f32>)> {
+        let wire_model = Some(model).filter(|model| !model.is_empty());
+        let pending = self
+            .service
+            .submit(0, 0, (true, false), |id| {
+                wire::encode_frame(&RangesRequest {
+                    id,
+                    op: RangesRequest::OP,
+                    model: wire_model,
+                    dimensions,
+                    normalize,
+                })
+            })
+            .await?;
+        let payload = pending.wait().await?;
+        wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()?;
+        let reply: RangesReply<'_> = wire::decode_payload(&payload)?;
+        let (rows, width) = reply.shape;
+        if rows != 2 {
+            return Err(wire::protocol_violation(&format!("ranges of {rows} rows")));
+        }
+        let mut bounds = wire::embedding_rows(reply.ranges, 2, width)?.map(|row| {
+            let mut values = Vec::with_capacity(width);
+            wire::decode_row(row, &mut values);
+            values
+        });
+        let minimum = bounds.next().unwrap_or_default();
+        Ok((minimum, bounds.next().unwrap_or_default()))
     }
 
     /// How many tokens each input would run with; see [`tokenize`](Self::tokenize).

@@ -81,6 +81,33 @@ impl<'a> TokenizeRequest<'a> {
     pub const OP: &'static str = "tokenize";
 }
 
+/// A `quantization_ranges` request (protocol.md): the int8/uint8 ranges of an embed of the
+/// same model, dimensions and normalisation.
+#[derive(Debug, Clone, Serialize)]
+pub struct RangesRequest<'a> {
+    pub id: u64,
+    /// Always `"quantization_ranges"`.
+    pub op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<bool>,
+}
+
+impl<'a> RangesRequest<'a> {
+    pub const OP: &'static str = "quantization_ranges";
+}
+
+/// The body of a successful `quantization_ranges` reply: `shape` is `(2, dimensions)`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RangesReply<'a> {
+    pub shape: (usize, usize),
+    #[serde(borrow)]
+    pub ranges: &'a serde_bytes::Bytes,
+}
+
 /// The body of a successful `tokenize` reply.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TokenizeReply {

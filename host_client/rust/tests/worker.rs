@@ -1252,6 +1252,11 @@ async fn dimensions_encodings_truncation_side_and_tokenize_reach_the_worker() {
             panic!("int8 values")
         };
         assert_eq!(&together[2 * 384..3 * 384], &alone[..]);
+        let (minimum, maximum) = client.quantization_ranges("", None, None).await.unwrap();
+        assert_eq!((minimum.len(), maximum.len()), (384, 384));
+        assert!(minimum.iter().zip(&maximum).all(|(low, high)| low < high));
+        let (short_min, _) = client.quantization_ranges("", Some(64), Some(false)).await.unwrap();
+        assert_eq!(short_min.len(), 64);
 
         // bad options: invalid_input naming the field
         let too_long = EmbedOptions { dimensions: Some(385), ..EmbedOptions::default() };
