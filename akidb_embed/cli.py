@@ -6,22 +6,26 @@ as the reference the bridge is measured against.
 
     akidb-embed embed "first text" "second text"        # JSON lines on stdout
     cat texts.txt | akidb-embed embed --format npy -o vectors.npy
-    akidb-embed --model-dir A --model-dir B embed --model ID --prompt-name query "text"
+    akidb-embed embed --model-dir A --model-dir B --model ID --prompt-name query "text"
     akidb-embed embed --dimensions 256 --encoding int8 -i docs.txt -o codes.npy
     akidb-embed info | health | demo | bench
+
+Every error is one line on stderr and exit code 2 (130: interrupted); what can be checked
+before the worker starts (files, formats, extras) is checked first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -33,12 +37,18 @@ from akidb_embed.bulk import (
     Interrupted,
     JobOptions,
     count_records,
+    require_extra,
+    require_pyarrow,
     run_job,
 )
+from akidb_embed.cores import CPUS_PER_WORKER, LONE_QUERY_THREADS
 from akidb_embed.encodings import DEFAULT_ENCODING, ENCODINGS, check_encoding
 from akidb_embed.errors import EmbeddingError, InvalidInput
 
 __all__ = ["main"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 DEMO_SENTENCES = (
     "A cat sleeps on the warm windowsill.",
@@ -72,8 +82,22 @@ def _client(args: argparse.Namespace) -> Any:
     from akidb_embed.host_client import EmbeddingClient
 
     return EmbeddingClient(
-        args.model_dir, provider=args.provider, workers=args.workers, threads=args.threads
+        args.model_dir,
+        provider=args.provider,
+        workers=args.workers,
+        threads=args.threads,
+        lanes=args.lanes,
     )
+
+
+def _workers(text: str) -> int | str:
+    """``--workers``: a positive number or ``auto``."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 or auto, got {value}")
+    return value
 
 
 _SUFFIX_FORMATS = {
@@ -90,12 +114,22 @@ def _file_argument(value: str | None) -> Path | None:
     return None if value in (None, "-") else Path(value)
 
 
-def _format_of(path: Path | None, given: str | None, default: str) -> str:
+def _format_of(path: Path | None, given: str | None, default: str, option: str) -> str:
+    """The format ``given`` by ``option``, else the one of ``path``'s suffix (``default`` for
+    stdin/stdout); an unknown suffix is refused rather than guessed."""
     if given is not None:
         return given
     if path is None:
         return default
-    return _SUFFIX_FORMATS.get(path.suffix.lower(), default)
+    found = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if found is None:
+        choices = INPUT_FORMATS if option == "--input-format" else OUTPUT_FORMATS
+        known = ", ".join(suffix for suffix, name in _SUFFIX_FORMATS.items() if name in choices)
+        raise InvalidInput(
+            f"{path}: cannot tell its format from the suffix {path.suffix or '(none)'!r} "
+            f"(known: {known}); name it with {option} {{{','.join(choices)}}}"
+        )
+    return found
 
 
 class _Bar:
@@ -115,18 +149,33 @@ class _Bar:
 
 
 def _job_options(args: argparse.Namespace) -> JobOptions:
+    """The job the arguments describe, checked as far as it can be without the worker."""
     source = _file_argument(args.input)
     output = _file_argument(args.output)
-    output_format = _format_of(output, args.format, "jsonl")
-    input_format = _format_of(source, args.input_format, "txt")
+    if args.texts and source is not None:
+        raise InvalidInput("give texts as arguments or --input, not both")
+    if source is not None and not source.is_file():
+        problem = "is not a file" if source.exists() else "does not exist"
+        raise InvalidInput(f"input file {source} {problem}")
+    output_format = _format_of(output, args.format, "jsonl", "--format")
+    input_format = _format_of(source, args.input_format, "txt", "--input-format")
     if input_format not in INPUT_FORMATS:
         raise InvalidInput(f"input format {input_format!r} is not one of {INPUT_FORMATS}")
     if output_format not in OUTPUT_FORMATS:
         raise InvalidInput(f"output format {output_format!r} is not one of {OUTPUT_FORMATS}")
-    if args.texts and source is not None:
-        raise InvalidInput("give texts as arguments or --input, not both")
     if args.id_field is not None and output_format == "npy":
         raise InvalidInput(".npy holds vectors only: write .parquet or .jsonl to keep the ids")
+    if args.id_field is not None and (args.texts or input_format == "txt"):
+        raise InvalidInput("--id-field needs .jsonl or .parquet input")
+    if args.resume and (source is None or output is None):
+        raise InvalidInput("--resume needs an input file and an output file, not stdin/stdout")
+    if "parquet" in (input_format, output_format):
+        require_pyarrow()
+    encoding = check_encoding(args.encoding)
+    if args.ray is not None:
+        if args.dimensions is not None or encoding != DEFAULT_ENCODING:
+            raise InvalidInput("--dimensions and --encoding are not served with --ray")
+        require_extra("ray.data", "ray", "--ray")
     return JobOptions(
         input=source,
         output=output,
@@ -138,7 +187,7 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
         normalize=False if args.no_normalize else None,  # None: the model's own convention
         prompt_name=args.prompt_name,
         dimensions=args.dimensions,
-        encoding=check_encoding(args.encoding),
+        encoding=encoding,
         skip_bad=args.skip_bad,
         resume=args.resume,
         chunk_texts=args.chunk_texts,
@@ -149,14 +198,12 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
 def _cmd_embed(args: argparse.Namespace) -> int:
     options = _job_options(args)
     if options.output_format != "jsonl" and options.output is None and sys.stdout.isatty():
-        print(
-            f"akidb-embed: refusing to write .{options.output_format} to a terminal; use -o FILE",
-            file=sys.stderr,
-        )
-        return 2
+        raise InvalidInput(f"refusing to write .{options.output_format} to a terminal; use -o FILE")
     total = (
         len(options.texts) if options.texts else count_records(options.input, options.input_format)
     )
+    if total == 0 and not options.resume:
+        raise InvalidInput(f"no texts to embed: {options.input} is empty")
     with ExitStack() as stack:
         bar = _Bar(total, stack)
         try:
@@ -164,8 +211,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 from akidb_embed.ray import run_ray_job
 
                 model_dir = args.model_dir[0] if args.model_dir else None
-                if options.dimensions is not None or options.encoding != DEFAULT_ENCODING:
-                    raise InvalidInput("--dimensions and --encoding are not served with --ray")
                 summary = run_ray_job(options, args.ray, args.ray_actors, model_dir, bar)
             else:
                 client = stack.enter_context(_client(args))
@@ -181,10 +226,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 summary = run_job(options, embedder, bar)
         except Interrupted as exc:
             print(f"akidb-embed: {exc}", file=sys.stderr)
-            return 130
-    if summary.texts == 0 and summary.resumed_at == 0:
-        print("akidb-embed: no texts to embed", file=sys.stderr)
-        return 2
+            return EXIT_INTERRUPTED
     print(f"akidb-embed: {summary.line()}", file=sys.stderr)
     return 0
 
@@ -201,6 +243,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
                     "max_tokens": info.max_tokens,
                     "models": models,
                     "providers": list(client.providers),
+                    "workers": client.config.workers,
+                    "lanes": client.lanes,
+                    "threads": client.threads,
                     "limits": dict(client.limits),
                 },
                 indent=2,
@@ -273,18 +318,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             quick=args.quick,
             rust=not args.no_rust,
         )
-    if args.pool:
-        from akidb_embed.bench.pool import ROUNDS, run_pool_benchmark
-        from akidb_embed.worker.config import default_threads
+    if args.sweep:
+        from akidb_embed.bench.sweep import run_sweep
 
-        return run_pool_benchmark(
+        return run_sweep(
             model_dir=args.model_dir[0] if args.model_dir else None,
             provider=args.provider,
-            cores=default_threads() or 2,
-            corpus_size=min(args.corpus_size, 64) if args.quick else args.corpus_size,
-            calls=min(args.single_calls, 32) if args.quick else args.single_calls,
-            output=args.output.with_name("bench-pool.json"),
-            rounds=1 if args.quick else ROUNDS,
+            output=args.output.with_name("bench-sweep.json"),
+            quick=args.quick,
+            corpus_size=args.corpus_size,
+            calls=args.single_calls,
         )
     if args.two_models:
         from akidb_embed.bench.two_models import run_two_model_benchmark
@@ -310,9 +353,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line, as every other error of the command
+    (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="akidb-embed", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(prog="akidb-embed", description=__doc__.splitlines()[0])
+    common = _Parser(add_help=False)
     common.add_argument(
         "--model-dir",
         type=Path,
@@ -328,15 +379,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--workers",
+        type=_workers,
+        default="auto",
+        help="worker processes, each holding every model (default: auto, one per "
+        f"{CPUS_PER_WORKER} usable CPUs)",
+    )
+    common.add_argument(
+        "--lanes",
         type=int,
-        default=1,
-        help="worker processes, each holding every model (default: 1)",
+        default=None,
+        help="ONNX Runtime runs at once in each worker (default: the worker's, sized to fill "
+        "its share of the cores)",
     )
     common.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="ONNX Runtime threads of each worker (default: the worker's, the usable cores)",
+        help="ONNX Runtime intra-op threads of each worker's session (default: the worker's, "
+        f"at most {LONE_QUERY_THREADS})",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -449,9 +509,10 @@ def _parser() -> argparse.ArgumentParser:
         "--model-dir, else the default model provisioned again under another id)",
     )
     bench.add_argument(
-        "--pool",
+        "--sweep",
         action="store_true",
-        help="one worker with every core's thread against one single-thread worker per core",
+        help="in-process sessions beside the default client and a grid of workers x lanes x "
+        "threads that fill the cores: lone, 16 and 64 callers, bulk, RSS",
     )
     bench.add_argument(
         "--lone",
@@ -473,13 +534,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # the clients' warnings (a worker replaced during a long run); errors are printed below
+    logging.basicConfig(level=logging.WARNING, format="akidb-embed: %(message)s")
     try:
         return int(args.run(args))
     except EmbeddingError as exc:
-        print(f"akidb-embed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        print(f"akidb-embed: {type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
+    except OSError as exc:  # a file that cannot be read or written, a closed stdout
+        print(f"akidb-embed: {_one_line(str(exc))}", file=sys.stderr)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR
+
+
+def _one_line(message: str) -> str:
+    """``message`` on one line (a worker's stderr tail may span several)."""
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ file job of ``akidb-embed embed --ray [ADDRESS]`` built on it (the ``ray`` extra
 ::
 
     driver: the input's chunks (akidb_embed.bulk's readers and chunker), kept as positions only
-      --> ray.data.from_items([{chunk, offset, number}, ...])      (resume: the pending ones)
+      --> ray.data.from_items([{chunk, offset, number, texts}, ...])  (resume: the pending ones)
       --> map_batches(read_chunk)          a task seeks the input to the chunk and reads it with
                                            the same reader: rows {chunk, text, id}
       --> map_batches(EmbeddingActor, concurrency=N)   each actor holds one in-process Engine
@@ -41,6 +41,7 @@ from akidb_embed.bulk import (
     chunks,
     pending_chunks,
     read_records,
+    require_extra,
 )
 from akidb_embed.errors import InvalidInput
 
@@ -79,16 +80,18 @@ class EmbeddingActor:
 
 
 def _read_chunks(batch: dict[str, Any], options: JobOptions) -> dict[str, Any]:
-    """The rows of the chunks named in ``batch``, read from their start positions."""
+    """The rows of the chunks named in ``batch``: each chunk's good texts, read from its start
+    position."""
     chunk_column: list[int] = []
     texts: list[str] = []
     ids: list[Any] = []
-    for index, offset, number in zip(batch["chunk"], batch["offset"], batch["number"], strict=True):
+    named = zip(batch["chunk"], batch["offset"], batch["number"], batch["texts"], strict=True)
+    for index, offset, number, count in named:
         start = Position(int(offset), int(number))
         records = read_records(
             options.input, options.input_format, options.text_field, options.id_field, start
         )
-        chunk = next(chunks(records, options.chunk_texts, start, int(index), with_ids=True))
+        chunk = next(chunks(records, int(count), start, int(index), with_ids=True))
         chunk_column += [int(index)] * len(chunk.texts)
         texts += chunk.texts
         ids += chunk.ids or []
@@ -118,12 +121,11 @@ def run_ray_job(
 ) -> JobSummary:
     """``bulk.run_job`` on Ray: the same chunks, outputs, commits and errors; ``address``
     ``"local"`` starts a local Ray."""
-    import importlib
     import time
 
     # typed as Any: the ray extra may or may not be installed where mypy runs
-    ray: Any = importlib.import_module("ray")
-    importlib.import_module("ray.data")
+    ray: Any = require_extra("ray", "ray", "--ray")
+    require_extra("ray.data", "ray", "--ray")
 
     if options.input is None or options.texts is not None:
         raise InvalidInput("--ray reads an input file (--input), not stdin or arguments")
@@ -141,8 +143,6 @@ def run_ray_job(
         for chunk in pending_chunks(options, output):
             plan.append((replace(chunk, texts=[""] * len(chunk.texts), ids=None), start))
             start = chunk.end
-            if chunk.bad and not options.skip_bad:
-                break
         if not ray.is_initialized():
             ray.init(address=None if address == "local" else address, log_to_driver=False)
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -151,7 +151,12 @@ def run_ray_job(
         context.enable_progress_bars = False
         dataset = ray.data.from_items(
             [
-                {"chunk": chunk.index, "offset": start.offset, "number": start.number}
+                {
+                    "chunk": chunk.index,
+                    "offset": start.offset,
+                    "number": start.number,
+                    "texts": len(chunk.texts),
+                }
                 for chunk, start in plan
                 if chunk.texts
             ]
@@ -171,8 +176,6 @@ def run_ray_job(
         )
         rows = iter(embedded.iter_rows()) if plan else iter(())
         for chunk, _ in plan:
-            if chunk.bad and not options.skip_bad:
-                raise bad_record_error(chunk.bad[0], output.state["rows"], options)
             received = [next(rows) for _ in chunk.texts]
             assert all(row["chunk"] == chunk.index for row in received)
             ids = [row["id"] for row in received] if options.id_field is not None else None
@@ -183,5 +186,7 @@ def run_ray_job(
             summary.skipped += len(chunk.bad)
             if progress is not None:
                 progress.advance(chunk.records)
+            if chunk.stop is not None:  # the good records before it are committed
+                raise bad_record_error(chunk.stop, output.state["rows"], options)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -38,6 +38,7 @@ __all__ = [
     "LENGTH_PREFIX",
     "MAX_NESTING",
     "PROTOCOL_VERSION",
+    "TRUNCATE_HINT",
     "FrameEncoder",
     "FrameError",
     "FrameReader",
@@ -53,8 +54,13 @@ __all__ = [
     "msgpack_type",
     "pack",
     "salvage",
+    "served_model_id",
     "unpack",
 ]
+
+TRUNCATE_HINT = "send truncate: true"
+"""How the message of an input over ``max_tokens`` with ``truncate: false`` ends (protocol.md,
+section 5); a client puts its own API's words in its place."""
 
 PROTOCOL_VERSION = 1
 """Major version of the wire contract; a client must refuse a worker announcing another one."""
@@ -111,6 +117,17 @@ class FrameEncoder:
         """The length prefix and the payload of ``message``'s frame."""
         payload: bytes = self._packer.pack(message)
         return LENGTH_PREFIX.pack(len(payload)), payload
+
+
+def served_model_id(name: str, served: Sequence[str]) -> str | None:
+    """The served model id a request's ``model`` names (protocol.md, ``embed``): ``name``
+    itself, or the one served id whose short name (the part after its last ``/``) is ``name``,
+    so that ``all-MiniLM-L6-v2`` names ``sentence-transformers/all-MiniLM-L6-v2``; None when
+    no id, or more than one, answers to it."""
+    if name in served:
+        return name
+    matches = [model for model in served if model.rsplit("/", 1)[-1] == name]
+    return matches[0] if len(matches) == 1 else None
 
 
 def msgpack_type(value: object) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import types
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +33,7 @@ from akidb_embed.host_client._config import (
     PathArgument,
     as_argv,
     as_paths,
+    resolve_workers,
 )
 from akidb_embed.host_client._dispatch import Dispatcher
 from akidb_embed.host_client._types import BatchEmbeddingRequest, ClientStats, ModelInfo
@@ -79,9 +80,10 @@ class ClientBase:
         self,
         model_dir: PathArgument | Sequence[PathArgument] | None = None,
         *,
-        workers: int = DEFAULT_WORKERS,
+        workers: int | Literal["auto"] = DEFAULT_WORKERS,
         provider: str = DEFAULT_PROVIDER,
         threads: int | None = None,
+        lanes: int | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         start_timeout: float = DEFAULT_START_TIMEOUT,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
@@ -95,9 +97,10 @@ class ClientBase:
     ) -> None:
         self.config = ClientConfig(
             model_dirs=as_paths(model_dir),
-            workers=workers,
+            workers=resolve_workers(workers),
             provider=provider,
             threads=threads,
+            lanes=lanes,
             request_timeout=request_timeout,
             start_timeout=start_timeout,
             close_timeout=close_timeout,
@@ -132,6 +135,16 @@ class ClientBase:
     def providers(self) -> tuple[str, ...]:
         """ONNX Runtime execution providers of the workers' sessions, in priority order."""
         return self._ready_hello().providers
+
+    @property
+    def lanes(self) -> int:
+        """ONNX Runtime runs each worker makes at once, from its hello."""
+        return self._ready_hello().lanes
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads of each worker's sessions, from its hello (0: ONNX Runtime's)."""
+        return self._ready_hello().threads
 
     @property
     def limits(self) -> Mapping[str, int]:

@@ -81,9 +81,10 @@ class EmbedCall:
             self.order = np.argsort(np.asarray(sizes, dtype=np.int64), kind="stable")
             self.texts = [texts[i] for i in self.order]
             self.sizes = [sizes[i] for i in self.order]
-        self.model = request.model
         self.served = served
         """The model the worker announced under that name (the default one for ``None``)."""
+        self.model = None if request.model is None else served.model
+        """What the wire request names: the full id (``request.model`` may be a short name)."""
         self.normalize = request.normalize
         self.truncate = request.truncate
         self.prompt_name = request.prompt_name
@@ -144,9 +145,11 @@ class ChunkLimits:
     def of(
         cls, hello: Hello, max_in_flight_texts: int, request: BatchEmbeddingRequest | EmbedCall
     ) -> ChunkLimits:
-        named = len((request.model or "").encode("utf-8"))
+        served = hello.served(request.model)
+        # a named model is sent as its full id (a short name is resolved here)
+        named = 0 if request.model is None else len(served.model.encode("utf-8"))
         named += len((request.prompt_name or "").encode("utf-8"))
-        max_tokens = hello.served(request.model).max_tokens
+        max_tokens = served.max_tokens
         return cls(
             max_texts=min(hello.max_texts_per_request, max_in_flight_texts),
             max_payload_bytes=hello.max_frame_bytes - ENVELOPE_BYTES - named,

@@ -35,6 +35,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from akidb_embed.cores import auto_workers
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
@@ -48,10 +51,13 @@ __all__ = [
     "DEFAULT_WORKERS",
     "DEFAULT_WORKER_MODULE",
     "ClientConfig",
+    "resolve_workers",
 ]
 
 DEFAULT_PROVIDER = "auto"
-DEFAULT_WORKERS = 1
+DEFAULT_WORKERS: Literal["auto"] = "auto"
+"""One worker per ``akidb_embed.cores.CPUS_PER_WORKER`` usable CPUs (``auto_workers``): a worker's
+lanes fill its cores, and more workers only help once its Python steps are the ceiling."""
 DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_CLOSE_TIMEOUT = 10.0
@@ -76,14 +82,18 @@ class ClientConfig:
     """Model directories passed to the worker (one ``--model-dir`` each; the first is the
     default model); empty lets the worker use its default (``$AKIDB_EMBED_MODEL_DIR`` or the
     checkout's ``models/all-MiniLM-L6-v2``)."""
-    workers: int = DEFAULT_WORKERS
+    workers: int = 1
     """Worker processes in the pool, each supervised on its own and each serving every model;
-    requests go to the one with the fewest estimated tokens in flight."""
+    requests go to the one with the fewest estimated tokens in flight. The clients resolve
+    ``workers="auto"`` (their default) to a number (``resolve_workers``)."""
     provider: str = DEFAULT_PROVIDER
     """Execution provider asked of the worker (``--provider``): auto, cpu, cuda or coreml."""
     threads: int | None = None
-    """ONNX Runtime intra-op threads of each worker (``--threads``); ``None``: the worker's
-    default (the CPUs this process may use, for each worker: set it in a pool)."""
+    """ONNX Runtime intra-op threads of each worker's session (``--threads``); ``None``: the
+    worker's default, sized for its share of the cores (``akidb_embed.cores.size_lanes``)."""
+    lanes: int | None = None
+    """ONNX Runtime runs at once in each worker (``--lanes``); ``None``: the worker's default,
+    sized for its share of the cores (``akidb_embed.cores.size_lanes``)."""
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     start_timeout: float = DEFAULT_START_TIMEOUT
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT
@@ -112,6 +122,7 @@ class ClientConfig:
             "max_attempts": self.max_attempts,
             "max_in_flight_texts": self.max_in_flight_texts,
             "workers": self.workers,
+            "lanes": 1 if self.lanes is None else self.lanes,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -132,6 +143,10 @@ class ClientConfig:
         command += ["--provider", self.provider]
         if self.threads is not None:
             command += ["--threads", str(self.threads)]
+        if self.lanes is not None:
+            command += ["--lanes", str(self.lanes)]
+        if self.workers > 1:  # each worker sizes its default lanes x threads for its share
+            command += ["--pool-workers", str(self.workers)]
         return command + list(self.worker_args)
 
     def worker_env(self) -> dict[str, str]:
@@ -145,6 +160,15 @@ class ClientConfig:
         """Seconds to wait before the ``consecutive_restarts``-th restart in a row (1-based)."""
         exponent = max(consecutive_restarts - 1, 0)
         return float(min(RESTART_BACKOFF_FIRST * 2**exponent, RESTART_BACKOFF_MAX))
+
+
+def resolve_workers(workers: int | Literal["auto"]) -> int:
+    """``workers`` as a number: ``"auto"`` is ``akidb_embed.cores.auto_workers()``."""
+    if workers == "auto":
+        return auto_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise ValueError(f'workers must be a positive int or "auto", got {workers!r}')
+    return workers
 
 
 def as_argv(command: Sequence[str] | str | None) -> tuple[str, ...] | None:

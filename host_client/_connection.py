@@ -401,7 +401,13 @@ class Connection:
 
     def _start_failed(self, worker: WorkerProcess, error: EmbeddingError, *, final: bool) -> None:
         self._retire(worker)
-        logger.error("worker slot %d: the worker could not start: %s", self.index, error.message)
+        # a final failure goes on to the dispatcher, which raises it to the caller or logs it
+        logger.log(
+            logging.DEBUG if final else logging.WARNING,
+            "worker slot %d: the worker could not start: %s",
+            self.index,
+            error.message,
+        )
         with self._lock:
             self._starting_worker = None
             if self.state not in _SUPERVISED:

@@ -113,6 +113,8 @@ logger = logging.getLogger("akidb_embed.host_client")
 T = TypeVar("T")
 
 EMPTY_BATCH = "empty input batch"
+TRUNCATE_WORDING = "pass truncate=True (the default)"
+"""What this client says in place of the worker's ``wire.TRUNCATE_HINT``."""
 """The ``InvalidInput`` message of an embed call without inputs, as AkiDB's providers word it
 (the Rust client's is the same)."""
 
@@ -478,7 +480,9 @@ class Dispatcher:
         sizes = []
         for index, text in enumerate(texts):
             if not isinstance(text, str):
-                raise InvalidInput(f"inputs[{index}] is a {type(text).__name__}, not a str", index)
+                kind = type(text).__name__
+                article = "an" if kind[0] in "aeiou" else "a"
+                raise InvalidInput(f"inputs[{index}] is {article} {kind}, not a str", index)
             size = utf8_size(text, index)
             if size > max_text_bytes:
                 raise InvalidInput(
@@ -663,6 +667,9 @@ class Dispatcher:
                     if not 0 <= error.index < stop - start:
                         raise ProtocolError(f"error about inputs[{error.index}] of {stop - start}")
                     error = error.at(call.caller_index(start + error.index))
+                    if wire.TRUNCATE_HINT in error.message:  # in this API's words
+                        wording = error.message.replace(wire.TRUNCATE_HINT, TRUNCATE_WORDING)
+                        error = InvalidInput(wording, error.index)
                 raise error
             vectors, tokens, model = self._decode_embeddings(outcome, stop - start, call)
         except EmbeddingError as error:
@@ -720,7 +727,9 @@ class Dispatcher:
     def _fail_locked(self, error: EmbeddingError) -> Deferred:
         """Give up for good: every waiting and pending call fails with ``error``, and so will
         every later one; every worker is stopped."""
-        logger.error("akidb-embed client gives up: %s", error.message)
+        # while starting, the error is the caller's (raised by the constructor): not logged
+        level = logging.DEBUG if self._state is _State.STARTING else logging.ERROR
+        logger.log(level, "akidb-embed client gives up: %s", error.message)
         self._state = _State.FAILED
         self._failure = error
         deferred = self._drop_requests_locked(list(self._pending.values()), error)

@@ -43,12 +43,14 @@ class EmbeddingClient(ClientBase):
     """Embeds texts through a pool of supervised worker processes (one by default);
     thread-safe and pipelined.
 
-    ``EmbeddingClient(model_dir=None, *, workers=1, provider="auto", threads=None,
-    request_timeout=30.0, start_timeout=60.0, close_timeout=10.0, max_attempts=3,
+    ``EmbeddingClient(model_dir=None, *, workers="auto", provider="auto", threads=None,
+    lanes=None, request_timeout=30.0, start_timeout=60.0, close_timeout=10.0, max_attempts=3,
     restart_limit=5, stable_start_time=10.0, max_in_flight_texts=2048, worker_command=None,
     worker_args=(), env=None)`` spawns ``workers`` processes of ``python -m akidb_embed.worker``
     in parallel (same interpreter; ``worker_command`` replaces that prefix, ``worker_args`` are
-    appended), each serving every model with ``threads`` ONNX Runtime threads, and returns once
+    appended), each serving every model with ``lanes`` ONNX Runtime runs at once on sessions of
+    ``threads`` intra-op threads (by default sized to fill the worker's share of the cores;
+    ``workers="auto"``: one worker per 32 usable CPUs), and returns once
     every hello has been read and its protocol version checked. A worker that cannot start
     makes the constructor raise its own reason: ``ModelNotFound`` (no usable model directory)
     or ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs are
@@ -120,7 +122,9 @@ class EmbeddingClient(ClientBase):
         first components (re-normalised when normalising; ``None``: all). ``encoding``:
         ``float16``, ``int8`` or ``uint8`` give that dtype, ``binary`` (int8) and ``ubinary``
         (uint8) ``dimensions / 8`` bytes of packed sign bits per row, as sentence-transformers'
-        ``quantize_embeddings``. ``truncation_side="left"`` keeps an over-long text's end."""
+        ``quantize_embeddings``. ``truncation_side="left"`` keeps an over-long text's end;
+        ``truncate=False``: a text over the model's ``max_tokens`` fails the call with
+        ``InvalidInput`` instead of being cut."""
         request = _request(
             texts, normalize, model, prompt_name, dimensions, truncate, truncation_side
         )

@@ -93,6 +93,11 @@ class ModelInfo:
     """The prompt names a request's ``prompt_name`` may take."""
     default_prompt_name: str | None = None
     """The prompt used when a request names none (``None``: no prompt)."""
+    variant: str | None = None
+    """``None``: the model as exported; ``"int8"``: a quantised variant of ``base_model``
+    that passed the quality gate against it."""
+    base_model: str | None = None
+    """A variant's fp32 model id (``None`` for a model that is no variant)."""
     encodings: tuple[str, ...] = ("float32",)
     """The ``encoding`` values ``embed`` may take for this model (int8 and uint8 need its
     calibration vectors)."""

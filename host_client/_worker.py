@@ -22,7 +22,8 @@ When stdout ends (the worker exited, crashed or was killed) or turns to garbage,
 reaps the process (no zombie), lets stderr finish so its last lines explain the exit, stops
 the writer, and reports the exit exactly once through ``on_exit``. A worker that ends before
 its hello fails ``hello`` with ``ServiceUnavailable`` carrying its exit status and last stderr
-lines.
+lines. Until a worker is ready its error lines are logged at DEBUG: why it could not start
+reaches the caller once, as the start's error.
 """
 
 from __future__ import annotations
@@ -93,14 +94,20 @@ class Hello:
     worker_version: str
     models: tuple[ModelInfo, ...] = ()
     """Every model the worker serves, the default (``model``) first."""
+    lanes: int = 1
+    """ONNX Runtime runs the worker makes at once (1 from a worker that does not say)."""
+    threads: int = 0
+    """Intra-op threads of the worker's sessions (0: ONNX Runtime's choice, or not said)."""
 
     def served(self, model: str | None) -> ModelInfo:
-        """The served model named ``model`` (``None``: the default one); ``ModelNotFound``
-        listing the loaded ids otherwise."""
+        """The served model named ``model`` (``None``: the default one; a short name such as
+        ``all-MiniLM-L6-v2`` when only one id ends with it); ``ModelNotFound`` listing the
+        loaded ids otherwise."""
         if model is None:
             return self.models[0]
+        found = wire.served_model_id(model, [info.model for info in self.models])
         for info in self.models:
-            if info.model == model:
+            if info.model == found:
                 return info
         loaded = ", ".join(repr(info.model) for info in self.models)
         raise ModelNotFound(f"model {model!r} is not loaded; the worker serves {loaded}")
@@ -168,6 +175,8 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
             limits={str(name): int(value) for name, value in limits.items()},
             worker_version=str(message.get("worker_version", "")),
             models=tuple(served),
+            lanes=int(message.get("lanes", 1)),
+            threads=int(message.get("threads", 0)),
         )
         for name in REQUIRED_LIMITS:
             if name not in hello.limits:
@@ -180,6 +189,7 @@ def parse_hello(message: Mapping[str, Any]) -> Hello:
 def _model_info(entry: Mapping[str, Any]) -> ModelInfo:
     """One entry of the hello's ``models`` list."""
     default_prompt = entry.get("default_prompt_name")
+    variant, base_model = entry.get("variant"), entry.get("base_model")
     return ModelInfo(
         model=str(entry["model"]),
         dimension=int(entry["dimension"]),
@@ -188,6 +198,8 @@ def _model_info(entry: Mapping[str, Any]) -> ModelInfo:
         pooling=str(entry.get("pooling", "mean")),
         prompts=tuple(str(name) for name in entry.get("prompts") or ()),
         default_prompt_name=None if default_prompt is None else str(default_prompt),
+        variant=None if variant is None else str(variant),
+        base_model=None if base_model is None else str(base_model),
         encodings=tuple(str(name) for name in entry.get("encodings") or ("float32",)),
         matryoshka_dimensions=tuple(int(d) for d in entry.get("matryoshka_dimensions") or ()),
     )
@@ -459,10 +471,15 @@ class WorkerProcess:
                 if not line:
                     continue
                 self._stderr_tail.append(line)
+                level = _level_of(line)
+                if self.ready_at is None and level >= logging.ERROR:
+                    # why it cannot start: the caller gets that as the start's error; here it
+                    # is kept for a host that captures debug logs
+                    level = logging.DEBUG
                 if f"[{pid}]" in line:  # the worker's own log format names its pid already
-                    worker_logger.log(_level_of(line), "%s", line)
+                    worker_logger.log(level, "%s", line)
                 else:
-                    worker_logger.log(_level_of(line), "[worker %d] %s", pid, line)
+                    worker_logger.log(level, "[worker %d] %s", pid, line)
         except (OSError, ValueError):
             pass  # closed under us after the process was reaped
 

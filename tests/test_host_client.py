@@ -8,11 +8,13 @@ test_host_client_supervision.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,15 +161,29 @@ def test_wrong_model_is_model_not_found_and_the_worker_stays_usable(
     assert client.embed(["still here"]).shape[0] == 1
 
 
+def test_a_models_short_name_names_it(client: EmbeddingClient, metadata: ModelMetadata) -> None:
+    short_name = metadata.model.rsplit("/", 1)[-1]
+    assert short_name != metadata.model  # sentence-transformers/all-MiniLM-L6-v2
+
+    assert client.model_info(short_name) == client.model_info()
+    response = client.embed_batch(BatchEmbeddingRequest(short_name, ["a cat on a mat"]))
+    assert response.model == metadata.model
+    assert np.array_equal(response.embeddings, client.embed(["a cat on a mat"]))
+
+
 def test_over_long_input_without_truncation_is_invalid_input(
     client: EmbeddingClient, metadata: ModelMetadata
 ) -> None:
     over_long = " ".join(["word"] * (metadata.max_tokens * 2))
 
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as raised:
         client.embed_batch(
             BatchEmbeddingRequest(metadata.model, ["fine", over_long], truncate=False)
         )
+    # in the words of this API, not the wire's
+    assert raised.value.message.endswith("; shorten it or pass truncate=True (the default)")
+    with pytest.raises(InvalidInput, match=r"^inputs\[0\] has \d+ tokens"):
+        client.embed([over_long], truncate=False)
 
     truncated = client.embed_batch(BatchEmbeddingRequest(metadata.model, [over_long]))
     assert truncated.usage.total_tokens == metadata.max_tokens
@@ -197,8 +213,10 @@ def test_invalid_input_names_the_callers_index_in_a_split_and_sorted_batch(
     ],
 )
 def test_inputs_that_cannot_be_sent_are_invalid_input(client: EmbeddingClient, inputs: Any) -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InvalidInput) as raised:
         client.embed_batch(BatchEmbeddingRequest(None, inputs))
+    if inputs == ["fine", 42]:
+        assert raised.value.message == "inputs[1] is an int, not a str"
 
     assert client.stats().in_flight_texts == 0
     assert client.embed(["still here"]).shape[0] == 1
@@ -348,6 +366,10 @@ def test_async_client_serves_many_concurrent_tasks(
             assert await client.health_check() is True
             with pytest.raises(InvalidInput, match=r"^empty input batch$"):
                 await client.embed([])
+            over_long = " ".join(["word"] * (metadata.max_tokens * 2))
+            with pytest.raises(InvalidInput, match=r"pass truncate=True"):
+                await client.embed([over_long], truncate=False)
+            assert (await client.embed([over_long])).shape == (1, metadata.dimension)
 
             async def task(index: int) -> float:
                 picked = [index % len(sentences), (index * 7) % len(sentences)]
@@ -424,3 +446,19 @@ def test_public_api_is_what_all_lists_and_errors_are_the_shared_tree() -> None:
     for name in errors.__all__:
         if name != "from_wire":
             assert getattr(host_client, name) is getattr(errors, name)
+
+
+def test_a_failed_start_logs_the_workers_reason_at_debug_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The caller gets the reason as the constructor's error; a host that captures debug logs
+    also finds the worker's own line there, and nothing is logged as a warning or error."""
+    caplog.set_level(logging.DEBUG, logger="akidb_embed")
+    with pytest.raises(ModelNotFound, match="no model at"):
+        EmbeddingClient(tmp_path / "nowhere")
+    ours = [record for record in caplog.records if record.name.startswith("akidb_embed")]
+    assert any(
+        record.name == "akidb_embed.worker" and "cannot start" in record.getMessage()
+        for record in ours
+    ), [record.getMessage() for record in ours]
+    assert [record for record in ours if record.levelno >= logging.WARNING] == []

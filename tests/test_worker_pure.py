@@ -146,6 +146,18 @@ def test_embed_request_defaults() -> None:
     )
 
 
+def test_a_models_short_name_names_it_unless_two_models_share_it() -> None:
+    request = parse({"id": 3, "op": "embed", "inputs": ["a"], "model": "other-model"})
+    assert request.model == OTHER_MODEL
+    twins = ("org-a/twin", "org-b/twin")
+    rejection = None
+    with pytest.raises(RejectedRequest) as raised:
+        parse_request({"id": 4, "op": "embed", "inputs": ["a"], "model": "twin"}, LIMITS, twins)
+    rejection = raised.value
+    assert type(rejection.error) is ModelNotFound
+    assert "'org-a/twin', 'org-b/twin'" in rejection.error.message
+
+
 def test_unknown_model_is_refused_naming_every_loaded_model() -> None:
     rejection = rejected({"id": 5, "op": "embed", "inputs": ["a"], "model": "nope"})
     assert type(rejection.error) is ModelNotFound

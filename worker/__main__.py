@@ -20,6 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from akidb_embed.cores import LONE_QUERY_THREADS, size_lanes, usable_cores
 from akidb_embed.models import MODEL_DIR_ENV
 from akidb_embed.worker.config import PROVIDER_CHOICES, CoreMLOptions, WorkerConfig
 
@@ -106,12 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
         "execution provider: auto = CoreML on macOS, else CUDA if available, else CPU",
         choices=PROVIDER_CHOICES,
     )
+    cores = usable_cores()
+    sized_lanes, sized_threads = size_lanes(cores)
     option(
         "--threads",
         _non_negative_int,
-        _DEFAULTS.threads,
-        "ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose (default: usable cores, "
-        "at most the physical ones: %(default)s)",
+        None,
+        "ONNX Runtime intra-op threads of each model's session, shared by the lanes; 0 lets "
+        f"ONNX Runtime choose (default: at most {LONE_QUERY_THREADS}, here {sized_threads}; "
+        "with --lanes alone: the cores the lanes leave)",
+    )
+    option(
+        "--pool-workers",
+        _positive_int,
+        1,
+        "workers of one pool sharing this machine: the default --lanes and --threads fill "
+        "this worker's share of the cores, usable cores / pool workers (%(default)s)",
+    )
+    option(
+        "--lanes",
+        _positive_int,
+        None,
+        "ONNX Runtime runs at once over each model's one session (default: the cores left "
+        f"after --threads, plus one; here {sized_lanes}, for {cores or 'unknown'} usable cores)",
     )
     parser.add_argument(
         "--spin-wait",
@@ -179,6 +197,10 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     settings = {
         f.name: getattr(args, f.name) for f in fields(WorkerConfig) if hasattr(args, f.name)
     }
+    share = max(1, usable_cores() // args.pool_workers) if usable_cores() else 0
+    settings["lanes"], settings["threads"] = size_lanes(
+        share, settings.pop("lanes"), settings.pop("threads")
+    )
     model_dirs: list[Path] = settings.pop("model_dir") or _env_model_dirs()
     if model_dirs:
         settings["model_dir"], settings["extra_model_dirs"] = model_dirs[0], tuple(model_dirs[1:])

@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from akidb_embed.cores import size_lanes, usable_cores
 from akidb_embed.models import default_model_dir
 from akidb_embed.wire import DEFAULT_MAX_FRAME_BYTES
 
@@ -20,6 +21,7 @@ __all__ = [
     "CoreMLOptions",
     "WorkerConfig",
     "default_coreml_cache_dir",
+    "default_lanes",
     "default_threads",
 ]
 
@@ -35,48 +37,14 @@ def default_coreml_cache_dir() -> Path:
     return base / "akidb-embed" / "coreml"
 
 
-def _usable_cpus() -> set[int]:
-    if hasattr(os, "sched_getaffinity"):
-        return set(os.sched_getaffinity(0))
-    return set(range(os.cpu_count() or 1))
-
-
-def _physical_cores(cpus: set[int]) -> int:
-    """Distinct physical cores among ``cpus`` (hyper-thread siblings count once), Linux only."""
-    cores = set()
-    for cpu in cpus:
-        siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
-        try:
-            cores.add(siblings.read_text().strip())
-        except OSError:
-            return len(cpus)
-    return len(cores) or len(cpus)
-
-
-def _cgroup_cpu_limit() -> int | None:
-    """The CPU quota of a cgroup v2 container, rounded up, if one is set."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-    except (OSError, ValueError):
-        return None
-    if quota == "max":
-        return None
-    return max(1, -(-int(quota) // int(period)))
-
-
 def default_threads() -> int:
-    """ONNX Runtime intra-op threads: the cores this process may use, at most the physical ones.
+    """ONNX Runtime intra-op threads of a worker sized for this process's cores."""
+    return size_lanes(usable_cores())[1]
 
-    ONNX Runtime's own default counts the machine's physical cores and ignores CPU affinity and
-    container quotas, which oversubscribes a constrained worker. ``0`` (outside Linux) leaves the
-    choice to ONNX Runtime, which there means one thread per physical core.
-    """
-    if not sys.platform.startswith("linux"):
-        return 0
-    cpus = _usable_cpus()
-    threads = _physical_cores(cpus)
-    quota = _cgroup_cpu_limit()
-    return max(1, min(threads, quota) if quota else threads)
+
+def default_lanes() -> int:
+    """Runs at once of a worker sized for this process's cores."""
+    return size_lanes(usable_cores())[0]
 
 
 @dataclass(frozen=True)
@@ -105,7 +73,11 @@ class WorkerConfig:
     """Further models served by the same worker, chosen per request by their id."""
     provider: str = "auto"
     threads: int = field(default_factory=default_threads)
-    """ONNX Runtime intra-op threads; 0 lets ONNX Runtime choose."""
+    """ONNX Runtime intra-op threads of the session (shared by the lanes); 0 lets ONNX Runtime
+    choose. Default: ``size_lanes`` for this process's cores."""
+    lanes: int = field(default_factory=default_lanes)
+    """ONNX Runtime runs at once over one session per model (batcher.py). Default:
+    ``size_lanes`` for this process's cores."""
     coreml: CoreMLOptions = field(default_factory=CoreMLOptions)
     spin_wait: bool = False
     """Let ONNX Runtime's pool threads spin between runs: a lone short request answers about

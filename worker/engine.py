@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -50,6 +49,7 @@ from akidb_embed.errors import Internal, InvalidInput, ModelNotFound, ServiceUna
 from akidb_embed.models import POOLING_MODES, ModelMetadata, load_metadata
 from akidb_embed.models.metadata import CALIBRATION_FILE
 from akidb_embed.pooling import l2_normalize, pool, pooling_mask
+from akidb_embed.wire import TRUNCATE_HINT
 from akidb_embed.worker.batcher import plan_micro_batches
 from akidb_embed.worker.config import WorkerConfig
 from akidb_embed.worker.providers import CPU, choose_providers
@@ -86,7 +86,9 @@ def _check_files(metadata: ModelMetadata) -> None:
 def _session_options(threads: int, spin_wait: bool) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    # one graph runs at a time (the batcher's single inference thread): no inter-op pool needed
+    # Lanes run several graphs at once on this session, each on its own lane thread, which
+    # also works through its graph's parallel sections with the threads - 1 pool threads
+    # (shared by the lanes); each graph's nodes run in order: no inter-op pool.
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
@@ -307,7 +309,7 @@ class Engine:
                 if len(encoding.ids) > limit:
                     raise InvalidInput(
                         f"inputs[{index}] has {len(encoding.ids)} tokens, more than max_tokens="
-                        f"{limit}; shorten it or send truncate: true",
+                        f"{limit}; shorten it or {TRUNCATE_HINT}",
                         index,
                     )
         return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encodings]
@@ -326,6 +328,13 @@ class Engine:
 
     def forward(self, token_ids: Sequence[TokenIds]) -> tuple[npt.NDArray[np.float32], TokenIds]:
         """The ONNX Runtime run of one micro-batch: its hidden states and attention mask."""
+        feeds = self.feeds(token_ids)
+        (hidden,) = self._session.run([self._output_name], feeds)
+        return hidden, feeds["attention_mask"]
+
+    def feeds(self, token_ids: Sequence[TokenIds]) -> dict[str, TokenIds]:
+        """The ONNX Runtime inputs of one micro-batch: ids padded to its longest row on the
+        model's padding side, the attention mask, and token type ids when the graph has them."""
         metadata = self.metadata
         longest = max(len(ids) for ids in token_ids)
         input_ids = np.full((len(token_ids), longest), metadata.pad_token_id, dtype=np.int64)
@@ -335,11 +344,10 @@ class Engine:
             span = slice(longest - len(ids), longest) if left else slice(0, len(ids))
             input_ids[row, span] = ids
             attention_mask[row, span] = 1
-        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        (hidden,) = self._session.run([self._output_name], feeds)
-        return hidden, attention_mask
+        return feeds
 
     def pool(
         self,

@@ -2,22 +2,28 @@
 
 ::
 
-    host --frame--> reader thread --validate--> queue --> batcher (inference thread)
-                     | unpack          |           (one per | round-robin over models,
-                     | ping/info:      |            model)  | snapshot, sort by length,
-                     |   reply at once |                    | micro-batches under
-                     | embed: route by | nothing else       | max_batch_tokens
-                     |   model, prompt,| waiting and the    v
-                     |   tokenize      | model idle:     ONNX Runtime --> vectors
-                     | shutdown/EOF:   +-- run_now, in         |
-                     |   stop reading      this thread --------+
-                     v                                         |
-    host <--frame-- writer (one lock, private stdout) <--------+ reply when a request's texts
-                                                                 are all done (any order)
+    host --frame--> the input's holder (one lane thread at a time; batcher.py)
+                     | unpack, validate        ping/info: reply at once
+                     | embed: route by model,  shutdown/EOF: stop reading
+                     |   prompt, tokenize
+                     |
+                     +-- a frame waiting behind it, or no lane free --> queue (one per model)
+                     |                                                    |
+                     +-- nothing else waiting, a lane free: run_now:      | free lanes (up to
+                     |   hands the input to an idle lane thread and runs  | --lanes at once):
+                     |   the query here, as one micro-batch               | round-robin over
+                     v                                                    | models, snapshot,
+                 ONNX Runtime (the model's one session, --threads) <------+ sorted, cut into
+                     |   --> vectors                                        micro-batches
+                     v
+    host <--frame-- writer (one lock, private stdout): a reply when a request's texts are
+                    all done (any order, from whichever lane finished it)
 
-A lone query runs in the reader thread itself (``Batcher.run_now``): no hand-over to the
-inference thread, whose wake-up would add to its latency. Requests that arrive together (a
-frame already waiting behind the one just read) go through the queue and share runs.
+A lone query runs in the thread that read it (``Batcher.run_now``): no hand-over to another
+thread, whose wake-up would add to its latency; with more than one lane, another lane thread
+takes over the reading meanwhile, so requests arriving during the run are read and start on
+free lanes. Requests that arrive together (a frame already waiting behind the one just read) go
+through the queue and share runs.
 
 What happens when something fails:
 
@@ -170,6 +176,8 @@ def _model_entry(engine: Engine) -> dict[str, Any]:
         "pooling": metadata.pooling,
         "prompts": list(metadata.prompts),
         "default_prompt_name": metadata.default_prompt_name,
+        "variant": metadata.variant,
+        "base_model": metadata.base_model,
         "encodings": engine.encodings,
         **(
             {"matryoshka_dimensions": list(metadata.matryoshka_dimensions)}
@@ -191,6 +199,12 @@ def _served_models(engines: list[Engine]) -> dict[str, Any]:
     }
 
 
+def _lanes(config: WorkerConfig) -> dict[str, int]:
+    """How the worker runs the model, as the hello and the ``info`` reply say: ``lanes`` runs
+    at once over each model's session of ``threads`` intra-op threads."""
+    return {"lanes": config.lanes, "threads": config.threads}
+
+
 def _hello(engines: list[Engine], config: WorkerConfig) -> dict[str, Any]:
     return {
         "op": "hello",
@@ -199,6 +213,7 @@ def _hello(engines: list[Engine], config: WorkerConfig) -> dict[str, Any]:
         "worker_version": __version__,
         "pid": os.getpid(),
         **_served_models(engines),
+        **_lanes(config),
         "limits": config.limits(),
     }
 
@@ -257,7 +272,7 @@ class _Server:
         self._writer = writer
         self._writer.on_broken = lambda: self._stop(EXIT_OK, "the host closed our stdout")
         self._input = os.fdopen(protocol_in, "rb", buffering=0)  # FrameReader buffers
-        self._frames: FrameReader | None = None
+        self._frames = FrameReader(self._input, config.max_frame_bytes)
         self._input_poll = select.poll()
         self._input_poll.register(protocol_in, select.POLLIN)
         self._limits = RequestLimits(config.max_texts_per_request, config.max_text_bytes)
@@ -265,7 +280,9 @@ class _Server:
             engines,
             max_batch_tokens=config.max_batch_tokens,
             max_pending_texts=config.max_pending_texts,
-            on_fatal=lambda exc: self._stop(EXIT_INTERNAL, f"inference thread failed: {exc}"),
+            on_fatal=lambda exc: self._stop(EXIT_INTERNAL, f"lane thread failed: {exc}"),
+            lanes=config.lanes,
+            reader=self._read_frame,
         )
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
@@ -289,8 +306,7 @@ class _Server:
             signal.signal(stop_signal, lambda signum, frame: None)
         if self._writer.broken:  # the hello could not be written: nobody is listening
             self._stop(EXIT_OK, "the host closed our stdout")
-        self._batcher.start()
-        threading.Thread(target=self._read_loop, name="reader", daemon=True).start()
+        self._batcher.start()  # its lane threads read the input too, one at a time
         threading.Thread(
             target=self._watch_parent, args=(parent_pid,), name="parent-watch", daemon=True
         ).start()
@@ -326,29 +342,31 @@ class _Server:
         log.warning("parent process %d is gone: exiting", parent_pid)
         os._exit(EXIT_OK)  # nobody is left to read replies: do not finish the queue
 
-    # -- reader thread -------------------------------------------------------------------
+    # -- reading (the lane thread that holds the input) ---------------------------------
 
-    def _read_loop(self) -> None:
+    def _read_frame(self) -> bool:
+        """Read and handle one frame (run by whichever lane thread holds the input); False once
+        there is nothing more to read."""
         try:
-            reader = self._frames = FrameReader(self._input, self._config.max_frame_bytes)
-            while not self._stopping.is_set():
-                try:
-                    payload = reader.read()
-                except FrameError as exc:
-                    log.error("broken input stream: %s", exc.message)
-                    self._writer.send(error_reply(None, exc))
-                    self._stop(EXIT_BROKEN_STREAM, "broken input stream")
-                    return
-                if payload is None:
-                    self._stop(EXIT_OK, "end of input")
-                    return
-                if self._stopping.is_set():  # the stop came while this frame was awaited
-                    self._refuse(payload, ServiceUnavailable("the worker is shutting down"))
-                    return
-                self._handle(payload, time.perf_counter(), time.monotonic_ns())
+            try:
+                payload = self._frames.read()
+            except FrameError as exc:
+                log.error("broken input stream: %s", exc.message)
+                self._writer.send(error_reply(None, exc))
+                self._stop(EXIT_BROKEN_STREAM, "broken input stream")
+                return False
+            if payload is None:
+                self._stop(EXIT_OK, "end of input")
+                return False
+            if self._stopping.is_set():  # the stop came while this frame was awaited
+                self._refuse(payload, ServiceUnavailable("the worker is shutting down"))
+                return False
+            self._handle(payload, time.perf_counter(), time.monotonic_ns())
+            return not self._stopping.is_set()
         except BaseException as exc:  # a bug: exit visibly rather than stop reading silently
-            log.exception("reader thread failed")
-            self._stop(EXIT_INTERNAL, f"reader thread failed: {exc}")
+            log.exception("reader failed")
+            self._stop(EXIT_INTERNAL, f"reader failed: {exc}")
+            return False
 
     def _refuse(self, payload: bytes, error: EmbeddingError) -> None:
         """Answer the request in ``payload`` with ``error`` (or with what is wrong with it)."""
@@ -361,7 +379,7 @@ class _Server:
 
     def _more_input_waiting(self) -> bool:
         """Whether another frame has arrived (or begun to) behind the one being handled."""
-        if self._frames is not None and self._frames.buffered:
+        if self._frames.buffered:
             return True
         return bool(self._input_poll.poll(0))
 
@@ -405,9 +423,9 @@ class _Server:
         on_done: Callable[..., None],
         trace: dict[str, int] | None = None,
     ) -> None:
-        """Tokenize ``request`` and run it: at once in this thread when the model is idle and
-        nothing else has arrived (a lone query skips the hand-over to the inference thread),
-        else through the batcher's queue, where requests that arrive together share runs.
+        """Tokenize ``request`` and run it: at once in this thread when a lane is free and
+        nothing else has arrived (a lone query skips the hand-over to another thread), else
+        through the batcher's queue, where requests that arrive together share runs.
         ``on_done(job, request=, form=)`` answers it."""
         request_id = request.id
         engine = self._by_model[request.model]
@@ -453,11 +471,17 @@ class _Server:
         self._in_flight.discard(request_id)
         self._writer.send(reply)
 
-    # -- replies (inference thread) ------------------------------------------------------
+    # -- replies (lane threads) ----------------------------------------------------------
 
     def _info_reply(self, request_id: int) -> dict[str, Any]:
         served = _served_models(self._engines)
-        return {"id": request_id, "ok": True, **served.pop("model"), **served}
+        return {
+            "id": request_id,
+            "ok": True,
+            **served.pop("model"),
+            **served,
+            **_lanes(self._config),
+        }
 
     def _tokenize_reply(self, request: TokenizeRequest) -> dict[str, Any]:
         """The token ids of a ``tokenize`` request's texts, answered at once by the reader."""

@@ -30,6 +30,7 @@ from akidb_embed.wire import (
     is_valid_text,
     msgpack_type,
     salvage,
+    served_model_id,
     unpack,
 )
 
@@ -213,12 +214,13 @@ def _inputs(message: dict[str, Any], limits: RequestLimits) -> list[str]:
 
 def _model(message: dict[str, Any], models: Sequence[str]) -> str:
     requested_model = _optional_str(message, "model")
-    if requested_model is not None and requested_model not in models:
+    model = models[0] if requested_model is None else served_model_id(requested_model, models)
+    if model is None:
         served = ", ".join(repr(model) for model in models)
         raise ModelNotFound(
-            f"model {_quote(requested_model)} is not loaded; this worker serves {served}"
+            f"model {_quote(str(requested_model))} is not loaded; this worker serves {served}"
         )
-    return models[0] if requested_model is None else requested_model
+    return model
 
 
 def _dimensions(message: dict[str, Any]) -> int | None:

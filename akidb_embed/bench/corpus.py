@@ -17,8 +17,10 @@ import importlib
 import inspect
 import random
 import re
+import warnings
+from collections.abc import Sequence
 
-__all__ = ["SOURCE_MODULES", "build_corpus", "corpus_digest"]
+__all__ = ["SOURCE_MODULES", "build_corpus", "corpus_digest", "docstring_paragraphs"]
 
 SOURCE_MODULES = (
     "argparse", "asyncio", "collections", "concurrent.futures", "contextlib", "csv",
@@ -33,19 +35,34 @@ SHORT_SHARE, MEDIUM_SHARE = 0.5, 0.35  # the rest is long
 LONG_TEXT_MIN_CHARS = 1600  # comfortably above 256 word pieces of English prose
 
 
-def _paragraphs() -> list[str]:
+def docstring_paragraphs(
+    modules: Sequence[str] = SOURCE_MODULES, methods: bool = False
+) -> list[str]:
+    """The distinct paragraphs (over 40 characters, no doctest or list lines) of the docstrings
+    of the functions and classes of ``modules`` (and of the classes' methods when ``methods``),
+    in a fixed order."""
     seen: dict[str, None] = {}
-    for module_name in SOURCE_MODULES:
+    for module_name in modules:
         module = importlib.import_module(module_name)
-        for _, obj in sorted(vars(module).items()):
-            if not (inspect.isfunction(obj) or inspect.isclass(obj)):
-                continue
-            doc = inspect.getdoc(obj)
+        for obj in _documented(vars(module), methods):
+            with warnings.catch_warnings():  # typing's deprecated typing.io / typing.re
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(obj)
             for block in re.split(r"\n\s*\n", doc or ""):
                 text = " ".join(block.split())
                 if len(text) > 40 and not text.startswith((">>>", "..", "-")):
                     seen.setdefault(text, None)
     return list(seen)
+
+
+def _documented(namespace: dict[str, object], methods: bool) -> list[object]:
+    found: list[object] = []
+    for _, obj in sorted(namespace.items()):
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            found.append(obj)
+            if methods and inspect.isclass(obj):
+                found.extend(m for _, m in sorted(vars(obj).items()) if inspect.isfunction(m))
+    return found
 
 
 def _first_sentence(paragraph: str) -> str:
@@ -55,7 +72,7 @@ def _first_sentence(paragraph: str) -> str:
 
 def build_corpus(size: int = 1000, seed: int = 20261124) -> list[str]:
     """``size`` texts of mixed length, the same for the same ``size``, ``seed`` and Python."""
-    paragraphs = _paragraphs()
+    paragraphs = docstring_paragraphs()
     rng = random.Random(seed)
     texts: list[str] = []
     n_short = round(size * SHORT_SHARE)

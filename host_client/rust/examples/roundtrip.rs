@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! .ci/cargo-offline run --release --example roundtrip -- \
-//!     [--python PATH] [--model-dir DIR] [--workers 1] [--threads N] [--calls 500]
+//!     [--python PATH] [--model-dir DIR] [--workers N] [--lanes N] [--threads N] [--calls 500]
 //!     [--corpus texts.json] [--breakdown N] [--spin-wait] [--json | --serve]
 //! ```
 //!
@@ -52,6 +52,7 @@ struct Options {
     model_dir: PathBuf,
     workers: usize,
     threads: Option<usize>,
+    lanes: Option<usize>,
     calls: usize,
     corpus: Option<PathBuf>,
     json: bool,
@@ -65,8 +66,9 @@ fn options() -> Options {
     let mut options = Options {
         python: checkout.join(".venv/bin/python"),
         model_dir: checkout.join("models/all-MiniLM-L6-v2"),
-        workers: akidb_embed_client::DEFAULT_WORKERS,
+        workers: akidb_embed_client::auto_workers(),
         threads: None,
+        lanes: None,
         calls: 500,
         corpus: None,
         json: false,
@@ -91,6 +93,7 @@ fn options() -> Options {
             "--model-dir" => options.model_dir = value.into(),
             "--workers" => options.workers = value.parse().expect("--workers takes a number"),
             "--threads" => options.threads = Some(value.parse().expect("--threads takes a number")),
+            "--lanes" => options.lanes = Some(value.parse().expect("--lanes takes a number")),
             "--calls" => options.calls = value.parse().expect("--calls takes a number"),
             "--corpus" => options.corpus = Some(value.into()),
             "--breakdown" => options.breakdown = value.parse().expect("--breakdown takes a number"),
@@ -325,6 +328,7 @@ async fn run(options: Options) {
         model_dirs: vec![options.model_dir.clone()],
         workers: options.workers,
         threads: options.threads,
+        lanes: options.lanes,
         extra_args: if options.spin_wait { vec!["--spin-wait".into()] } else { vec![] },
         ..WorkerConfig::from_python(&options.python)
     })

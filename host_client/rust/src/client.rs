@@ -608,6 +608,8 @@ mod tests {
             pooling: None,
             prompts: Vec::new(),
             default_prompt_name: None,
+            variant: None,
+            base_model: None,
             encodings: Vec::new(),
             matryoshka_dimensions: Vec::new(),
         }

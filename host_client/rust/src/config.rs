@@ -2,7 +2,9 @@
 //! every default defined once (the same values as the Python host client's).
 //!
 //! Every setting applies to each worker of the pool alike (`workers` of them, each started
-//! with the same command line, so each holds every model and runs `threads` intra-op threads);
+//! with the same command line, so each holds every model and runs `lanes` ONNX Runtime runs at
+//! once over sessions of `threads` intra-op threads; unset, each worker sizes both for its
+//! share of the machine's cores, told by `--pool-workers`);
 //! the budgets are per wire request (`max_attempts`) and per worker (`restart_limit`), the
 //! backpressure (`max_in_flight_texts`) over the whole pool.
 //!
@@ -37,8 +39,10 @@ pub const DEFAULT_RESTART_LIMIT: u32 = 5;
 pub const DEFAULT_STABLE_START_TIME: Duration = Duration::from_secs(10);
 /// Enough to keep the worker's batcher full while keeping the frames held for re-sending small.
 pub const DEFAULT_MAX_IN_FLIGHT_TEXTS: usize = 2048;
-/// One worker: the figures and behaviour of a client without a pool.
-pub const DEFAULT_WORKERS: usize = 1;
+/// `workers` by default ([`auto_workers`]): one worker per this many usable logical CPUs, the
+/// same rule as the Python client's `workers="auto"` (`akidb_embed/cores.py`): a worker's lanes
+/// fill its cores, and more workers only help once its Python steps are the ceiling.
+pub const CPUS_PER_WORKER: usize = 32;
 /// The Python module that is the worker (`python -m akidb_embed.worker`).
 pub const WORKER_MODULE: &str = "akidb_embed.worker";
 /// The interpreter used when none is configured.
@@ -54,7 +58,9 @@ pub mod env {
     pub const MODEL_DIR: &str = "AKIDB_EMBED_MODEL_DIR";
     pub const PROVIDER: &str = "AKIDB_EMBED_PROVIDER";
     pub const THREADS: &str = "AKIDB_EMBED_THREADS";
-    /// How many workers the client runs (the client's own variable: the worker ignores it).
+    pub const LANES: &str = "AKIDB_EMBED_LANES";
+    /// How many workers the client runs, or `auto` (the client's own variable: the worker
+    /// ignores it).
     pub const WORKERS: &str = "AKIDB_EMBED_WORKERS";
 }
 
@@ -63,12 +69,19 @@ const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Lines of the worker's stderr kept to explain a failed start or a death.
 pub(crate) const STDERR_TAIL_LINES: usize = 20;
 
+/// Workers of a pool for the logical CPUs this process may use:
+/// `ceil(cpus / CPUS_PER_WORKER)`, at least one (the default of [`WorkerConfig::workers`]).
+pub fn auto_workers() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.div_ceil(CPUS_PER_WORKER).max(1)
+}
+
 /// How to start the workers and how to supervise them.
 #[derive(Clone)]
 pub struct WorkerConfig {
-    /// Worker processes in the pool, each with every model of `model_dirs` and `threads`
-    /// intra-op threads; a request goes to the one with the fewest estimated tokens
-    /// outstanding.
+    /// Worker processes in the pool, each with every model of `model_dirs`, `lanes` runs at
+    /// once and `threads` intra-op threads; a request goes to the one with the fewest
+    /// estimated tokens outstanding. Default: [`auto_workers`].
     pub workers: usize,
     /// Program and leading arguments of the worker, e.g.
     /// `["/srv/akidb/.venv/bin/python", "-m", "akidb_embed.worker"]` (what
@@ -83,8 +96,12 @@ pub struct WorkerConfig {
     pub expected_model: Option<String>,
     /// `--provider` (auto, cpu, cuda, coreml); `None`: the worker's default (auto).
     pub provider: Option<String>,
-    /// `--threads` (ONNX Runtime intra-op threads); `None`: the worker's default.
+    /// `--threads` (ONNX Runtime intra-op threads of each model's session, shared by the
+    /// lanes); `None`: the worker's default, sized for its share of the cores.
     pub threads: Option<usize>,
+    /// `--lanes` (ONNX Runtime runs at once in each worker); `None`: the worker's default,
+    /// sized for its share of the cores.
+    pub lanes: Option<usize>,
     /// Appended to the command line after the options above, e.g.
     /// `["--max-texts-per-request", "64"]`.
     pub extra_args: Vec<OsString>,
@@ -109,11 +126,12 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             command: Self::python_command(DEFAULT_PYTHON.as_ref()),
-            workers: DEFAULT_WORKERS,
+            workers: auto_workers(),
             model_dirs: Vec::new(),
             expected_model: None,
             provider: None,
             threads: None,
+            lanes: None,
             extra_args: Vec::new(),
             env: Vec::new(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -147,8 +165,8 @@ impl WorkerConfig {
     /// The defaults, then what this process's environment says, with the worker's own
     /// variables: the interpreter from `AKIDB_EMBED_PYTHON` (else `python3`), the model
     /// directories from `AKIDB_EMBED_MODEL_DIR` (separated like `PATH`), `AKIDB_EMBED_PROVIDER`
-    /// and `AKIDB_EMBED_THREADS` (per worker), and the client's own `AKIDB_EMBED_WORKERS` (the
-    /// pool's size; the worker ignores it). The worker inherits the environment, so its other
+    /// `AKIDB_EMBED_THREADS` and `AKIDB_EMBED_LANES` (per worker), and the client's own
+    /// `AKIDB_EMBED_WORKERS` (the pool's size, a number or `auto`; the worker ignores it). The worker inherits the environment, so its other
     /// `AKIDB_EMBED_*` options apply as well. A variable that does not parse is `InvalidInput`.
     pub fn from_env() -> EmbeddingResult<Self> {
         Self::from_vars(|name| std::env::var_os(name))
@@ -176,8 +194,15 @@ impl WorkerConfig {
         if let Some(threads) = set(env::THREADS) {
             config.threads = Some(number(env::THREADS, threads, "threads")?);
         }
+        if let Some(lanes) = set(env::LANES) {
+            config.lanes = Some(number(env::LANES, lanes, "lanes")?);
+        }
         if let Some(workers) = set(env::WORKERS) {
-            config.workers = number(env::WORKERS, workers, "workers")?;
+            config.workers = if workers == "auto" {
+                auto_workers()
+            } else {
+                number(env::WORKERS, workers, "workers")?
+            };
         }
         Ok(config)
     }
@@ -201,6 +226,15 @@ impl WorkerConfig {
             argv.push("--threads".into());
             argv.push(threads.to_string().into());
         }
+        if let Some(lanes) = self.lanes {
+            argv.push("--lanes".into());
+            argv.push(lanes.to_string().into());
+        }
+        if self.workers > 1 {
+            // each worker sizes its default lanes x threads for its share of the cores
+            argv.push("--pool-workers".into());
+            argv.push(self.workers.to_string().into());
+        }
         argv.extend(self.extra_args.iter().cloned());
         argv
     }
@@ -213,6 +247,9 @@ impl WorkerConfig {
         let zero = |name: &str| Some(format!("{name} must be positive"));
         if self.workers == 0 {
             return zero("workers");
+        }
+        if self.lanes == Some(0) {
+            return zero("lanes");
         }
         if self.request_timeout.is_zero() {
             return zero("request_timeout");
@@ -264,6 +301,8 @@ mod tests {
             model_dirs: vec!["/m".into(), "/n".into()],
             provider: Some("cpu".into()),
             threads: Some(1),
+            lanes: Some(3),
+            workers: 2,
             extra_args: vec!["--max-texts-per-request".into(), "8".into()],
             ..WorkerConfig::with_command(["py", "-m", "w"])
         };
@@ -283,6 +322,10 @@ mod tests {
                 "cpu",
                 "--threads",
                 "1",
+                "--lanes",
+                "3",
+                "--pool-workers",
+                "2",
                 "--max-texts-per-request",
                 "8"
             ]
@@ -298,6 +341,7 @@ mod tests {
                 env::PROVIDER => Some("cpu".into()),
                 env::THREADS => Some("2".into()),
                 env::WORKERS => Some("3".into()),
+                env::LANES => Some("4".into()),
                 _ => None,
             }
         };
@@ -307,11 +351,14 @@ mod tests {
         assert_eq!(config.provider.as_deref(), Some("cpu"));
         assert_eq!(config.threads, Some(2));
         assert_eq!(config.workers, 3);
+        assert_eq!(config.lanes, Some(4));
 
         let nothing = WorkerConfig::from_vars(|_| None).unwrap();
         assert_eq!(nothing.command, WorkerConfig::default().command);
         assert!(nothing.model_dirs.is_empty() && nothing.threads.is_none());
-        assert_eq!(nothing.workers, DEFAULT_WORKERS);
+        assert_eq!(nothing.workers, auto_workers());
+        let auto = WorkerConfig::from_vars(|name| (name == env::WORKERS).then(|| "auto".into()));
+        assert_eq!(auto.unwrap().workers, auto_workers());
 
         let bad = WorkerConfig::from_vars(|name| (name == env::THREADS).then(|| "many".into()));
         let error = bad.unwrap_err();

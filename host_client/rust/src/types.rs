@@ -526,6 +526,13 @@ pub struct ModelDescription {
     /// The prompt applied when a request names none.
     #[serde(default)]
     pub default_prompt_name: Option<String>,
+    /// `None`: the model as exported; `Some("int8")`: a quantised variant of `base_model`
+    /// that passed the quality gate against it.
+    #[serde(default)]
+    pub variant: Option<String>,
+    /// A variant's fp32 model id.
+    #[serde(default)]
+    pub base_model: Option<String>,
     /// The encodings ([`Encoding::as_str`]) an embed of this model may ask for; empty from a
     /// worker older than encodings (float32 only).
     #[serde(default)]

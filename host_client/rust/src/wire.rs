@@ -142,6 +142,11 @@ pub struct WireError {
     pub index: Option<usize>,
 }
 
+/// How the worker ends the message of an input over `max_tokens` sent with `truncate: false`
+/// (protocol.md, section 5), and what this client says instead.
+const TRUNCATE_HINT: &str = "send truncate: true";
+const TRUNCATE_WORDING: &str = "leave EmbedOptions::truncate at None (the worker then truncates)";
+
 impl WireError {
     /// The error about a request whose `inputs[i]` is the caller's `inputs[caller_index(i)]`
     /// (the request holds `texts` of them): an `index` is mapped to the caller's position and
@@ -165,6 +170,8 @@ impl WireError {
             Some(rest) => format!("inputs[{}]{rest}", caller_index(index)),
             None => self.message,
         };
+        // the worker's advice in this crate's words
+        let message = message.replace(TRUNCATE_HINT, TRUNCATE_WORDING);
         EmbeddingError::from_wire(&self.code, &message)
     }
 }
@@ -279,6 +286,12 @@ pub struct Hello {
     pub models: Option<Vec<ModelDescription>>,
     #[serde(default)]
     pub providers: Vec<String>,
+    /// ONNX Runtime runs the worker makes at once; absent from a worker without lanes.
+    #[serde(default)]
+    pub lanes: Option<usize>,
+    /// Intra-op threads of the worker's sessions (0: ONNX Runtime's choice).
+    #[serde(default)]
+    pub threads: Option<usize>,
     pub limits: Option<Limits>,
     pub error: Option<WireError>,
 }
@@ -295,16 +308,30 @@ pub struct ReadyHello {
     /// Every loaded model, the default first; never empty.
     pub models: Vec<ModelDescription>,
     pub providers: Vec<String>,
+    /// ONNX Runtime runs the worker makes at once (1 from a worker that does not say).
+    pub lanes: usize,
+    /// Intra-op threads of the worker's sessions (0: ONNX Runtime's choice, or not said).
+    pub threads: usize,
     pub limits: Limits,
 }
 
 impl ReadyHello {
-    /// The loaded model `id` names; the empty id names the default model.
+    /// The loaded model `id` names; the empty id names the default model, and a short name
+    /// (the part after the last `/`, `all-MiniLM-L6-v2`) the one model whose id ends with it
+    /// when no other does (protocol.md, `embed`).
     pub fn find_model(&self, id: &str) -> Option<&ModelDescription> {
         if id.is_empty() {
             return self.models.first();
         }
-        self.models.iter().find(|model| model.model == id)
+        if let Some(exact) = self.models.iter().find(|model| model.model == id) {
+            return Some(exact);
+        }
+        let short_name = |model: &&ModelDescription| model.model.rsplit('/').next() == Some(id);
+        let mut matches = self.models.iter().filter(short_name);
+        match (matches.next(), matches.next()) {
+            (Some(only), None) => Some(only),
+            _ => None,
+        }
     }
 
     /// The ids of the loaded models, for messages: `"a", "b"`.
@@ -359,6 +386,8 @@ impl Hello {
                 pooling: None,
                 prompts: Vec::new(),
                 default_prompt_name: None,
+                variant: None,
+                base_model: None,
                 encodings: Vec::new(),
                 matryoshka_dimensions: Vec::new(),
             }],
@@ -370,6 +399,8 @@ impl Hello {
             normalize_default,
             models,
             providers: self.providers,
+            lanes: self.lanes.unwrap_or(1),
+            threads: self.threads.unwrap_or(0),
             limits: self.limits.ok_or_else(|| missing("limits"))?,
         })
     }
@@ -559,6 +590,8 @@ mod tests {
             normalize_default: None,
             models: None,
             providers: vec![],
+            lanes: None,
+            threads: None,
             limits: None,
             error: None,
         };

@@ -175,15 +175,22 @@ fn a_hello_with_models_lists_them_default_first() {
          "pooling": "mean", "prompts": [], "default_prompt_name": null},
         {"model": "b/second", "dimension": 768, "max_tokens": 512, "normalize_default": false,
          "pooling": "cls", "prompts": ["query", "passage"], "default_prompt_name": "passage",
-         "a_field_from_a_later_worker": 1}
+         "a_field_from_a_later_worker": 1},
+        {"model": "a/first@int8", "dimension": 384, "max_tokens": 256, "normalize_default": true,
+         "pooling": "mean", "prompts": [], "default_prompt_name": null, "variant": "int8",
+         "base_model": "a/first"}
     ]});
     let hello = ready(&hello_frame(models)).unwrap();
-    assert_eq!(hello.model_ids(), "\"a/first\", \"b/second\"");
+    assert_eq!(hello.model_ids(), "\"a/first\", \"b/second\", \"a/first@int8\"");
     let second = hello.find_model("b/second").unwrap();
     assert_eq!((second.dimension, second.max_tokens, second.normalize_default), (768, 512, false));
     assert_eq!(second.pooling.as_deref(), Some("cls"));
     assert_eq!(second.prompts, ["query", "passage"]);
     assert_eq!(second.default_prompt_name.as_deref(), Some("passage"));
+    assert_eq!((second.variant.as_deref(), second.base_model.as_deref()), (None, None));
+    let variant = hello.find_model("a/first@int8").unwrap();
+    assert_eq!(variant.variant.as_deref(), Some("int8"));
+    assert_eq!(variant.base_model.as_deref(), Some("a/first"));
     assert_eq!(hello.find_model("").unwrap().model, "a/first");
 }
 

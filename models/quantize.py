@@ -1,0 +1,732 @@
+"""int8 variants of a model directory, kept only when they keep the fp32 model's neighbours.
+
+::
+
+    fp32 model directory (model.onnx, tokenizer.json, golden.json, akidb-embed.json)
+       |
+       +-- each RECIPE (onnxruntime.quantization: dynamic per-channel, static QDQ calibrated
+       |   on the gate corpus' calibration texts, block-wise MatMulNBits, SmoothQuant then
+       |   dynamic; some leave sensitive nodes in fp32) --> candidate model.onnx
+       |
+       v   the worker's own Engine runs the gate corpus' evaluation texts (gate_corpus.py)
+    fp32 vectors   vs   candidate vectors
+       |  recall@10 of corpus neighbours (each text's ten nearest among the evaluation texts,
+       |  by the candidate's vectors, found among the fp32 ten), min cosine per text, and bulk
+       |  texts/s in-process, fp32 and candidate measured alternately on the same cores
+       v
+    the fastest candidate passing the gate (recall@10 >= 0.98 and min cosine >= 0.98)
+       +--> <out>/ : a model directory like any other, id "<fp32 id>@int8"; its metadata
+       |    records the recipe, the gate's figures and every recipe's row, the fp32 model it
+       |    came from (id and model.onnx sha256) and the checksums of its own files
+       +--> none passes: nothing is written; QuantizeRefused carries the table
+
+A recipe that onnxruntime cannot apply to a graph is a row with its error, never a crash.
+Quantising imports ``onnx`` (the ``export`` extra) and, for the block-wise recipes, ``onnx_ir``
+(also in it); the worker serving a variant needs neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from akidb_embed.models.gate_corpus import DEFAULT_GATE, Gate, GateCorpus, gate_corpus
+from akidb_embed.models.metadata import (
+    GOLDEN_FILE,
+    INT8,
+    METADATA_FILE,
+    MODEL_FILE,
+    REQUIRED_FILES,
+    TOKENIZER_FILE,
+    FileRecord,
+    ModelMetadata,
+    file_sha256,
+    load_metadata,
+    open_model_dir,
+    verify_model_dir,
+)
+from akidb_embed.models.provision import WORK_FOLDER, ProvisionError, install_directory
+
+if TYPE_CHECKING:
+    from akidb_embed.worker.engine import Engine
+
+__all__ = [
+    "DEFAULT_GATE",
+    "INT8",
+    "RECIPES",
+    "Calibration",
+    "Gate",
+    "GraphFacts",
+    "Measurement",
+    "QuantizeRefused",
+    "QuantizeResult",
+    "Recipe",
+    "format_table",
+    "gate_figures",
+    "graph_facts",
+    "open_candidate",
+    "quantize",
+    "smooth_activations",
+    "variant_model_id",
+]
+
+SPEED_TEXTS = 512
+"""Evaluation texts run for the speed figures (each model, each round)."""
+SPEED_ROUNDS = 2
+"""Alternating fp32/candidate rounds; each model's best round is its speed."""
+
+Log = Callable[[str], None]
+
+
+class QuantizeRefused(ProvisionError):
+    """No recipe passes the gate: nothing was written; ``table`` holds every recipe's row."""
+
+    def __init__(self, message: str, table: list[Measurement]) -> None:
+        super().__init__(message)
+        self.table = table
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One recipe's row of the table: its gate figures and speed against fp32, or its error."""
+
+    recipe: str
+    recall: float = float("nan")
+    min_cosine: float = float("nan")
+    mean_cosine: float = float("nan")
+    texts_per_second: float = float("nan")
+    fp32_texts_per_second: float = float("nan")
+    error: str | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.texts_per_second / self.fp32_texts_per_second
+
+    def passes(self, gate: Gate) -> bool:
+        return (
+            self.error is None
+            and self.recall >= gate.min_recall
+            and self.min_cosine >= gate.min_cosine
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        if self.error is None:
+            row["speedup"] = self.speedup
+        return {name: value for name, value in row.items() if value == value}  # drop NaN
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """The nodes of a transformer graph that the recipes quantise or leave in fp32."""
+
+    weight_matmuls: list[str]
+    """MatMuls with a weight (an initializer): projections and feed-forward layers."""
+    activation_matmuls: list[str]
+    """MatMuls of two activations: attention scores (Q.K^T) and softmax times values."""
+    last_layer: list[str]
+    """The weight MatMuls of the last encoder layer (from the node names), feeding pooling."""
+    feed_forward_outputs: list[str]
+    """The feed-forward output projections (their input, the GELU's output, has long tails);
+    found by the names BERT-like exports give them."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to quantise: ``build(fp32 path, output path, graph facts, calibration)``."""
+
+    name: str
+    description: str
+    build: Callable[[Path, Path, GraphFacts, Calibration], None]
+    only_without_vnni: bool = False
+    """Only tried on a CPU without VNNI, where the full int8 range can overflow."""
+
+
+_LAYER = re.compile(r"layers?[._/](\d+)[._/]")
+
+
+def graph_facts(onnx_path: Path) -> GraphFacts:
+    """Read the node lists the recipes need from ``onnx_path`` (weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    weights = {initializer.name for initializer in model.graph.initializer}
+    weight_matmuls, activation_matmuls, layer_of = [], [], {}
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        if any(name in weights for name in node.input):
+            weight_matmuls.append(node.name)
+            match = _LAYER.search(node.name)
+            if match:
+                layer_of[node.name] = int(match.group(1))
+        else:
+            activation_matmuls.append(node.name)
+    last = max(layer_of.values(), default=None)
+    # BERT and MPNet exports name it <layer>/output/dense; the attention block has its own
+    # <layer>/attention/output/dense
+    feed_forward = [
+        name for name in weight_matmuls if "output/dense" in name and "attention" not in name
+    ]
+    return GraphFacts(
+        weight_matmuls=weight_matmuls,
+        activation_matmuls=activation_matmuls,
+        last_layer=[name for name, layer in layer_of.items() if layer == last],
+        feed_forward_outputs=feed_forward,
+    )
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The inputs a static recipe calibrates its activation ranges on (batches of feeds)."""
+
+    feeds: list[dict[str, npt.NDArray[np.int64]]]
+
+    @classmethod
+    def of(cls, engine: Engine, texts: Sequence[str], batch: int = 16) -> Calibration:
+        """``texts`` tokenised and padded by ``engine`` as it runs them, ``batch`` a run."""
+        token_ids = engine.tokenize(texts)
+        return cls([engine.feeds(token_ids[i : i + batch]) for i in range(0, len(texts), batch)])
+
+
+def _dynamic(
+    *,
+    op_types: Sequence[str] | None = None,
+    weights_only: bool = False,
+    keep: Callable[[GraphFacts], Sequence[str]] = lambda facts: (),
+    reduce_range: bool = False,
+) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+    def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # type: ignore[import-untyped]
+
+        kept = set(keep(facts))
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            nodes_to_quantize=[n for n in facts.weight_matmuls if n not in kept]
+            if weights_only
+            else None,
+            nodes_to_exclude=sorted(kept) or None,
+            per_channel=True,
+            reduce_range=reduce_range,
+            weight_type=QuantType.QInt8,
+        )
+
+    return build
+
+
+def _static_qdq(
+    keep: Callable[[GraphFacts], Sequence[str]] = lambda facts: (),
+) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+    def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        class Reader(CalibrationDataReader):  # type: ignore[misc]
+            def __init__(self) -> None:
+                self._feeds = iter(calibration.feeds)
+
+            def get_next(self) -> dict[str, npt.NDArray[np.int64]] | None:
+                return next(self._feeds, None)
+
+        kept = set(keep(facts))
+        quantize_static(
+            source,
+            target,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=[n for n in facts.weight_matmuls if n not in kept],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+
+    return build
+
+
+def _blockwise(
+    block_size: int, keep: Callable[[GraphFacts], Sequence[str]] = lambda facts: ()
+) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+    def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import (  # type: ignore[import-untyped]
+            DefaultWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
+
+        # accuracy level 4: the activations are quantised to int8 per block of the same size
+        # as the weights' blocks, so the product runs on int8 kernels (VNNI where there is one)
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8
+        )
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(source)),
+            nodes_to_exclude=list(keep(facts)),
+            algo_config=config,
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(target), False)
+
+    return build
+
+
+def smooth_activations(
+    source: Path, target: Path, facts: GraphFacts, calibration: Calibration, alpha: float
+) -> None:
+    """SmoothQuant (Xiao et al., 2023) on an ONNX graph: the input of each weight MatMul is
+    divided per channel by ``s`` (a Mul node, shared by the MatMuls reading the same tensor)
+    and the weight's rows multiplied by it, so the fp32 product is unchanged while the
+    activations' outlier channels, which per-tensor int8 activations cannot resolve, move into
+    the weights, which are quantised per channel. ``s = max|x|^alpha / max|w|^(1 - alpha)``,
+    with ``max|x|`` per channel over the calibration texts."""
+    import onnx
+    import onnxruntime as ort  # type: ignore[import-untyped]
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    weights = {initializer.name: initializer for initializer in model.graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        if node.name in facts.weight_matmuls and node.input[1] in weights:
+            readers.setdefault(node.input[0], []).append(node)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in readers:
+        probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = list(readers)
+    maxima: dict[str, npt.NDArray[np.float32]] = {}
+    for feed in calibration.feeds:
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            maxima[name] = np.maximum(maxima.get(name, channel_max), channel_max)
+    position = {id(node): index for index, node in enumerate(model.graph.node)}
+    inserts = []
+    for name, nodes in readers.items():
+        matrices = [numpy_helper.to_array(weights[node.input[1]]) for node in nodes]
+        weight_max = np.max([np.abs(matrix).max(axis=1) for matrix in matrices], axis=0)
+        scale = maxima[name] ** alpha / np.maximum(weight_max, 1e-8) ** (1 - alpha)
+        scale = np.clip(scale, 1e-5, None).astype(np.float32)
+        for node, matrix in zip(nodes, matrices, strict=True):
+            scaled = (matrix * scale[:, None]).astype(np.float32)
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array(scaled, node.input[1]))
+        divisor = f"{name}/smooth_scale"
+        model.graph.initializer.append(numpy_helper.from_array(1.0 / scale, divisor))
+        smoothed = f"{name}/smoothed"
+        mul = helper.make_node("Mul", [name, divisor], [smoothed], name=f"{name}/smooth")
+        for node in nodes:
+            node.input[0] = smoothed
+        inserts.append((min(position[id(node)] for node in nodes), mul))
+    for index, mul in sorted(inserts, key=lambda item: -item[0]):
+        model.graph.node.insert(index, mul)
+    onnx.save(model, str(target))
+
+
+def _smoothed_dynamic(alpha: float) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+    weights_only = _dynamic(op_types=["MatMul"], weights_only=True)
+
+    def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
+        smoothed = target.with_name(f"smoothed-{target.name}")
+        smooth_activations(source, smoothed, facts, calibration, alpha)
+        try:
+            weights_only(smoothed, target, facts, calibration)
+        finally:
+            smoothed.unlink()
+
+    return build
+
+
+def _last_layer(facts: GraphFacts) -> Sequence[str]:
+    return facts.last_layer
+
+
+def _feed_forward_outputs(facts: GraphFacts) -> Sequence[str]:
+    return facts.feed_forward_outputs
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe(
+        "dynamic-per-channel",
+        "dynamic QInt8, per-channel weights, every op onnxruntime quantises (MatMul, "
+        "attention, embedding Gather)",
+        _dynamic(),
+    ),
+    Recipe(
+        "dynamic-weights",
+        "dynamic QInt8 per-channel, op types MatMul only: the MatMuls with a weight (ONNX "
+        "Runtime's dynamic mode leaves MatMuls of two activations, the attention scores and "
+        "softmax inputs, in fp32), the embedding output in fp32",
+        _dynamic(op_types=["MatMul"], weights_only=True),
+    ),
+    Recipe(
+        "dynamic-weights-fp32-last-layer",
+        "dynamic-weights with the last layer (feeding pooling) left in fp32",
+        _dynamic(op_types=["MatMul"], weights_only=True, keep=_last_layer),
+    ),
+    Recipe(
+        "dynamic-weights-fp32-ffn-output",
+        "dynamic-weights with the feed-forward output projections (GELU inputs, long tails) "
+        "left in fp32",
+        _dynamic(op_types=["MatMul"], weights_only=True, keep=_feed_forward_outputs),
+    ),
+    Recipe(
+        "dynamic-weights-reduce-range",
+        "dynamic-weights with 7-bit weights (reduce_range), for CPUs without VNNI",
+        _dynamic(op_types=["MatMul"], weights_only=True, reduce_range=True),
+        only_without_vnni=True,
+    ),
+    Recipe(
+        "static-qdq",
+        "static QDQ: per-channel QInt8 weights, QUInt8 activations with MinMax ranges "
+        "calibrated on the calibration texts; weight MatMuls only",
+        _static_qdq(),
+    ),
+    Recipe(
+        "static-qdq-fp32-last-layer",
+        "static-qdq with the last layer left in fp32",
+        _static_qdq(keep=_last_layer),
+    ),
+    Recipe(
+        "blockwise-32",
+        "weight MatMuls as MatMulNBits: 8-bit weights in blocks of 32, activations quantised "
+        "to int8 per block of 32 at run time (accuracy level 4)",
+        _blockwise(32),
+    ),
+    Recipe(
+        "blockwise-16",
+        "blockwise-32 with blocks of 16",
+        _blockwise(16),
+    ),
+    Recipe(
+        "blockwise-32-fp32-last-layer",
+        "blockwise-32 with the last layer left in fp32",
+        _blockwise(32, keep=_last_layer),
+    ),
+    Recipe(
+        "smoothquant-dynamic",
+        "SmoothQuant (alpha 0.5, scales from the calibration texts) then dynamic-weights",
+        _smoothed_dynamic(0.5),
+    ),
+    Recipe(
+        "smoothquant-0.7-dynamic",
+        "SmoothQuant with alpha 0.7 (more of the activations' range moved to the weights) "
+        "then dynamic-weights",
+        _smoothed_dynamic(0.7),
+    ),
+)
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether the CPU has int8 dot-product instructions (VNNI); None when unknown (not Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def variant_model_id(model_id: str, variant: str = INT8) -> str:
+    return f"{model_id}@{variant}"
+
+
+def _neighbours(vectors: npt.NDArray[np.float32], count: int) -> npt.NDArray[np.intp]:
+    """Each row's ``count`` nearest other rows by cosine (vectors L2-normalised)."""
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    return np.argpartition(-similarity, count, axis=1)[:, :count]
+
+
+def gate_figures(
+    reference: npt.NDArray[np.float32], candidate: npt.NDArray[np.float32], neighbours: int
+) -> tuple[float, float, float]:
+    """Recall@``neighbours`` of corpus neighbours, min and mean cosine of ``candidate`` against
+    ``reference`` (rows: the same texts, L2-normalised)."""
+    cosines = (reference.astype(np.float64) * candidate).sum(axis=1)
+    ours, theirs = _neighbours(candidate, neighbours), _neighbours(reference, neighbours)
+    found = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ours, theirs, strict=True)]
+    recall = sum(found) / (neighbours * len(found))
+    return recall, float(cosines.min()), float(cosines.mean())
+
+
+def _texts_per_second(engine: Engine, texts: Sequence[str]) -> float:
+    started = time.perf_counter()
+    engine.embed(texts)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def _speeds(fp32: Engine, candidate: Engine, texts: Sequence[str]) -> tuple[float, float]:
+    """Bulk texts/s of ``candidate`` and of ``fp32``, measured alternately (best round)."""
+    ours, theirs = [], []
+    for _ in range(SPEED_ROUNDS):
+        theirs.append(_texts_per_second(fp32, texts))
+        ours.append(_texts_per_second(candidate, texts))
+    return max(ours), max(theirs)
+
+
+def open_candidate(fp32: ModelMetadata, directory: Path, threads: int | None = None) -> Engine:
+    """An engine on ``directory``'s model.onnx with every other fact of the ``fp32`` model (its
+    tokenizer is copied beside it)."""
+    from akidb_embed.worker.config import WorkerConfig
+    from akidb_embed.worker.engine import Engine
+
+    shutil.copyfile(fp32.path(TOKENIZER_FILE), directory / TOKENIZER_FILE)
+    metadata = replace(fp32, directory=directory, files={})
+    config = WorkerConfig(model_dir=directory, provider="cpu")
+    if threads is not None:
+        config = replace(config, threads=threads)
+    return Engine.open(metadata, config)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The variant written (its metadata), the recipe kept, and every recipe's row."""
+
+    metadata: ModelMetadata
+    recipe: Recipe
+    table: list[Measurement] = field(default_factory=list)
+
+
+def _stderr(message: str) -> None:
+    print(f"models: {message}", file=sys.stderr, flush=True)
+
+
+def format_table(table: Sequence[Measurement], gate: Gate) -> str:
+    """The recipes' rows as a plain-text table (what the command prints)."""
+    lines = [
+        f"{'recipe':<32} {'recall@' + str(gate.neighbours):>9} {'min cos':>8} "
+        f"{'texts/s':>8} {'fp32/s':>8} {'x fp32':>7}  gate"
+    ]
+    for row in table:
+        if row.error is not None:
+            lines.append(f"{row.recipe:<32} error: {row.error}")
+            continue
+        verdict = "pass" if row.passes(gate) else "fail"
+        lines.append(
+            f"{row.recipe:<32} {row.recall:>9.4f} {row.min_cosine:>8.4f} "
+            f"{row.texts_per_second:>8.1f} {row.fp32_texts_per_second:>8.1f} "
+            f"{row.speedup:>6.2f}x  {verdict}"
+        )
+    return "\n".join(lines)
+
+
+def _measure(
+    recipe: Recipe,
+    fp32: Engine,
+    reference: npt.NDArray[np.float32],
+    corpus: GateCorpus,
+    facts: GraphFacts,
+    calibration: Calibration,
+    gate: Gate,
+    work: Path,
+    threads: int | None,
+) -> Measurement:
+    directory = work / recipe.name
+    directory.mkdir()
+    try:
+        recipe.build(fp32.metadata.path(MODEL_FILE), directory / MODEL_FILE, facts, calibration)
+        candidate = open_candidate(fp32.metadata, directory, threads)
+        vectors = candidate.embed(corpus.evaluation, normalize=True)
+        recall, min_cosine, mean_cosine = gate_figures(reference, vectors, gate.neighbours)
+        speed, fp32_speed = _speeds(fp32, candidate, corpus.evaluation[:SPEED_TEXTS])
+    except Exception as exc:  # onnxruntime's tools raise many unrelated types
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return Measurement(recipe.name, error=message[:200])
+    return Measurement(recipe.name, recall, min_cosine, mean_cosine, speed, fp32_speed)
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime_tools() -> Iterator[None]:
+    """onnxruntime.quantization logs advice and per-node progress at INFO/WARNING on the root
+    logger; the table says what matters."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _already_made(out: Path, base: ModelMetadata, base_sha: str, gate: Gate) -> bool:
+    if verify_model_dir(out):
+        return False
+    metadata = load_metadata(out)
+    record = metadata.quantization
+    return (
+        metadata.base_model == base.model
+        and record.get("base", {}).get("model.onnx sha256") == base_sha
+        and record.get("gate") == asdict(gate)
+    )
+
+
+def quantize(
+    model_dir: Path | str,
+    out: Path | str,
+    *,
+    gate: Gate = DEFAULT_GATE,
+    recipes: Sequence[Recipe] | None = None,
+    corpus: GateCorpus | None = None,
+    threads: int | None = None,
+    force: bool = False,
+    log: Log = _stderr,
+) -> QuantizeResult | None:
+    """Write an int8 variant of the fp32 model in ``model_dir`` to ``out``: the fastest of
+    ``recipes`` (default: every recipe that applies to this CPU) passing ``gate`` on ``corpus``
+    (default: ``gate_corpus()``). Returns None when ``out`` already holds a variant of this
+    fp32 model made under the same gate (unless ``force``). ``QuantizeRefused`` (with the
+    table) when no recipe passes; ``ProvisionError`` when ``out`` cannot be written;
+    ``ModelNotFound`` for a damaged ``model_dir``. Nothing is written unless a recipe passes."""
+    from akidb_embed.worker.config import WorkerConfig
+    from akidb_embed.worker.engine import Engine
+
+    missing = [name for name in ("onnx", "onnx_ir") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ProvisionError(
+            f"quantising needs {' and '.join(missing)}: pip install 'akidb-embed[export]'"
+        )
+    base = open_model_dir(model_dir)
+    if base.variant is not None:
+        raise ProvisionError(f"{base.directory} is already a variant ({base.model})")
+    target = Path(out).expanduser().absolute()
+    if target == base.directory.expanduser().absolute():
+        raise ProvisionError(f"--out {target} is the fp32 model's own directory")
+    base_sha = base.files[MODEL_FILE].sha256
+    if not force and target.exists() and _already_made(target, base, base_sha, gate):
+        return None
+    vnni = cpu_has_vnni()
+    chosen = [r for r in recipes or RECIPES if not (r.only_without_vnni and vnni is not False)]
+    corpus = corpus or gate_corpus()
+    config = WorkerConfig(model_dir=base.directory, provider="cpu")
+    if threads is not None:
+        config = replace(config, threads=threads)
+    fp32 = Engine.open(base, config)
+    log(f"fp32 vectors of {len(corpus.evaluation)} evaluation texts ({base.model})")
+    reference = fp32.embed(corpus.evaluation, normalize=True)
+    facts = graph_facts(base.path(MODEL_FILE))
+    calibration = Calibration.of(fp32, corpus.calibration)
+    table: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="akidb-embed-quantize-") as scratch:
+        for recipe in chosen:
+            log(f"recipe {recipe.name}: {recipe.description}")
+            with _quiet_onnxruntime_tools():
+                row = _measure(
+                    recipe, fp32, reference, corpus, facts, calibration, gate, Path(scratch),
+                    threads,
+                )  # fmt: skip
+            table.append(row)
+            log(format_table([row], gate).splitlines()[1])
+        passing = [row for row in table if row.passes(gate)]
+        if not passing:
+            raise QuantizeRefused(
+                f"no recipe keeps the neighbours of {base.model} (gate: recall@"
+                f"{gate.neighbours} >= {gate.min_recall}, min cosine >= {gate.min_cosine}); "
+                "nothing written",
+                table,
+            )
+        best = max(passing, key=lambda row: row.speedup)
+        recipe = next(r for r in chosen if r.name == best.recipe)
+        metadata = _write_variant(
+            base, Path(scratch) / recipe.name, target, recipe, best, table, gate, corpus, vnni
+        )
+    return QuantizeResult(metadata, recipe, table)
+
+
+def _parity_with_golden(base: ModelMetadata, built: Path, gate: Gate) -> dict[str, Any]:
+    """The variant's vectors of golden.json's sentences against its reference vectors (those
+    of the fp32 model's reference framework), judged by the gate's min cosine: the variant's
+    parity record, in place of the fp32 model's."""
+    from akidb_embed.models import golden
+
+    stored = golden.read_golden(base.path(GOLDEN_FILE))
+    engine = open_candidate(base, built)
+    ours = engine.embed(stored.sentences, normalize=stored.normalize)
+    parity = replace(
+        golden.compare(ours, stored.embeddings, stored.reference), threshold=gate.min_cosine
+    )
+    return {**parity.to_json(), "verified": parity.passes, "of": f"{INT8} variant"}
+
+
+def _write_variant(
+    base: ModelMetadata,
+    built: Path,
+    target: Path,
+    recipe: Recipe,
+    best: Measurement,
+    table: list[Measurement],
+    gate: Gate,
+    corpus: GateCorpus,
+    vnni: bool | None,
+) -> ModelMetadata:
+    """Install the candidate in ``built`` as the model directory ``target`` (atomically)."""
+    shutil.copyfile(base.path(GOLDEN_FILE), built / GOLDEN_FILE)
+    parity = _parity_with_golden(base, built, gate)
+    files = {
+        name: FileRecord(sha256=file_sha256(built / name), bytes=(built / name).stat().st_size)
+        for name in REQUIRED_FILES
+    }
+    record = {
+        **best.to_json(),
+        "description": recipe.description,
+        "gate": asdict(gate),
+        "table": [row.to_json() for row in table],
+        "base": {
+            "model": base.model,
+            "directory": str(base.directory),
+            "model.onnx sha256": base.files[MODEL_FILE].sha256,
+        },
+        "corpus": {
+            "evaluation_texts": len(corpus.evaluation),
+            "evaluation_digest": corpus.evaluation_digest,
+            "calibration_texts": len(corpus.calibration),
+            "calibration_digest": corpus.calibration_digest,
+            "python": ".".join(map(str, sys.version_info[:3])),
+        },
+        "cpu_vnni": vnni,
+        "onnxruntime": importlib.metadata.version("onnxruntime"),
+    }
+    metadata = replace(
+        base,
+        directory=target,
+        model=variant_model_id(base.model),
+        files=files,
+        parity=parity,
+        variant=INT8,
+        base_model=base.model,
+        quantization=record,
+    )
+    text = json.dumps(metadata.to_json(), indent=2, ensure_ascii=False) + "\n"
+    (built / METADATA_FILE).write_text(text, encoding="utf-8")
+    work = target.parent / WORK_FOLDER
+    work.mkdir(parents=True, exist_ok=True)
+    staged = work / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.move(str(built), staged)
+    try:
+        install_directory(staged, target, work)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return load_metadata(target)

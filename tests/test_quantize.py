@@ -1,0 +1,204 @@
+"""int8 variants behind the quality gate: the gate's figures, a variant written, a refusal.
+
+The command runs for real (``python -m akidb_embed.models quantize``'s ``main``) on a tiny
+random-weight BERT of ``st_fixtures`` provisioned through the real provisioning, with its real
+recipes (onnxruntime.quantization) and the real gate corpus; only the recipe list is cut to a
+few so the test stays short. A tiny model's vectors of standard-library prose are crowded (its
+vocabulary knows few of the words), so its neighbours move more than a real model's: the test
+that expects a variant uses a lower ``--min-recall``; the gate is the same code either way. The
+worker then serves the variant beside its fp32 model. No timing is asserted (speed is printed).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from st_fixtures import FIXTURE_TEXTS
+
+from akidb_embed.host_client import EmbeddingClient
+from akidb_embed.models import (
+    METADATA_FILE,
+    MODEL_FILE,
+    ModelMetadata,
+    load_metadata,
+    verify_model_dir,
+)
+from akidb_embed.models.__main__ import main
+from akidb_embed.models.gate_corpus import EVALUATION_TEXTS, gate_corpus
+from akidb_embed.models.quantize import (
+    Calibration,
+    gate_figures,
+    graph_facts,
+    open_candidate,
+    smooth_activations,
+    variant_model_id,
+)
+from akidb_embed.worker.config import WorkerConfig
+from akidb_embed.worker.engine import Engine
+
+TINY = "bert_cls"
+RECIPES = "dynamic-weights,blockwise-32-fp32-last-layer"
+TINY_MIN_RECALL = "0.75"
+"""Below what both recipes reach on the tiny model (0.85-0.92 measured), far above chance."""
+
+
+def quantize_command(model_dir: Path, out: Path, *options: str) -> int:
+    """``python -m akidb_embed.models quantize`` in this process; its exit code."""
+    return main(["quantize", "--model-dir", str(model_dir), "--out", str(out), *options])
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_models: dict[str, ModelMetadata]) -> ModelMetadata:
+    return tiny_models[TINY]
+
+
+@pytest.fixture(scope="module")
+def variant(fp32: ModelMetadata, tmp_path_factory: pytest.TempPathFactory) -> ModelMetadata:
+    out = tmp_path_factory.mktemp("variants") / f"{TINY}-int8"
+    code = quantize_command(
+        fp32.directory, out, "--recipes", RECIPES, "--min-recall", TINY_MIN_RECALL
+    )
+    assert code == 0
+    return load_metadata(out)
+
+
+def test_the_gate_corpus_is_real_text_and_calibrates_apart_from_what_it_judges() -> None:
+    corpus = gate_corpus()
+    assert len(corpus.evaluation) == EVALUATION_TEXTS >= 2000
+    assert len(set(corpus.evaluation)) == len(corpus.evaluation)
+    assert not set(corpus.evaluation) & set(corpus.calibration)
+    assert gate_corpus().evaluation_digest == corpus.evaluation_digest
+
+
+def test_gate_figures_see_moved_neighbours_that_cosines_hide() -> None:
+    rng = np.random.default_rng(7)
+    reference = rng.normal(size=(200, 16)).astype(np.float32)
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    assert gate_figures(reference, reference.copy(), 10) == pytest.approx((1.0, 1.0, 1.0))
+    noisy = reference + rng.normal(scale=0.08, size=reference.shape).astype(np.float32)
+    noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+    recall, min_cosine, _ = gate_figures(reference, noisy, 10)
+    assert min_cosine > 0.9
+    assert recall < 0.95
+
+
+def test_smoothing_moves_activation_range_into_the_weights_and_keeps_the_fp32_vectors(
+    fp32: ModelMetadata, tmp_path: Path
+) -> None:
+    engine = Engine.load(WorkerConfig(provider="cpu"), fp32.directory)
+    texts = FIXTURE_TEXTS[:48]
+    facts = graph_facts(fp32.path(MODEL_FILE))
+    calibration = Calibration.of(engine, FIXTURE_TEXTS[48:96])
+    smooth_activations(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts, calibration, 0.5)
+    smoothed = open_candidate(fp32, tmp_path)
+    assert (tmp_path / MODEL_FILE).read_bytes() != fp32.path(MODEL_FILE).read_bytes()
+    ours, theirs = smoothed.embed(texts, normalize=True), engine.embed(texts, normalize=True)
+    assert np.sum(ours.astype(np.float64) * theirs, axis=1).min() >= 0.99999
+
+
+def test_a_variant_passing_the_gate_is_a_model_directory_that_says_where_it_came_from(
+    fp32: ModelMetadata, variant: ModelMetadata
+) -> None:
+    assert verify_model_dir(variant.directory) == []
+    assert variant.model == variant_model_id(fp32.model) == f"{TINY}@int8"
+    assert (variant.variant, variant.base_model) == ("int8", fp32.model)
+    record = variant.quantization
+    assert record["base"]["model.onnx sha256"] == fp32.files[MODEL_FILE].sha256
+    assert record["gate"] == {"min_recall": 0.75, "min_cosine": 0.98, "neighbours": 10}
+    assert record["corpus"]["evaluation_texts"] == EVALUATION_TEXTS
+    rows = {row["recipe"]: row for row in record["table"]}
+    assert set(rows) == set(RECIPES.split(","))
+    passing = [r for r in rows.values() if r["recall"] >= 0.75 and r["min_cosine"] >= 0.98]
+    assert record["recipe"] == max(passing, key=lambda r: r["speedup"])["recipe"]
+    assert record["recall"] >= 0.75
+    assert record["min_cosine"] >= 0.98
+    assert variant.files[MODEL_FILE].sha256 != fp32.files[MODEL_FILE].sha256
+    assert variant.parity["threshold"] == 0.98
+    assert variant.parity["min_cosine"] >= 0.98
+    assert variant.parity["min_cosine"] < fp32.parity["min_cosine"]
+    assert (variant.dimension, variant.pooling) == (fp32.dimension, fp32.pooling)
+
+
+def test_quantising_again_finds_nothing_to_do(
+    fp32: ModelMetadata, variant: ModelMetadata, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (variant.directory / METADATA_FILE).read_bytes()
+    code = quantize_command(
+        fp32.directory, variant.directory, "--recipes", RECIPES, "--min-recall", TINY_MIN_RECALL
+    )
+    assert code == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (variant.directory / METADATA_FILE).read_bytes() == before
+
+
+def test_no_recipe_passing_writes_nothing_and_prints_the_table(
+    fp32: ModelMetadata, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "refused"
+    code = quantize_command(fp32.directory, out, "--recipes", RECIPES, "--min-cosine", "1.01")
+    captured = capsys.readouterr()
+    assert code == 1
+    assert not out.exists()
+    assert "no recipe keeps the neighbours" in captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].split()[:3] == ["recipe", "recall@10", "min"]
+    for name in RECIPES.split(","):
+        (row,) = [line for line in lines if line.startswith(name + " ")]
+        assert row.rstrip().endswith("fail")
+
+
+def test_an_unknown_recipe_is_refused_naming_the_recipes(
+    fp32: ModelMetadata, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = quantize_command(fp32.directory, tmp_path / "x", "--recipes", "dynamic-weights,fp4")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "unknown recipe fp4" in err
+    assert "blockwise-32" in err
+
+
+def test_a_variant_cannot_be_quantised_again(
+    variant: ModelMetadata, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = quantize_command(variant.directory, tmp_path / "x")
+    assert code == 1
+    assert "already a variant" in capsys.readouterr().err
+
+
+def test_the_fp32_directory_is_never_the_output(
+    fp32: ModelMetadata, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = fp32.path(MODEL_FILE).stat().st_mtime_ns
+    assert quantize_command(fp32.directory, fp32.directory) == 1
+    assert "the fp32 model's own directory" in capsys.readouterr().err
+    assert fp32.path(MODEL_FILE).stat().st_mtime_ns == before
+
+
+def test_the_worker_serves_the_variant_beside_its_fp32_model(
+    fp32: ModelMetadata, variant: ModelMetadata
+) -> None:
+    texts = FIXTURE_TEXTS[:64]
+    with EmbeddingClient([fp32.directory, variant.directory]) as client:
+        models = {info.model: info for info in client.models()}
+        assert (models[fp32.model].variant, models[fp32.model].base_model) == (None, None)
+        served = models[variant.model]
+        assert (served.variant, served.base_model) == ("int8", fp32.model)
+        assert served.dimension == fp32.dimension
+        ours = client.embed(texts, model=variant.model, normalize=True)
+        theirs = client.embed(texts, model=fp32.model, normalize=True)
+    cosines = np.sum(ours.astype(np.float64) * theirs, axis=1)
+    assert cosines.min() >= 0.98
+    assert not np.array_equal(ours, theirs)
+
+
+def test_the_variant_metadata_is_plain_json_with_the_recipe_table(
+    variant: ModelMetadata,
+) -> None:
+    raw = json.loads((variant.directory / METADATA_FILE).read_text(encoding="utf-8"))
+    assert raw["variant"] == "int8"
+    assert {"recipe", "recall", "min_cosine", "texts_per_second", "fp32_texts_per_second"} <= set(
+        raw["quantization"]["table"][0]
+    )
