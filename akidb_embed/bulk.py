@@ -110,10 +110,10 @@ chunk is written, and within the client's default ``max_in_flight_texts``."""
 PARQUET_READ_ROWS = 4096
 PARQUET_ROW_GROUP_ROWS = 8192
 NPY_HEADER_BYTES = 128
-NPY_DTYPE: np.dtype[Any] = np.dtype("<f4")
-"""The rows' dtype unless the job asks for another ``encoding``."""
 """magic (6) + version (2) + header length (2) + the header dict padded with spaces and a
 newline: 128 holds any row count below 10**40 and keeps the data 64-byte aligned."""
+NPY_DTYPE: np.dtype[Any] = np.dtype("<f4")
+"""The rows' dtype unless the job asks for another ``encoding``."""
 PROGRESS_SUFFIX = ".progress.json"
 SKIPPED_SUFFIX = ".skipped.jsonl"
 PARTS_SUFFIX = ".parts"
