@@ -74,6 +74,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from akidb_embed.encodings import DEFAULT_ENCODING, check_dimensions, encoding_dtype, row_width
 from akidb_embed.errors import EmbeddingError, InvalidInput, ServiceUnavailable
 
 __all__ = [
@@ -111,6 +112,8 @@ PARQUET_ROW_GROUP_ROWS = 8192
 NPY_HEADER_BYTES = 128
 """magic (6) + version (2) + header length (2) + the header dict padded with spaces and a
 newline: 128 holds any row count below 10**40 and keeps the data 64-byte aligned."""
+NPY_DTYPE: np.dtype[Any] = np.dtype("<f4")
+"""The rows' dtype unless the job asks for another ``encoding``."""
 PROGRESS_SUFFIX = ".progress.json"
 SKIPPED_SUFFIX = ".skipped.jsonl"
 PARTS_SUFFIX = ".parts"
@@ -383,7 +386,8 @@ def chunks(
 
 # -- writers -----------------------------------------------------------------------------------
 
-Vectors = npt.NDArray[np.float32]
+Vectors = npt.NDArray[Any]
+"""float32 rows, or the job's ``encoding``'s."""
 
 
 class VectorWriter(Protocol):
@@ -438,18 +442,27 @@ class _AppendFile:
         self.path.unlink(missing_ok=True)
 
 
-def _npy_header(rows: int, dimension: int) -> bytes:
+def _npy_header(rows: int, dimension: int, dtype: np.dtype[Any] = NPY_DTYPE) -> bytes:
     shape = f"({rows}, {dimension})"
-    described = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + ", }"
+    descr: str = dtype.str  # "<f4", "<f2", "|i1", "|u1"
+    described = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape + ", }"
     body = described.ljust(NPY_HEADER_BYTES - 10 - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
 
 
 class NpyWriter:
-    """float32 rows after a header rewritten with the row count at every commit. To stdout the
-    file is spooled to a temporary file first (the header needs the final count)."""
+    """float32 rows (or the ``encoding``'s dtype) after a header rewritten with the row count at
+    every commit. To stdout the file is spooled to a temporary file first (the header needs the
+    final count)."""
 
-    def __init__(self, path: Path | None, dimension: int, resume: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        dimension: int,
+        resume: dict[str, Any] | None,
+        dtype: np.dtype[Any] = NPY_DTYPE,
+    ) -> None:
+        self._dtype = dtype
         self._stdout = path is None
         if path is None:
             spool = tempfile.NamedTemporaryFile(suffix=".npy", delete=False)  # noqa: SIM115
@@ -462,14 +475,14 @@ class NpyWriter:
             self.commit()  # the header: a valid empty .npy from the start
 
     def write(self, chunk: Chunk, vectors: Vectors) -> None:
-        self._file.stream.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+        self._file.stream.write(np.ascontiguousarray(vectors, dtype=self._dtype).tobytes())
         self.rows += len(vectors)
 
     def commit(self) -> dict[str, Any]:
         stream = self._file.stream
         end = max(stream.tell(), NPY_HEADER_BYTES)
         stream.seek(0)
-        stream.write(_npy_header(self.rows, self._dimension))
+        stream.write(_npy_header(self.rows, self._dimension, self._dtype))
         stream.seek(end)
         return {"bytes": self._file.commit(), "rows": self.rows}
 
@@ -551,8 +564,10 @@ class ParquetWriter:
         dimension: int,
         include_text: bool,
         resume: dict[str, Any] | None,
+        dtype: np.dtype[Any] = NPY_DTYPE,
     ) -> None:
         require_pyarrow()  # before the first chunk is embedded, not after
+        self._dtype = dtype
         self._path = path
         self._parts = (
             Path(tempfile.mkdtemp(suffix=PARTS_SUFFIX))
@@ -584,7 +599,7 @@ class ParquetWriter:
             columns["id"] = pa.array(chunk.ids)
         if self._include_text:
             columns["text"] = pa.array(chunk.texts, pa.string())
-        flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+        flat = pa.array(np.ascontiguousarray(vectors, dtype=self._dtype).reshape(-1))
         columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, self._dimension)
         temporary = self._parts / f".writing-{self.count:08d}"
         pq.write_table(pa.table(columns), temporary)
@@ -603,7 +618,10 @@ class ParquetWriter:
             schema = pa.schema(
                 [
                     *([pa.field("text", pa.string())] if self._include_text else []),
-                    pa.field("embedding", pa.list_(pa.float32(), self._dimension)),
+                    pa.field(
+                        "embedding",
+                        pa.list_(pa.from_numpy_dtype(self._dtype), self._dimension),
+                    ),
                 ]
             )
         else:
@@ -642,15 +660,16 @@ def open_writer(
     dimension: int,
     include_text: bool,
     resume: dict[str, Any] | None = None,
+    dtype: np.dtype[Any] = NPY_DTYPE,
 ) -> VectorWriter:
     """The writer of ``output_format`` to ``path`` (None: stdout), new or cut back to the
-    commit ``resume``."""
+    commit ``resume``; rows of ``dimension`` values of ``dtype``."""
     if output_format == "npy":
-        return NpyWriter(path, dimension, resume)
+        return NpyWriter(path, dimension, resume, dtype)
     if output_format == "jsonl":
         return JsonlWriter(path, include_text, resume)
     if output_format == "parquet":
-        return ParquetWriter(path, dimension, include_text, resume)
+        return ParquetWriter(path, dimension, include_text, resume, dtype)
     raise InvalidInput(f"unknown output format {output_format!r}; one of {OUTPUT_FORMATS}")
 
 
@@ -685,6 +704,8 @@ class JobOptions:
     include_text: bool = True
     normalize: bool | None = None
     prompt_name: str | None = None
+    dimensions: int | None = None
+    encoding: str = DEFAULT_ENCODING
     skip_bad: bool = False
     resume: bool = False
     chunk_texts: int = CHUNK_TEXTS
@@ -704,6 +725,9 @@ class JobOptions:
             "normalize": self.normalize,
             "prompt_name": self.prompt_name,
             "chunk_texts": self.chunk_texts,
+            # only when asked for: a run started before these options existed still resumes
+            **({"dimensions": self.dimensions} if self.dimensions is not None else {}),
+            **({"encoding": self.encoding} if self.encoding != DEFAULT_ENCODING else {}),
         }
 
     @property
@@ -777,6 +801,7 @@ class Output:
             embedder.dimension,
             options.include_text,
             self.state["writer"],
+            encoding_dtype(options.encoding),
         )
         self.skipped = self._open_skipped(state)
 
@@ -1034,7 +1059,7 @@ def run_job(
             embedded = future.result() if future is not None else None
         except EmbeddingError as exc:
             raise _failed_after_commits(exc, output) from None
-        vectors = embedded.vectors if embedded else np.zeros((0, embedder.dimension), np.float32)
+        vectors = embedded.vectors if embedded else np.zeros((0, embedder.dimension), NPY_DTYPE)
         output.write(chunk, vectors)
         summary.texts += len(chunk.texts)
         summary.tokens = (summary.tokens or 0) + (embedded.tokens if embedded else 0)
@@ -1073,22 +1098,31 @@ class ClientEmbedder:
         normalize: bool | None = None,
         prompt_name: str | None = None,
         threads: int = IN_FLIGHT_CHUNKS,
+        dimensions: int | None = None,
+        encoding: str = DEFAULT_ENCODING,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from akidb_embed.host_client import BatchEmbeddingRequest
 
         info = client.model_info(model)
-        self.dimension: int = info.dimension
+        kept = check_dimensions(dimensions, info.dimension, encoding, info.model)
+        self.dimension: int = row_width(encoding, kept)
+        """Values per row: the dimensions kept, or their bytes when bit-packed."""
         self.model: str = info.model
         self._client = client
+        self._encoding = encoding
         self._request = partial(
-            BatchEmbeddingRequest, info.model, normalize=normalize, prompt_name=prompt_name
+            BatchEmbeddingRequest,
+            info.model,
+            normalize=normalize,
+            prompt_name=prompt_name,
+            dimensions=dimensions,
         )
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="akidb-embed-bulk")
 
     def _embed(self, texts: Sequence[str]) -> Embedded:
-        response = self._client.embed_batch(self._request(texts))
+        response = self._client.embed_encoded(self._request(texts), self._encoding)
         return Embedded(response.embeddings, response.usage.total_tokens)
 
     def submit(self, texts: list[str]) -> Future[Embedded]:

@@ -7,6 +7,7 @@ as the reference the bridge is measured against.
     akidb-embed embed "first text" "second text"        # JSON lines on stdout
     cat texts.txt | akidb-embed embed --format npy -o vectors.npy
     akidb-embed embed --model-dir A --model-dir B --model ID --prompt-name query "text"
+    akidb-embed embed --dimensions 256 --encoding int8 -i docs.txt -o codes.npy
     akidb-embed info | health | demo | bench
     akidb-embed serve --port 8081          # OpenAI's /v1/embeddings over HTTP (`serve` extra)
 
@@ -43,6 +44,7 @@ from akidb_embed.bulk import (
     run_job,
 )
 from akidb_embed.cores import CPUS_PER_WORKER, LONE_QUERY_THREADS
+from akidb_embed.encodings import DEFAULT_ENCODING, ENCODINGS, check_encoding
 from akidb_embed.errors import EmbeddingError, InvalidInput
 
 __all__ = ["main"]
@@ -171,7 +173,10 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
         raise InvalidInput("--resume needs an input file and an output file, not stdin/stdout")
     if "parquet" in (input_format, output_format):
         require_pyarrow()
+    encoding = check_encoding(args.encoding)
     if args.ray is not None:
+        if args.dimensions is not None or encoding != DEFAULT_ENCODING:
+            raise InvalidInput("--dimensions and --encoding are not served with --ray")
         require_extra("ray.data", "ray", "--ray")
     return JobOptions(
         input=source,
@@ -183,6 +188,8 @@ def _job_options(args: argparse.Namespace) -> JobOptions:
         include_text=not args.no_text,
         normalize=False if args.no_normalize else None,  # None: the model's own convention
         prompt_name=args.prompt_name,
+        dimensions=args.dimensions,
+        encoding=encoding,
         skip_bad=args.skip_bad,
         resume=args.resume,
         chunk_texts=args.chunk_texts,
@@ -209,7 +216,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                 summary = run_ray_job(options, args.ray, args.ray_actors, model_dir, bar)
             else:
                 client = stack.enter_context(_client(args))
-                embedder = ClientEmbedder(client, args.model, options.normalize, args.prompt_name)
+                embedder = ClientEmbedder(
+                    client,
+                    args.model,
+                    options.normalize,
+                    args.prompt_name,
+                    dimensions=options.dimensions,
+                    encoding=options.encoding,
+                )
                 stack.callback(embedder.close)
                 summary = run_job(options, embedder, bar)
         except Interrupted as exc:
@@ -553,6 +567,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     embed.add_argument(
         "--prompt-name", default=None, help="one of the model's prompts (default: its own)"
+    )
+    embed.add_argument(
+        "--dimensions",
+        type=int,
+        default=None,
+        help="keep each vector's first N components, normalised again (default: all)",
+    )
+    embed.add_argument(
+        "--encoding",
+        default=DEFAULT_ENCODING,
+        help=f"values written: {', '.join(ENCODINGS)} (binary/ubinary: packed sign bits, "
+        "N/8 bytes per text; default float32)",
     )
     embed.add_argument(
         "--no-normalize",

@@ -13,8 +13,9 @@ A payload that fails strict decoding may still be a map whose ``id`` can be read
 decodes it a second time, leniently (invalid UTF-8 kept as lone surrogates, any map keys, pair
 by pair), so that the worker can answer that id and name the offending field.
 
-Embeddings travel as one msgpack ``bin`` of little-endian float32 values with a ``shape``;
-``embeddings_to_bytes`` and ``embeddings_from_bytes`` are the two ends of that.
+Embeddings travel as one msgpack ``bin`` of little-endian values with a ``shape``, float32
+unless the request asked for another ``encoding`` (encodings.py); ``embeddings_to_bytes`` and
+``embeddings_from_bytes`` are the two ends of that.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from akidb_embed.encodings import DEFAULT_ENCODING, encoding_dtype
 from akidb_embed.errors import EmbeddingError, ProtocolError
 
 __all__ = [
@@ -340,18 +342,28 @@ def error_reply(request_id: object, error: EmbeddingError) -> dict[str, Any]:
     return {"id": request_id, "ok": False, "error": body}
 
 
-def embeddings_to_bytes(embeddings: npt.NDArray[np.floating[Any]]) -> bytes:
-    """Row-major little-endian float32 bytes of a (count, dimension) array."""
-    return np.ascontiguousarray(embeddings, dtype=EMBEDDING_DTYPE).tobytes()
+def embeddings_to_bytes(embeddings: npt.NDArray[Any]) -> bytes:
+    """Row-major little-endian bytes of a (count, width) array: float32 for float input, or the
+    array's own dtype when it holds an ``encoding``'s values (float16, int8, uint8)."""
+    if embeddings.dtype.kind == "f" and embeddings.dtype.itemsize != 2:
+        dtype = EMBEDDING_DTYPE
+    else:
+        dtype = embeddings.dtype.newbyteorder("<")
+    return np.ascontiguousarray(embeddings, dtype=dtype).tobytes()
 
 
-def embeddings_from_bytes(data: bytes, shape: tuple[int, int]) -> npt.NDArray[np.float32]:
-    """The (count, dimension) float32 array held by ``data``, checked against ``shape``."""
-    count, dimension = shape
-    expected = count * dimension * EMBEDDING_DTYPE.itemsize
+def embeddings_from_bytes(
+    data: bytes, shape: tuple[int, int], encoding: str = DEFAULT_ENCODING
+) -> npt.NDArray[Any]:
+    """The (count, width) array held by ``data`` in ``encoding`` (float32 by default, the
+    reply's ``dtype``), checked against ``shape``."""
+    count, width = shape
+    dtype = encoding_dtype(encoding)
+    expected = count * width * dtype.itemsize
     if len(data) != expected:
         raise ProtocolError(
-            f"embeddings hold {len(data)} bytes, shape {count}x{dimension} needs {expected}"
+            f"embeddings hold {len(data)} bytes, shape {count}x{width} of {encoding} needs "
+            f"{expected}"
         )
-    array = np.frombuffer(data, dtype=EMBEDDING_DTYPE).reshape(count, dimension)
-    return array.astype(np.float32, copy=False)
+    array = np.frombuffer(data, dtype=dtype).reshape(count, width)
+    return array.astype(dtype.newbyteorder("="), copy=False)

@@ -12,11 +12,14 @@ import asyncio
 import time
 from collections.abc import Sequence
 from types import TracebackType
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
 
-from akidb_embed.host_client._base import ClientBase
+from akidb_embed.encodings import DEFAULT_ENCODING
+from akidb_embed.host_client._base import ClientBase, ranges_of
+from akidb_embed.host_client._base import embed_request as _request
 from akidb_embed.host_client._types import (
     BatchEmbeddingRequest,
     BatchEmbeddingResponse,
@@ -46,6 +49,7 @@ class AsyncEmbeddingClient(ClientBase):
             await self.start()
         return await asyncio.wrap_future(self._dispatcher.submit_embed(request))
 
+    @overload
     async def embed(
         self,
         texts: Sequence[str],
@@ -53,14 +57,103 @@ class AsyncEmbeddingClient(ClientBase):
         *,
         model: str | None = None,
         prompt_name: str | None = None,
+        dimensions: int | None = None,
+        encoding: Literal["float32"] = "float32",
         truncate: bool = True,
-    ) -> npt.NDArray[np.float32]:
-        """The ``(len(texts), dimension)`` float32 vectors of ``texts``; see
-        ``EmbeddingClient.embed``."""
-        request = BatchEmbeddingRequest(
-            model, texts, normalize, truncate=truncate, prompt_name=prompt_name
+        truncation_side: str = "right",
+    ) -> npt.NDArray[np.float32]: ...
+
+    @overload
+    async def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        encoding: str,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> npt.NDArray[Any]: ...
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        encoding: str = DEFAULT_ENCODING,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> npt.NDArray[Any]:
+        """The vectors of ``texts``; see ``EmbeddingClient.embed``."""
+        request = _request(
+            texts, normalize, model, prompt_name, dimensions, truncate, truncation_side
         )
-        return (await self.embed_batch(request)).embeddings
+        return (await self.embed_encoded(request, encoding)).embeddings
+
+    async def embed_encoded(
+        self, request: BatchEmbeddingRequest, encoding: str
+    ) -> BatchEmbeddingResponse:
+        """``embed_batch`` with the vectors in ``encoding``; see
+        ``EmbeddingClient.embed_encoded``."""
+        await self._ensure_started()
+        return await asyncio.wrap_future(self._dispatcher.submit_embed(request, encoding))
+
+    async def quantization_ranges(
+        self,
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The int8/uint8 ranges; see ``EmbeddingClient.quantization_ranges``."""
+        await self._ensure_started()
+        future = self._dispatcher.submit_ranges(model, dimensions, normalize)
+        reply: dict[str, Any] = await asyncio.wrap_future(future)
+        return ranges_of(reply)
+
+    async def tokenize(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> list[list[int]]:
+        """The token ids each text would run with; see ``EmbeddingClient.tokenize``."""
+        await self._ensure_started()
+        future = self._dispatcher.submit_tokenize(
+            texts, model, prompt_name, truncate, truncation_side
+        )
+        return await asyncio.wrap_future(future)
+
+    async def count_tokens(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> list[int]:
+        """How many tokens each text would run with; see ``EmbeddingClient.tokenize``."""
+        ids = await self.tokenize(
+            texts,
+            model=model,
+            prompt_name=prompt_name,
+            truncate=truncate,
+            truncation_side=truncation_side,
+        )
+        return [len(row) for row in ids]
+
+    async def _ensure_started(self) -> None:
+        if self._dispatcher.hello is None:  # after the first hello the dispatcher refuses
+            await self.start()
 
     async def model_info(self, model: str | None = None) -> ModelInfo:
         """A loaded model (``None``: the default one) as the worker announced it;

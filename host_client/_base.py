@@ -12,9 +12,13 @@ from __future__ import annotations
 import types
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
-from akidb_embed.errors import ServiceUnavailable
+import numpy as np
+import numpy.typing as npt
+
+from akidb_embed import wire
+from akidb_embed.errors import ProtocolError, ServiceUnavailable
 from akidb_embed.host_client._config import (
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
@@ -32,10 +36,41 @@ from akidb_embed.host_client._config import (
     resolve_workers,
 )
 from akidb_embed.host_client._dispatch import Dispatcher
-from akidb_embed.host_client._types import ClientStats, ModelInfo
+from akidb_embed.host_client._types import BatchEmbeddingRequest, ClientStats, ModelInfo
 from akidb_embed.host_client._worker import Hello
 
-__all__ = ["ClientBase"]
+__all__ = ["ClientBase", "embed_request", "ranges_of"]
+
+
+def ranges_of(reply: Mapping[str, Any]) -> npt.NDArray[np.float32]:
+    """The (2, dimensions) array of a ``quantization_ranges`` reply."""
+    shape = reply.get("shape")
+    data = reply.get("ranges")
+    if not (isinstance(shape, list) and len(shape) == 2 and isinstance(data, bytes)):
+        raise ProtocolError(f"malformed quantization_ranges reply: {sorted(reply)}")
+    ranges: npt.NDArray[np.float32] = wire.embeddings_from_bytes(data, (shape[0], shape[1]))
+    return ranges
+
+
+def embed_request(
+    texts: Sequence[str],
+    normalize: bool | None,
+    model: str | None,
+    prompt_name: str | None,
+    dimensions: int | None,
+    truncate: bool,
+    truncation_side: str,
+) -> BatchEmbeddingRequest:
+    """The request of the twins' ``embed`` arguments."""
+    return BatchEmbeddingRequest(
+        model,
+        texts,
+        normalize,
+        truncate=truncate,
+        prompt_name=prompt_name,
+        dimensions=dimensions,
+        truncation_side=truncation_side,
+    )
 
 
 class ClientBase:

@@ -19,10 +19,18 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from akidb_embed.encodings import (
+    DEFAULT_ENCODING,
+    check_dimensions,
+    check_truncation_side,
+    encoding_dtype,
+    row_width,
+)
 from akidb_embed.errors import InvalidInput
 from akidb_embed.host_client._types import BatchEmbeddingRequest, BatchEmbeddingResponse, ModelInfo
 from akidb_embed.host_client._worker import Hello
@@ -53,7 +61,12 @@ class EmbedCall:
     """One ``embed_batch`` call: its texts, how far they were admitted, and its output."""
 
     def __init__(
-        self, request: BatchEmbeddingRequest, texts: list[str], sizes: list[int], served: ModelInfo
+        self,
+        request: BatchEmbeddingRequest,
+        texts: list[str],
+        sizes: list[int],
+        served: ModelInfo,
+        encoding: str = DEFAULT_ENCODING,
     ) -> None:
         self.future: Future[BatchEmbeddingResponse] = Future()
         # The texts go out shortest first: each wire request, and so each of the worker's
@@ -75,8 +88,15 @@ class EmbedCall:
         self.normalize = request.normalize
         self.truncate = request.truncate
         self.prompt_name = request.prompt_name
-        dimension = self.dimension = served.dimension
-        self.embeddings: npt.NDArray[np.float32] = np.empty((len(texts), dimension), np.float32)
+        self.truncation_side = check_truncation_side(request.truncation_side)
+        self.encoding = encoding
+        self.dimensions = request.dimensions
+        kept = check_dimensions(request.dimensions, served.dimension, encoding, served.model)
+        self.width = row_width(encoding, kept)
+        """Values per row of the reply (``dimensions``, or its bytes when bit-packed)."""
+        self.embeddings: npt.NDArray[Any] = np.empty(
+            (len(texts), self.width), encoding_dtype(encoding).newbyteorder("=")
+        )
         self.next_index = 0
         self.chunk_stop: int | None = None
         """End of the next chunk once computed (it waits for room in the in-flight bound)."""
@@ -96,7 +116,7 @@ class EmbedCall:
         """The caller's index of the text sent ``sent_index``-th."""
         return sent_index if self.order is None else int(self.order[sent_index])
 
-    def place(self, start: int, stop: int, vectors: npt.NDArray[np.float32]) -> None:
+    def place(self, start: int, stop: int, vectors: npt.NDArray[Any]) -> None:
         """Write the vectors of the texts sent ``start:stop`` to the caller's rows."""
         if self.order is None:
             self.embeddings[start:stop] = vectors

@@ -61,13 +61,19 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
-import numpy as np
 import numpy.typing as npt
 
 from akidb_embed import wire
+from akidb_embed.encodings import (
+    DEFAULT_ENCODING,
+    TRUNCATION_SIDES,
+    check_encoding,
+    check_truncation_side,
+)
 from akidb_embed.errors import (
     EmbeddingError,
     InvalidInput,
@@ -196,16 +202,16 @@ class Dispatcher:
             self._started.add_done_callback(relay)
             return waiter
 
-    def submit_embed(self, request: BatchEmbeddingRequest) -> Future[BatchEmbeddingResponse]:
-        """Queue one ``embed_batch`` call; it is split, admitted and sent as room allows."""
-        hello = self._hello
-        if hello is None:
-            with self._lock:
-                error = self._refusal_locked() or ServiceUnavailable("the client is not started")
-            raise error
+    def submit_embed(
+        self, request: BatchEmbeddingRequest, encoding: str = DEFAULT_ENCODING
+    ) -> Future[BatchEmbeddingResponse]:
+        """Queue one ``embed_batch`` call, its vectors in ``encoding``; it is split, admitted and
+        sent as room allows."""
+        hello = self._started_hello()
         served = hello.served(request.model)
+        encoding = check_encoding(encoding)
         texts, sizes = self._checked_texts(request, hello)
-        call = EmbedCall(request, texts, sizes, served)
+        call = EmbedCall(request, texts, sizes, served, encoding)
         if not self._waiting and self._send_whole(call, hello):
             return call.future
         with self._lock:
@@ -217,15 +223,89 @@ class Dispatcher:
         self._pump(admitted)
         return call.future
 
+    def submit_tokenize(
+        self,
+        texts: Sequence[str],
+        model: str | None,
+        prompt_name: str | None,
+        truncate: bool,
+        truncation_side: str,
+    ) -> Future[list[list[int]]]:
+        """The token ids of ``texts`` (special tokens and prompt included, as the model would
+        run them), in wire requests cut like an embed call's; they bypass the text bound (the
+        worker answers them at once, without the model)."""
+        hello = self._started_hello()
+        request = BatchEmbeddingRequest(model, texts, prompt_name=prompt_name)
+        truncation_side = check_truncation_side(truncation_side)
+        served = hello.served(model)
+        texts, sizes = self._checked_texts(request, hello)
+        limits = self._limits(hello, request)
+        chunks: list[Future[dict[str, Any]]] = []
+        start = 0
+        while start < len(texts):
+            stop = chunk_end(texts, sizes, start, limits)
+            message: dict[str, Any] = {"op": "tokenize", "inputs": texts[start:stop]}
+            message.update(model=model, prompt_name=prompt_name, truncate=truncate)
+            if truncation_side != TRUNCATION_SIDES[0]:
+                message["truncation_side"] = truncation_side
+            chunks.append(self._submit_message(message, start))
+            start = stop
+        result: Future[list[list[int]]] = Future()
+        remaining = [len(chunks)]
+
+        def collect(chunk: Future[dict[str, Any]]) -> None:
+            error = chunk.exception() if not chunk.cancelled() else ServiceUnavailable("cancelled")
+            if isinstance(error, EmbeddingError):
+                _settle_future(result, _copy(error))
+                return
+            with self._lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            _settle_future(result, _token_ids([c.result() for c in chunks], served.model, texts))
+
+        for chunk in chunks:
+            chunk.add_done_callback(collect)
+        return result
+
+    def submit_ranges(
+        self, model: str | None, dimensions: int | None, normalize: bool | None
+    ) -> Future[dict[str, Any]]:
+        """The ``quantization_ranges`` reply for an embed of ``model`` with ``dimensions`` and
+        ``normalize`` (worker-side checks, like an embed's)."""
+        self._started_hello()
+        fields: dict[str, Any] = {"op": "quantization_ranges", "model": model}
+        fields.update(dimensions=dimensions, normalize=normalize)
+        return self._submit_message(fields)
+
     def submit_op(self, op: str) -> Future[dict[str, Any]]:
         """Send one text-free op (``ping``, ``info``, ``health``) to the least-loaded worker;
         the future holds its ok reply. These bypass the text bound: they carry no caller
         texts."""
+        return self._submit_message({"op": op})
+
+    def _started_hello(self) -> Hello:
+        hello = self._hello
+        if hello is None:
+            with self._lock:
+                error = self._refusal_locked() or ServiceUnavailable("the client is not started")
+            raise error
+        return hello
+
+    def _submit_message(
+        self, fields: dict[str, Any], first_index: int = 0
+    ) -> Future[dict[str, Any]]:
+        """Send one request of ``fields`` (an id is added) outside the text bound; an
+        ``InvalidInput`` about one of its inputs is mapped to the caller's index by adding
+        ``first_index``."""
+        op = fields["op"]
         future: Future[dict[str, Any]] = Future()
 
         def settle(outcome: Outcome) -> None:
             if not isinstance(outcome, EmbeddingError) and outcome.get("ok") is not True:
                 outcome = self._reply_error(outcome)
+                if isinstance(outcome, InvalidInput) and outcome.index is not None:
+                    outcome = outcome.at(first_index + outcome.index)
             _settle_future(future, outcome)
 
         with self._lock:
@@ -238,7 +318,7 @@ class Dispatcher:
                 text_count=0,
                 tokens=0,
                 settle=settle,
-                message={"id": request_id, "op": op},
+                message={"id": request_id, **fields},
                 proves_progress=op != "ping",
             )
             self._pending[request_id] = request
@@ -461,7 +541,7 @@ class Dispatcher:
         """The wire request of ``call``'s texts ``start:stop`` (not yet encoded)."""
         request_id = next(self._ids)  # atomic: the lone path takes one without the lock
         texts = call.texts[start:stop]
-        message = {
+        message: dict[str, Any] = {
             "id": request_id,
             "op": "embed",
             "model": call.model,
@@ -470,6 +550,13 @@ class Dispatcher:
             "truncate": call.truncate,
             "prompt_name": call.prompt_name,
         }
+        # the newer fields only when they ask for something: the frame stays as it was
+        if call.dimensions is not None:
+            message["dimensions"] = call.dimensions
+        if call.encoding != DEFAULT_ENCODING:
+            message["encoding"] = call.encoding
+        if call.truncation_side != TRUNCATION_SIDES[0]:
+            message["truncation_side"] = call.truncation_side
         max_tokens = call.served.max_tokens
         tokens = sum(estimated_tokens(text, max_tokens) for text in texts)
         settle = functools.partial(self._settle_chunk, call, start, stop)
@@ -605,12 +692,12 @@ class Dispatcher:
 
     def _decode_embeddings(
         self, reply: dict[str, Any], count: int, call: EmbedCall
-    ) -> tuple[npt.NDArray[np.float32], int, str]:
+    ) -> tuple[npt.NDArray[Any], int, str]:
         shape = reply.get("shape")
-        if shape != [count, call.dimension]:
-            raise ProtocolError(
-                f"embed reply of shape {shape!r}, expected {[count, call.dimension]}"
-            )
+        if shape != [count, call.width]:
+            raise ProtocolError(f"embed reply of shape {shape!r}, expected {[count, call.width]}")
+        if reply.get("dtype", DEFAULT_ENCODING) != call.encoding:
+            raise ProtocolError(f"embed reply of dtype {reply.get('dtype')!r}, not {call.encoding}")
         model = reply.get("model")
         if model != call.served.model:
             raise ProtocolError(
@@ -621,7 +708,8 @@ class Dispatcher:
             raise ProtocolError("embed reply without embeddings bytes")
         usage = reply.get("usage")
         tokens = usage.get("total_tokens", 0) if isinstance(usage, dict) else 0
-        return wire.embeddings_from_bytes(data, (count, call.dimension)), int(tokens), model
+        vectors = wire.embeddings_from_bytes(data, (count, call.width), call.encoding)
+        return vectors, int(tokens), model
 
     def _response(self, call: EmbedCall) -> BatchEmbeddingResponse:
         model = call.reply_model or call.served.model
@@ -654,6 +742,20 @@ class Dispatcher:
             connection.give_up_locked("the client gave up on it")
         self._wakeup.notify_all()
         return deferred
+
+
+def _token_ids(
+    replies: list[dict[str, Any]], model: str, texts: list[str]
+) -> list[list[int]] | EmbeddingError:
+    """The ids of every text from the ok replies of a tokenize call's wire requests."""
+    try:
+        ids = [[int(token) for token in row] for reply in replies for row in reply["ids"]]
+        models = {reply["model"] for reply in replies}
+    except (KeyError, TypeError, ValueError) as exc:
+        return ProtocolError(f"malformed tokenize reply: {exc!r}")
+    if len(ids) != len(texts) or models != {model}:
+        return ProtocolError(f"tokenize replies hold {len(ids)} rows of {models}")
+    return ids
 
 
 def _reworded(error: EmbeddingError, message: str) -> EmbeddingError:

@@ -12,12 +12,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
 
-from akidb_embed.host_client._base import ClientBase
+from akidb_embed.encodings import DEFAULT_ENCODING
+from akidb_embed.host_client._base import ClientBase, ranges_of
+from akidb_embed.host_client._base import embed_request as _request
 from akidb_embed.host_client._types import (
     BatchEmbeddingRequest,
     BatchEmbeddingResponse,
@@ -67,6 +69,14 @@ class EmbeddingClient(ClientBase):
         """
         return _wait(self._dispatcher.submit_embed(request))
 
+    def embed_encoded(
+        self, request: BatchEmbeddingRequest, encoding: str
+    ) -> BatchEmbeddingResponse:
+        """``embed_batch`` with the vectors in ``encoding`` (see ``embed``): the response's
+        ``embeddings`` is that encoding's array, its usage as ``embed_batch``'s."""
+        return _wait(self._dispatcher.submit_embed(request, encoding))
+
+    @overload
     def embed(
         self,
         texts: Sequence[str],
@@ -74,16 +84,100 @@ class EmbeddingClient(ClientBase):
         *,
         model: str | None = None,
         prompt_name: str | None = None,
+        dimensions: int | None = None,
+        encoding: Literal["float32"] = "float32",
         truncate: bool = True,
-    ) -> npt.NDArray[np.float32]:
-        """The ``(len(texts), dimension)`` float32 vectors of ``texts`` from ``model`` (``None``:
-        the default model); ``normalize`` and ``prompt_name`` ``None``: the model's own
-        defaults. ``truncate=False``: a text over the model's ``max_tokens`` fails the call
-        with ``InvalidInput`` instead of being cut."""
-        request = BatchEmbeddingRequest(
-            model, texts, normalize, truncate=truncate, prompt_name=prompt_name
+        truncation_side: str = "right",
+    ) -> npt.NDArray[np.float32]: ...
+
+    @overload
+    def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        encoding: str,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> npt.NDArray[Any]: ...
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        normalize: bool | None = None,
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        dimensions: int | None = None,
+        encoding: str = DEFAULT_ENCODING,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> npt.NDArray[Any]:
+        """The vectors of ``texts`` from ``model`` (``None``: the default model), one row per
+        text: ``(len(texts), dimensions)`` float32 by default; ``normalize`` and
+        ``prompt_name`` ``None``: the model's own defaults. ``dimensions`` keeps each vector's
+        first components (re-normalised when normalising; ``None``: all). ``encoding``:
+        ``float16``, ``int8`` or ``uint8`` give that dtype, ``binary`` (int8) and ``ubinary``
+        (uint8) ``dimensions / 8`` bytes of packed sign bits per row, as sentence-transformers'
+        ``quantize_embeddings``. ``truncation_side="left"`` keeps an over-long text's end;
+        ``truncate=False``: a text over the model's ``max_tokens`` fails the call with
+        ``InvalidInput`` instead of being cut."""
+        request = _request(
+            texts, normalize, model, prompt_name, dimensions, truncate, truncation_side
         )
-        return self.embed_batch(request).embeddings
+        return self.embed_encoded(request, encoding).embeddings
+
+    def quantization_ranges(
+        self,
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        normalize: bool | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """The ``(2, dimensions)`` per-dimension min and max that ``int8``/``uint8`` codes of
+        an ``embed`` with the same arguments are cut over: ``akidb_embed.encodings.dequantize``
+        maps codes back with them (compare codes that way, not by their raw dot product)."""
+        reply = _wait(self._dispatcher.submit_ranges(model, dimensions, normalize))
+        return ranges_of(reply)
+
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> list[list[int]]:
+        """The token ids each text would run with (special tokens and the prompt included,
+        cut to ``max_tokens`` unless ``truncate`` is false, which raises ``InvalidInput`` for an
+        over-long text instead), without embedding anything."""
+        future = self._dispatcher.submit_tokenize(
+            texts, model, prompt_name, truncate, truncation_side
+        )
+        return _wait(future)
+
+    def count_tokens(
+        self,
+        texts: Sequence[str],
+        *,
+        model: str | None = None,
+        prompt_name: str | None = None,
+        truncate: bool = True,
+        truncation_side: str = "right",
+    ) -> list[int]:
+        """How many tokens each text would run with; see ``tokenize``."""
+        ids = self.tokenize(
+            texts,
+            model=model,
+            prompt_name=prompt_name,
+            truncate=truncate,
+            truncation_side=truncation_side,
+        )
+        return [len(row) for row in ids]
 
     def model_info(self, model: str | None = None) -> ModelInfo:
         """A loaded model (``None``: the default one) as the worker announced it (no round

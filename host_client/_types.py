@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 __all__ = [
@@ -35,7 +35,9 @@ class BatchEmbeddingRequest:
     Normalize). ``prompt_name`` names one of the model's prompts (``ModelInfo.prompts``), put
     before every input as sentence-transformers does; ``None``: the model's default prompt, if
     it has one. With ``truncate=False`` an input longer than ``max_tokens`` fails the request
-    with ``InvalidInput`` instead of being cut.
+    with ``InvalidInput`` instead of being cut; ``truncation_side="left"`` cuts an over-long
+    input's start instead of its end. ``dimensions`` keeps each vector's first components
+    (re-normalised when normalising: sentence-transformers' ``truncate_dim``); ``None``: all.
     """
 
     model: str | None
@@ -43,6 +45,8 @@ class BatchEmbeddingRequest:
     normalize: bool | None = None
     truncate: bool = True
     prompt_name: str | None = None
+    dimensions: int | None = None
+    truncation_side: str = "right"
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,13 @@ class Usage:
 class BatchEmbeddingResponse:
     """One vector per input, in input order: ``embeddings[i]`` belongs to ``inputs[i]``.
 
-    ``embeddings`` is a C-contiguous float32 array of shape ``(len(inputs), dimension)``.
+    ``embeddings`` is a C-contiguous float32 array of shape ``(len(inputs), dimension)``
+    (``dimension``: the request's ``dimensions``, else the model's). ``EmbeddingClient.embed``
+    with another ``encoding`` gives that encoding's array instead.
     """
 
     model: str
-    embeddings: npt.NDArray[np.float32]
+    embeddings: npt.NDArray[Any]
     usage: Usage
 
 
@@ -97,6 +103,12 @@ class ModelInfo:
     that passed the quality gate against it."""
     base_model: str | None = None
     """A variant's fp32 model id (``None`` for a model that is no variant)."""
+    encodings: tuple[str, ...] = ("float32",)
+    """The ``encoding`` values ``embed`` may take for this model (int8 and uint8 need its
+    calibration vectors)."""
+    matryoshka_dimensions: tuple[int, ...] = ()
+    """The shorter ``dimensions`` the model was trained for, largest first, where its files
+    list them."""
 
 
 @dataclass(frozen=True)

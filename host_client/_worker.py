@@ -200,6 +200,8 @@ def _model_info(entry: Mapping[str, Any]) -> ModelInfo:
         default_prompt_name=None if default_prompt is None else str(default_prompt),
         variant=None if variant is None else str(variant),
         base_model=None if base_model is None else str(base_model),
+        encodings=tuple(str(name) for name in entry.get("encodings") or ("float32",)),
+        matryoshka_dimensions=tuple(int(d) for d in entry.get("matryoshka_dimensions") or ()),
     )
 
 

@@ -9,6 +9,8 @@ from the exporting framework) and ``akidb-embed.json``, the metadata written by 
      "pooling": "mean", "include_prompt": true, "normalize": true,
      "do_lower_case": false, "prompts": {}, "default_prompt_name": null,
      "prompt_lengths": {}, "padding_side": "right", "pad_token_id": 0,
+     "matryoshka_dimensions": [768, 512, 256, 128, 64],      (only when the configs list them)
+     "calibration": {"file": "calibration.npy", "texts": 1000, "corpus": "..."},
      "files": {"model.onnx": {"sha256": "...", "bytes": 90405214}, ...},
      "source": {...how the files were obtained...},
      "parity": {...figures of the export check...}}
@@ -21,8 +23,11 @@ Every fact is read from the source's sentence-transformers configs and tokenizer
 (``sources.read_model_config``); the worker and the host clients read them from this file, never
 from literals. ``prompt_lengths`` is, per prompt, how many leading tokens pooling skips when the
 pooling config says ``include_prompt: false`` (the prompt's tokens with the leading special
-token, as sentence-transformers counts them). A format-1 file (mean pooling, no prompts, right
-padding) is still read. Reading it imports neither onnxruntime nor tokenizers.
+token, as sentence-transformers counts them). ``calibration`` describes ``calibration.npy``, the
+pooled vectors of a fixed corpus from which the int8/uint8 ranges are taken (encodings.py); a
+directory provisioned before it existed lacks both until provisioned again. A format-1 file
+(mean pooling, no prompts, right padding) is still read. Reading it imports neither onnxruntime
+nor tokenizers.
 
 ``verify_model_dir`` checks a directory against its metadata (presence, size and sha256 of every
 file it lists) and returns the problems found; ``open_model_dir`` does the same and raises
@@ -47,6 +52,7 @@ from typing import Any
 from akidb_embed.errors import ModelNotFound
 
 __all__ = [
+    "CALIBRATION_FILE",
     "DEFAULT_MODEL_ID",
     "DEFAULT_MODEL_NAME",
     "GOLDEN_FILE",
@@ -86,6 +92,9 @@ INT8 = "int8"
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
+CALIBRATION_FILE = "calibration.npy"
+"""Pooled, unnormalised float32 vectors of the calibration corpus: the source of the int8/uint8
+ranges (encodings.py). Listed in ``files`` where present."""
 GOLDEN_FILE = "golden.json"
 """Reference sentences and their vectors from the reference framework (JSON, see golden.py)."""
 REQUIRED_FILES = (MODEL_FILE, TOKENIZER_FILE, GOLDEN_FILE)
@@ -131,6 +140,12 @@ class ModelMetadata:
     prompt_lengths: dict[str, int] = field(default_factory=dict)
     padding_side: str = "right"
     pad_token_id: int = 0
+    matryoshka_dimensions: tuple[int, ...] = ()
+    """The shorter dimensions the model was trained to serve (Matryoshka), largest first, as
+    its sentence-transformers files list them; empty when they list none."""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """How ``calibration.npy`` (the int8/uint8 ranges' source) was made: ``file``, ``texts``,
+    ``corpus``; empty for a model provisioned before calibration existed."""
     variant: str | None = None
     """None: the model as exported; ``"int8"``: a quantised variant of ``base_model``."""
     base_model: str | None = None
@@ -156,6 +171,12 @@ class ModelMetadata:
             "prompt_lengths": self.prompt_lengths,
             "padding_side": self.padding_side,
             "pad_token_id": self.pad_token_id,
+            **(
+                {"matryoshka_dimensions": list(self.matryoshka_dimensions)}
+                if self.matryoshka_dimensions
+                else {}
+            ),
+            **({"calibration": self.calibration} if self.calibration else {}),
             "files": {
                 name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in self.files.items()
             },
@@ -260,6 +281,8 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
             prompt_lengths={str(k): int(v) for k, v in (raw.get("prompt_lengths") or {}).items()},
             padding_side=str(raw.get("padding_side", "right")),
             pad_token_id=int(raw.get("pad_token_id", 0)),
+            matryoshka_dimensions=tuple(int(d) for d in raw.get("matryoshka_dimensions") or ()),
+            calibration=dict(raw.get("calibration") or {}),
             variant=None if raw.get("variant") is None else str(raw["variant"]),
             base_model=None if raw.get("base_model") is None else str(raw["base_model"]),
             quantization=dict(raw.get("quantization") or {}),

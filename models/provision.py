@@ -18,6 +18,8 @@
     golden.json     reference vectors; the worker's own engine must match sentence-transformers
                     in every mode (golden.py), else ParityError with the figures and nothing
                     is installed
+    calibration.npy pooled vectors of a fixed corpus: the source of the int8/uint8 ranges
+                    (an intact directory without it gets it alone, "calibrated")
     akidb-embed.json  written last: facts from the configs and the tokenizer, sha256 of each
                     file, source, parity
        |
@@ -50,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import akidb_embed
 from akidb_embed.errors import ModelNotFound
 from akidb_embed.models.metadata import (
+    CALIBRATION_FILE,
     GOLDEN_FILE,
     METADATA_FILE,
     MODEL_FILE,
@@ -73,6 +76,7 @@ except ImportError:  # Windows: no advisory locks; concurrent provisioning is no
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "CALIBRATED",
     "NOTHING_TO_DO",
     "PROVISIONED",
     "REPLACED",
@@ -84,11 +88,18 @@ __all__ = [
     "prepare_tokenizer",
     "provision",
     "tokenizer_facts",
+    "write_calibration",
 ]
 
 NOTHING_TO_DO = "nothing to do"
 PROVISIONED = "provisioned"
 REPLACED = "replaced"
+CALIBRATED = "calibrated"
+"""An intact directory provisioned before calibration existed got its calibration vectors."""
+CALIBRATION_TEXTS = 1000
+CALIBRATION_SEED = 20261204
+"""The calibration corpus: the bench corpus's generator with a seed of its own (its texts are
+the same mix of lengths, drawn in another order and cut at other places)."""
 WORK_FOLDER = ".akidb-embed-provisioning"
 """Beside the model directory (same file system, so the final rename is atomic): the lock file
 and the directory being built."""
@@ -348,6 +359,7 @@ def _build(source: Source, target: Path, build: Path, log: Log) -> None:
         prompt_lengths=facts["prompt_lengths"],
         padding_side=config.padding_side,
         pad_token_id=facts["pad_token_id"],
+        matryoshka_dimensions=config.matryoshka_dimensions,
     )
     from akidb_embed.worker.config import WorkerConfig
     from akidb_embed.worker.engine import Engine
@@ -357,16 +369,61 @@ def _build(source: Source, target: Path, build: Path, log: Log) -> None:
     except ModelNotFound as exc:
         raise ProvisionError(exc.message) from None
     parity = _golden_and_parity(source, engine, build, log)
+    calibration = write_calibration(engine, build, log)
     source_record["akidb_embed"] = akidb_embed.__version__
     metadata = replace(
         metadata,
         directory=target,
-        files=_file_records(build, REQUIRED_FILES),
+        files=_file_records(build, (*REQUIRED_FILES, CALIBRATION_FILE)),
         source=source_record,
         parity=parity,
+        calibration=calibration,
     )
     text = json.dumps(metadata.to_json(), indent=2, ensure_ascii=False) + "\n"
     (build / METADATA_FILE).write_text(text, encoding="utf-8")
+
+
+def write_calibration(engine: Engine, directory: Path, log: Log) -> dict[str, Any]:
+    """Write ``calibration.npy`` into ``directory``: the pooled, unnormalised vectors of the
+    calibration corpus, from which the int8/uint8 ranges of every (dimensions, normalize) are
+    taken (encodings.py). Returns the metadata's ``calibration`` record."""
+    import numpy as np
+
+    from akidb_embed.bench.corpus import build_corpus, corpus_digest
+
+    texts = build_corpus(CALIBRATION_TEXTS, seed=CALIBRATION_SEED)
+    log(f"computing calibration vectors for int8/uint8 ({len(texts)} texts)")
+    vectors = engine.embed(texts, normalize=False)
+    with (directory / CALIBRATION_FILE).open("wb") as stream:
+        np.save(stream, np.ascontiguousarray(vectors, dtype="<f4"), allow_pickle=False)
+    return {
+        "file": CALIBRATION_FILE,
+        "texts": len(texts),
+        "corpus": f"akidb_embed.bench.corpus seed {CALIBRATION_SEED}, {corpus_digest(texts)}",
+    }
+
+
+def _calibrate(target: Path, work: Path, log: Log) -> ModelMetadata:
+    """Add calibration vectors to the intact directory ``target`` that lacks them: the file is
+    written beside it first, then renamed in, then the metadata (listing it) replaced."""
+    from akidb_embed.worker.config import WorkerConfig
+    from akidb_embed.worker.engine import Engine
+
+    metadata = load_metadata(target)
+    engine = Engine.open(metadata, WorkerConfig(model_dir=target, provider="cpu"))
+    build = work / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    build.mkdir()
+    try:
+        calibration = write_calibration(engine, build, log)
+        records = {**metadata.files, **_file_records(build, (CALIBRATION_FILE,))}
+        updated = replace(metadata, files=records, calibration=calibration)
+        text = json.dumps(updated.to_json(), indent=2, ensure_ascii=False) + "\n"
+        (build / METADATA_FILE).write_text(text, encoding="utf-8")
+        os.replace(build / CALIBRATION_FILE, target / CALIBRATION_FILE)
+        os.replace(build / METADATA_FILE, target / METADATA_FILE)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return load_metadata(target)
 
 
 def install_directory(build: Path, target: Path, work: Path) -> None:
@@ -399,11 +456,13 @@ def provision(
 ) -> ProvisionResult:
     """Make ``model_dir`` (default: ``default_model_dir()``) an intact, verified model directory.
 
-    Does nothing when it already is one (unless ``force``). Otherwise takes the model from
-    ``source_dir`` when given, else the hub (when ``allow_hub``, installed and online), else the
-    offline export. Raises ``ModelNotFound`` when there is no source (the message lists the three
-    ways), ``ParityError`` when the vectors do not match the reference, ``ProvisionError`` for
-    anything else that stops it; the previous directory is then left as it was.
+    Does nothing when it already is one (unless ``force``), but for adding the calibration
+    vectors (int8/uint8 ranges) to a directory provisioned before they existed. Otherwise takes
+    the model from ``source_dir`` when given, else the hub (when ``allow_hub``, installed and
+    online), else the offline export. Raises ``ModelNotFound`` when there is no source (the
+    message lists the three ways), ``ParityError`` when the vectors do not match the reference,
+    ``ProvisionError`` for anything else that stops it; the previous directory is then left as
+    it was.
     """
     target = Path(model_dir).expanduser() if model_dir is not None else default_model_dir()
     target = target.absolute()
@@ -415,7 +474,10 @@ def provision(
         if target.exists():
             problems = verify_model_dir(target)
             if not problems and not force:
-                return ProvisionResult(NOTHING_TO_DO, load_metadata(target))
+                metadata = load_metadata(target)
+                if metadata.calibration:
+                    return ProvisionResult(NOTHING_TO_DO, metadata)
+                return ProvisionResult(CALIBRATED, _calibrate(target, work, log))
             for problem in problems:
                 log(f"{target}: {problem}")
         if not _replaceable(target):

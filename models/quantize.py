@@ -17,7 +17,8 @@
     the fastest candidate passing the gate (recall@10 >= 0.98 and min cosine >= 0.98)
        +--> <out>/ : a model directory like any other, id "<fp32 id>@int8"; its metadata
        |    records the recipe, the gate's figures and every recipe's row, the fp32 model it
-       |    came from (id and model.onnx sha256) and the checksums of its own files
+       |    came from (id and model.onnx sha256) and the checksums of its own files, among
+       |    them calibration.npy: its own vectors, whence its int8/uint8 encodings' ranges
        +--> none passes: nothing is written; QuantizeRefused carries the table
 
 A recipe that onnxruntime cannot apply to a graph is a row with its error, never a crash.
@@ -47,6 +48,7 @@ import numpy.typing as npt
 
 from akidb_embed.models.gate_corpus import DEFAULT_GATE, Gate, GateCorpus, gate_corpus
 from akidb_embed.models.metadata import (
+    CALIBRATION_FILE,
     GOLDEN_FILE,
     INT8,
     METADATA_FILE,
@@ -60,7 +62,12 @@ from akidb_embed.models.metadata import (
     open_model_dir,
     verify_model_dir,
 )
-from akidb_embed.models.provision import WORK_FOLDER, ProvisionError, install_directory
+from akidb_embed.models.provision import (
+    WORK_FOLDER,
+    ProvisionError,
+    install_directory,
+    write_calibration,
+)
 
 if TYPE_CHECKING:
     from akidb_embed.worker.engine import Engine
@@ -651,7 +658,16 @@ def quantize(
         best = max(passing, key=lambda row: row.speedup)
         recipe = next(r for r in chosen if r.name == best.recipe)
         metadata = _write_variant(
-            base, Path(scratch) / recipe.name, target, recipe, best, table, gate, corpus, vnni
+            base,
+            Path(scratch) / recipe.name,
+            target,
+            recipe,
+            best,
+            table,
+            gate,
+            corpus,
+            vnni,
+            log,
         )
     return QuantizeResult(metadata, recipe, table)
 
@@ -681,13 +697,16 @@ def _write_variant(
     gate: Gate,
     corpus: GateCorpus,
     vnni: bool | None,
+    log: Log,
 ) -> ModelMetadata:
-    """Install the candidate in ``built`` as the model directory ``target`` (atomically)."""
+    """Install the candidate in ``built`` as the model directory ``target`` (atomically), with
+    calibration vectors of its own (its int8/uint8 ranges are those of its vectors)."""
     shutil.copyfile(base.path(GOLDEN_FILE), built / GOLDEN_FILE)
     parity = _parity_with_golden(base, built, gate)
+    calibration = write_calibration(open_candidate(base, built), built, log)
     files = {
         name: FileRecord(sha256=file_sha256(built / name), bytes=(built / name).stat().st_size)
-        for name in REQUIRED_FILES
+        for name in (*REQUIRED_FILES, CALIBRATION_FILE)
     }
     record = {
         **best.to_json(),
@@ -715,6 +734,7 @@ def _write_variant(
         model=variant_model_id(base.model),
         files=files,
         parity=parity,
+        calibration=calibration,
         variant=INT8,
         base_model=base.model,
         quantization=record,

@@ -24,11 +24,13 @@ source only asks ``importlib`` whether they could be imported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -135,6 +137,8 @@ class ModelConfig:
     pad_token: str | None = None
     transformer_dir: str = ""
     """The Transformer module's folder, relative to the model directory ("" for the root)."""
+    matryoshka_dimensions: tuple[int, ...] = ()
+    """The dimensions the model was trained to be cut to, largest first (``_matryoshka``)."""
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,8 @@ def read_model_config(config_dir: Path) -> ModelConfig:
     - ``tokenizer_config.json``: ``model_max_length`` (where newer files keep the max sequence
       length, capped at ``max_position_embeddings`` as sentence-transformers caps it),
       ``padding_side``, ``pad_token``;
-    - ``config_sentence_transformers.json``: ``prompts`` and ``default_prompt_name``.
+    - ``config_sentence_transformers.json``: ``prompts`` and ``default_prompt_name``;
+    - the Matryoshka dimensions, where the files list them (``_matryoshka``).
     """
     modules = _module_chain(config_dir)
     transformer_dir = config_dir / modules["Transformer"]
@@ -291,7 +296,32 @@ def read_model_config(config_dir: Path) -> ModelConfig:
         padding_side="left" if causal else str(tokenizer_config.get("padding_side", "right")),
         pad_token=_token_text(tokenizer_config.get("pad_token")),
         transformer_dir=modules["Transformer"],
+        matryoshka_dimensions=_matryoshka(config_dir, top_config, dimension),
     )
+
+
+_CARD_MATRYOSHKA = re.compile(r'"matryoshka_dims"\s*:\s*\[([\d,\s]+)\]')
+"""The MatryoshkaLoss parameters in a model card sentence-transformers wrote (README.md)."""
+
+
+def _matryoshka(config_dir: Path, top_config: dict[str, Any], dimension: int) -> tuple[int, ...]:
+    """The dimensions the model was trained for with a Matryoshka loss, largest first: a
+    ``matryoshka_dimensions`` (or ``matryoshka_dims``) list in
+    ``config_sentence_transformers.json``, else the ``matryoshka_dims`` of the MatryoshkaLoss
+    parameters in the model card sentence-transformers writes; empty when neither lists any.
+    Entries outside 1..dimension are dropped."""
+    listed = top_config.get("matryoshka_dimensions") or top_config.get("matryoshka_dims")
+    if not listed:
+        card = config_dir / "README.md"
+        found = None
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            found = _CARD_MATRYOSHKA.search(card.read_text(encoding="utf-8"))
+        listed = [int(d) for d in found.group(1).split(",") if d.strip()] if found else []
+    try:
+        dims = {int(d) for d in listed}
+    except (TypeError, ValueError):
+        return ()
+    return tuple(sorted((d for d in dims if 1 <= d <= dimension), reverse=True))
 
 
 def _hf_cache_snapshot(directory: Path) -> tuple[Path, str | None]:

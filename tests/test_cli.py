@@ -198,6 +198,17 @@ def test_ray_without_its_extra_is_one_line(tmp_path: Path) -> None:
     assert not output.exists()
 
 
+def test_an_encoding_with_ray_is_one_line_before_ray_is_needed(tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("one\n")
+    output = tmp_path / "out.npy"
+    args = ("embed", "--ray", "--encoding", "int8", "-i", str(source), "-o", str(output))
+    result = run_cli_without("ray", tmp_path, *args)
+    message = one_line_error(result)
+    assert message.endswith("--dimensions and --encoding are not served with --ray")
+    assert not output.exists()
+
+
 def test_a_failed_start_is_reported_once_with_its_hint_once(tmp_path: Path) -> None:
     message = one_line_error(run_cli("health", "--model-dir", str(tmp_path / "nowhere")))
     assert message.startswith("akidb-embed: ModelNotFound: no model at ")

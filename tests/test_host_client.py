@@ -105,7 +105,10 @@ def test_model_info_comes_from_the_model_metadata(
     client: EmbeddingClient, metadata: ModelMetadata
 ) -> None:
     assert client.model_info() == ModelInfo(
-        model=metadata.model, dimension=metadata.dimension, max_tokens=metadata.max_tokens
+        model=metadata.model,
+        dimension=metadata.dimension,
+        max_tokens=metadata.max_tokens,
+        encodings=("float32", "float16", "int8", "uint8", "binary", "ubinary"),
     )
     assert client.providers
     assert client.limits["max_texts_per_request"] >= 1
@@ -366,7 +369,11 @@ def test_async_client_serves_many_concurrent_tasks(
     async def scenario() -> list[float]:
         async with AsyncEmbeddingClient(metadata.directory, request_timeout=120.0) as client:
             assert await client.model_info() == ModelInfo(
-                metadata.model, metadata.dimension, metadata.max_tokens, metadata.normalize
+                metadata.model,
+                metadata.dimension,
+                metadata.max_tokens,
+                metadata.normalize,
+                encodings=("float32", "float16", "int8", "uint8", "binary", "ubinary"),
             )
             assert await client.models() == [await client.model_info()]
             assert await client.health_check() is True

@@ -23,7 +23,6 @@ from akidb_embed.models import (
     GOLDEN_FILE,
     METADATA_FILE,
     MODEL_FILE,
-    REQUIRED_FILES,
     TOKENIZER_FILE,
     ModelMetadata,
     load_metadata,
@@ -85,7 +84,7 @@ def _export_package_model_dir() -> Path:
 def model_copy(tmp_path: Path, metadata: ModelMetadata) -> Path:
     """A copy of the provisioned model directory made of hard links."""
     copy = tmp_path / "models" / metadata.directory.name
-    for name in (*REQUIRED_FILES, METADATA_FILE):
+    for name in (*metadata.files, METADATA_FILE):
         _link_or_copy(metadata.path(name), copy / name)
     return copy
 

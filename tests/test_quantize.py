@@ -28,6 +28,7 @@ from akidb_embed.models import (
 )
 from akidb_embed.models.__main__ import main
 from akidb_embed.models.gate_corpus import EVALUATION_TEXTS, gate_corpus
+from akidb_embed.models.metadata import CALIBRATION_FILE
 from akidb_embed.models.quantize import (
     Calibration,
     gate_figures,
@@ -120,6 +121,21 @@ def test_a_variant_passing_the_gate_is_a_model_directory_that_says_where_it_came
     assert variant.parity["min_cosine"] >= 0.98
     assert variant.parity["min_cosine"] < fp32.parity["min_cosine"]
     assert (variant.dimension, variant.pooling) == (fp32.dimension, fp32.pooling)
+
+
+def test_a_variant_serves_int8_codes_over_calibration_vectors_of_its_own(
+    fp32: ModelMetadata, variant: ModelMetadata
+) -> None:
+    assert CALIBRATION_FILE in variant.files
+    engine = Engine.load(WorkerConfig(provider="cpu"), variant.directory)
+    assert {"int8", "uint8"} <= set(engine.encodings)
+    form = engine.output_form(None, True, "int8")
+    assert form.ranges is not None
+    assert form.ranges.shape == (2, variant.dimension)
+    ours = np.load(variant.path(CALIBRATION_FILE))
+    theirs = np.load(fp32.path(CALIBRATION_FILE))
+    assert ours.shape == theirs.shape
+    assert not np.array_equal(ours, theirs)  # the variant's vectors, not the fp32 model's
 
 
 def test_quantising_again_finds_nothing_to_do(

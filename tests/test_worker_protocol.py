@@ -90,6 +90,7 @@ def _model_entry(metadata: ModelMetadata) -> dict[str, Any]:
         "default_prompt_name": metadata.default_prompt_name,
         "variant": metadata.variant,
         "base_model": metadata.base_model,
+        "encodings": ["float32", "float16", "int8", "uint8", "binary", "ubinary"],
     }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +37,17 @@ import numpy.typing as npt
 import onnxruntime as ort  # type: ignore[import-untyped]
 from tokenizers import Tokenizer
 
-from akidb_embed.errors import InvalidInput, ModelNotFound, ServiceUnavailable
+from akidb_embed.encodings import (
+    DEFAULT_ENCODING,
+    ENCODINGS,
+    RANGED_ENCODINGS,
+    OutputForm,
+    check_dimensions,
+    quantization_ranges,
+)
+from akidb_embed.errors import Internal, InvalidInput, ModelNotFound, ServiceUnavailable
 from akidb_embed.models import POOLING_MODES, ModelMetadata, load_metadata
+from akidb_embed.models.metadata import CALIBRATION_FILE
 from akidb_embed.pooling import l2_normalize, pool, pooling_mask
 from akidb_embed.wire import TRUNCATE_HINT
 from akidb_embed.worker.batcher import plan_micro_batches
@@ -114,13 +124,37 @@ class Engine:
         self._input_names = {node.name for node in session.get_inputs()}
         outputs = [node.name for node in session.get_outputs()]
         self._output_name = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
-        self._truncating = Tokenizer.from_file(str(tokenizer_path))
-        self._truncating.no_padding()
-        self._truncating.enable_truncation(max_length=metadata.max_tokens)
+        self._tokenizer_path = tokenizer_path
+        self._truncating = {"right": self._tokenizer("right")}
+        """One tokenizer per truncation side; the left one is made on first use."""
+        self._tokenizers_lock = threading.Lock()
         # a second instance that never truncates, to report an over-long input's real length
-        self._whole = Tokenizer.from_file(str(tokenizer_path))
-        self._whole.no_padding()
-        self._whole.no_truncation()
+        self._whole = self._tokenizer(None)
+        self._calibration: npt.NDArray[np.float32] | None = None
+        self._ranges: dict[tuple[int, bool], npt.NDArray[np.float32]] = {}
+        """int8/uint8 ranges per (dimensions, normalize), taken from the calibration vectors."""
+
+    def _tokenizer(self, truncation_side: str | None) -> Tokenizer:
+        """A tokenizer without padding, truncating at ``max_tokens`` on ``truncation_side``
+        (None: never truncating)."""
+        tokenizer = Tokenizer.from_file(str(self._tokenizer_path))
+        tokenizer.no_padding()
+        if truncation_side is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(
+                max_length=self.metadata.max_tokens, direction=truncation_side
+            )
+        return tokenizer
+
+    def _truncating_tokenizer(self, truncation_side: str) -> Tokenizer:
+        tokenizer = self._truncating.get(truncation_side)
+        if tokenizer is None:
+            with self._tokenizers_lock:
+                tokenizer = self._truncating.get(truncation_side)
+                if tokenizer is None:
+                    tokenizer = self._truncating[truncation_side] = self._tokenizer(truncation_side)
+        return tokenizer
 
     @classmethod
     def load(cls, config: WorkerConfig | None = None, model_dir: Path | None = None) -> Engine:
@@ -166,6 +200,13 @@ class Engine:
         return engine
 
     @property
+    def encodings(self) -> list[str]:
+        """The encodings this model's replies may take: int8 and uint8 only with calibration
+        vectors in its directory."""
+        calibrated = bool(self.metadata.calibration)
+        return [name for name in ENCODINGS if calibrated or name not in RANGED_ENCODINGS]
+
+    @property
     def providers(self) -> list[str]:
         """The session's execution providers, in priority order."""
         return list(self._session.get_providers())
@@ -193,6 +234,39 @@ class Engine:
             # the text's first tokens and its last (an end token, if the model has one)
             self.run([np.concatenate([ids[: length - 1], ids[-1:]])])
 
+    def output_form(
+        self, dimensions: int | None, normalize: bool, encoding: str = DEFAULT_ENCODING
+    ) -> OutputForm:
+        """What a request's vectors become (``dimensions`` None: all of them), or
+        ``InvalidInput`` naming the field: ``dimensions`` out of range, or int8/uint8 for a
+        model directory without calibration vectors (it says how to add them)."""
+        metadata = self.metadata
+        kept = check_dimensions(dimensions, metadata.dimension, encoding, metadata.model)
+        ranges = None
+        if encoding in RANGED_ENCODINGS:
+            ranges = self._ranges.get((kept, normalize))
+            if ranges is None:
+                ranges = quantization_ranges(self._calibration_vectors(encoding), kept, normalize)
+                self._ranges[(kept, normalize)] = ranges
+        return OutputForm(kept, normalize, encoding, ranges)
+
+    def _calibration_vectors(self, encoding: str) -> npt.NDArray[np.float32]:
+        if self._calibration is None:
+            metadata = self.metadata
+            path = metadata.path(CALIBRATION_FILE)
+            if not metadata.calibration or not path.is_file():
+                raise InvalidInput(
+                    f"encoding {encoding!r} needs the calibration vectors of {metadata.model}, "
+                    f"which its directory {metadata.directory} lacks (provisioned before they "
+                    f"existed): run `python -m akidb_embed.models provision --model-dir "
+                    f"{metadata.directory}` (`make models` in a checkout) to add them"
+                )
+            vectors = np.load(path, allow_pickle=False)
+            if vectors.ndim != 2 or vectors.shape[1] != metadata.dimension:
+                raise Internal(f"{path} holds an array of shape {vectors.shape}")
+            self._calibration = vectors.astype(np.float32, copy=False)
+        return self._calibration
+
     def resolve_prompt(self, prompt_name: str | None) -> tuple[str, int]:
         """The text put before each input for ``prompt_name`` (None: the model's default
         prompt, if any) and how many leading tokens pooling then skips; ``InvalidInput``
@@ -210,18 +284,24 @@ class Engine:
         return text, skip
 
     def tokenize(
-        self, texts: Sequence[str], truncate: bool = True, prompt: str = ""
+        self,
+        texts: Sequence[str],
+        truncate: bool = True,
+        prompt: str = "",
+        truncation_side: str = "right",
     ) -> list[TokenIds]:
-        """Token ids of each text (after ``prompt``), special tokens included. With ``truncate``
-        false, an input longer than ``max_tokens`` raises ``InvalidInput`` naming its index and
-        length."""
+        """Token ids of each text (after ``prompt``), special tokens included, an over-long one
+        cut to ``max_tokens`` on ``truncation_side`` (``left``: it keeps its end, the prompt
+        going first, as sentence-transformers cuts with ``tokenizer.truncation_side = "left"``).
+        With ``truncate`` false, an input longer than ``max_tokens`` raises ``InvalidInput``
+        naming its index and length."""
         if prompt:
             texts = [prompt + text for text in texts]
         # encode_batch even for one text: it releases the GIL while it works and ``encode`` does
         # not (measured, 16 in-process callers of one text: 152-160 requests/s with
         # encode_batch, 138-139 with encode, which saves ~20 us on a lone call)
         if truncate:
-            encodings = self._truncating.encode_batch(list(texts))
+            encodings = self._truncating_tokenizer(truncation_side).encode_batch(list(texts))
         else:
             encodings = self._whole.encode_batch(list(texts))
             limit = self.metadata.max_tokens
@@ -287,12 +367,13 @@ class Engine:
         normalize: bool | None = None,
         truncate: bool = True,
         prompt_name: str | None = None,
+        truncation_side: str = "right",
     ) -> npt.NDArray[np.float32]:
         """The (len(texts), dimension) vectors of ``texts``, in order, run in micro-batches under
         ``max_batch_tokens`` (in-process use: no worker, no queue). ``normalize`` None: the
         model's default; ``prompt_name`` None: the model's default prompt."""
         prompt, skip = self.resolve_prompt(prompt_name)
-        token_ids = self.tokenize(texts, truncate, prompt)
+        token_ids = self.tokenize(texts, truncate, prompt, truncation_side)
         if normalize is None:
             normalize = self.metadata.normalize
         result = np.empty((len(texts), self.metadata.dimension), dtype=np.float32)

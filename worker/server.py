@@ -50,6 +50,7 @@ flags only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -63,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from akidb_embed import __version__
+from akidb_embed.encodings import DEFAULT_ENCODING, OutputForm
 from akidb_embed.errors import (
     EmbeddingError,
     Internal,
@@ -83,8 +85,10 @@ from akidb_embed.worker.batcher import Batcher, Job
 from akidb_embed.worker.config import WorkerConfig
 from akidb_embed.worker.validation import (
     EmbedRequest,
+    RangesRequest,
     RejectedRequest,
     RequestLimits,
+    TokenizeRequest,
     parse_payload,
 )
 
@@ -174,6 +178,12 @@ def _model_entry(engine: Engine) -> dict[str, Any]:
         "default_prompt_name": metadata.default_prompt_name,
         "variant": metadata.variant,
         "base_model": metadata.base_model,
+        "encodings": engine.encodings,
+        **(
+            {"matryoshka_dimensions": list(metadata.matryoshka_dimensions)}
+            if metadata.matryoshka_dimensions
+            else {}
+        ),
     }
 
 
@@ -389,6 +399,10 @@ class _Server:
         if isinstance(request, EmbedRequest):
             trace = {"read": read_ns, "parsed": time.monotonic_ns()} if request.trace else None
             self._submit(request, received_at, self._embed_done, trace)
+        elif isinstance(request, TokenizeRequest):
+            self._writer.send(self._tokenize_reply(request))
+        elif isinstance(request, RangesRequest):
+            self._writer.send(self._ranges_reply(request))
         elif request.op == "ping":
             self._writer.send({"id": request.id, "ok": True})
         elif request.op == "info":
@@ -406,26 +420,34 @@ class _Server:
         self,
         request: EmbedRequest,
         received_at: float,
-        on_done: Callable[[Job], None],
+        on_done: Callable[..., None],
         trace: dict[str, int] | None = None,
     ) -> None:
         """Tokenize ``request`` and run it: at once in this thread when a lane is free and
         nothing else has arrived (a lone query skips the hand-over to another thread), else
-        through the batcher's queue, where requests that arrive together share runs."""
+        through the batcher's queue, where requests that arrive together share runs.
+        ``on_done(job, request=, form=)`` answers it."""
         request_id = request.id
         engine = self._by_model[request.model]
         self._in_flight.add(request_id)
         try:
-            prompt, skip_tokens = engine.resolve_prompt(request.prompt_name)
-            token_ids = engine.tokenize(request.inputs, request.truncate, prompt)
             normalize = (
                 engine.metadata.normalize if request.normalize is None else request.normalize
             )
+            form = engine.output_form(
+                request.dimensions, normalize, request.encoding or DEFAULT_ENCODING
+            )
+            prompt, skip_tokens = engine.resolve_prompt(request.prompt_name)
+            token_ids = engine.tokenize(
+                request.inputs, request.truncate, prompt, request.truncation_side
+            )
+            # a shortened vector is normalised after its cut, when the reply is made
+            shortens = form.shortens(engine.metadata.dimension)
             job = Job(
                 request_id,
                 token_ids,
-                normalize,
-                on_done,
+                normalize and not shortens,
+                functools.partial(on_done, request=request, form=form),
                 received_at=received_at,
                 engine=engine,
                 skip_tokens=skip_tokens,
@@ -461,18 +483,59 @@ class _Server:
             **_lanes(self._config),
         }
 
-    def _embed_done(self, job: Job) -> None:
+    def _tokenize_reply(self, request: TokenizeRequest) -> dict[str, Any]:
+        """The token ids of a ``tokenize`` request's texts, answered at once by the reader."""
+        engine = self._by_model[request.model]
+        try:
+            prompt, _ = engine.resolve_prompt(request.prompt_name)
+            token_ids = engine.tokenize(
+                request.inputs, request.truncate, prompt, request.truncation_side
+            )
+        except EmbeddingError as error:
+            return error_reply(request.id, error)
+        except Exception as exc:  # e.g. the tokenizer choking on one text: fail that request
+            log.exception("could not tokenize request %s", request.id)
+            return error_reply(request.id, Internal(f"tokenization failed: {exc}"))
+        return {
+            "id": request.id,
+            "ok": True,
+            "model": engine.metadata.model,
+            "token_counts": [len(ids) for ids in token_ids],
+            "ids": [ids.tolist() for ids in token_ids],
+        }
+
+    def _ranges_reply(self, request: RangesRequest) -> dict[str, Any]:
+        """The int8/uint8 ranges of a ``quantization_ranges`` request, answered at once."""
+        engine = self._by_model[request.model]
+        metadata = engine.metadata
+        normalize = metadata.normalize if request.normalize is None else request.normalize
+        try:
+            form = engine.output_form(request.dimensions, normalize, "int8")
+        except EmbeddingError as error:
+            return error_reply(request.id, error)
+        assert form.ranges is not None
+        return {
+            "id": request.id,
+            "ok": True,
+            "model": metadata.model,
+            "shape": list(form.ranges.shape),
+            "ranges": embeddings_to_bytes(form.ranges),
+        }
+
+    def _embed_done(self, job: Job, request: EmbedRequest, form: OutputForm) -> None:
         if job.error is not None or job.vectors is None:
             self._answer(
                 job.request_id, error_reply(job.request_id, job.error or Internal("no vectors"))
             )
             return
+        vectors = form.apply(job.vectors, normalized=job.normalize)
         reply = {
             "id": job.request_id,
             "ok": True,
             "model": job.engine.metadata.model if job.engine else self._model_ids[0],
-            "shape": list(job.vectors.shape),
-            "embeddings": embeddings_to_bytes(job.vectors),
+            "shape": list(vectors.shape),
+            **({"dtype": form.encoding} if request.encoding is not None else {}),
+            "embeddings": embeddings_to_bytes(vectors),
             "usage": {
                 "total_tokens": job.total_tokens,
                 "duration_ms": (time.perf_counter() - job.received_at) * 1000.0,
@@ -484,7 +547,7 @@ class _Server:
             reply["trace"] = {**job.trace, "encode_ns": time.monotonic_ns() - encoding}
         self._answer(job.request_id, reply)
 
-    def _health_done(self, job: Job) -> None:
+    def _health_done(self, job: Job, request: EmbedRequest, form: OutputForm) -> None:
         if job.error is not None or job.vectors is None:
             self._answer(
                 job.request_id, error_reply(job.request_id, job.error or Internal("no vectors"))

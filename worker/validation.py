@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from akidb_embed.encodings import ENCODINGS, TRUNCATION_SIDES
 from akidb_embed.errors import EmbeddingError, InvalidInput, ModelNotFound, ProtocolError
 from akidb_embed.wire import (
     MAX_NESTING,
@@ -38,16 +39,18 @@ __all__ = [
     "OPS",
     "EmbedRequest",
     "OpRequest",
+    "RangesRequest",
     "RejectedRequest",
     "Request",
     "RequestLimits",
+    "TokenizeRequest",
     "parse_payload",
     "parse_request",
     "reply_id",
 ]
 
 MAX_REQUEST_ID = 2**64 - 1
-OPS = ("embed", "info", "health", "ping", "shutdown")
+OPS = ("embed", "tokenize", "quantization_ranges", "info", "health", "ping", "shutdown")
 _MAX_QUOTED = 60
 """Longest piece of a request quoted back in an error message."""
 _MAX_PATH_DEPTH = 5
@@ -83,10 +86,38 @@ class EmbedRequest:
     """None: the model's default prompt, if it has one."""
     trace: bool = False
     """Whether the reply carries the worker's stage marks (protocol.md, ``trace``)."""
+    dimensions: int | None = None
+    """Components kept (None: all); checked against the model by the engine."""
+    encoding: str | None = None
+    """None: float32, and the reply has no ``dtype`` (as before encodings existed)."""
+    truncation_side: str = "right"
     op: str = "embed"
 
 
-Request = OpRequest | EmbedRequest
+@dataclass(frozen=True)
+class TokenizeRequest:
+    id: int
+    inputs: list[str]
+    model: str
+    truncate: bool
+    prompt_name: str | None = None
+    truncation_side: str = "right"
+    op: str = "tokenize"
+
+
+@dataclass(frozen=True)
+class RangesRequest:
+    """The int8/uint8 ranges an embed of the same ``model``, ``dimensions`` and ``normalize``
+    quantises with."""
+
+    id: int
+    model: str
+    normalize: bool | None
+    dimensions: int | None = None
+    op: str = "quantization_ranges"
+
+
+Request = OpRequest | EmbedRequest | TokenizeRequest | RangesRequest
 
 
 class RejectedRequest(Exception):
@@ -181,10 +212,7 @@ def _inputs(message: dict[str, Any], limits: RequestLimits) -> list[str]:
     return inputs
 
 
-def _embed(
-    request_id: int, message: dict[str, Any], limits: RequestLimits, models: Sequence[str]
-) -> Request:
-    inputs = _inputs(message, limits)
+def _model(message: dict[str, Any], models: Sequence[str]) -> str:
     requested_model = _optional_str(message, "model")
     model = models[0] if requested_model is None else served_model_id(requested_model, models)
     if model is None:
@@ -192,15 +220,62 @@ def _embed(
         raise ModelNotFound(
             f"model {_quote(str(requested_model))} is not loaded; this worker serves {served}"
         )
+    return model
+
+
+def _dimensions(message: dict[str, Any]) -> int | None:
+    """``dimensions`` as sent (its upper bound is the model's: the engine checks it)."""
+    value = message.get("dimensions")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"dimensions must be an integer or nil, not {_a(value)}")
+    if value < 1:
+        raise InvalidInput(f"dimensions must be 1 or more, not {value}")
+    return value
+
+
+def _choice(message: dict[str, Any], name: str, choices: Sequence[str]) -> str | None:
+    value = message.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string or nil, not {_a(value)}")
+    if value not in choices:
+        raise InvalidInput(f"{name} must be one of {', '.join(choices)}, not {_quote(value)}")
+    return value
+
+
+def _embed(
+    request_id: int, message: dict[str, Any], limits: RequestLimits, models: Sequence[str]
+) -> Request:
+    inputs = _inputs(message, limits)
     truncate = _optional_bool(message, "truncate", True)
     return EmbedRequest(
         id=request_id,
         inputs=inputs,
-        model=model,
+        model=_model(message, models),
         normalize=_optional_bool(message, "normalize", None),
         truncate=bool(truncate),
         prompt_name=_optional_str(message, "prompt_name"),
         trace=bool(_optional_bool(message, "trace", False)),
+        dimensions=_dimensions(message),
+        encoding=_choice(message, "encoding", tuple(ENCODINGS)),
+        truncation_side=_choice(message, "truncation_side", TRUNCATION_SIDES) or "right",
+    )
+
+
+def _tokenize(
+    request_id: int, message: dict[str, Any], limits: RequestLimits, models: Sequence[str]
+) -> Request:
+    inputs = _inputs(message, limits)
+    return TokenizeRequest(
+        id=request_id,
+        inputs=inputs,
+        model=_model(message, models),
+        truncate=bool(_optional_bool(message, "truncate", True)),
+        prompt_name=_optional_str(message, "prompt_name"),
+        truncation_side=_choice(message, "truncation_side", TRUNCATION_SIDES) or "right",
     )
 
 
@@ -228,10 +303,18 @@ def parse_request(message: dict[str, Any], limits: RequestLimits, models: Sequen
         raise RejectedRequest(request_id, ProtocolError(f"op {problem}"))
     if op not in OPS:
         raise RejectedRequest(request_id, ProtocolError(f"unknown op {_quote(op)}"))
-    if op != "embed":
+    if op not in ("embed", "tokenize", "quantization_ranges"):
         return OpRequest(id=request_id, op=op)
     try:
-        return _embed(request_id, message, limits, models)
+        if op == "quantization_ranges":
+            return RangesRequest(
+                id=request_id,
+                model=_model(message, models),
+                normalize=_optional_bool(message, "normalize", None),
+                dimensions=_dimensions(message),
+            )
+        parse = _embed if op == "embed" else _tokenize
+        return parse(request_id, message, limits, models)
     except EmbeddingError as error:
         raise RejectedRequest(request_id, error) from None
 

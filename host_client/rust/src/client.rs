@@ -15,11 +15,12 @@ use crate::config::WorkerConfig;
 use crate::dispatch::{ClientStats, Dispatcher};
 use crate::types::{
     BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
-    EmbeddingResult, FlatEmbeddings, ModelDescription, ModelInfo, RequestTrace, TracedEmbedding,
-    Usage, EMPTY_BATCH_MESSAGE,
+    EmbeddingResult, EncodedEmbeddings, EncodedValues, Encoding, FlatEmbeddings, ModelDescription,
+    ModelInfo, RequestTrace, TracedEmbedding, TruncationSide, Usage, EMPTY_BATCH_MESSAGE,
 };
 use crate::wire::{
-    self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, ReadyHello, ReplyEnvelope,
+    self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, RangesReply, RangesRequest,
+    ReadyHello, ReplyEnvelope, TokenizeReply, TokenizeRequest,
 };
 
 /// Bytes of an embed request's map besides its texts: keys, id, op, flags (generous).
@@ -112,7 +113,7 @@ impl WorkerClient {
         // Empty vectors do not allocate; each is replaced by its row.
         let mut embeddings = vec![Vec::new(); request.inputs.len()];
         let (model, usage, traces) = self
-            .embed_rows(request, options, traced, |caller_index, row, dimension| {
+            .embed_rows(request, options, None, traced, |caller_index, row, dimension| {
                 let vector = &mut embeddings[caller_index];
                 vector.reserve_exact(dimension);
                 wire::decode_row(row, vector);
@@ -135,7 +136,7 @@ impl WorkerClient {
         let mut values = Vec::new();
         let mut known_dimension = None;
         let (model, usage, _) = self
-            .embed_rows(request, options, false, |caller_index, row, dimension| {
+            .embed_rows(request, options, None, false, |caller_index, row, dimension| {
                 if *known_dimension.get_or_insert(dimension) != dimension {
                     return Err(wire::protocol_violation("replies of different dimensions"));
                 }
@@ -151,28 +152,163 @@ impl WorkerClient {
         Ok(FlatEmbeddings { model, dimension, values, usage })
     }
 
+    /// [`embed_batch_with`](Self::embed_batch_with) with the vectors in `encoding`
+    /// (protocol.md, `encoding`): half floats, scalar codes over the model's calibrated ranges,
+    /// or packed sign bits as sentence-transformers' `quantize_embeddings`, typed by encoding
+    /// in one row-major buffer. `InvalidInput` naming the field for a `dimensions` the model or
+    /// the encoding cannot take, or int8/uint8 for a model without calibration vectors.
+    pub async fn embed_encoded(
+        &self,
+        request: BatchEmbeddingRequest,
+        options: &EmbedOptions,
+        encoding: Encoding,
+    ) -> EmbeddingResult<EncodedEmbeddings> {
+        let texts = request.inputs.len();
+        let mut values = EncodedValues::with_capacity(encoding, 0);
+        let mut known_width = None;
+        let (model, usage, _) = self
+            .embed_rows(request, options, Some(encoding), false, |caller_index, row, width| {
+                if *known_width.get_or_insert(width) != width {
+                    return Err(wire::protocol_violation("replies of different widths"));
+                }
+                values.put_row(caller_index * width, texts * width, row);
+                Ok(())
+            })
+            .await?;
+        let width = known_width.unwrap_or_default();
+        Ok(EncodedEmbeddings { model, encoding, width, values, usage })
+    }
+
+    /// The token ids each input would run with (special tokens and the prompt included, cut
+    /// to `max_tokens` unless `options.truncate` is `Some(false)`, which refuses an over-long
+    /// input with `InvalidInput`), without embedding: the `tokenize` op. `model` as in
+    /// [`BatchEmbeddingRequest::model`]; `options.dimensions` plays no part.
+    pub async fn tokenize(
+        &self,
+        model: &str,
+        inputs: Vec<String>,
+        options: &EmbedOptions,
+    ) -> EmbeddingResult<Vec<Vec<u32>>> {
+        if inputs.is_empty() {
+            return Err(EmbeddingError::InvalidInput(EMPTY_BATCH_MESSAGE.into()));
+        }
+        let plan = self.plan(model)?;
+        plan.check_text_sizes(&inputs)?;
+        let wire_model = Some(model).filter(|model| !model.is_empty());
+        let mut replies = Vec::new();
+        for range in plan.split(&inputs) {
+            let chunk = &inputs[range.clone()];
+            // no text permits: the worker answers at once, without the model
+            let pending = self
+                .service
+                .submit(0, 0, (true, false), |id| {
+                    wire::encode_frame(&TokenizeRequest {
+                        id,
+                        op: TokenizeRequest::OP,
+                        model: wire_model,
+                        inputs: chunk,
+                        prompt_name: options.prompt_name.as_deref(),
+                        truncate: options.truncate,
+                        truncation_side: options.truncation_side.map(TruncationSide::as_str),
+                    })
+                })
+                .await?;
+            replies.push((range, pending));
+        }
+        let mut ids = Vec::with_capacity(inputs.len());
+        for (range, pending) in replies {
+            let payload = pending.wait().await?;
+            let first = range.start;
+            wire::decode_payload::<ReplyEnvelope>(&payload)?
+                .into_embed_result(range.len(), |index| first + index)?;
+            let reply: TokenizeReply = wire::decode_payload(&payload)?;
+            if reply.ids.len() != range.len() {
+                return Err(wire::protocol_violation(&format!(
+                    "{} token lists for {} inputs",
+                    reply.ids.len(),
+                    range.len()
+                )));
+            }
+            ids.extend(reply.ids);
+        }
+        Ok(ids)
+    }
+
+    /// The per-dimension `(min, max)` that [`Encoding::Int8`] and [`Encoding::Uint8`] codes of
+    /// an embed of `model` with `dimensions` and `normalize` (`None`: the model's default) are
+    /// cut over: a code `c` of int8 maps back to `min + (c + 128) * (max - min) / 255`. Compare
+    /// codes that way, not by their raw dot product.
+    pub async fn quantization_ranges(
+        &self,
+        model: &str,
+        dimensions: Option<u32>,
+        normalize: Option<bool>,
+    ) -> EmbeddingResult<(Vec<f32>, Vec<f32>)> {
+        let wire_model = Some(model).filter(|model| !model.is_empty());
+        let pending = self
+            .service
+            .submit(0, 0, (true, false), |id| {
+                wire::encode_frame(&RangesRequest {
+                    id,
+                    op: RangesRequest::OP,
+                    model: wire_model,
+                    dimensions,
+                    normalize,
+                })
+            })
+            .await?;
+        let payload = pending.wait().await?;
+        wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()?;
+        let reply: RangesReply<'_> = wire::decode_payload(&payload)?;
+        let (rows, width) = reply.shape;
+        if rows != 2 {
+            return Err(wire::protocol_violation(&format!("ranges of {rows} rows")));
+        }
+        let mut bounds = wire::embedding_rows(reply.ranges, 2, width)?.map(|row| {
+            let mut values = Vec::with_capacity(width);
+            wire::decode_row(row, &mut values);
+            values
+        });
+        let minimum = bounds.next().unwrap_or_default();
+        Ok((minimum, bounds.next().unwrap_or_default()))
+    }
+
+    /// How many tokens each input would run with; see [`tokenize`](Self::tokenize).
+    pub async fn count_tokens(
+        &self,
+        model: &str,
+        inputs: Vec<String>,
+        options: &EmbedOptions,
+    ) -> EmbeddingResult<Vec<usize>> {
+        Ok(self.tokenize(model, inputs, options).await?.iter().map(Vec::len).collect())
+    }
+
+    /// How a batch for `model` is cut into wire requests, from the latest hello.
+    fn plan(&self, model: &str) -> EmbeddingResult<ChunkPlan> {
+        let hello = self.service.hello()?;
+        // an unknown model is the worker's to refuse; its reply is small, any plan fits
+        let description = hello.find_model(model).unwrap_or(&hello.models[0]);
+        let model_bytes = description.model.len().max(model.len());
+        let max_in_flight_texts = self.service.config().max_in_flight_texts;
+        Ok(ChunkPlan::new(&hello.limits, description, max_in_flight_texts, model_bytes))
+    }
+
     /// The embedding calls' one path: checks, sorts and splits the batch, submits its chunks,
     /// and hands each reply's rows to `place` with the caller's index of their text and the
-    /// dimension; returns the serving model, the summed usage, and when `traced`, each wire
-    /// request's trace.
+    /// row's width (values); returns the serving model, the summed usage, and when `traced`,
+    /// each wire request's trace. `encoding` `None`: float32, not named on the wire.
     async fn embed_rows(
         &self,
         request: BatchEmbeddingRequest,
         options: &EmbedOptions,
+        encoding: Option<Encoding>,
         traced: bool,
         mut place: impl FnMut(usize, &[u8], usize) -> EmbeddingResult<()>,
     ) -> EmbeddingResult<(String, Usage, Vec<RequestTrace>)> {
         if request.inputs.is_empty() {
             return Err(EmbeddingError::InvalidInput(EMPTY_BATCH_MESSAGE.into()));
         }
-        let plan = {
-            let hello = self.service.hello()?;
-            // an unknown model is the worker's to refuse; its reply is small, any plan fits
-            let model = hello.find_model(&request.model).unwrap_or(&hello.models[0]);
-            let model_bytes = model.model.len().max(request.model.len());
-            let max_in_flight_texts = self.service.config().max_in_flight_texts;
-            ChunkPlan::new(&hello.limits, model, max_in_flight_texts, model_bytes)
-        };
+        let plan = self.plan(&request.model)?;
         plan.check_text_sizes(&request.inputs)?;
         let BatchEmbeddingRequest { model: request_model, inputs, normalize } = request;
         let (order, texts) = shortest_first(inputs);
@@ -196,6 +332,9 @@ impl WorkerClient {
                         truncate: options.truncate,
                         prompt_name: options.prompt_name.as_deref(),
                         trace: traced,
+                        truncation_side: options.truncation_side.map(TruncationSide::as_str),
+                        dimensions: options.dimensions,
+                        encoding: encoding.map(Encoding::as_str),
                     })
                 })
                 .await?;
@@ -220,7 +359,16 @@ impl WorkerClient {
                     sent_order.len()
                 )));
             }
-            let rows = wire::embedding_rows(reply.embeddings, count, dimension)?;
+            let wanted = encoding.unwrap_or_default();
+            if reply.dtype.as_deref().unwrap_or("float32") != wanted.as_str() {
+                return Err(wire::protocol_violation(&format!(
+                    "a reply of dtype {:?} to a request for {}",
+                    reply.dtype,
+                    wanted.as_str()
+                )));
+            }
+            let rows =
+                wire::value_rows(reply.embeddings, count, dimension, wanted.bytes_per_value())?;
             for (row, &caller_index) in rows.zip(sent_order) {
                 place(caller_index, row, dimension)?;
             }
@@ -462,6 +610,8 @@ mod tests {
             default_prompt_name: None,
             variant: None,
             base_model: None,
+            encodings: Vec::new(),
+            matryoshka_dimensions: Vec::new(),
         }
     }
 

@@ -73,8 +73,9 @@ pub use config::{
 };
 pub use dispatch::{ClientStats, WorkerStats};
 pub use types::{
-    BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
-    EmbeddingResult, ModelDescription, ModelInfo, RequestTrace, TracedEmbedding, Usage,
-    WorkerTrace, EMPTY_BATCH_MESSAGE,
+    f16_bits_to_f32, BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError,
+    EmbeddingProvider, EmbeddingResult, EncodedEmbeddings, EncodedValues, Encoding,
+    ModelDescription, ModelInfo, RequestTrace, TracedEmbedding, TruncationSide, Usage, WorkerTrace,
+    EMPTY_BATCH_MESSAGE,
 };
 pub use wire::{Limits, ReadyHello};

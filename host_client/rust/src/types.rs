@@ -134,6 +134,172 @@ pub struct EmbedOptions {
     /// `Some(false)`: an input longer than the model's `max_tokens` fails the request with
     /// `InvalidInput` instead of being cut. `None` leaves it to the worker (which truncates).
     pub truncate: Option<bool>,
+    /// Which end of an over-long input is cut; `None`: the worker's default, the right.
+    pub truncation_side: Option<TruncationSide>,
+    /// Keep each vector's first `dimensions` components (re-normalised when normalising:
+    /// sentence-transformers' `truncate_dim`); from 1 to the model's dimension, a multiple of
+    /// 8 for the packed encodings. `None`: all of them.
+    pub dimensions: Option<u32>,
+}
+
+/// Which end of an input longer than `max_tokens` the worker cuts (protocol.md,
+/// `truncation_side`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TruncationSide {
+    /// Keep the start (the default).
+    #[default]
+    Right,
+    /// Keep the end, as sentence-transformers with `tokenizer.truncation_side = "left"`.
+    Left,
+}
+
+impl TruncationSide {
+    /// The wire's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TruncationSide::Right => "right",
+            TruncationSide::Left => "left",
+        }
+    }
+}
+
+/// What an embed reply's values are (protocol.md, `encoding`): sentence-transformers'
+/// `quantize_embeddings` precisions, and half floats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// f32 per component (the default).
+    #[default]
+    Float32,
+    /// IEEE half per component.
+    Float16,
+    /// i8 per component over the model's calibrated per-dimension ranges.
+    Int8,
+    /// u8 per component over the same ranges.
+    Uint8,
+    /// Sign bits, 8 components per byte (first in the high bit), as i8 (byte - 128).
+    Binary,
+    /// The same bits as u8.
+    Ubinary,
+}
+
+impl Encoding {
+    /// The wire's name (the reply's `dtype`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::Float32 => "float32",
+            Encoding::Float16 => "float16",
+            Encoding::Int8 => "int8",
+            Encoding::Uint8 => "uint8",
+            Encoding::Binary => "binary",
+            Encoding::Ubinary => "ubinary",
+        }
+    }
+
+    /// Bytes of one value on the wire.
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            Encoding::Float32 => 4,
+            Encoding::Float16 => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// The vectors of [`WorkerClient::embed_encoded`] as the encoding has them, row-major, one row
+/// of `width` values per input in the caller's order.
+///
+/// [`WorkerClient::embed_encoded`]: crate::WorkerClient::embed_encoded
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedEmbeddings {
+    pub model: String,
+    pub encoding: Encoding,
+    /// Values per row: the dimensions kept, or their bytes (dimensions / 8) when bit-packed.
+    pub width: usize,
+    pub values: EncodedValues,
+    pub usage: Usage,
+}
+
+/// The values of [`EncodedEmbeddings`], typed by encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EncodedValues {
+    Float32(Vec<f32>),
+    /// IEEE half floats as their bits ([`f16_bits_to_f32`] widens one).
+    Float16(Vec<u16>),
+    /// `int8` and `binary`.
+    Int8(Vec<i8>),
+    /// `uint8` and `ubinary`.
+    Uint8(Vec<u8>),
+}
+
+impl EncodedValues {
+    /// How many values it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            EncodedValues::Float32(values) => values.len(),
+            EncodedValues::Float16(values) => values.len(),
+            EncodedValues::Int8(values) => values.len(),
+            EncodedValues::Uint8(values) => values.len(),
+        }
+    }
+
+    /// Whether it holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Empty values of `encoding`, with room for `capacity`.
+    pub(crate) fn with_capacity(encoding: Encoding, capacity: usize) -> Self {
+        match encoding {
+            Encoding::Float32 => EncodedValues::Float32(Vec::with_capacity(capacity)),
+            Encoding::Float16 => EncodedValues::Float16(Vec::with_capacity(capacity)),
+            Encoding::Int8 | Encoding::Binary => EncodedValues::Int8(Vec::with_capacity(capacity)),
+            Encoding::Uint8 | Encoding::Ubinary => {
+                EncodedValues::Uint8(Vec::with_capacity(capacity))
+            }
+        }
+    }
+
+    /// Writes the little-endian bytes of one row at `start` (values), growing to `total`.
+    pub(crate) fn put_row(&mut self, start: usize, total: usize, row: &[u8]) {
+        fn put<T: Copy + Default>(values: &mut Vec<T>, start: usize, total: usize, row: &[T]) {
+            if values.len() < total {
+                values.resize(total, T::default());
+            }
+            values[start..start + row.len()].copy_from_slice(row);
+        }
+        match self {
+            EncodedValues::Float32(values) => {
+                let row: Vec<f32> = row
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                put(values, start, total, &row)
+            }
+            EncodedValues::Float16(values) => {
+                let row: Vec<u16> =
+                    row.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+                put(values, start, total, &row)
+            }
+            EncodedValues::Int8(values) => {
+                let row: Vec<i8> = row.iter().map(|&byte| byte as i8).collect();
+                put(values, start, total, &row)
+            }
+            EncodedValues::Uint8(values) => put(values, start, total, row),
+        }
+    }
+}
+
+/// The f32 value of IEEE half-precision `bits` (subnormals, infinities and NaN included).
+pub fn f16_bits_to_f32(bits: u16) -> f32 {
+    let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exponent = i32::from((bits >> 10) & 0x1f);
+    let fraction = f32::from(bits & 0x03ff);
+    match exponent {
+        0 => sign * fraction * 2f32.powi(-24),
+        31 if fraction == 0.0 => sign * f32::INFINITY,
+        31 => f32::NAN,
+        _ => sign * (1.0 + fraction / 1024.0) * 2f32.powi(exponent - 15),
+    }
 }
 
 /// The vectors of a traced call ([`WorkerClient::embed_traced`]) and where each of its wire
@@ -367,6 +533,14 @@ pub struct ModelDescription {
     /// A variant's fp32 model id.
     #[serde(default)]
     pub base_model: Option<String>,
+    /// The encodings ([`Encoding::as_str`]) an embed of this model may ask for; empty from a
+    /// worker older than encodings (float32 only).
+    #[serde(default)]
+    pub encodings: Vec<String>,
+    /// The shorter [`EmbedOptions::dimensions`] the model was trained for (Matryoshka),
+    /// largest first, where its files list them.
+    #[serde(default)]
+    pub matryoshka_dimensions: Vec<u32>,
 }
 
 impl ModelDescription {

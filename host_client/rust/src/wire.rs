@@ -50,6 +50,70 @@ pub struct EmbedRequest<'a> {
     /// when `true`, so an untraced request is the same bytes as before the field existed.
     #[serde(skip_serializing_if = "is_false")]
     pub trace: bool,
+    /// `"left"` or `"right"`; written only when set, as the two below.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncation_side: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
+    /// An [`Encoding`](crate::Encoding)'s name; the reply then names it in `dtype`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<&'static str>,
+}
+
+/// A `tokenize` request (protocol.md): the same text fields as `embed`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenizeRequest<'a> {
+    pub id: u64,
+    /// Always `"tokenize"`.
+    pub op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<&'a str>,
+    pub inputs: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncate: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncation_side: Option<&'static str>,
+}
+
+impl<'a> TokenizeRequest<'a> {
+    pub const OP: &'static str = "tokenize";
+}
+
+/// A `quantization_ranges` request (protocol.md): the int8/uint8 ranges of an embed of the
+/// same model, dimensions and normalisation.
+#[derive(Debug, Clone, Serialize)]
+pub struct RangesRequest<'a> {
+    pub id: u64,
+    /// Always `"quantization_ranges"`.
+    pub op: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<bool>,
+}
+
+impl<'a> RangesRequest<'a> {
+    pub const OP: &'static str = "quantization_ranges";
+}
+
+/// The body of a successful `quantization_ranges` reply: `shape` is `(2, dimensions)`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RangesReply<'a> {
+    pub shape: (usize, usize),
+    #[serde(borrow)]
+    pub ranges: &'a serde_bytes::Bytes,
+}
+
+/// The body of a successful `tokenize` reply.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeReply {
+    pub model: String,
+    pub token_counts: Vec<usize>,
+    pub ids: Vec<Vec<u32>>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -161,6 +225,9 @@ impl ReplyEnvelope {
 pub struct EmbedReply<'a> {
     pub model: String,
     pub shape: (usize, usize),
+    /// The encoding's name when the request named one (absent: float32).
+    #[serde(default)]
+    pub dtype: Option<String>,
     #[serde(borrow)]
     pub embeddings: &'a serde_bytes::Bytes,
     pub usage: WireUsage,
@@ -321,6 +388,8 @@ impl Hello {
                 default_prompt_name: None,
                 variant: None,
                 base_model: None,
+                encodings: Vec::new(),
+                matryoshka_dimensions: Vec::new(),
             }],
         };
         Ok(ReadyHello {
@@ -422,15 +491,25 @@ pub fn embedding_rows(
     count: usize,
     dimension: usize,
 ) -> EmbeddingResult<std::slice::ChunksExact<'_, u8>> {
-    let expected = count.checked_mul(dimension).and_then(|n| n.checked_mul(BYTES_PER_VALUE));
-    if expected != Some(data.len()) || (dimension == 0 && count != 0) {
+    value_rows(data, count, dimension, BYTES_PER_VALUE)
+}
+
+/// [`embedding_rows`] of values of `bytes_per_value` bytes (an encoding's).
+pub fn value_rows(
+    data: &[u8],
+    count: usize,
+    width: usize,
+    bytes_per_value: usize,
+) -> EmbeddingResult<std::slice::ChunksExact<'_, u8>> {
+    let expected = count.checked_mul(width).and_then(|n| n.checked_mul(bytes_per_value));
+    if expected != Some(data.len()) || (width == 0 && count != 0) {
         return Err(protocol_violation(&format!(
-            "embeddings hold {} bytes, shape {count}x{dimension} needs {}",
+            "embeddings hold {} bytes, shape {count}x{width} needs {}",
             data.len(),
-            count.saturating_mul(dimension).saturating_mul(BYTES_PER_VALUE)
+            count.saturating_mul(width).saturating_mul(bytes_per_value)
         )));
     }
-    Ok(data.chunks_exact((dimension * BYTES_PER_VALUE).max(1)))
+    Ok(data.chunks_exact((width * bytes_per_value).max(1)))
 }
 
 /// The values of one row's bytes, appended to `values`.

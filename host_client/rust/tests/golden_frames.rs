@@ -3,8 +3,11 @@
 
 use std::path::PathBuf;
 
-use akidb_embed_client::wire::{self, EmbedRequest, OpRequest, ReplyEnvelope, LENGTH_PREFIX_BYTES};
-use akidb_embed_client::EmbeddingError;
+use akidb_embed_client::wire::{
+    self, EmbedReply, EmbedRequest, OpRequest, ReplyEnvelope, TokenizeReply, TokenizeRequest,
+    LENGTH_PREFIX_BYTES,
+};
+use akidb_embed_client::{EmbeddingError, Encoding, TruncationSide};
 
 fn checkout() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -50,6 +53,9 @@ fn embed_request_encodes_to_the_golden_frame() {
         truncate: Some(true),
         prompt_name: None,
         trace: false,
+        truncation_side: None,
+        dimensions: None,
+        encoding: None,
     })
     .unwrap();
     assert_eq!(frame, golden("embed_request.bin"));
@@ -92,6 +98,9 @@ fn an_embed_request_without_model_or_truncate_omits_them() {
         truncate: None,
         prompt_name: None,
         trace: false,
+        truncation_side: None,
+        dimensions: None,
+        encoding: None,
     };
     let frame = wire::encode_frame(&request).unwrap();
     // fixmap of 4: id, op, inputs, normalize
@@ -110,6 +119,9 @@ fn a_prompt_name_travels_as_the_last_key() {
         truncate: None,
         prompt_name: Some("query"),
         trace: false,
+        truncation_side: None,
+        dimensions: None,
+        encoding: None,
     };
     let frame = wire::encode_frame(&request).unwrap();
     let decoded: serde_json::Value = rmp_serde::from_slice(payload(&frame)).unwrap();
@@ -190,4 +202,68 @@ fn a_hello_whose_models_do_not_start_with_its_default_breaks_the_protocol() {
     ]});
     let error = ready(&hello_frame(models)).unwrap_err();
     assert!(matches!(&error, EmbeddingError::Internal(m) if m.contains("protocol_error")));
+}
+
+#[test]
+fn an_embed_request_with_the_newer_options_encodes_to_the_golden_frame() {
+    let inputs = vec!["a cat on a mat".to_owned()];
+    let frame = wire::encode_frame(&EmbedRequest {
+        id: 16,
+        op: EmbedRequest::OP,
+        model: None,
+        inputs: &inputs,
+        normalize: true,
+        truncate: None,
+        prompt_name: None,
+        trace: false,
+        truncation_side: Some(TruncationSide::Left.as_str()),
+        dimensions: Some(64),
+        encoding: Some(Encoding::Ubinary.as_str()),
+    })
+    .unwrap();
+    assert_eq!(frame, golden("embed_options_request.bin"));
+}
+
+#[test]
+fn the_golden_packed_reply_decodes_to_its_dtype_shape_and_bits() {
+    let frame = golden("embed_options_reply.bin");
+    let reply: EmbedReply<'_> = wire::decode_payload(payload(&frame)).unwrap();
+    assert_eq!(reply.dtype.as_deref(), Some("ubinary"));
+    assert_eq!(reply.shape, (1, 8));
+    let rows: Vec<&[u8]> = wire::value_rows(reply.embeddings, 1, 8, 1).unwrap().collect();
+    assert_eq!(rows, [&[0x97, 0x5c, 0x72, 0x49, 0x4b, 0x8e, 0x9c, 0x87][..]]);
+    assert_eq!(reply.usage.total_tokens, 7);
+}
+
+#[test]
+fn a_tokenize_request_encodes_to_the_golden_frame_and_its_reply_decodes() {
+    let inputs = vec!["hi".to_owned(), "caf\u{e9} \u{2615}".to_owned()];
+    let frame = wire::encode_frame(&TokenizeRequest {
+        id: 17,
+        op: TokenizeRequest::OP,
+        model: None,
+        inputs: &inputs,
+        prompt_name: None,
+        truncate: None,
+        truncation_side: None,
+    })
+    .unwrap();
+    assert_eq!(frame, golden("tokenize_request.bin"));
+    let reply_frame = golden("tokenize_reply.bin");
+    let reply: TokenizeReply = wire::decode_payload(payload(&reply_frame)).unwrap();
+    assert_eq!(reply.model, "sentence-transformers/all-MiniLM-L6-v2");
+    assert_eq!(reply.token_counts, [3, 4]);
+    assert_eq!(reply.ids, [vec![101, 7632, 102], vec![101, 7668, 100, 102]]);
+}
+
+#[test]
+fn a_hello_entry_lists_encodings_and_matryoshka_dimensions() {
+    let models = serde_json::json!({"models": [
+        {"model": "a/first", "dimension": 384, "max_tokens": 256, "normalize_default": true,
+         "pooling": "mean", "prompts": [], "default_prompt_name": null,
+         "encodings": ["float32", "binary"], "matryoshka_dimensions": [256, 128]}
+    ]});
+    let hello = ready(&hello_frame(models)).unwrap();
+    assert_eq!(hello.models[0].encodings, ["float32", "binary"]);
+    assert_eq!(hello.models[0].matryoshka_dimensions, [256, 128]);
 }

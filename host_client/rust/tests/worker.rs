@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use akidb_embed_client::{
-    BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
-    WorkerClient, WorkerConfig,
+    f16_bits_to_f32, BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError,
+    EmbeddingProvider, EncodedValues, Encoding, TruncationSide, WorkerClient, WorkerConfig,
 };
 use serde::Deserialize;
 
@@ -1216,6 +1216,127 @@ async fn closing_or_dropping_a_pool_leaves_no_worker_process() {
             dropped_pids.iter().all(|&pid| !process_exists(pid))
         })
         .await;
+    })
+    .await;
+}
+
+// The request options beyond AkiDB's fields: dimensions, encodings, truncation side, tokenize.
+
+fn sign_bits(vector: &[f32]) -> Vec<u8> {
+    vector
+        .chunks(8)
+        .map(|chunk| chunk.iter().fold(0u8, |byte, &x| (byte << 1) | u8::from(x > 0.0)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dimensions_encodings_truncation_side_and_tokenize_reach_the_worker() {
+    within(async {
+        let client = spawn(config()).await;
+        let golden = golden();
+        let texts = &golden.sentences;
+        let described = &client.models().unwrap()[0];
+        assert_eq!(described.encodings.len(), 6, "{:?}", described.encodings);
+        assert!(described.matryoshka_dimensions.is_empty());
+
+        // dimensions: the first components, normalised again
+        let whole = client.embed_batch(request("", texts)).await.unwrap();
+        let cut = EmbedOptions { dimensions: Some(128), ..EmbedOptions::default() };
+        let short = client.embed_batch_with(request("", texts), &cut).await.unwrap();
+        for (short, whole) in short.embeddings.iter().zip(&whole.embeddings) {
+            assert_eq!(short.len(), 128);
+            assert!(cosine(short, &whole[..128]) > MIN_COSINE);
+            let norm: f32 = short.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        }
+
+        // encodings: typed, and the packed bits are the float vectors' signs
+        let packed =
+            client.embed_encoded(request("", texts), &cut, Encoding::Ubinary).await.unwrap();
+        assert_eq!((packed.encoding, packed.width), (Encoding::Ubinary, 16));
+        let EncodedValues::Uint8(bits) = &packed.values else { panic!("{:?}", packed.values) };
+        let mut differing = 0;
+        for (row, vector) in bits.chunks(16).zip(&short.embeddings) {
+            let want = sign_bits(vector);
+            differing += row.iter().zip(&want).filter(|(a, b)| a != b).count();
+        }
+        assert_eq!(differing, 0, "bits of {} texts", texts.len());
+        let binary =
+            client.embed_encoded(request("", texts), &cut, Encoding::Binary).await.unwrap().values;
+        let EncodedValues::Int8(signed) = binary else { panic!("{binary:?}") };
+        assert!(signed.iter().zip(bits).all(|(&s, &u)| (s as i16 + 128) as u8 == u));
+        let half = client
+            .embed_encoded(request("", texts), &EmbedOptions::default(), Encoding::Float16)
+            .await
+            .unwrap();
+        let EncodedValues::Float16(halves) = &half.values else { panic!("{:?}", half.values) };
+        let widened: Vec<f32> = halves.iter().map(|&h| f16_bits_to_f32(h)).collect();
+        for (row, vector) in widened.chunks(384).zip(&whole.embeddings) {
+            assert!(row.iter().zip(vector).all(|(a, b)| (a - b).abs() < 1e-3));
+        }
+
+        // int8: the same codes alone and in a batch
+        let int8 = |inputs: &[String]| {
+            let client = client.clone();
+            let inputs = inputs.to_vec();
+            async move {
+                let options = EmbedOptions::default();
+                client.embed_encoded(request("", &inputs), &options, Encoding::Int8).await
+            }
+        };
+        let together = int8(texts).await.unwrap();
+        let alone = int8(&texts[2..3]).await.unwrap();
+        let (EncodedValues::Int8(together), EncodedValues::Int8(alone)) =
+            (together.values, alone.values)
+        else {
+            panic!("int8 values")
+        };
+        assert_eq!(&together[2 * 384..3 * 384], &alone[..]);
+        let (minimum, maximum) = client.quantization_ranges("", None, None).await.unwrap();
+        assert_eq!((minimum.len(), maximum.len()), (384, 384));
+        assert!(minimum.iter().zip(&maximum).all(|(low, high)| low < high));
+        let (short_min, _) = client.quantization_ranges("", Some(64), Some(false)).await.unwrap();
+        assert_eq!(short_min.len(), 64);
+
+        // bad options: invalid_input naming the field
+        let too_long = EmbedOptions { dimensions: Some(385), ..EmbedOptions::default() };
+        match client.embed_batch_with(request("", texts), &too_long).await {
+            Err(EmbeddingError::InvalidInput(message)) => {
+                assert!(message.starts_with("dimensions must be from 1 to 384"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let unpackable = EmbedOptions { dimensions: Some(100), ..EmbedOptions::default() };
+        match client.embed_encoded(request("", texts), &unpackable, Encoding::Binary).await {
+            Err(EmbeddingError::InvalidInput(message)) => {
+                assert!(message.starts_with("dimensions 100 is not a multiple of 8"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // tokenize: the counts the worker runs with; left truncation keeps the end
+        let counts = client.count_tokens("", texts.clone(), &EmbedOptions::default()).await;
+        assert_eq!(counts.unwrap(), golden.token_counts);
+        let long = format!(
+            "{}{} the very end",
+            "cats and dogs play in the garden. ".repeat(60),
+            "stock markets fell on inflation fears. ".repeat(60)
+        );
+        let left =
+            EmbedOptions { truncation_side: Some(TruncationSide::Left), ..Default::default() };
+        let right_ids = client.tokenize("", vec![long.clone()], &EmbedOptions::default()).await;
+        let left_ids = client.tokenize("", vec![long.clone()], &left).await.unwrap();
+        let right_ids = right_ids.unwrap();
+        assert_eq!((left_ids[0].len(), right_ids[0].len()), (256, 256));
+        assert_ne!(left_ids, right_ids);
+        let kept_end = client.tokenize("", vec!["the very end".into()], &left).await.unwrap();
+        let end = &kept_end[0][1..kept_end[0].len() - 1]; // without [CLS] and [SEP]
+        assert!(left_ids[0][..left_ids[0].len() - 1].ends_with(end));
+        let by_side =
+            client.embed_batch_with(request("", std::slice::from_ref(&long)), &left).await.unwrap();
+        let by_right = client.embed_batch(request("", &[long])).await.unwrap();
+        assert!(cosine(&by_side.embeddings[0], &by_right.embeddings[0]) < 0.99);
+        client.close().await;
     })
     .await;
 }
