@@ -87,24 +87,29 @@ def _single(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, f
     return _percentiles(samples)
 
 
-def run_callers(caller: Callable[[int], None]) -> float:
-    """Seconds for ``CONCURRENT_CALLERS`` threads running ``caller(index)``, timed from the
-    moment all of them are started and released together."""
-    barrier = threading.Barrier(CONCURRENT_CALLERS + 1)
+def run_callers(caller: Callable[[int], None], callers: int = CONCURRENT_CALLERS) -> float:
+    """Seconds for ``callers`` threads running ``caller(index)``, timed from the moment all of
+    them are started and released together; the first exception a caller raised is raised
+    once all have finished."""
+    barrier = threading.Barrier(callers + 1)
+    errors: list[BaseException] = []
 
     def released(index: int) -> None:
         barrier.wait()
-        caller(index)
+        try:
+            caller(index)
+        except BaseException as exc:  # reported after the others finish
+            errors.append(exc)
 
-    threads = [
-        threading.Thread(target=released, args=(index,)) for index in range(CONCURRENT_CALLERS)
-    ]
+    threads = [threading.Thread(target=released, args=(index,)) for index in range(callers)]
     for thread in threads:
         thread.start()
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
+    if errors:
+        raise errors[0]
     return time.perf_counter() - started
 
 

@@ -33,7 +33,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -45,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from akidb_embed.bench.corpus import build_corpus, corpus_digest
-from akidb_embed.bench.runner import _single, peak_rss_mb
+from akidb_embed.bench.runner import _single, peak_rss_mb, run_callers
 from akidb_embed.cores import LONE_QUERY_THREADS, auto_workers, size_lanes, usable_cores
 from akidb_embed.models import load_metadata
 
@@ -91,27 +90,12 @@ def client_grid(cores: int) -> list[tuple[int, int, int]]:
 
 def _callers(embed: EmbedFn, sentences: Sequence[str], callers: int, calls: int) -> float:
     """Requests/s of ``callers`` threads each sending ``calls`` one-sentence calls at once."""
-    barrier = threading.Barrier(callers + 1)
-    errors: list[BaseException] = []
 
     def caller(index: int) -> None:
-        barrier.wait()
-        try:
-            for call in range(calls):
-                embed([sentences[(index * 7 + call) % len(sentences)]])
-        except BaseException as exc:  # reported after the others finish
-            errors.append(exc)
+        for call in range(calls):
+            embed([sentences[(index * 7 + call) % len(sentences)]])
 
-    threads = [threading.Thread(target=caller, args=(index,)) for index in range(callers)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return callers * calls / (time.perf_counter() - started)
+    return callers * calls / run_callers(caller, callers)
 
 
 def _measure(
