@@ -227,6 +227,9 @@ class Batcher:
         self._closed = False
         self._running = 0
         """Runs under way, by lane threads or by ``run_now``'s caller; at most ``lanes``."""
+        self._answering = 0
+        """Runs whose lane is released and whose finished jobs are being answered: ``join``
+        waits for them too, so that no reply is left unwritten."""
         self._input_free = reader is not None
         """No thread holds the input: the next idle lane thread takes it."""
         self._input_holder: threading.Thread | None = None
@@ -319,7 +322,7 @@ class Batcher:
         return self._pending_texts
 
     def _idle_locked(self) -> bool:
-        return not (self._running or self._plan or any(self._queues.values()))
+        return not (self._running or self._answering or self._plan or any(self._queues.values()))
 
     # -- lane threads --------------------------------------------------------------------
 
@@ -388,17 +391,29 @@ class Batcher:
 
     def _run_and_release(self, items: _MicroBatch) -> None:
         """Run ``items``, whose taker counted the run in ``_running`` under the lock; release
-        its lane and its texts' place in the pending count after."""
+        its lane and its texts' place in the pending count, then answer the jobs it
+        finished: a host that sends its next query on reading a reply finds the lane free."""
+        answered: list[Job] = []
         try:
             live = [(job, index) for job, index in items if job.error is None]
             if live:
-                self._run_micro_batch(live)
+                self._run_micro_batch(live, answered)
         finally:
             with self._lock:
                 self._running -= 1
                 self._pending_texts -= len(items)
+                self._answering += 1
                 self._changed.notify_all()
                 self._work.notify()  # a lane is free: queued work may start
+        try:
+            for job in answered:
+                self._finish(job)
+        finally:
+            with self._lock:
+                self._answering -= 1
+                self._changed.notify_all()
+                if self._closed:
+                    self._work.notify_all()  # the lanes waiting for the end may end
 
     def _next_queue(self) -> deque[Job] | None:
         """The queue of the next model with pending jobs, round-robin (lock held); None if all
@@ -471,7 +486,9 @@ class Batcher:
             return group
         return []
 
-    def _run_micro_batch(self, items: _MicroBatch) -> None:
+    def _run_micro_batch(self, items: _MicroBatch, answered: list[Job]) -> None:
+        """Run one micro-batch; the jobs it finishes (vectors all in, or failed) are appended
+        to ``answered``."""
         engine = items[0][0].engine
         assert engine is not None  # set by submit; a snapshot holds one model's jobs
         traced = [job.trace for job, _ in items if job.trace is not None]
@@ -498,14 +515,15 @@ class Batcher:
                 # own request and not the others that happened to share the batch
                 log.warning("inference failed (%s); retrying its %d requests apart", exc, len(jobs))
                 for job in jobs:
-                    self._run_micro_batch([item for item in items if item[0] is job])
+                    self._run_micro_batch([item for item in items if item[0] is job], answered)
                 return
             log.exception("inference failed for request %s", jobs[0].request_id)
-            self._fail(jobs[0], Internal(f"inference failed: {type(exc).__name__}: {exc}"))
+            if self._fail(jobs[0], Internal(f"inference failed: {type(exc).__name__}: {exc}")):
+                answered.append(jobs[0])
             return
         if whole:
             first.vectors, first.completed = vectors, first.size
-            self._finished(first)
+            answered.append(self._pooled(first))
             return
         finished: list[Job] = []
         with self._lock:  # other lanes may be filling other rows of the same jobs
@@ -521,18 +539,20 @@ class Batcher:
         for job in finished:
             if job.normalize and job.vectors is not None:
                 job.vectors = l2_normalize(job.vectors)
-            self._finished(job)
+            answered.append(self._pooled(job))
 
-    def _finished(self, job: Job) -> None:
-        """``job``'s vectors are all in: mark the trace, send the reply."""
+    def _pooled(self, job: Job) -> Job:
+        """``job``'s vectors are all in: mark the trace."""
         if job.trace is not None:
             job.trace["pooled"] = time.monotonic_ns()
-        self._finish(job)
+        return job
 
-    def _fail(self, job: Job, error: EmbeddingError) -> None:
+    def _fail(self, job: Job, error: EmbeddingError) -> bool:
+        """Mark ``job`` failed with ``error``; False if it had failed already (its share on
+        another lane): it is answered once."""
         with self._lock:
-            if job.error is not None:  # its share on another lane failed too: answered once
-                return
+            if job.error is not None:
+                return False
             job.error = error
             job.vectors = None
             # texts not yet in a snapshot will never run: they no longer count as pending
@@ -543,7 +563,7 @@ class Batcher:
                 queue.remove(job)
             self._pending_texts -= unscheduled
             self._changed.notify_all()
-        self._finish(job)
+        return True
 
     def _finish(self, job: Job) -> None:
         try:
