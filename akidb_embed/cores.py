@@ -5,6 +5,7 @@ both follow. No onnxruntime here: the host client imports it.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -49,9 +50,11 @@ def _cgroup_cpu_limit() -> int | None:
     return max(1, -(-int(quota) // int(period)))
 
 
+@functools.cache
 def usable_cores() -> int:
     """The cores this process may use: its CPU affinity, at most the physical cores, at most a
     container's CPU quota; ``0`` outside Linux, where it is not known (ONNX Runtime then picks).
+    Read once per process (one sysfs file per CPU): the worker's defaults ask several times.
 
     ONNX Runtime's own default counts the machine's physical cores and ignores CPU affinity and
     container quotas, which oversubscribes a constrained worker.

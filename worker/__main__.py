@@ -197,7 +197,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> WorkerConfig:
     settings = {
         f.name: getattr(args, f.name) for f in fields(WorkerConfig) if hasattr(args, f.name)
     }
-    share = max(1, usable_cores() // args.pool_workers) if usable_cores() else 0
+    cores = usable_cores()
+    share = max(1, cores // args.pool_workers) if cores else 0
     settings["lanes"], settings["threads"] = size_lanes(
         share, settings.pop("lanes"), settings.pop("threads")
     )
