@@ -72,10 +72,11 @@ test-rust: models build-rust
 
 # Processes running the Python suite (pytest-xdist): its tests mostly wait on the worker
 # processes they start, so more of them than cores; PYTEST_WORKERS=0 runs it in this process.
+# A test module stays on one process (loadfile), so its module-scoped workers start once.
 PYTEST_WORKERS ?= 3
 
 test-python: models
-	$(PY) -m pytest -m "not mpnet and not ray" -n $(PYTEST_WORKERS)
+	$(PY) -m pytest -m "not mpnet and not ray" -n $(PYTEST_WORKERS) --dist loadfile
 
 # The suites are independent: `make test` runs them at once (lint and typecheck beside the
 # model's provisioning and the Rust build, then the Rust and the Python tests side by side),

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,23 +189,52 @@ def shared_worker(metadata: ModelMetadata) -> Iterator[RawWorker]:
     worker.kill()
 
 
+def _run_shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder shared by every process of this run: under pytest-xdist the processes' own
+    temporary folders are siblings, so it sits beside them; else it is this process's own."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp(name)
+    shared = tmp_path_factory.getbasetemp().parent / name
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """Held by one process of the run at a time."""
+    import fcntl
+
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelMetadata]:
     """Every served tiny random-weight model of ``st_fixtures``, built and provisioned through
     the real provisioning (export, parity gate in every mode): its metadata by fixture name.
-    The model id recorded is the fixture's name."""
+    The model id recorded is the fixture's name. Built once per run: the other processes of a
+    parallel run find the directories provisioned (and verified) by the first."""
     from st_fixtures import FIXTURES
 
     from akidb_embed.models.provision import provision
 
-    root = tmp_path_factory.mktemp("tiny-models")
+    root = _run_shared_dir(tmp_path_factory, "tiny-models")
+    built = root / "built"
     provisioned = {}
-    for name, spec in FIXTURES.items():
-        if spec.refused is not None:
-            continue
-        source = spec.build(root / "sources" / name)
-        result = provision(
-            root / "models" / name, source_dir=source, model_id=name, log=lambda message: None
-        )
-        provisioned[name] = result.metadata
+    with _exclusive(root / "build.lock"):
+        for name, spec in FIXTURES.items():
+            if spec.refused is not None:
+                continue
+            source = root / "sources" / name
+            if not built.exists():
+                spec.build(source)
+            result = provision(
+                root / "models" / name, source_dir=source, model_id=name, log=lambda message: None
+            )
+            provisioned[name] = result.metadata
+        built.touch()
     return provisioned
