@@ -63,12 +63,13 @@ typecheck: venv
 
 # The Rust host client (host_client/rust) against the same worker and model; the script takes
 # the crates from Debian's packages, so no crates.io access is needed. The crate builds while
-# the model is provisioned; its tests need the model.
+# the model is provisioned; its tests need the model. Cargo runs its own jobs (MAKEFLAGS would
+# point it at the jobserver of `make test`, which make does not pass to it).
 build-rust:
-	.ci/cargo-offline test --no-run --quiet
+	MAKEFLAGS= .ci/cargo-offline test --no-run --quiet
 
 test-rust: models build-rust
-	AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/cargo-offline test
+	MAKEFLAGS= AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/cargo-offline test
 
 # Processes running the Python suite (pytest-xdist): its tests mostly wait on the worker
 # processes they start, so more of them than cores; PYTEST_WORKERS=0 runs it in this process.
