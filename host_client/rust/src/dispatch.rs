@@ -38,9 +38,9 @@ use std::time::Instant;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::WorkerConfig;
-use crate::supervisor::{
-    self, Frame, FrameSender, Loss, OutFrame, Pool, Reply, StartedWorker, SupervisorHandle,
-};
+use crate::process::{Spawner, WorkerCommand};
+use crate::stdin_lane::{Frame, FrameSender, OutFrame};
+use crate::supervisor::{self, Loss, Pool, Reply, StartedWorker, SupervisorHandle};
 use crate::types::{EmbeddingError, EmbeddingResult};
 use crate::wire::ReadyHello;
 
@@ -443,13 +443,24 @@ impl Dispatcher {
     /// supervisors on the current tokio runtime. Fails fast, without retrying, when a worker
     /// cannot start: with the error of the first slot that failed, after stopping the others.
     pub(crate) async fn start(config: WorkerConfig) -> EmbeddingResult<Self> {
+        Self::start_with(config, Arc::new(WorkerCommand)).await
+    }
+
+    /// [`start`](Self::start), with every worker (the first ones and their replacements)
+    /// started through `spawner`.
+    pub(crate) async fn start_with(
+        config: WorkerConfig,
+        spawner: Arc<dyn Spawner>,
+    ) -> EmbeddingResult<Self> {
         if let Some(problem) = config.problem() {
             return Err(EmbeddingError::InvalidInput(format!("WorkerConfig: {problem}")));
         }
         let mut starting = tokio::task::JoinSet::new();
         for slot in 0..config.workers {
-            let config = config.clone();
-            starting.spawn(async move { (slot, supervisor::start_worker(&config).await) });
+            let (config, spawner) = (config.clone(), spawner.clone());
+            starting.spawn(async move {
+                (slot, supervisor::start_worker(&config, &*spawner, slot).await)
+            });
         }
         let mut started: Vec<Option<EmbeddingResult<StartedWorker>>> =
             (0..config.workers).map(|_| None).collect();
@@ -500,7 +511,9 @@ impl Dispatcher {
         let supervisors = workers
             .into_iter()
             .enumerate()
-            .map(|(slot, worker)| supervisor::supervise(pool.clone(), slot, worker))
+            .map(|(slot, worker)| {
+                supervisor::supervise(pool.clone(), spawner.clone(), slot, worker)
+            })
             .collect();
         Ok(Self { state, supervisors })
     }

@@ -61,6 +61,9 @@ mod client;
 mod config;
 mod dispatch;
 mod process;
+mod stdin_lane;
+#[cfg(test)]
+mod supervision_tests;
 mod supervisor;
 mod types;
 pub mod wire;
