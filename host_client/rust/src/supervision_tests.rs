@@ -6,10 +6,11 @@
 //! so every case here takes milliseconds to a second. `tests/worker.rs` proves the same paths
 //! once more with the real worker and model.
 //!
-//! The fake worker's interpreter is `$AKIDB_EMBED_PYTHON`, else the checkout's
-//! `.venv/bin/python` (it needs msgpack).
+//! The fake worker's interpreter is the real worker's (`tests/common`): it needs msgpack.
 
-use std::path::PathBuf;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,29 +19,13 @@ use tokio::process::Child;
 use crate::config::WorkerConfig;
 use crate::dispatch::Dispatcher;
 use crate::process::{self, Spawner};
-use crate::types::{EmbeddingError, EmbeddingResult};
+use crate::types::EmbeddingResult;
 use crate::wire::{self, OpRequest, ReplyEnvelope};
+use common::{checkout, expect_error, process_exists, python, within};
+use common::{MODEL_NOT_FOUND, SERVICE_UNAVAILABLE};
 
-/// A hang guard for a loaded machine, not a timing expectation.
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Short, so that a hang is seen quickly; a serving fake worker answers within milliseconds.
 const HANG_TIMEOUT: Duration = Duration::from_millis(500);
-
-fn checkout() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    let python = std::env::var_os("AKIDB_EMBED_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| checkout().join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "no Python for the fake workers at {} (set AKIDB_EMBED_PYTHON or run `make venv`)",
-        python.display()
-    );
-    python
-}
 
 /// Starts fake workers: the n-th worker of a slot behaves as the n-th entry of that slot's
 /// script (the last entry for every later one), one of the behaviours the fake worker's
@@ -104,10 +89,6 @@ async fn start(config: WorkerConfig, workers: &Arc<FakeWorkers>) -> Dispatcher {
     Dispatcher::start_with(config, spawner).await.expect("the fake workers start")
 }
 
-async fn within<T>(test: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("the test finished in time")
-}
-
 /// One `health` request through the dispatcher: `Ok` when a worker answered it.
 async fn call(dispatcher: &Dispatcher) -> EmbeddingResult<()> {
     let encode = |id| wire::encode_frame(&OpRequest { id, op: "health" });
@@ -115,23 +96,11 @@ async fn call(dispatcher: &Dispatcher) -> EmbeddingResult<()> {
     wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()
 }
 
-/// The message of a `ServiceUnavailable`; any other outcome fails the test.
-fn unavailable(result: EmbeddingResult<()>) -> String {
-    match result {
-        Err(EmbeddingError::ServiceUnavailable(message)) => message,
-        other => panic!("expected ServiceUnavailable, got {other:?}"),
-    }
-}
-
 /// Waits until `condition` holds (bounded by the test's timeout).
 async fn eventually(condition: impl Fn() -> bool) {
     while !condition() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-fn process_exists(pid: u32) -> bool {
-    PathBuf::from(format!("/proc/{pid}")).exists()
 }
 
 #[tokio::test]
@@ -156,9 +125,9 @@ async fn a_request_whose_every_worker_dies_fails_after_max_attempts() {
     within(async {
         let workers = FakeWorkers::one(&["dies-on-request"]);
         let dispatcher = start(WorkerConfig { max_attempts: 2, ..config() }, &workers).await;
-        let message = unavailable(call(&dispatcher).await);
-        assert!(message.contains("the worker died on each of 2 attempts"), "{message}");
-        assert!(message.contains("fake worker: dying on request"), "its stderr: {message}");
+        // the reason quotes the worker's stderr
+        let parts = ["the worker died on each of 2 attempts", "fake worker: dying on request"];
+        expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         // the second death is replaced too
         eventually(|| dispatcher.worker_pid().is_some()).await;
         assert_eq!(workers.spawned(0).len(), 3, "two deaths, two replacements");
@@ -188,9 +157,8 @@ async fn a_request_that_always_hangs_fails_as_timed_out() {
         let workers = FakeWorkers::one(&["hangs-on-request"]);
         let config = WorkerConfig { request_timeout: HANG_TIMEOUT, max_attempts: 1, ..config() };
         let dispatcher = start(config, &workers).await;
-        let message = unavailable(call(&dispatcher).await);
-        assert!(message.contains("request timed out on each of 1 attempts"), "{message}");
-        assert!(message.contains("answered nothing for"), "{message}");
+        let parts = ["request timed out on each of 1 attempts", "answered nothing for"];
+        expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         dispatcher.close().await;
     })
     .await;
@@ -203,8 +171,8 @@ async fn a_crash_loop_spends_the_restart_budget_with_growing_backoff_then_every_
         // attempts to spare: the request outlives the budget and fails with the give-up
         let config = WorkerConfig { restart_limit: 2, max_attempts: 10, ..config() };
         let dispatcher = start(config, &workers).await;
-        let message = unavailable(call(&dispatcher).await);
-        assert!(message.contains("failed 3 times in a row (restart_limit 2)"), "{message}");
+        let parts = ["failed 3 times in a row (restart_limit 2)"];
+        let message = expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         let spawned = workers.spawned(0);
         assert_eq!(spawned.len(), 3, "the first worker and restart_limit replacements");
         for (restart, pair) in (1..).zip(spawned.windows(2)) {
@@ -213,7 +181,7 @@ async fn a_crash_loop_spends_the_restart_budget_with_growing_backoff_then_every_
             assert!(gap >= backoff, "restart {restart} after {gap:?}, before its {backoff:?}");
         }
         // given up: later calls fail at once with the same reason, and no worker is started
-        assert_eq!(unavailable(call(&dispatcher).await), message);
+        assert_eq!(expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &[]), message);
         assert_eq!(dispatcher.stats().workers[0].state, "given up");
         assert_eq!(workers.spawned(0).len(), 3);
         dispatcher.close().await;
@@ -226,10 +194,8 @@ async fn replacements_that_cannot_start_spend_the_budget_and_are_named() {
     within(async {
         let workers = FakeWorkers::one(&["dies-on-request", "exits-at-start"]);
         let dispatcher = start(WorkerConfig { restart_limit: 2, ..config() }, &workers).await;
-        let message = unavailable(call(&dispatcher).await);
-        assert!(message.contains("restart_limit 2"), "{message}");
-        assert!(message.contains("fake worker: cannot start"), "{message}");
-        assert!(message.contains("exit status: 3"), "{message}");
+        let parts = ["restart_limit 2", "fake worker: cannot start", "exit status: 3"];
+        expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         assert_eq!(workers.spawned(0).len(), 3);
         dispatcher.close().await;
     })
@@ -264,8 +230,8 @@ async fn deaths_within_the_stable_start_time_spend_the_restart_budget() {
         let unstable = WorkerConfig { restart_limit: 1, max_attempts: 4, ..config() };
         let workers = FakeWorkers::one(&THREE_DEATHS);
         let dispatcher = start(unstable, &workers).await;
-        let message = unavailable(call(&dispatcher).await);
-        assert!(message.contains("failed 2 times in a row (restart_limit 1)"), "{message}");
+        let parts = ["failed 2 times in a row (restart_limit 1)"];
+        expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         assert_eq!(workers.spawned(0).len(), 2);
         dispatcher.close().await;
     })
@@ -277,12 +243,7 @@ async fn a_replacement_that_refuses_to_start_gives_up_at_once() {
     within(async {
         let workers = FakeWorkers::one(&["dies-on-request", "refuses-to-start"]);
         let dispatcher = start(config(), &workers).await;
-        match call(&dispatcher).await {
-            Err(EmbeddingError::ModelNotFound(message)) => {
-                assert!(message.contains("fake worker: no model here"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        expect_error(call(&dispatcher).await, MODEL_NOT_FOUND, &["fake worker: no model here"]);
         assert_eq!(workers.spawned(0).len(), 2, "a worker that says why is not retried");
         dispatcher.close().await;
     })
@@ -292,34 +253,20 @@ async fn a_replacement_that_refuses_to_start_gives_up_at_once() {
 #[tokio::test]
 async fn a_first_worker_that_does_not_start_fails_the_start_with_its_reason() {
     within(async {
-        let start_fails = |script: &'static str, config: WorkerConfig| async move {
-            let workers = FakeWorkers::one(&[script]);
+        // the start's error, of `kind` and holding `parts`; the worker is not started again
+        let start_fails = |behaviour, config, kind, parts: &'static [&'static str]| async move {
+            let workers = FakeWorkers::one(&[behaviour]);
             let spawner: Arc<dyn Spawner> = workers.clone();
-            let error = Dispatcher::start_with(config, spawner).await.err().expect("no start");
+            expect_error(Dispatcher::start_with(config, spawner).await, kind, parts);
             assert_eq!(workers.spawned(0).len(), 1, "a first start is not retried");
-            error
         };
-        match start_fails("exits-at-start", config()).await {
-            EmbeddingError::ServiceUnavailable(message) => {
-                assert!(message.contains("fake worker: cannot start"), "{message}");
-                assert!(message.contains("exit status: 3"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
+        let exited = &["fake worker: cannot start", "exit status: 3"];
+        start_fails("exits-at-start", config(), SERVICE_UNAVAILABLE, exited).await;
         let impatient = WorkerConfig { start_timeout: Duration::from_millis(300), ..config() };
-        match start_fails("writes-no-hello", impatient).await {
-            EmbeddingError::ServiceUnavailable(message) => {
-                assert!(message.contains("wrote no hello within 300ms"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
-        match start_fails("refuses-to-start", config()).await {
-            EmbeddingError::ModelNotFound(message) => {
-                assert!(message.contains("could not start"), "{message}");
-                assert!(message.contains("fake worker: no model here"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
+        let silent = &["wrote no hello within 300ms"];
+        start_fails("writes-no-hello", impatient, SERVICE_UNAVAILABLE, silent).await;
+        let refused = &["could not start", "fake worker: no model here"];
+        start_fails("refuses-to-start", config(), MODEL_NOT_FOUND, refused).await;
     })
     .await;
 }
@@ -354,8 +301,7 @@ async fn closing_kills_a_hung_worker_after_close_timeout_and_fails_its_request()
         let dispatcher = start(config, &workers).await;
         let pid = dispatcher.worker_pid().unwrap();
         let (result, ()) = tokio::join!(call(&dispatcher), dispatcher.close());
-        let message = unavailable(result);
-        assert!(message.contains("closed before the worker answered"), "{message}");
+        expect_error(result, SERVICE_UNAVAILABLE, &["closed before the worker answered"]);
         assert!(!process_exists(pid), "the hung worker was killed and reaped");
     })
     .await;
