@@ -8,6 +8,8 @@ but loads no model, and behaves as its one argument says:
     refuses-to-start  a failed hello (ok: false, code model_not_found)
     dies-after-hello  hello, then exit status 1
     dies-on-request   hello, then exit status 1 on reading its first request
+    answers-garbage   hello, then a frame that is no msgpack map for its first request
+    closes-its-stdin  closes its stdin, then hello, and stays (writes to it fail)
     hangs-on-request  hello, then reads every request and answers none, and stays after the
                       end of its stdin too (a worker stuck in its model)
 
@@ -78,6 +80,13 @@ def main(behaviour: str) -> int:
         error = {"code": "model_not_found", "message": "fake worker: no model here"}
         write_frame(stdout, {"op": "hello", "ok": False, "protocol": 1, "error": error})
         return 4
+    if behaviour == "closes-its-stdin":
+        # before the hello, so that no request reaches the pipe first (sys.stdin's close would
+        # leave fd 0 open)
+        os.close(stdin.fileno())
+        write_frame(stdout, hello())
+        time.sleep(3600)
+        return 0
     write_frame(stdout, hello())
     if behaviour == "dies-after-hello":
         return 1
@@ -85,6 +94,9 @@ def main(behaviour: str) -> int:
         if behaviour == "dies-on-request":
             sys.stderr.write(f"fake worker: dying on request {request['id']}\n")
             return 1
+        if behaviour == "answers-garbage":
+            stdout.write(struct.pack(">I", 1) + b"\xc1")  # 0xc1: no msgpack value
+            stdout.flush()
         if behaviour == "serves":
             write_frame(stdout, {"id": request["id"], "ok": True})
     if behaviour == "hangs-on-request":

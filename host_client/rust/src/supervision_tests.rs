@@ -121,6 +121,20 @@ async fn a_worker_that_dies_holding_a_request_is_replaced_and_the_request_answer
 }
 
 #[tokio::test]
+async fn a_worker_that_breaks_the_frame_stream_or_its_stdin_is_replaced() {
+    within(async {
+        for broken in ["answers-garbage", "closes-its-stdin"] {
+            let workers = FakeWorkers::one(&[broken, "serves"]);
+            let dispatcher = start(config(), &workers).await;
+            call(&dispatcher).await.expect("the replacement answers");
+            assert_eq!(dispatcher.stats().restarts, 1, "{broken}");
+            dispatcher.close().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_request_whose_every_worker_dies_fails_after_max_attempts() {
     within(async {
         let workers = FakeWorkers::one(&["dies-on-request"]);
