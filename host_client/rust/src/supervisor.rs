@@ -1,8 +1,8 @@
 //! One worker of the pool and its supervisor: the process (started through a [`Spawner`]),
-//! its stdin lane (`stdin_lane.rs`), its reader task, the hang watch and the restart budget. The requests themselves belong to the dispatcher above (`dispatch.rs`),
-//! which this module knows only as the [`Pool`] trait: a supervisor tells it when its worker
-//! is ready, what the worker answered, and when the worker is gone, and the dispatcher decides
-//! where requests go.
+//! its stdin lane (`stdin_lane.rs`), its reader task, the hang watch and the restart budget.
+//! The requests themselves belong to the dispatcher above (`dispatch.rs`), which this module
+//! knows only as the [`Pool`] trait: a supervisor tells it when its worker is ready, what the
+//! worker answered, and when the worker is gone, and the dispatcher decides where requests go.
 //!
 //! ```text
 //!   dispatcher ── frames routed to this worker ──▶ FrameSender::send ──▶ stdin: the caller
@@ -18,8 +18,8 @@
 //!     (over max_attempts: that call fails) and goes back to the dispatcher, which routes it
 //!     to another ready worker at once, or holds it until one is ready ─▶ consecutive
 //!     restarts > restart_limit? Pool::gave_up (this slot stops; the others serve on) ─▶
-//!     backoff ─▶ start_worker ─▶ install(): new reader/writer, Pool::ready (the dispatcher
-//!     routes to it again, held requests first)
+//!     backoff ─▶ start_worker through the Spawner ─▶ install(): new reader and stdin lane,
+//!     Pool::ready (the dispatcher routes to it again, held requests first)
 //!   a replacement that says why it cannot start (failed hello) ─▶ Pool::gave_up at once
 //!
 //!   the supervisor task dropped without closing (its tokio runtime shut down, or a panic)
