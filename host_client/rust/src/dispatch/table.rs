@@ -10,7 +10,8 @@
 //!   slots:   [WorkerSlot {state: Ready {frames, ...} | Starting | GaveUp | Stopped, ...}]
 //!   loads():  estimated tokens outstanding per ready slot, summed over `pending`
 //!   route(id): least_loaded(loads) ─▶ that slot's FrameSender ─▶ route set, attempts + 1
-//!   route_waiting(): every request whose route is None (its worker died), oldest first
+//!   route_waiting(): every request whose route is None (no worker was ready, or its worker
+//!                    died), oldest first
 //! ```
 
 use std::collections::HashMap;
