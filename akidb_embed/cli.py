@@ -396,7 +396,8 @@ def _serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.lone or args.breakdown:
-        from akidb_embed.bench.lone import BREAKDOWN_CALLS, run_breakdown, run_lone_benchmark
+        from akidb_embed.bench.breakdown import BREAKDOWN_CALLS, run_breakdown
+        from akidb_embed.bench.lone import run_lone_benchmark
         from akidb_embed.worker.config import default_threads
 
         threads = default_threads() or 2
