@@ -31,7 +31,6 @@ from akidb_embed.host_client import (
     ModelNotFound,
     ServiceUnavailable,
 )
-from akidb_embed.host_client._chunking import ChunkLimits, chunk_end, utf8_size
 from akidb_embed.models import ModelMetadata
 
 GOLDEN_MIN_COSINE = 0.99999
@@ -307,17 +306,6 @@ def test_lone_calls_among_queued_calls_keep_the_bound_and_their_own_vectors(
     assert stats.in_flight_texts == 0
 
 
-def chunks(texts: list[str], limits: ChunkLimits) -> list[int]:
-    """Sizes of the wire requests ``texts`` are cut into."""
-    utf8_sizes = [utf8_size(text, index) for index, text in enumerate(texts)]
-    sizes, start = [], 0
-    while start < len(texts):
-        stop = chunk_end(texts, utf8_sizes, start, limits)
-        sizes.append(stop - start)
-        start = stop
-    return sizes
-
-
 def test_queue_ms_is_the_wait_for_room_under_the_bound(
     small_frames_client: EmbeddingClient,
 ) -> None:
@@ -329,20 +317,6 @@ def test_queue_ms_is_the_wait_for_room_under_the_bound(
     assert 0 < waited.queue_ms < waited.duration_ms
     lone = small_frames_client.embed_batch(BatchEmbeddingRequest(None, ["alone"])).usage
     assert lone.queue_ms == 0
-
-
-def test_chunks_respect_text_count_frame_bytes_and_estimated_tokens() -> None:
-    limits = ChunkLimits(
-        max_texts=8, max_payload_bytes=4096, max_tokens_per_text=256, max_chunk_tokens=1024
-    )
-
-    assert chunks(words(20), limits) == [8, 8, 4]  # by count
-    # 1,201 UTF-8 bytes each (but 601 characters): 3 fit in 4 KiB with their headers, not 4
-    assert chunks(["é" * 600 + "!"] * 9, limits) == [3, 3, 3]
-    # long texts count as max_tokens_per_text tokens each: 4 fill 1,024 estimated tokens
-    assert chunks(["x" * 2000] * 9, ChunkLimits(64, 1 << 20, 256, 1024)) == [4, 4, 1]
-    # a text alone always makes a chunk, even above the token estimate
-    assert chunks(["x" * 5000], ChunkLimits(8, 1 << 20, 10_000, 100)) == [1]
 
 
 def test_many_thousand_texts_make_as_many_vectors(client: EmbeddingClient) -> None:
