@@ -7,7 +7,8 @@
 //! ```text
 //!  caller tasks, any runtime ── embed_batch(request) ──▶  client.rs: empty? InvalidInput;
 //!    │  texts sorted shortest first, split by the hello's limits into wire requests, each
-//!    │  with its estimated tokens (a text over the limits: InvalidInput "inputs[i] ...")
+//!    │  with its estimated tokens (chunking.rs, protocol.md section 10; a text over the
+//!    │  limits: InvalidInput "inputs[i] ...")
 //!    ▼
 //!  dispatch.rs  Dispatcher::submit: wait for in-flight text permits (max_in_flight_texts)
 //!    pending: id ─▶ {frame, oneshot, attempts, tokens} ─▶ routed to the ready worker with
@@ -33,9 +34,9 @@
 //!    once with ServiceUnavailable; model_info too
 //! ```
 //!
-//! The modules depend one way: `client` ─▶ `dispatch` ─▶ `supervisor` ─▶ `process` ─▶ `wire`,
-//! all of them on `types` and `config` (the supervisor reaches the dispatcher only through its
-//! own `Pool` trait, which the dispatcher implements).
+//! The modules depend one way: `client` ─▶ `chunking`, and `client` ─▶ `dispatch` ─▶
+//! `supervisor` ─▶ `process` ─▶ `wire`, all of them on `types` and `config` (the supervisor
+//! reaches the dispatcher only through its own `Pool` trait, which the dispatcher implements).
 //!
 //! ```no_run
 //! use akidb_embed_client::{BatchEmbeddingRequest, WorkerClient, WorkerConfig};
@@ -57,6 +58,7 @@
 //! # }
 //! ```
 
+mod chunking;
 mod client;
 mod config;
 mod dispatch;
