@@ -59,13 +59,13 @@ def client(metadata: ModelMetadata) -> Iterator[EmbeddingClient]:
 
 @pytest.fixture(scope="module")
 def small_frames_client(metadata: ModelMetadata) -> Iterator[EmbeddingClient]:
-    """A worker allowing 8 texts and 4 KiB per frame, and a client allowing 16 texts in flight:
-    cheap ways to make the client split and hold back."""
+    """A worker allowing 8 texts and 16 KiB per frame (a reply of 8 vectors fits), and a client
+    allowing 16 texts in flight: cheap ways to make the client split and hold back."""
     with EmbeddingClient(
         metadata.directory,
         request_timeout=120.0,
         max_in_flight_texts=16,
-        worker_args=("--max-texts-per-request", "8", "--max-frame-bytes", "4096"),
+        worker_args=("--max-texts-per-request", "8", "--max-frame-bytes", str(16 * 1024)),
     ) as shared:
         yield shared
 
@@ -238,10 +238,10 @@ def test_text_over_the_workers_byte_limit_is_refused_before_sending(
 def test_batch_over_the_worker_limits_is_split_and_reassembled_in_order(
     small_frames_client: EmbeddingClient, client: EmbeddingClient
 ) -> None:
-    # 8 texts per frame at most, and 4 KiB per frame: the multi-byte texts of ~1,000 UTF-8
-    # bytes split on size long before 8 texts; the short ones on count.
+    # 8 texts per frame at most, and 16 KiB per frame: the multi-byte texts of ~2,400 UTF-8
+    # bytes split on size, 6 to a frame; the short ones on count.
     texts = [f"text number {index}" for index in range(60)]
-    texts += [f"{index} " + "é" * 490 for index in range(10)]
+    texts += [f"{index} " + "é" * 1200 for index in range(10)]
     texts += [f"closing line {index}" for index in range(13)]
 
     split = small_frames_client.embed_batch(BatchEmbeddingRequest(None, texts))
