@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
-import json
 import re
 import shutil
 import sys
@@ -52,16 +51,15 @@ from akidb_embed.models.metadata import (
     CALIBRATION_FILE,
     GOLDEN_FILE,
     INT8,
-    METADATA_FILE,
     MODEL_FILE,
     REQUIRED_FILES,
     TOKENIZER_FILE,
-    FileRecord,
     ModelMetadata,
-    file_sha256,
+    file_records,
     load_metadata,
     open_model_dir,
     verify_model_dir,
+    write_metadata,
 )
 from akidb_embed.models.provision import (
     WORK_FOLDER,
@@ -802,10 +800,7 @@ def _write_variant(
     shutil.copyfile(base.path(GOLDEN_FILE), built / GOLDEN_FILE)
     parity = _parity_with_golden(base, built, gate)
     calibration = write_calibration(open_candidate(base, built), built, log)
-    files = {
-        name: FileRecord(sha256=file_sha256(built / name), bytes=(built / name).stat().st_size)
-        for name in (*REQUIRED_FILES, CALIBRATION_FILE)
-    }
+    files = file_records(built, (*REQUIRED_FILES, CALIBRATION_FILE))
     record = {
         **best.to_json(),
         "description": recipe.description,
@@ -837,8 +832,7 @@ def _write_variant(
         base_model=base.model,
         quantization=record,
     )
-    text = json.dumps(metadata.to_json(), indent=2, ensure_ascii=False) + "\n"
-    (built / METADATA_FILE).write_text(text, encoding="utf-8")
+    write_metadata(metadata, built)
     work = target.parent / WORK_FOLDER
     work.mkdir(parents=True, exist_ok=True)
     staged = work / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"

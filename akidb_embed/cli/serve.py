@@ -38,25 +38,22 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         help="larger request bodies are refused with 413 (default: 16 MiB)",
     )
     serve.add_argument("--log-level", help="uvicorn's log level (default: warning)")
-    for name, value, meaning in (
-        ("request-timeout", defaults.request_timeout, "seconds a worker may go "
+    for name, kind, value, meaning in (
+        ("request-timeout", float, defaults.request_timeout, "seconds a worker may go "
          "without answering before it is replaced"),
-        ("start-timeout", defaults.start_timeout, "seconds for a worker's hello"),
-        ("close-timeout", defaults.close_timeout, "seconds the workers get to "
+        ("start-timeout", float, defaults.start_timeout, "seconds for a worker's hello"),
+        ("close-timeout", float, defaults.close_timeout, "seconds the workers get to "
          "answer what they hold at shutdown"),
-        ("stable-start-time", defaults.stable_start_time, "seconds of service "
+        ("stable-start-time", float, defaults.stable_start_time, "seconds of service "
          "that reset a slot's restart budget"),
-    ):  # fmt: skip
-        serve.add_argument(f"--{name}", type=float, default=value, help=f"{meaning} ({value})")
-    for name, count, meaning in (
-        ("max-attempts", defaults.max_attempts, "workers one request may be "
+        ("max-attempts", int, defaults.max_attempts, "workers one request may be "
          "sent to"),
-        ("restart-limit", defaults.restart_limit, "consecutive restarts of a "
+        ("restart-limit", int, defaults.restart_limit, "consecutive restarts of a "
          "worker slot before it gives up"),
-        ("max-in-flight-texts", defaults.max_in_flight_texts, "texts at the "
+        ("max-in-flight-texts", int, defaults.max_in_flight_texts, "texts at the "
          "workers at once; more wait in the server"),
     ):  # fmt: skip
-        serve.add_argument(f"--{name}", type=int, default=count, help=f"{meaning} ({count})")
+        serve.add_argument(f"--{name}", type=kind, default=value, help=f"{meaning} ({value})")
     serve.add_argument(
         "--worker-arg",
         action="append",

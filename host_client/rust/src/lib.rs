@@ -7,7 +7,8 @@
 //! ```text
 //!  caller tasks, any runtime ── embed_batch(request) ──▶  client.rs: empty? InvalidInput;
 //!    │  texts sorted shortest first, split by the hello's limits into wire requests, each
-//!    │  with its estimated tokens (a text over the limits: InvalidInput "inputs[i] ...")
+//!    │  with its estimated tokens (chunking.rs, protocol.md section 10; a text over the
+//!    │  limits: InvalidInput "inputs[i] ...")
 //!    ▼
 //!  dispatch.rs  Dispatcher::submit: wait for in-flight text permits (max_in_flight_texts)
 //!    pending: id ─▶ {frame, oneshot, attempts, tokens} ─▶ routed to the ready worker with
@@ -34,10 +35,11 @@
 //!    once with ServiceUnavailable; model_info too
 //! ```
 //!
-//! The modules depend one way: `client` ─▶ `dispatch` ─▶ `supervisor` ─▶ `stdin_lane`,
-//! `process` ─▶ `wire`, all of them on `types` and `config` (the supervisor reaches the
-//! dispatcher only through its own `Pool` trait, which the dispatcher implements). Workers are
-//! started through `process::Spawner`, the seam `supervision_tests` fills with fake workers.
+//! The modules depend one way: `client` ─▶ `chunking`, and `client` ─▶ `dispatch` ─▶
+//! `supervisor` ─▶ `stdin_lane`, `process` ─▶ `wire`, all of them on `types` and `config` (the
+//! supervisor reaches the dispatcher only through its own `Pool` trait, which the dispatcher
+//! implements). Workers are started through `process::Spawner`, the seam `supervision_tests`
+//! fills with fake workers.
 //!
 //! ```no_run
 //! use akidb_embed_client::{BatchEmbeddingRequest, WorkerClient, WorkerConfig};
@@ -59,6 +61,7 @@
 //! # }
 //! ```
 
+mod chunking;
 mod client;
 mod config;
 mod dispatch;
