@@ -102,7 +102,7 @@ def usable_cpus() -> int:
 CPUS_PER_WORKER = 32
 """``workers="auto"`` starts one worker per this many usable logical CPUs. One worker's Python
 steps (reading, tokenizing, pooling, replying: all under one GIL) are what caps a worker once
-its lanes fill the cores; see README's performance notes for the figures behind it."""
+its lanes fill the cores; the figures behind it are in docs/performance.md (Scaling)."""
 
 
 def auto_workers(cpus: int | None = None) -> int:

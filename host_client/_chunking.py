@@ -4,10 +4,15 @@ array, and how many texts each wire request may carry.
 ::
 
     caller's texts ──sort by length──► EmbedCall.texts (shortest first; order[i] = caller's index)
-        │ chunk_end(..., ChunkLimits.of(hello, ...)): texts until max_texts_per_request,
-        │ max_frame_bytes or ~CHUNK_MICRO_BATCHES runs of max_batch_tokens (estimated) is hit
+        │ chunk_end(..., ChunkLimits.of(hello, ...)): texts until max_texts (the hello's
+        │ max_texts_per_request, max_in_flight_texts, the rows a reply frame holds), the request
+        │ frame's room or ~CHUNK_MICRO_BATCHES runs of max_batch_tokens (estimated) is hit
         ▼
     wire requests [start:stop) ──► the dispatcher ──► replies ──► embeddings[order[start:stop]]
+
+protocol.md section 10 ("Cutting a call into requests") is the definition of the cut and of
+every constant below; the Rust client's ``chunking.rs`` follows the same page, and both are
+checked against the cases of ``tests/golden/chunking.json``.
 
 Tokens are estimated without a tokenizer (``estimated_tokens``): chunk sizes and the
 dispatcher's routing weigh them; nothing depends on the estimate being exact.
@@ -16,7 +21,7 @@ dispatcher's routing weigh them; nothing depends on the estimate being exact.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -44,11 +49,18 @@ __all__ = [
     "utf8_size",
 ]
 
-ENVELOPE_BYTES = 256
-"""Room in an embed frame for everything but the texts, the model and the prompt name (id, op,
-flags)."""
+# The constants of protocol.md section 10, "Cutting a call into requests": change them there
+# and in host_client/rust/src/chunking.rs together (tests/golden/chunking.json checks both).
+REQUEST_ENVELOPE_BYTES = 256
+"""Room in an embed or tokenize request for everything but its texts, its model name and its
+prompt name: id, op, flags and options take at most 145 bytes of msgpack."""
+REPLY_ENVELOPE_BYTES = 256
+"""Room in an embed reply for everything but its vectors, their bin header and its model id:
+id, ok, shape, dtype, usage and trace take about 250 bytes of msgpack at most."""
 TEXT_HEADER_BYTES = 5
-"""Largest msgpack header of one str."""
+"""Largest msgpack header of one str or bin (str 32, bin 32)."""
+BYTES_PER_VALUE = 4
+"""Bytes of one embedding value in the widest encoding (float32): a reply row's bound."""
 SPECIAL_TOKENS = 2
 """[CLS] and [SEP] around every input (an estimate: only chunk sizes and routing depend on it)."""
 CHUNK_MICRO_BATCHES = 4
@@ -136,12 +148,20 @@ def utf8_size(text: str, index: int) -> int:
 
 @dataclass(frozen=True)
 class ChunkLimits:
-    """How much one embed wire request may carry, from a worker's hello."""
+    """How much one embed wire request may carry, from a worker's hello (protocol.md
+    section 10)."""
 
     max_texts: int
+    """Texts per request: the hello's ``max_texts_per_request``, the client's
+    ``max_in_flight_texts`` and the rows a reply frame holds, at least 1."""
     max_payload_bytes: int
+    """Room in a request frame for its texts, each counted with its str header."""
     max_tokens_per_text: int
+    """The model's ``max_tokens``: no text is estimated above it (truncation)."""
     max_chunk_tokens: int
+    """Estimated tokens per request (``CHUNK_MICRO_BATCHES`` runs of the worker)."""
+    max_text_bytes: int
+    """The longest text a request can carry, in UTF-8 bytes; a longer one is refused."""
 
     @classmethod
     def of(
@@ -149,15 +169,44 @@ class ChunkLimits:
     ) -> ChunkLimits:
         served = hello.served(request.model)
         # a named model is sent as its full id (a short name is resolved here)
-        named = 0 if request.model is None else len(served.model.encode("utf-8"))
-        named += len((request.prompt_name or "").encode("utf-8"))
+        sent_model = None if request.model is None else served.model
+        return cls.compute(
+            hello.limits, served, max_in_flight_texts, sent_model, request.prompt_name
+        )
+
+    @classmethod
+    def compute(
+        cls,
+        limits: Mapping[str, int],
+        served: ModelInfo,
+        max_in_flight_texts: int,
+        sent_model: str | None,
+        prompt_name: str | None,
+    ) -> ChunkLimits:
+        """The limits of requests for ``served`` under a hello's ``limits`` whose ``model``
+        field is ``sent_model`` (``None``: nil, the default model)."""
+        max_frame_bytes = limits["max_frame_bytes"]
+        named = _utf8_length(sent_model) + _utf8_length(prompt_name)
+        max_payload_bytes = max(0, max_frame_bytes - REQUEST_ENVELOPE_BYTES - named)
+        # the reply names the model by its full id, and its vectors are one bin
+        reply_rest = REPLY_ENVELOPE_BYTES + _utf8_length(served.model) + TEXT_HEADER_BYTES
+        reply_row_bytes = max(1, served.dimension * BYTES_PER_VALUE)
+        max_reply_rows = max(0, max_frame_bytes - reply_rest) // reply_row_bytes
+        max_texts = min(limits["max_texts_per_request"], max_in_flight_texts, max_reply_rows)
         max_tokens = served.max_tokens
         return cls(
-            max_texts=min(hello.max_texts_per_request, max_in_flight_texts),
-            max_payload_bytes=hello.max_frame_bytes - ENVELOPE_BYTES - named,
+            max_texts=max(1, max_texts),
+            max_payload_bytes=max_payload_bytes,
             max_tokens_per_text=max_tokens,
-            max_chunk_tokens=CHUNK_MICRO_BATCHES * max(hello.max_batch_tokens, max_tokens),
+            max_chunk_tokens=CHUNK_MICRO_BATCHES * max(limits["max_batch_tokens"], max_tokens),
+            max_text_bytes=max(
+                0, min(limits["max_text_bytes"], max_payload_bytes - TEXT_HEADER_BYTES)
+            ),
         )
+
+
+def _utf8_length(text: str | None) -> int:
+    return 0 if text is None else len(text.encode("utf-8"))
 
 
 def estimated_tokens(text: str, max_tokens: int) -> int:

@@ -6,42 +6,6 @@ and ``open_model_dir`` tell everything else where it is, what it holds and wheth
 without importing onnxruntime, tokenizers or numpy.
 """
 
-from akidb_embed.models.metadata import (
-    DEFAULT_MODEL_ID,
-    DEFAULT_MODEL_NAME,
-    GOLDEN_FILE,
-    METADATA_FILE,
-    MODEL_DIR_ENV,
-    MODEL_FILE,
-    POOLING_MODES,
-    PROVISION_HINT,
-    REQUIRED_FILES,
-    TOKENIZER_FILE,
-    FileRecord,
-    ModelMetadata,
-    default_model_dir,
-    file_sha256,
-    load_metadata,
-    open_model_dir,
-    verify_model_dir,
-)
-
-__all__ = [
-    "DEFAULT_MODEL_ID",
-    "DEFAULT_MODEL_NAME",
-    "GOLDEN_FILE",
-    "METADATA_FILE",
-    "MODEL_DIR_ENV",
-    "MODEL_FILE",
-    "POOLING_MODES",
-    "PROVISION_HINT",
-    "REQUIRED_FILES",
-    "TOKENIZER_FILE",
-    "FileRecord",
-    "ModelMetadata",
-    "default_model_dir",
-    "file_sha256",
-    "load_metadata",
-    "open_model_dir",
-    "verify_model_dir",
-]
+# The package's API is the metadata module's: its ``__all__`` is this package's too.
+from akidb_embed.models.metadata import *  # noqa: F403
+from akidb_embed.models.metadata import __all__ as __all__

@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,10 +68,12 @@ __all__ = [
     "FileRecord",
     "ModelMetadata",
     "default_model_dir",
+    "file_records",
     "file_sha256",
     "load_metadata",
     "open_model_dir",
     "verify_model_dir",
+    "write_metadata",
 ]
 
 METADATA_FILE = "akidb-embed.json"
@@ -240,6 +243,22 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_records(directory: Path, names: Iterable[str]) -> dict[str, FileRecord]:
+    """The sha256 and size of each file ``names`` of ``directory``, as the metadata lists them."""
+    return {
+        name: FileRecord(
+            sha256=file_sha256(directory / name), bytes=(directory / name).stat().st_size
+        )
+        for name in names
+    }
+
+
+def write_metadata(metadata: ModelMetadata, directory: Path) -> None:
+    """Write ``metadata`` as the metadata file of ``directory`` (where it is being built)."""
+    text = json.dumps(metadata.to_json(), indent=2, ensure_ascii=False) + "\n"
+    (directory / METADATA_FILE).write_text(text, encoding="utf-8")
 
 
 def load_metadata(directory: Path | str | None = None) -> ModelMetadata:

@@ -44,7 +44,7 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,12 +58,12 @@ from akidb_embed.models.metadata import (
     MODEL_FILE,
     REQUIRED_FILES,
     TOKENIZER_FILE,
-    FileRecord,
     ModelMetadata,
     default_model_dir,
-    file_sha256,
+    file_records,
     load_metadata,
     verify_model_dir,
+    write_metadata,
 )
 from akidb_embed.models.sources import ModelConfig, Source, find_source, read_model_config
 
@@ -313,13 +313,6 @@ def _tokenizer_as_loaded(transformer_dir: Path, build: Path) -> Path:
     return as_loaded
 
 
-def _file_records(build: Path, names: Sequence[str]) -> dict[str, FileRecord]:
-    return {
-        name: FileRecord(sha256=file_sha256(build / name), bytes=(build / name).stat().st_size)
-        for name in names
-    }
-
-
 def _build(source: Source, target: Path, build: Path, log: Log) -> None:
     """Fill ``build`` with a complete model directory from ``source`` (metadata last)."""
     try:
@@ -351,7 +344,7 @@ def _build(source: Source, target: Path, build: Path, log: Log) -> None:
         max_tokens=config.max_tokens,
         pooling=config.pooling,
         normalize=config.normalize,
-        files=_file_records(build, (MODEL_FILE, TOKENIZER_FILE)),
+        files=file_records(build, (MODEL_FILE, TOKENIZER_FILE)),
         include_prompt=config.include_prompt,
         do_lower_case=config.do_lower_case,
         prompts=dict(config.prompts),
@@ -374,13 +367,12 @@ def _build(source: Source, target: Path, build: Path, log: Log) -> None:
     metadata = replace(
         metadata,
         directory=target,
-        files=_file_records(build, (*REQUIRED_FILES, CALIBRATION_FILE)),
+        files=file_records(build, (*REQUIRED_FILES, CALIBRATION_FILE)),
         source=source_record,
         parity=parity,
         calibration=calibration,
     )
-    text = json.dumps(metadata.to_json(), indent=2, ensure_ascii=False) + "\n"
-    (build / METADATA_FILE).write_text(text, encoding="utf-8")
+    write_metadata(metadata, build)
 
 
 def write_calibration(engine: Engine, directory: Path, log: Log) -> dict[str, Any]:
@@ -415,10 +407,9 @@ def _calibrate(target: Path, work: Path, log: Log) -> ModelMetadata:
     build.mkdir()
     try:
         calibration = write_calibration(engine, build, log)
-        records = {**metadata.files, **_file_records(build, (CALIBRATION_FILE,))}
+        records = {**metadata.files, **file_records(build, (CALIBRATION_FILE,))}
         updated = replace(metadata, files=records, calibration=calibration)
-        text = json.dumps(updated.to_json(), indent=2, ensure_ascii=False) + "\n"
-        (build / METADATA_FILE).write_text(text, encoding="utf-8")
+        write_metadata(updated, build)
         os.replace(build / CALIBRATION_FILE, target / CALIBRATION_FILE)
         os.replace(build / METADATA_FILE, target / METADATA_FILE)
     finally:

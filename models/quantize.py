@@ -6,7 +6,8 @@
        |
        +-- each RECIPE (onnxruntime.quantization: dynamic per-channel, static QDQ calibrated
        |   on the gate corpus' calibration texts, block-wise MatMulNBits, SmoothQuant then
-       |   dynamic; some leave sensitive nodes in fp32) --> candidate model.onnx
+       |   dynamic, per-token activation scales; some leave sensitive nodes in fp32)
+       |   --> candidate model.onnx
        |
        v   the worker's own Engine runs the gate corpus' evaluation texts (gate_corpus.py)
     fp32 vectors   vs   candidate vectors
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
-import json
 import re
 import shutil
 import sys
@@ -51,16 +51,15 @@ from akidb_embed.models.metadata import (
     CALIBRATION_FILE,
     GOLDEN_FILE,
     INT8,
-    METADATA_FILE,
     MODEL_FILE,
     REQUIRED_FILES,
     TOKENIZER_FILE,
-    FileRecord,
     ModelMetadata,
-    file_sha256,
+    file_records,
     load_metadata,
     open_model_dir,
     verify_model_dir,
+    write_metadata,
 )
 from akidb_embed.models.provision import (
     WORK_FOLDER,
@@ -87,6 +86,7 @@ __all__ = [
     "gate_figures",
     "graph_facts",
     "open_candidate",
+    "per_token_int8",
     "quantize",
     "smooth_activations",
     "variant_model_id",
@@ -366,6 +366,91 @@ def _smoothed_dynamic(alpha: float) -> Callable[[Path, Path, GraphFacts, Calibra
     return build
 
 
+def per_token_int8(source: Path, target: Path, facts: GraphFacts) -> None:
+    """Each weight MatMul ``x @ W`` as int8 with one scale per token (row) of ``x``, computed at
+    run time, and one per output channel (column) of ``W``, fixed here: ONNX Runtime's dynamic
+    mode has one scale per activation tensor, so one outlier token costs every other token its
+    resolution. ``x`` is quantised once for every MatMul reading it (query, key and value)::
+
+        s_x = max|x| per row / 127     q_x = round(x / s_x) + 128  (uint8, zero point 128)
+        y   = MatMulInteger(q_x, q_W) * s_x * s_W                  (q_W int8, symmetric)
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    weights = {initializer.name: initializer for initializer in graph.initializer}
+    chosen = set(facts.weight_matmuls)
+    added = [
+        numpy_helper.from_array(np.array(1 / 127, np.float32), "per_token/inv127"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "per_token/tiny"),
+        numpy_helper.from_array(np.array(128.0, np.float32), "per_token/offset"),
+        numpy_helper.from_array(np.array(128, np.uint8), "per_token/zero_point"),
+    ]
+    quantised: dict[str, tuple[str, str]] = {}  # activation -> (its uint8 codes, its row scales)
+    nodes = []
+    for node in graph.node:
+        if node.name not in chosen or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        x, name = node.input[0], node.name
+        if x not in quantised:
+            p = f"{x}/per_token"
+            nodes += [
+                helper.make_node("Abs", [x], [f"{p}/abs"]),
+                helper.make_node("ReduceMax", [f"{p}/abs"], [f"{p}/max"], axes=[-1], keepdims=1),
+                helper.make_node("Mul", [f"{p}/max", "per_token/inv127"], [f"{p}/scale0"]),
+                helper.make_node("Max", [f"{p}/scale0", "per_token/tiny"], [f"{p}/scale"]),
+                helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/scaled"]),
+                helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"]),
+                helper.make_node("Add", [f"{p}/rounded", "per_token/offset"], [f"{p}/shifted"]),
+                helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/codes"], to=TensorProto.UINT8),
+            ]
+            quantised[x] = (f"{p}/codes", f"{p}/scale")
+        codes, row_scale = quantised[x]
+        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+        column_scale = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127).astype(np.float32)
+        weight_codes = np.clip(np.round(weight / column_scale), -127, 127).astype(np.int8)
+        added += [
+            numpy_helper.from_array(weight_codes, f"{name}/weight_codes"),
+            numpy_helper.from_array(column_scale, f"{name}/column_scale"),
+            numpy_helper.from_array(np.zeros(weight.shape[1], np.int8), f"{name}/weight_zero"),
+        ]
+        nodes += [
+            helper.make_node(
+                "MatMulInteger",
+                [codes, f"{name}/weight_codes", "per_token/zero_point", f"{name}/weight_zero"],
+                [f"{name}/int32"],
+            ),
+            helper.make_node("Cast", [f"{name}/int32"], [f"{name}/float"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{name}/float", row_scale], [f"{name}/row_scaled"]),
+            helper.make_node("Mul", [f"{name}/row_scaled", f"{name}/column_scale"], node.output),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {name for node in graph.node for name in node.input}
+    kept = [initializer for initializer in graph.initializer if initializer.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    onnx.save(model, str(target))
+
+
+def _per_token(alpha: float | None) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+    def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
+        if alpha is None:
+            per_token_int8(source, target, facts)
+            return
+        smoothed = target.with_name(f"smoothed-{target.name}")
+        smooth_activations(source, smoothed, facts, calibration, alpha)
+        try:
+            per_token_int8(smoothed, target, facts)
+        finally:
+            smoothed.unlink()
+
+    return build
+
+
 def _last_layer(facts: GraphFacts) -> Sequence[str]:
     return facts.last_layer
 
@@ -442,6 +527,17 @@ RECIPES: tuple[Recipe, ...] = (
         "SmoothQuant with alpha 0.7 (more of the activations' range moved to the weights) "
         "then dynamic-weights",
         _smoothed_dynamic(0.7),
+    ),
+    Recipe(
+        "per-token",
+        "weight MatMuls in int8 with one activation scale per token (computed at run time) "
+        "and per-channel weights (MatMulInteger and two Muls)",
+        _per_token(None),
+    ),
+    Recipe(
+        "smoothquant-per-token",
+        "SmoothQuant (alpha 0.5) then per-token",
+        _per_token(0.5),
     ),
 )
 
@@ -704,10 +800,7 @@ def _write_variant(
     shutil.copyfile(base.path(GOLDEN_FILE), built / GOLDEN_FILE)
     parity = _parity_with_golden(base, built, gate)
     calibration = write_calibration(open_candidate(base, built), built, log)
-    files = {
-        name: FileRecord(sha256=file_sha256(built / name), bytes=(built / name).stat().st_size)
-        for name in (*REQUIRED_FILES, CALIBRATION_FILE)
-    }
+    files = file_records(built, (*REQUIRED_FILES, CALIBRATION_FILE))
     record = {
         **best.to_json(),
         "description": recipe.description,
@@ -739,8 +832,7 @@ def _write_variant(
         base_model=base.model,
         quantization=record,
     )
-    text = json.dumps(metadata.to_json(), indent=2, ensure_ascii=False) + "\n"
-    (built / METADATA_FILE).write_text(text, encoding="utf-8")
+    write_metadata(metadata, built)
     work = target.parent / WORK_FOLDER
     work.mkdir(parents=True, exist_ok=True)
     staged = work / f"{target.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from akidb_embed.bench.lone import STAGES
+from akidb_embed.bench.breakdown import STAGES
 from akidb_embed.models import ModelMetadata
 
 

@@ -31,7 +31,6 @@ from akidb_embed.host_client import (
     ModelNotFound,
     ServiceUnavailable,
 )
-from akidb_embed.host_client._chunking import ChunkLimits, chunk_end, utf8_size
 from akidb_embed.models import ModelMetadata
 
 GOLDEN_MIN_COSINE = 0.99999
@@ -60,13 +59,13 @@ def client(metadata: ModelMetadata) -> Iterator[EmbeddingClient]:
 
 @pytest.fixture(scope="module")
 def small_frames_client(metadata: ModelMetadata) -> Iterator[EmbeddingClient]:
-    """A worker allowing 8 texts and 4 KiB per frame, and a client allowing 16 texts in flight:
-    cheap ways to make the client split and hold back."""
+    """A worker allowing 8 texts and 16 KiB per frame (a reply of 8 vectors fits), and a client
+    allowing 16 texts in flight: cheap ways to make the client split and hold back."""
     with EmbeddingClient(
         metadata.directory,
         request_timeout=120.0,
         max_in_flight_texts=16,
-        worker_args=("--max-texts-per-request", "8", "--max-frame-bytes", "4096"),
+        worker_args=("--max-texts-per-request", "8", "--max-frame-bytes", str(16 * 1024)),
     ) as shared:
         yield shared
 
@@ -239,10 +238,10 @@ def test_text_over_the_workers_byte_limit_is_refused_before_sending(
 def test_batch_over_the_worker_limits_is_split_and_reassembled_in_order(
     small_frames_client: EmbeddingClient, client: EmbeddingClient
 ) -> None:
-    # 8 texts per frame at most, and 4 KiB per frame: the multi-byte texts of ~1,000 UTF-8
-    # bytes split on size long before 8 texts; the short ones on count.
+    # 8 texts per frame at most, and 16 KiB per frame: the multi-byte texts of ~2,400 UTF-8
+    # bytes split on size, 6 to a frame; the short ones on count.
     texts = [f"text number {index}" for index in range(60)]
-    texts += [f"{index} " + "é" * 490 for index in range(10)]
+    texts += [f"{index} " + "é" * 1200 for index in range(10)]
     texts += [f"closing line {index}" for index in range(13)]
 
     split = small_frames_client.embed_batch(BatchEmbeddingRequest(None, texts))
@@ -307,17 +306,6 @@ def test_lone_calls_among_queued_calls_keep_the_bound_and_their_own_vectors(
     assert stats.in_flight_texts == 0
 
 
-def chunks(texts: list[str], limits: ChunkLimits) -> list[int]:
-    """Sizes of the wire requests ``texts`` are cut into."""
-    utf8_sizes = [utf8_size(text, index) for index, text in enumerate(texts)]
-    sizes, start = [], 0
-    while start < len(texts):
-        stop = chunk_end(texts, utf8_sizes, start, limits)
-        sizes.append(stop - start)
-        start = stop
-    return sizes
-
-
 def test_queue_ms_is_the_wait_for_room_under_the_bound(
     small_frames_client: EmbeddingClient,
 ) -> None:
@@ -329,20 +317,6 @@ def test_queue_ms_is_the_wait_for_room_under_the_bound(
     assert 0 < waited.queue_ms < waited.duration_ms
     lone = small_frames_client.embed_batch(BatchEmbeddingRequest(None, ["alone"])).usage
     assert lone.queue_ms == 0
-
-
-def test_chunks_respect_text_count_frame_bytes_and_estimated_tokens() -> None:
-    limits = ChunkLimits(
-        max_texts=8, max_payload_bytes=4096, max_tokens_per_text=256, max_chunk_tokens=1024
-    )
-
-    assert chunks(words(20), limits) == [8, 8, 4]  # by count
-    # 1,201 UTF-8 bytes each (but 601 characters): 3 fit in 4 KiB with their headers, not 4
-    assert chunks(["é" * 600 + "!"] * 9, limits) == [3, 3, 3]
-    # long texts count as max_tokens_per_text tokens each: 4 fill 1,024 estimated tokens
-    assert chunks(["x" * 2000] * 9, ChunkLimits(64, 1 << 20, 256, 1024)) == [4, 4, 1]
-    # a text alone always makes a chunk, even above the token estimate
-    assert chunks(["x" * 5000], ChunkLimits(8, 1 << 20, 10_000, 100)) == [1]
 
 
 def test_many_thousand_texts_make_as_many_vectors(client: EmbeddingClient) -> None:

@@ -34,6 +34,7 @@ from akidb_embed.models.quantize import (
     gate_figures,
     graph_facts,
     open_candidate,
+    per_token_int8,
     smooth_activations,
     variant_model_id,
 )
@@ -98,6 +99,24 @@ def test_smoothing_moves_activation_range_into_the_weights_and_keeps_the_fp32_ve
     assert (tmp_path / MODEL_FILE).read_bytes() != fp32.path(MODEL_FILE).read_bytes()
     ours, theirs = smoothed.embed(texts, normalize=True), engine.embed(texts, normalize=True)
     assert np.sum(ours.astype(np.float64) * theirs, axis=1).min() >= 0.99999
+
+
+def test_per_token_int8_runs_every_weight_matmul_on_int8_codes_near_the_fp32_vectors(
+    fp32: ModelMetadata, tmp_path: Path
+) -> None:
+    import onnx
+
+    engine = Engine.load(WorkerConfig(provider="cpu"), fp32.directory)
+    texts = FIXTURE_TEXTS[:48]
+    facts = graph_facts(fp32.path(MODEL_FILE))
+    per_token_int8(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts)
+    ops = [node.op_type for node in onnx.load(str(tmp_path / MODEL_FILE)).graph.node]
+    assert ops.count("MatMulInteger") == len(facts.weight_matmuls) > 0
+    assert ops.count("MatMul") == len(facts.activation_matmuls)
+    ours = open_candidate(fp32, tmp_path).embed(texts, normalize=True)
+    theirs = engine.embed(texts, normalize=True)
+    cosines = np.sum(ours.astype(np.float64) * theirs, axis=1)
+    assert 0.98 <= cosines.min() < 1 - 1e-7  # rounded, so never exact
 
 
 def test_a_variant_passing_the_gate_is_a_model_directory_that_says_where_it_came_from(

@@ -10,6 +10,10 @@ A command that needs what a test run cannot have (the network, minutes, a Ray cl
 directory of your own) is left out by ``NOT_RUN``, with the reason, and every entry there must
 still match a command of the README. A command that names a model directory that is not
 provisioned here still runs: it must fail saying just that, so its options parsed as written.
+
+The README is a user's page: at most ``MAX_README_LINES`` lines, the measurements and design
+notes living in docs/. Every relative link of the README, of the pages under docs/ and of
+protocol.md points at a file that exists, and a link's ``#anchor`` at a heading of that file.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import pytest
 CHECKOUT = Path(__file__).resolve().parent.parent
 README = (CHECKOUT / "README.md").read_text(encoding="utf-8")
 TIMEOUT = 300
+MAX_README_LINES = 350
+LINKED_PAGES = ("README.md", "protocol.md", "docs/*.md")
+"""The Markdown pages whose relative links must resolve (globs under the checkout)."""
 
 NOT_RUN = {
     "make demo": "creates .venv, installs and provisions the model: what `make test` did first",
@@ -122,3 +129,57 @@ def test_every_command_not_run_is_still_in_the_readme() -> None:
         assert any(command.startswith(start) for command in commands), start
     for start in NOT_RUN_PYTHON:
         assert any(block.startswith(start) for block in blocks("python")), start
+
+
+def test_the_readme_is_a_page_of_at_most_max_readme_lines() -> None:
+    lines = len(README.splitlines())
+    assert lines <= MAX_README_LINES, f"README.md has {lines} lines; move detail to docs/"
+
+
+def without_code(markdown: str) -> str:
+    """``markdown`` without fenced blocks and inline code, where brackets are not links."""
+    prose = re.sub(r"^```.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
+    return re.sub(r"`[^`\n]*`", "", prose)
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the headings of ``page``: lower case, punctuation dropped,
+    spaces to hyphens, a repeated one numbered."""
+    seen: dict[str, int] = {}
+    found = set()
+    prose = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", prose, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+def relative_links(page: Path) -> list[str]:
+    targets = re.findall(r"\]\(([^()\s]+)\)", without_code(page.read_text(encoding="utf-8")))
+    return [t for t in targets if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
+PAGES = sorted({page for pattern in LINKED_PAGES for page in CHECKOUT.glob(pattern)})
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(CHECKOUT)))
+def test_every_relative_link_points_at_an_existing_file_and_heading(page: Path) -> None:
+    broken = []
+    for link in relative_links(page):
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{link}: no such file")
+        elif anchor and target.suffix == ".md" and anchor not in anchors(target):
+            broken.append(f"{link}: no heading with that anchor in {target.name}")
+    assert not broken, f"{page.relative_to(CHECKOUT)}: " + "; ".join(broken)
+
+
+def test_the_link_checker_sees_the_readme_links() -> None:
+    # a checker that found no link would pass whatever the pages say
+    links = relative_links(CHECKOUT / "README.md")
+    assert "docs/performance.md" in links
+    assert "protocol.md" in links
+    assert "int8-variants" in anchors(CHECKOUT / "README.md")

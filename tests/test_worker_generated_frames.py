@@ -28,6 +28,7 @@ import pytest
 from conftest import RawWorker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgpack_strategies import any_msgpack_value
 
 from akidb_embed.models import ModelMetadata
 from akidb_embed.wire import LENGTH_PREFIX, MAX_NESTING
@@ -114,16 +115,8 @@ def expected_for_map(message: dict[Any, Any], model: str) -> Expected:
 
 # -- generated frames ------------------------------------------------------------------------
 
-scalars = (
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=MAX_ID)
-    | st.floats() | st.text(max_size=12) | st.binary(max_size=8)
-)  # fmt: skip
-values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
-    ),
-    max_leaves=6,
+values = any_msgpack_value(
+    max_leaves=6, text_size=12, binary_size=8, list_size=3, key_size=4, map_size=3
 )
 ids = (
     st.integers(min_value=0, max_value=MAX_ID)

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgpack_strategies import any_msgpack_value
 
 from akidb_embed.errors import InvalidInput, ModelNotFound, ProtocolError, ServiceUnavailable
 from akidb_embed.wire import (
@@ -208,16 +209,8 @@ def test_text_of_exactly_max_text_bytes_is_accepted() -> None:
     assert parse({"id": 1, "op": "embed", "inputs": ["é" * 16]}).inputs == ["é" * 16]
 
 
-msgpack_scalars = (
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats() | st.text(max_size=40) | st.binary(max_size=20)
-)  # fmt: skip
-msgpack_values = st.recursive(
-    msgpack_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=20,
+msgpack_values = any_msgpack_value(
+    max_leaves=20, text_size=40, binary_size=20, list_size=5, key_size=8, map_size=4
 )
 request_like = st.fixed_dictionaries(
     {},

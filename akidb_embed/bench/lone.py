@@ -1,11 +1,9 @@
-"""``akidb-embed bench --lone`` and ``--breakdown``: one short query at a time, through the bridge
-and in-process, down to the microsecond.
-
-``--lone`` compares, with and without ``--spin-wait``, in one run:
+"""``akidb-embed bench --lone``: one short query at a time, through the bridge and in-process,
+compared with and without ``--spin-wait`` in one run:
 
     in-process   the worker's own engine called directly (the floor)
     python       akidb_embed.host_client.EmbeddingClient -> worker
-    raw frames   length-prefixed msgpack written to a worker's stdin by hand (no client)
+    raw frames   length-prefixed msgpack on a worker's pipes with no host client (raw.py)
     rust         the Rust crate's client (example ``roundtrip``), when cargo is there
 
 and prints for each: lone-query latency p50/p99 and its overhead over in-process, the p50 of the
@@ -16,50 +14,38 @@ keep spinning for a while after a run (with ``--spin-wait``) and would steal the
 cores, and load that comes and goes then weighs on every side alike. Lone blocks are of
 ``BLOCK_CALLS`` calls; the throughputs are medians over the blocks.
 
-``--breakdown`` times the stages of one lone request (the median over many), through the Python
-client and raw frames, from the worker's own marks (``trace: true``, protocol.md) and the
-host's, on the same monotonic clock. The client's stages are timed by wrapping its functions for
-the run (``_ClientProbe``): the client itself carries no timing code. Beside the stages it
-prints this machine's floor for any process bridge: two bare pipe wake-ups around a model run's
-time of busy CPU (``_wake_up_floor``), and one reply's encoding in a loop against right after a
-model run (``_cold_python``), the factor every Python step of a bridge pays.
+The stages of one such query are ``--breakdown``'s (breakdown.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 import numpy as np
 
-from akidb_embed import wire
 from akidb_embed.bench.corpus import build_corpus
+from akidb_embed.bench.raw import start_worker
 from akidb_embed.bench.runner import (
     CONCURRENT_CALLERS,
     _bulk,
     _concurrent,
-    rust_example,
     rust_example_argv,
 )
 from akidb_embed.models import load_metadata
 
 __all__ = [
     "BLOCK_CALLS",
-    "BREAKDOWN_CALLS",
     "FIRST_CALLS",
+    "PAUSE_SECONDS",
     "ROUNDS",
-    "STAGES",
-    "RawWorker",
-    "run_breakdown",
     "run_lone_benchmark",
 ]
 
@@ -68,73 +54,12 @@ ROUNDS = 5
 PAUSE_SECONDS = 0.3
 FIRST_CALLS = 30
 """Calls timed right after start, against steady state."""
-BREAKDOWN_CALLS = 200
-BREAKDOWN_WARM_UP_CALLS = 10
-"""Calls made before each breakdown column's timed ones, and not counted."""
 X16_CALLS = 160
 """Calls of one 16-way block (10 per caller); the figure is the median of ``ROUNDS`` blocks."""
 BULK_ROUNDS = 2
 FRESH = "in-process (fresh interpreter)"
 """The side whose ready_s is a fresh interpreter importing and loading the engine."""
 EmbedFn = Callable[[Sequence[str]], Any]
-
-
-class RawWorker:
-    """A worker driven by hand: frames written to its stdin, replies read from its stdout."""
-
-    def __init__(self, model_dir: Path, threads: int, spin_wait: bool) -> None:
-        argv = [sys.executable, "-m", "akidb_embed.worker", "--model-dir", str(model_dir),
-                "--threads", str(threads)] + (["--spin-wait"] if spin_wait else [])  # fmt: skip
-        started = time.perf_counter()
-        self._process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-        )
-        assert self._process.stdin is not None and self._process.stdout is not None
-        self._stdin = self._process.stdin
-        self._replies = wire.FrameReader(cast(BinaryIO, self._process.stdout), 1 << 30)
-        hello = self._read()
-        self.ready_seconds = time.perf_counter() - started
-        if hello.get("ok") is not True:
-            raise RuntimeError(f"the worker did not start: {hello}")
-        self._ids = itertools.count(1)
-
-    def _read(self) -> dict[str, Any]:
-        payload = self._replies.read()
-        if payload is None:
-            raise RuntimeError("the worker ended")
-        return wire.unpack(payload)
-
-    def request(self, inputs: Sequence[str], **fields: Any) -> dict[str, Any]:
-        self._stdin.write(wire.pack({"id": next(self._ids), "op": "embed", "inputs": inputs,
-                                     **fields}))  # fmt: skip
-        self._stdin.flush()
-        reply = self._read()
-        if reply.get("ok") is not True:
-            raise RuntimeError(f"embed failed: {reply}")
-        return reply
-
-    def embed(self, texts: Sequence[str]) -> Any:
-        reply = self.request(list(texts))
-        return wire.embeddings_from_bytes(reply["embeddings"], tuple(reply["shape"]))
-
-    def pipelined(self, batches: Sequence[Sequence[str]], depth: int) -> int:
-        """Send ``batches`` as requests with up to ``depth`` in flight; the texts answered."""
-        answered = in_flight = 0
-        for batch in batches:
-            if in_flight == depth:
-                answered += self._read()["shape"][0]
-                in_flight -= 1
-            self._stdin.write(wire.pack({"id": next(self._ids), "op": "embed",
-                                         "inputs": list(batch)}))  # fmt: skip
-            self._stdin.flush()
-            in_flight += 1
-        for _ in range(in_flight):
-            answered += self._read()["shape"][0]
-        return answered
-
-    def close(self) -> None:
-        self._stdin.close()
-        self._process.wait(timeout=30)
 
 
 def _lone_block(embed: EmbedFn, sentences: Sequence[str], calls: int) -> list[float]:
@@ -197,7 +122,7 @@ class _RawFrames(Side):
     name = "raw frames"
 
     def __init__(self, model_dir: Path, threads: int, spin_wait: bool, sentences: Sequence[str]):
-        self._raw = RawWorker(model_dir, threads, spin_wait)
+        self._raw = start_worker(model_dir, threads, spin_wait)
         self.ready_s = self._raw.ready_seconds
         self.first_ms = _lone_block(self._raw.embed, sentences, FIRST_CALLS)
 
@@ -434,369 +359,6 @@ def run_lone_benchmark(
     for note in document["notes"]:
         print(f"note: {note}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"results written to {output}")
-    return 0
-
-
-# -- the stages of one lone request ----------------------------------------------------------
-
-
-STAGES = (
-    ("client_submit_us", "client: checks, admission, routing"),
-    ("client_encode_us", "client: msgpack encode"),
-    ("client_write_us", "client: write to the pipe"),
-    ("pipe_in_us", "pipe + worker reader wake-up"),
-    ("worker_parse_us", "worker: decode + validate"),
-    ("tokenize_us", "worker: tokenize"),
-    ("queue_us", "worker: queue wait (0 when run at once)"),
-    ("ort_run_us", "ONNX Runtime run"),
-    ("pool_us", "pooling + normalise"),
-    ("reply_encode_us", "worker: reply encode"),
-    ("pipe_out_us", "worker write + pipe + client reader wake-up"),
-    ("client_decode_us", "client: msgpack decode"),
-    ("client_deliver_us", "client: reply to the call's future"),
-    ("caller_wakeup_us", "client: caller wakes, builds the response"),
-    ("total_us", "round trip"),
-    ("outside_model_us", "round trip less tokenize, run and pooling"),
-)
-MODEL_STAGES = ("tokenize_us", "ort_run_us", "pool_us")
-PIPES = ("pipes_and_wakeups_us", "both pipes and wake-ups: pipe_in_us + pipe_out_us")
-
-
-class _ClientProbe:
-    """Marks (``time.monotonic_ns()``) of the Python client's stages for one call at a time,
-    taken by wrapping the functions the client calls on its data path; ``trace: true`` is added
-    to every embed request it encodes."""
-
-    def __init__(self) -> None:
-        self.marks: dict[str, int] = {}
-        self.reply: dict[str, Any] | None = None
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        from akidb_embed.host_client import _connection, _worker
-
-        marks = self.marks
-        real_pack, real_unpack = wire.pack, wire.unpack
-        real_send = _worker.WorkerProcess.send
-        real_on_frame = _connection.Connection._on_frame
-
-        def pack(message: Any) -> bytes:
-            if message.get("op") == "embed":
-                message = {**message, "trace": True}
-            marks["encoding"] = time.monotonic_ns()
-            frame = real_pack(message)
-            marks["encoded"] = time.monotonic_ns()
-            return frame
-
-        def send(process: Any, frame: bytes) -> None:
-            marks["writing"] = time.monotonic_ns()
-            real_send(process, frame)
-            marks["written"] = time.monotonic_ns()
-
-        def unpack(payload: bytes) -> dict[str, Any]:
-            marks["decoding"] = time.monotonic_ns()
-            message = real_unpack(payload)
-            marks["decoded"] = time.monotonic_ns()
-            if "trace" in message:
-                self.reply = message
-            return message
-
-        def on_frame(connection: Any, process: Any, message: dict[str, Any]) -> None:
-            real_on_frame(connection, process, message)
-            marks["delivered"] = time.monotonic_ns()
-
-        patches = [
-            (wire, "pack", pack),  # the module both client modules call it through
-            (wire, "unpack", unpack),
-            (_worker.WorkerProcess, "send", send),
-            (_connection.Connection, "_on_frame", on_frame),
-        ]
-        originals = [(target, name, getattr(target, name)) for target, name, _ in patches]
-        try:
-            for target, name, replacement in patches:
-                setattr(target, name, replacement)
-            yield
-        finally:
-            for target, name, original in originals:
-                setattr(target, name, original)
-
-
-def _stage_medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Each stage's median over the timed calls of one breakdown column."""
-    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
-
-
-def _worker_stages(trace: dict[str, int]) -> dict[str, float]:
-    queued_from = trace.get("queued", trace["tokenized"])
-    return {
-        "worker_parse_us": (trace["parsed"] - trace["read"]) / 1000,
-        "tokenize_us": (trace["tokenized"] - trace["parsed"]) / 1000,
-        "queue_us": (trace["started"] - queued_from) / 1000
-        + (queued_from - trace["tokenized"]) / 1000,
-        "ort_run_us": (trace["ran"] - trace["started"]) / 1000,
-        "pool_us": (trace["pooled"] - trace["ran"]) / 1000,
-        "reply_encode_us": trace["encode_ns"] / 1000,
-    }
-
-
-def _outside_model(row: dict[str, float]) -> float:
-    """A traced call's round trip less the model's stages and tracing's extra reply encoding."""
-    return row["total_us"] - sum(row[stage] for stage in MODEL_STAGES) - row["reply_encode_us"]
-
-
-def _pipe_out(decoding: int, trace: dict[str, int]) -> float:
-    """From the reply's vectors being ready to the host decoding it, less the two encodings
-    of a traced reply (one counted as reply_encode_us, the other an artefact of tracing)."""
-    return (decoding - trace["pooled"] - 2 * trace["encode_ns"]) / 1000
-
-
-def _in_process_breakdown(
-    model_dir: Path, threads: int, sentences: Sequence[str], calls: int
-) -> dict[str, float]:
-    """The same stages in-process: ``Engine.embed`` with its tokenize, ONNX Runtime run and
-    pooling timed; everything else it does counts as ``queue_us`` (planning, result copy)."""
-    from akidb_embed.worker.config import WorkerConfig
-    from akidb_embed.worker.engine import Engine
-
-    engine = Engine.load(WorkerConfig(model_dir=model_dir, threads=threads))
-    spans: dict[str, int] = {}
-
-    def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = time.monotonic_ns()
-            result = function(*args, **kwargs)
-            spans[name] = spans.get(name, 0) + time.monotonic_ns() - started
-            return result
-
-        return wrapper
-
-    engine.tokenize = timed("tokenize_us", engine.tokenize)  # type: ignore[method-assign]
-    engine.forward = timed("ort_run_us", engine.forward)  # type: ignore[method-assign]
-    engine.pool = timed("pool_us", engine.pool)  # type: ignore[method-assign]
-    rows: list[dict[str, float]] = []
-    for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
-        spans.clear()
-        called = time.monotonic_ns()
-        engine.embed([sentences[index % len(sentences)]])
-        total = time.monotonic_ns() - called
-        row = {name: 0.0 for name, _ in STAGES}
-        row.update({name: span / 1000 for name, span in spans.items()})
-        row["total_us"] = total / 1000
-        row["queue_us"] = row["total_us"] - sum(span / 1000 for span in spans.values())
-        row["outside_model_us"] = row["queue_us"]
-        if index >= BREAKDOWN_WARM_UP_CALLS:
-            rows.append(row)
-    return _stage_medians(rows)
-
-
-def _python_breakdown(
-    model_dir: Path, threads: int, sentences: Sequence[str], calls: int
-) -> dict[str, float]:
-    from akidb_embed.host_client import EmbeddingClient
-
-    probe = _ClientProbe()
-    rows: list[dict[str, float]] = []
-    with probe.installed(), EmbeddingClient(model_dir, threads=threads) as client:
-        for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
-            probe.marks.clear()
-            called = time.monotonic_ns()
-            client.embed([sentences[index % len(sentences)]])
-            returned = time.monotonic_ns()
-            m, reply = probe.marks, probe.reply
-            assert reply is not None
-            trace = reply["trace"]
-            row = {
-                "client_submit_us": (m["encoding"] - called) / 1000,
-                "client_encode_us": (m["encoded"] - m["encoding"]) / 1000,
-                "client_write_us": (m["written"] - m["writing"]) / 1000,
-                "pipe_in_us": (trace["read"] - m["written"]) / 1000,
-                **_worker_stages(trace),
-                "pipe_out_us": _pipe_out(m["decoding"], trace),
-                "client_decode_us": (m["decoded"] - m["decoding"]) / 1000,
-                "client_deliver_us": (m["delivered"] - m["decoded"]) / 1000,
-                "caller_wakeup_us": (returned - m["delivered"]) / 1000,
-                "total_us": (returned - called) / 1000,
-            }
-            # routing happens after encoding: count it with the submit, not the write
-            row["client_submit_us"] += (m["writing"] - m["encoded"]) / 1000
-            row["outside_model_us"] = _outside_model(row)
-            if index >= BREAKDOWN_WARM_UP_CALLS:
-                rows.append(row)
-    return _stage_medians(rows)
-
-
-def _raw_breakdown(
-    model_dir: Path, threads: int, sentences: Sequence[str], calls: int
-) -> dict[str, float]:
-    raw = RawWorker(model_dir, threads, spin_wait=False)
-    stdin = raw._stdin
-    rows: list[dict[str, float]] = []
-    try:
-        for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
-            called = time.monotonic_ns()
-            frame = wire.pack({"id": index + 1, "op": "embed", "trace": True,
-                               "inputs": [sentences[index % len(sentences)]]})  # fmt: skip
-            encoded = time.monotonic_ns()
-            stdin.write(frame)
-            stdin.flush()
-            written = time.monotonic_ns()
-            payload = raw._replies.read()
-            decoding = time.monotonic_ns()
-            assert payload is not None
-            reply = wire.unpack(payload)
-            wire.embeddings_from_bytes(reply["embeddings"], tuple(reply["shape"]))
-            returned = time.monotonic_ns()
-            trace = reply["trace"]
-            row = {
-                "client_submit_us": 0.0,
-                "client_encode_us": (encoded - called) / 1000,
-                "client_write_us": (written - encoded) / 1000,
-                "pipe_in_us": (trace["read"] - written) / 1000,
-                **_worker_stages(trace),
-                "pipe_out_us": _pipe_out(decoding, trace),
-                "client_decode_us": (returned - decoding) / 1000,
-                "client_deliver_us": 0.0,
-                "caller_wakeup_us": 0.0,
-                "total_us": (returned - called) / 1000,
-            }
-            row["outside_model_us"] = _outside_model(row)
-            if index >= BREAKDOWN_WARM_UP_CALLS:
-                rows.append(row)
-    finally:
-        raw.close()
-    return _stage_medians(rows)
-
-
-_ECHO = """
-import os, sys, time
-busy = float(sys.argv[1])
-while os.read(0, 1):
-    end = time.perf_counter() + busy
-    while time.perf_counter() < end:
-        pass
-    os.write(1, b"x")
-"""
-"""A child that holds each byte it reads for ``busy`` seconds of busy CPU, then echoes it."""
-
-
-def _wake_up_floor(busy_seconds: float, calls: int) -> float:
-    """Median microseconds a byte takes to a child process and back, less the ``busy_seconds``
-    the child holds it (one model run): the two pipe wake-ups any process bridge pays on this
-    machine, with no bridge code at all."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", _ECHO, str(busy_seconds)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        bufsize=0,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    samples = []
-    try:
-        for _ in range(calls):
-            time.sleep(0.002)  # the child idles between calls, as a worker between queries
-            started = time.perf_counter_ns()
-            child.stdin.write(b"x")
-            child.stdout.read(1)
-            samples.append((time.perf_counter_ns() - started) / 1000 - busy_seconds * 1e6)
-    finally:
-        child.stdin.close()
-        child.wait(timeout=30)
-    return statistics.median(samples)
-
-
-def _cold_python(model_dir: Path, threads: int, calls: int) -> dict[str, float]:
-    """Median microseconds of encoding one reply (msgpack) in a loop and right after a model
-    run: every Python step of a bridge runs after a run, its caches emptied by the run."""
-    from akidb_embed.worker.config import WorkerConfig
-    from akidb_embed.worker.engine import Engine
-
-    engine = Engine.load(WorkerConfig(model_dir=model_dir, threads=threads))
-    token_ids = engine.tokenize(["a short query to run between two encodings"])
-    vector = engine.run(token_ids, normalize=True)
-    reply = {"id": 1, "ok": True, "model": engine.metadata.model, "shape": list(vector.shape),
-             "embeddings": wire.embeddings_to_bytes(vector),
-             "usage": {"total_tokens": 9, "duration_ms": 6.5}}  # fmt: skip
-    timings: dict[str, float] = {}
-    for name, after_run in (("encode_warm_us", False), ("encode_after_run_us", True)):
-        samples = []
-        for _ in range(calls):
-            if after_run:
-                engine.forward(token_ids)
-            started = time.perf_counter_ns()
-            wire.pack(reply)
-            samples.append((time.perf_counter_ns() - started) / 1000)
-        timings[name] = statistics.median(samples)
-    return timings
-
-
-def run_breakdown(
-    *, model_dir: Path | None, threads: int, calls: int, output: Path, rust: bool = True
-) -> int:
-    metadata = load_metadata(model_dir)
-    corpus = build_corpus(200)
-    short = [text for text in corpus if len(text) < 120][:50] or corpus[:50]
-    columns: dict[str, dict[str, float]] = {}
-    print(f"akidb-embed bench --breakdown: {calls} lone traced calls per client", file=sys.stderr)
-    columns["in-process"] = _in_process_breakdown(metadata.directory, threads, short, calls)
-    time.sleep(PAUSE_SECONDS)
-    columns["raw frames"] = _raw_breakdown(metadata.directory, threads, short, calls)
-    time.sleep(PAUSE_SECONDS)
-    columns["python"] = _python_breakdown(metadata.directory, threads, short, calls)
-    notes = []
-    if rust:
-        time.sleep(PAUSE_SECONDS)
-        report, note = rust_example(
-            metadata.directory, threads, short, calls, False, ["--breakdown", str(calls)]
-        )
-        notes.append(note)
-        if report is not None and "breakdown" in report:
-            rust_stages = dict(report["breakdown"])
-            # its remainder holds the traced reply's second encoding, as _pipe_out removes
-            rust_stages["pipes_and_wakeups_us"] -= rust_stages["reply_encode_us"]
-            rust_stages["outside_model_us"] -= rust_stages["reply_encode_us"]
-            columns["rust"] = rust_stages
-    time.sleep(PAUSE_SECONDS)
-    floor = {"wake_ups_us": _wake_up_floor(columns["in-process"]["ort_run_us"] / 1e6, calls)}
-    floor.update(_cold_python(metadata.directory, threads, calls))
-    for column in columns.values():
-        if "pipes_and_wakeups_us" not in column:
-            column["pipes_and_wakeups_us"] = column["pipe_in_us"] + column["pipe_out_us"]
-    reference = columns["in-process"]["outside_model_us"]
-    print("\nmedian microseconds of one lone request's stages (one short sentence)")
-    names = list(columns)
-    rows = [["stage", *names]]
-    for stage, meaning in (*STAGES[:-2], PIPES, *STAGES[-2:]):
-        rows.append([f"{stage} ({meaning})"] + [
-            f"{columns[name][stage]:,.1f}" if stage in columns[name] else "-" for name in names
-        ])  # fmt: skip
-    rows.append(["overhead over in-process (outside_model_us difference)"] + [
-        f"{columns[name]['outside_model_us'] - reference:+,.1f}" for name in names
-    ])  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
-    print(
-        "(each stage is its own median over the calls, so the stages need not add up to the "
-        "total; in-process queue_us is everything Engine.embed does besides the three timed "
-        "stages. The overhead compares the time outside the model, which the run's own "
-        "variation does not blur)"
-    )
-    print(
-        f"this machine's floor: two pipe wake-ups around one model run's time of busy CPU "
-        f"(a byte to a child process and back, no bridge code): {floor['wake_ups_us']:,.1f} us; "
-        f"encoding one reply: {floor['encode_warm_us']:,.1f} us in a loop, "
-        f"{floor['encode_after_run_us']:,.1f} us right after a model run "
-        f"({floor['encode_after_run_us'] / floor['encode_warm_us']:.0f}x: the run empties the "
-        "caches, so each Python step of a bridge costs that much more)"
-    )
-    for note in notes:
-        print(f"note: {note}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    document = {"calls": calls, "stages": columns, "floor": floor}
     output.write_text(json.dumps(document, indent=2) + "\n")
     print(f"results written to {output}")
     return 0

@@ -2,15 +2,15 @@
 //! see the crate docs for the whole data path).
 //!
 //! This file turns calls into wire requests and replies into results: a batch is checked,
-//! sorted shortest first, cut into chunks the workers accept (with each chunk's estimated
-//! tokens), each chunk handed to the [`Dispatcher`] (which writes it to the least-loaded
+//! sorted shortest first, cut into chunks the workers accept (`chunking.rs`, with each chunk's
+//! estimated tokens), each chunk handed to the [`Dispatcher`] (which writes it to the least-loaded
 //! worker, and again to another if that one dies or hangs), and the replies' rows are moved
 //! back to the caller's order.
 
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::chunking::{shortest_first, ChunkPlan};
 use crate::config::WorkerConfig;
 use crate::dispatch::{ClientStats, Dispatcher};
 use crate::types::{
@@ -19,22 +19,9 @@ use crate::types::{
     ModelInfo, RequestTrace, TracedEmbedding, TruncationSide, Usage, EMPTY_BATCH_MESSAGE,
 };
 use crate::wire::{
-    self, EmbedReply, EmbedRequest, HealthReply, Limits, OpRequest, RangesReply, RangesRequest,
-    ReadyHello, ReplyEnvelope, TokenizeReply, TokenizeRequest,
+    self, EmbedReply, EmbedRequest, HealthReply, OpRequest, RangesReply, RangesRequest, ReadyHello,
+    ReplyEnvelope, TokenizeReply, TokenizeRequest,
 };
-
-/// Bytes of an embed request's map besides its texts: keys, id, op, flags (generous).
-const REQUEST_ENVELOPE_BYTES: usize = 128;
-/// Largest msgpack header of one string (str32).
-const STRING_HEADER_BYTES: usize = 5;
-/// Bytes of an embed reply's map besides its vectors and model id (generous).
-const REPLY_ENVELOPE_BYTES: usize = 256;
-/// [CLS] and [SEP] around every input (an estimate: only chunk sizes depend on it).
-const SPECIAL_TOKENS: usize = 2;
-/// An embed wire request carries about this many of the worker's ONNX Runtime runs
-/// (`max_batch_tokens`) of estimated tokens: a busy worker then answers something every few
-/// seconds, which is how `request_timeout` tells a busy worker from a hung one.
-const CHUNK_MICRO_BATCHES: usize = 4;
 
 /// AkiDB's embedding calls served by a pool of supervised `akidb-embed` worker processes
 /// (`WorkerConfig::workers`, one by default), every one holding every model.
@@ -192,9 +179,9 @@ impl WorkerClient {
         if inputs.is_empty() {
             return Err(EmbeddingError::InvalidInput(EMPTY_BATCH_MESSAGE.into()));
         }
-        let plan = self.plan(model)?;
+        let plan = self.plan(model, options)?;
         plan.check_text_sizes(&inputs)?;
-        let wire_model = Some(model).filter(|model| !model.is_empty());
+        let wire_model = wire_model(model);
         let mut replies = Vec::new();
         for range in plan.split(&inputs) {
             let chunk = &inputs[range.clone()];
@@ -244,7 +231,7 @@ impl WorkerClient {
         dimensions: Option<u32>,
         normalize: Option<bool>,
     ) -> EmbeddingResult<(Vec<f32>, Vec<f32>)> {
-        let wire_model = Some(model).filter(|model| !model.is_empty());
+        let wire_model = wire_model(model);
         let pending = self
             .service
             .submit(0, 0, (true, false), |id| {
@@ -283,14 +270,18 @@ impl WorkerClient {
         Ok(self.tokenize(model, inputs, options).await?.iter().map(Vec::len).collect())
     }
 
-    /// How a batch for `model` is cut into wire requests, from the latest hello.
-    fn plan(&self, model: &str) -> EmbeddingResult<ChunkPlan> {
+    /// How a batch for `model` with `options` is cut into wire requests, from the latest hello.
+    fn plan(&self, model: &str, options: &EmbedOptions) -> EmbeddingResult<ChunkPlan> {
         let hello = self.service.hello()?;
         // an unknown model is the worker's to refuse; its reply is small, any plan fits
-        let description = hello.find_model(model).unwrap_or(&hello.models[0]);
-        let model_bytes = description.model.len().max(model.len());
-        let max_in_flight_texts = self.service.config().max_in_flight_texts;
-        Ok(ChunkPlan::new(&hello.limits, description, max_in_flight_texts, model_bytes))
+        let served = hello.find_model(model).unwrap_or(&hello.models[0]);
+        Ok(ChunkPlan::new(
+            &hello.limits,
+            served,
+            self.service.config().max_in_flight_texts,
+            wire_model(model),
+            options.prompt_name.as_deref(),
+        ))
     }
 
     /// The embedding calls' one path: checks, sorts and splits the batch, submits its chunks,
@@ -308,11 +299,11 @@ impl WorkerClient {
         if request.inputs.is_empty() {
             return Err(EmbeddingError::InvalidInput(EMPTY_BATCH_MESSAGE.into()));
         }
-        let plan = self.plan(&request.model)?;
+        let plan = self.plan(&request.model, options)?;
         plan.check_text_sizes(&request.inputs)?;
         let BatchEmbeddingRequest { model: request_model, inputs, normalize } = request;
         let (order, texts) = shortest_first(inputs);
-        let model = Some(request_model.as_str()).filter(|model| !model.is_empty());
+        let model = wire_model(&request_model);
 
         // Every chunk is written before any reply is awaited, so the worker batches them
         // together; the in-flight permits make a huge batch wait here rather than grow memory.
@@ -488,189 +479,7 @@ impl EmbeddingProvider for WorkerClient {
     }
 }
 
-/// How a batch is cut into wire requests that the worker accepts, whose replies fit in a
-/// frame, and that the worker answers within a few of its batches.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ChunkPlan {
-    max_texts: usize,
-    max_request_text_bytes: usize,
-    max_text_bytes: usize,
-    max_tokens_per_text: usize,
-    max_chunk_tokens: usize,
-}
-
-impl ChunkPlan {
-    fn new(
-        limits: &Limits,
-        model: &ModelDescription,
-        max_in_flight_texts: usize,
-        model_bytes: usize,
-    ) -> Self {
-        let frame_budget = |envelope: usize| {
-            limits.max_frame_bytes.saturating_sub(envelope + model_bytes + STRING_HEADER_BYTES)
-        };
-        let reply_row_bytes = (model.dimension as usize).saturating_mul(wire::BYTES_PER_VALUE);
-        let max_rows_in_reply = frame_budget(REPLY_ENVELOPE_BYTES) / reply_row_bytes.max(1);
-        let max_texts =
-            limits.max_texts_per_request.min(max_in_flight_texts).min(max_rows_in_reply).max(1);
-        let max_request_text_bytes = frame_budget(REQUEST_ENVELOPE_BYTES);
-        let max_text_bytes =
-            limits.max_text_bytes.min(max_request_text_bytes.saturating_sub(STRING_HEADER_BYTES));
-        Self {
-            max_texts,
-            max_request_text_bytes,
-            max_text_bytes,
-            max_tokens_per_text: model.max_tokens.max(1),
-            max_chunk_tokens: CHUNK_MICRO_BATCHES * limits.max_batch_tokens.max(model.max_tokens),
-        }
-    }
-
-    /// At most the tokens `text` runs as, without a tokenizer: WordPiece makes at most one
-    /// token per character, plus the special tokens, and truncation caps the count.
-    fn estimated_tokens(&self, text: &str) -> usize {
-        (text.chars().take(self.max_tokens_per_text).count() + SPECIAL_TOKENS)
-            .min(self.max_tokens_per_text)
-    }
-
-    /// `InvalidInput` naming the first of `inputs` that no wire request could carry.
-    fn check_text_sizes(&self, inputs: &[String]) -> EmbeddingResult<()> {
-        match inputs.iter().position(|text| text.len() > self.max_text_bytes) {
-            None => Ok(()),
-            Some(index) => Err(EmbeddingError::InvalidInput(format!(
-                "inputs[{index}] has {} UTF-8 bytes, over the worker's limit of {}",
-                inputs[index].len(),
-                self.max_text_bytes
-            ))),
-        }
-    }
-
-    /// Consecutive ranges covering `inputs`. A single text always makes a chunk, even
-    /// one over the limits ([`Self::check_text_sizes`] refuses those first).
-    fn split(&self, inputs: &[String]) -> Vec<Range<usize>> {
-        let mut chunks = Vec::new();
-        let mut start = 0;
-        let mut bytes = 0;
-        let mut tokens = 0;
-        for (index, text) in inputs.iter().enumerate() {
-            let text_bytes = text.len() + STRING_HEADER_BYTES;
-            let text_tokens = self.estimated_tokens(text);
-            let full = index - start == self.max_texts
-                || bytes + text_bytes > self.max_request_text_bytes
-                || tokens + text_tokens > self.max_chunk_tokens;
-            if full && index > start {
-                chunks.push(start..index);
-                start = index;
-                bytes = 0;
-                tokens = 0;
-            }
-            bytes += text_bytes;
-            tokens += text_tokens;
-        }
-        if start < inputs.len() {
-            chunks.push(start..inputs.len());
-        }
-        chunks
-    }
-}
-
-/// The texts in sending order, shortest first by UTF-8 bytes (a stable sort), and `order`:
-/// `order[i]` is the caller's index of the `i`-th text sent. Each wire request, and so each of
-/// the worker's micro-batches, then holds texts of similar length and pads little (measured
-/// with the Python client, which does the same: +10% texts/s on a mixed-length corpus). The
-/// strings are moved, not copied.
-fn shortest_first(mut inputs: Vec<String>) -> (Vec<usize>, Vec<String>) {
-    let mut order: Vec<usize> = (0..inputs.len()).collect();
-    order.sort_by_key(|&index| inputs[index].len());
-    let texts = order.iter().map(|&index| std::mem::take(&mut inputs[index])).collect();
-    (order, texts)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn limits(max_frame_bytes: usize, max_texts_per_request: usize) -> Limits {
-        Limits {
-            max_frame_bytes,
-            max_texts_per_request,
-            max_text_bytes: 1000,
-            max_batch_tokens: 2048,
-            max_pending_texts: 16384,
-        }
-    }
-
-    fn model(dimension: u32, max_tokens: usize) -> ModelDescription {
-        ModelDescription {
-            model: "m".into(),
-            dimension,
-            max_tokens,
-            normalize_default: true,
-            pooling: None,
-            prompts: Vec::new(),
-            default_prompt_name: None,
-            variant: None,
-            base_model: None,
-            encodings: Vec::new(),
-            matryoshka_dimensions: Vec::new(),
-        }
-    }
-
-    fn texts(lengths: &[usize]) -> Vec<String> {
-        lengths.iter().map(|&n| "x".repeat(n)).collect()
-    }
-
-    #[test]
-    fn batches_are_cut_at_the_worker_text_limit() {
-        let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
-        assert_eq!(plan.split(&texts(&[1; 10])), vec![0..4, 4..8, 8..10]);
-    }
-
-    #[test]
-    fn batches_are_cut_at_the_in_flight_limit() {
-        let plan = ChunkPlan::new(&limits(1 << 20, 1024), &model(8, 256), 3, 10);
-        assert_eq!(plan.split(&texts(&[1; 7])), vec![0..3, 3..6, 6..7]);
-    }
-
-    #[test]
-    fn batches_are_cut_so_that_request_frames_fit() {
-        // 1000-byte budget: 128 + 10 + 5 of envelope leave 857 bytes for texts and headers.
-        let plan = ChunkPlan::new(&limits(1000, 1024), &model(8, 1024), 1024, 10);
-        let chunks = plan.split(&texts(&[400, 400, 400, 10]));
-        assert_eq!(chunks, vec![0..2, 2..4]);
-    }
-
-    #[test]
-    fn batches_are_cut_so_that_reply_frames_fit() {
-        // Rows of 100 x 4 bytes; (4096 - 256 - 10 - 5) / 400 = 9 rows per reply.
-        let plan = ChunkPlan::new(&limits(4096, 1024), &model(100, 256), 1024, 10);
-        assert_eq!(plan.max_texts, 9);
-    }
-
-    #[test]
-    fn batches_are_cut_at_a_few_worker_batches_of_estimated_tokens() {
-        // max_batch_tokens 2048 x 4 = 8192 tokens; texts of 1000+ chars count 256 tokens each.
-        let plan = ChunkPlan::new(&limits(1 << 24, 1024), &model(8, 256), 4096, 10);
-        let chunks = plan.split(&texts(&[1000; 70]));
-        assert_eq!(chunks, vec![0..32, 32..64, 64..70]);
-        // short texts: 8 chars + 2 special tokens = 10 tokens each
-        assert_eq!(plan.split(&texts(&[8; 1000])), vec![0..819, 819..1000]);
-    }
-
-    #[test]
-    fn a_text_over_the_worker_limit_is_invalid_input() {
-        let plan = ChunkPlan::new(&limits(1 << 20, 4), &model(8, 256), 100, 10);
-        let error = plan.check_text_sizes(&texts(&[3, 1001, 1002])).unwrap_err();
-        let expected = "inputs[1] has 1001 UTF-8 bytes, over the worker's limit of 1000";
-        assert_eq!(error, EmbeddingError::InvalidInput(expected.into()));
-        assert_eq!(plan.check_text_sizes(&texts(&[3, 1000])), Ok(()));
-    }
-
-    #[test]
-    fn texts_are_sent_shortest_first_keeping_ties_in_order() {
-        let inputs: Vec<String> = ["ccc", "a", "bb", "é", "dd", ""].map(String::from).to_vec();
-        let (order, texts) = shortest_first(inputs.clone());
-        assert_eq!(order, vec![5, 1, 2, 3, 4, 0]); // "é" is two UTF-8 bytes
-        let caller_texts: Vec<&String> = order.iter().map(|&index| &inputs[index]).collect();
-        assert_eq!(texts.iter().collect::<Vec<_>>(), caller_texts);
-    }
+/// The `model` field of a request naming `model`: nil for the empty id, the default model.
+fn wire_model(model: &str) -> Option<&str> {
+    Some(model).filter(|model| !model.is_empty())
 }

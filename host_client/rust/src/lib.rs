@@ -7,14 +7,15 @@
 //! ```text
 //!  caller tasks, any runtime ── embed_batch(request) ──▶  client.rs: empty? InvalidInput;
 //!    │  texts sorted shortest first, split by the hello's limits into wire requests, each
-//!    │  with its estimated tokens (a text over the limits: InvalidInput "inputs[i] ...")
+//!    │  with its estimated tokens (chunking.rs, protocol.md section 10; a text over the
+//!    │  limits: InvalidInput "inputs[i] ...")
 //!    ▼
 //!  dispatch.rs  Dispatcher::submit: wait for in-flight text permits (max_in_flight_texts)
 //!    pending: id ─▶ {frame, oneshot, attempts, tokens} ─▶ routed to the ready worker with
 //!    the fewest estimated tokens outstanding (a bulk request does not hold up queries)
 //!          │                         │                          │
-//!          ▼ supervisor.rs, one per worker: stdin lane ──frames──▶ worker stdin (the caller
-//!    │       writes its own frame when the stdin is idle, else the worker's writer task does)
+//!          ▼ supervisor.rs, one per worker: stdin_lane.rs ──frames──▶ worker stdin (the
+//!    │       caller writes its own frame when the stdin is idle, else the lane's writer task)
 //!    ▲                                                              │ batcher ─▶ ONNX Runtime
 //!    │ oneshot(reply payload)                                       ▼
 //!  reader task ─▶ Dispatcher: by id ◀──────frames, any order──── worker stdout
@@ -25,7 +26,8 @@
 //!  a worker's supervisor: stdout EOF, failed write, or no reply for request_timeout
 //!    ─▶ SIGKILL + reap ─▶ its unanswered requests back to the dispatcher, one attempt spent,
 //!       routed at once to another ready worker (or held for the replacement) ─▶ backoff ─▶
-//!       new worker (process.rs), hello checked ─▶ routed to again ─▶ callers see nothing
+//!       new worker (process.rs, through the Spawner), hello checked ─▶ routed to again ─▶
+//!       callers see nothing
 //!    attempts spent ─▶ that call fails (ServiceUnavailable); a worker's restart budget spent
 //!       or a replacement that cannot start ─▶ that worker gives up, the others serve on;
 //!       every worker given up ─▶ every call fails (ServiceUnavailable)
@@ -33,9 +35,11 @@
 //!    once with ServiceUnavailable; model_info too
 //! ```
 //!
-//! The modules depend one way: `client` ─▶ `dispatch` ─▶ `supervisor` ─▶ `process` ─▶ `wire`,
-//! all of them on `types` and `config` (the supervisor reaches the dispatcher only through its
-//! own `Pool` trait, which the dispatcher implements).
+//! The modules depend one way: `client` ─▶ `chunking`, and `client` ─▶ `dispatch` ─▶
+//! `supervisor` ─▶ `stdin_lane`, `process` ─▶ `wire`, all of them on `types` and `config` (the
+//! supervisor reaches the dispatcher only through its own `Pool` trait, which the dispatcher
+//! implements). Workers are started through `process::Spawner`, the seam `supervision_tests`
+//! fills with fake workers.
 //!
 //! ```no_run
 //! use akidb_embed_client::{BatchEmbeddingRequest, WorkerClient, WorkerConfig};
@@ -57,10 +61,14 @@
 //! # }
 //! ```
 
+mod chunking;
 mod client;
 mod config;
 mod dispatch;
 mod process;
+mod stdin_lane;
+#[cfg(test)]
+mod supervision_tests;
 mod supervisor;
 mod types;
 pub mod wire;

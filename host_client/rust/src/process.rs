@@ -1,7 +1,8 @@
-//! Starting one worker process: spawn it with three pipes, drain its stderr, read its hello.
+//! Starting one worker process: spawn it with three pipes (through a [`Spawner`]), drain its
+//! stderr, read its hello.
 //!
 //! ```text
-//! argv ──spawn──▶ child ──stdout──▶ first frame ──▶ Hello::into_ready ──▶ StartedWorker
+//! Spawner::spawn ──▶ child ──stdout──▶ first frame ──▶ Hello::into_ready ──▶ StartedWorker
 //!                   └──stderr──▶ drain task ──▶ `tracing` (every line, target
 //!                                               akidb_embed_client::worker) + tail (last lines)
 //! no hello (exit, EOF, start_timeout) ─▶ SIGKILL + reap ─▶ error naming the exit status
@@ -11,6 +12,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,27 +81,68 @@ pub(crate) struct StartFailure {
     pub retryable: bool,
 }
 
-/// Spawns one worker and waits (at most `start_timeout`) for its hello.
-pub(crate) async fn start_worker(config: &WorkerConfig) -> Result<StartedWorker, StartFailure> {
-    let argv = config.argv();
-    let shown = argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
-    let mut child = Command::new(&argv[0])
+/// How a supervisor gets a worker process: the seam under supervision. The client runs the
+/// configured command ([`WorkerCommand`]); the crate's tests put small fake workers here, real
+/// programs that misbehave on cue, to drive restarts, backoff, the restart budget and the hang
+/// watch without the model.
+pub(crate) trait Spawner: Send + Sync + 'static {
+    /// A new worker process for pool slot `slot`, with stdin, stdout and stderr piped and
+    /// killed when its `Child` is dropped ([`spawn_piped`] does both).
+    fn spawn(&self, config: &WorkerConfig, slot: usize) -> std::io::Result<Child>;
+
+    /// The command line that [`spawn`](Self::spawn) runs, as messages show it.
+    fn shown(&self, config: &WorkerConfig) -> String;
+}
+
+/// The worker `config` describes: [`WorkerConfig::argv`] with [`WorkerConfig::env`].
+pub(crate) struct WorkerCommand;
+
+impl Spawner for WorkerCommand {
+    fn spawn(&self, config: &WorkerConfig, _slot: usize) -> std::io::Result<Child> {
+        spawn_piped(config.argv(), config.env.iter().map(|(k, v)| (k, v)))
+    }
+
+    fn shown(&self, config: &WorkerConfig) -> String {
+        config.argv().iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// Runs `argv` (never through a shell) with `envs` added to this process's environment, its
+/// three standard streams piped, killed when its `Child` is dropped.
+pub(crate) fn spawn_piped<K, V>(
+    argv: Vec<OsString>,
+    envs: impl IntoIterator<Item = (K, V)>,
+) -> std::io::Result<Child>
+where
+    K: AsRef<OsStr>,
+    V: AsRef<OsStr>,
+{
+    Command::new(&argv[0])
         .args(&argv[1..])
-        .envs(config.env.iter().map(|(k, v)| (k, v)))
+        .envs(envs)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|error| StartFailure {
-            error: EmbeddingError::ServiceUnavailable(format!(
-                "cannot run the worker `{shown}`: {error}"
-            )),
-            retryable: !matches!(
-                error.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-            ),
-        })?;
+}
+
+/// Spawns one worker through `spawner` and waits (at most `start_timeout`) for its hello.
+pub(crate) async fn start_worker(
+    config: &WorkerConfig,
+    spawner: &dyn Spawner,
+    slot: usize,
+) -> Result<StartedWorker, StartFailure> {
+    let shown = spawner.shown(config);
+    let mut child = spawner.spawn(config, slot).map_err(|error| StartFailure {
+        error: EmbeddingError::ServiceUnavailable(format!(
+            "cannot run the worker `{shown}`: {error}"
+        )),
+        retryable: !matches!(
+            error.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+        ),
+    })?;
     let pid = child.id().unwrap_or_default();
     let (stdin, stdout, stderr) =
         match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {

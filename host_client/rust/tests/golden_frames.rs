@@ -35,36 +35,55 @@ fn payload(frame: &[u8]) -> &[u8] {
     &frame[LENGTH_PREFIX_BYTES..]
 }
 
-#[test]
-fn ping_request_encodes_to_the_golden_frame() {
-    let frame = wire::encode_frame(&OpRequest { id: 1, op: "ping" }).unwrap();
-    assert_eq!(frame, golden("ping_request.bin"));
-}
-
-#[test]
-fn embed_request_encodes_to_the_golden_frame() {
-    let inputs = vec!["hi".to_owned()];
-    let frame = wire::encode_frame(&EmbedRequest {
+/// An embed request of `inputs` with id 7 and nothing else set; each test sets what it needs.
+fn embed_request(inputs: &[String]) -> EmbedRequest<'_> {
+    EmbedRequest {
         id: 7,
         op: EmbedRequest::OP,
-        model: Some("sentence-transformers/all-MiniLM-L6-v2"),
-        inputs: &inputs,
-        normalize: true,
-        truncate: Some(true),
+        model: None,
+        inputs,
+        normalize: false,
+        truncate: None,
         prompt_name: None,
         trace: false,
         truncation_side: None,
         dimensions: None,
         encoding: None,
-    })
-    .unwrap();
-    assert_eq!(frame, golden("embed_request.bin"));
+    }
 }
 
 #[test]
-fn unknown_op_request_encodes_to_the_golden_frame() {
-    let frame = wire::encode_frame(&OpRequest { id: 9, op: "nope" }).unwrap();
-    assert_eq!(frame, golden("unknown_op_request.bin"));
+fn op_requests_encode_to_the_golden_frames() {
+    for (id, op, name) in [(1, "ping", "ping_request.bin"), (9, "nope", "unknown_op_request.bin")] {
+        let frame = wire::encode_frame(&OpRequest { id, op }).unwrap();
+        assert_eq!(frame, golden(name), "{name}");
+    }
+}
+
+#[test]
+fn embed_requests_encode_to_the_golden_frames() {
+    let hi = vec!["hi".to_owned()];
+    let cat = vec!["a cat on a mat".to_owned()];
+    let plain = EmbedRequest {
+        model: Some("sentence-transformers/all-MiniLM-L6-v2"),
+        normalize: true,
+        truncate: Some(true),
+        ..embed_request(&hi)
+    };
+    // the options added after the first release
+    let newer_options = EmbedRequest {
+        id: 16,
+        normalize: true,
+        truncation_side: Some(TruncationSide::Left.as_str()),
+        dimensions: Some(64),
+        encoding: Some(Encoding::Ubinary.as_str()),
+        ..embed_request(&cat)
+    };
+    for (request, name) in
+        [(plain, "embed_request.bin"), (newer_options, "embed_options_request.bin")]
+    {
+        assert_eq!(wire::encode_frame(&request).unwrap(), golden(name), "{name}");
+    }
 }
 
 #[test]
@@ -89,20 +108,7 @@ fn unknown_op_reply_decodes_as_an_internal_protocol_error() {
 #[test]
 fn an_embed_request_without_model_or_truncate_omits_them() {
     let inputs = vec!["hi".to_owned()];
-    let request = EmbedRequest {
-        id: 7,
-        op: "embed",
-        model: None,
-        inputs: &inputs,
-        normalize: false,
-        truncate: None,
-        prompt_name: None,
-        trace: false,
-        truncation_side: None,
-        dimensions: None,
-        encoding: None,
-    };
-    let frame = wire::encode_frame(&request).unwrap();
+    let frame = wire::encode_frame(&embed_request(&inputs)).unwrap();
     // fixmap of 4: id, op, inputs, normalize
     assert_eq!(payload(&frame)[0], 0x84);
 }
@@ -111,17 +117,10 @@ fn an_embed_request_without_model_or_truncate_omits_them() {
 fn a_prompt_name_travels_as_the_last_key() {
     let inputs = vec!["hi".to_owned()];
     let request = EmbedRequest {
-        id: 7,
-        op: "embed",
         model: Some("m"),
-        inputs: &inputs,
         normalize: true,
-        truncate: None,
         prompt_name: Some("query"),
-        trace: false,
-        truncation_side: None,
-        dimensions: None,
-        encoding: None,
+        ..embed_request(&inputs)
     };
     let frame = wire::encode_frame(&request).unwrap();
     let decoded: serde_json::Value = rmp_serde::from_slice(payload(&frame)).unwrap();
@@ -202,26 +201,6 @@ fn a_hello_whose_models_do_not_start_with_its_default_breaks_the_protocol() {
     ]});
     let error = ready(&hello_frame(models)).unwrap_err();
     assert!(matches!(&error, EmbeddingError::Internal(m) if m.contains("protocol_error")));
-}
-
-#[test]
-fn an_embed_request_with_the_newer_options_encodes_to_the_golden_frame() {
-    let inputs = vec!["a cat on a mat".to_owned()];
-    let frame = wire::encode_frame(&EmbedRequest {
-        id: 16,
-        op: EmbedRequest::OP,
-        model: None,
-        inputs: &inputs,
-        normalize: true,
-        truncate: None,
-        prompt_name: None,
-        trace: false,
-        truncation_side: Some(TruncationSide::Left.as_str()),
-        dimensions: Some(64),
-        encoding: Some(Encoding::Ubinary.as_str()),
-    })
-    .unwrap();
-    assert_eq!(frame, golden("embed_options_request.bin"));
 }
 
 #[test]

@@ -1,12 +1,11 @@
-//! The client against the real worker (`python -m akidb_embed.worker`) and the real model.
-//!
-//! The worker's interpreter is `$AKIDB_EMBED_PYTHON`, else the checkout's `.venv/bin/python`;
-//! the model is the checkout's provisioned `models/all-MiniLM-L6-v2` (`make models`). Either
-//! missing is a set-up error: the tests fail, they do not skip.
+//! The client against the real worker (`python -m akidb_embed.worker`) and the real model
+//! (where they are: `tests/common`).
+
+mod common;
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -15,37 +14,11 @@ use akidb_embed_client::{
     f16_bits_to_f32, BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError,
     EmbeddingProvider, EncodedValues, Encoding, TruncationSide, WorkerClient, WorkerConfig,
 };
+use common::{
+    checkout, cosine, dies_soon, expect_error, model_dir, on_a_thread_within, process_exists,
+    python, signal, within, INVALID_INPUT, MIN_COSINE, MODEL_NOT_FOUND, SERVICE_UNAVAILABLE,
+};
 use serde::Deserialize;
-
-/// Generous: a loaded 2-core machine may be slow, but a hang must still end the test.
-const TEST_TIMEOUT: Duration = Duration::from_secs(240);
-const MIN_COSINE: f64 = 0.99999;
-
-fn checkout() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn python() -> PathBuf {
-    let python = std::env::var_os("AKIDB_EMBED_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| checkout().join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "no Python for the worker at {} (set AKIDB_EMBED_PYTHON or run `make venv`)",
-        python.display()
-    );
-    python
-}
-
-fn model_dir() -> PathBuf {
-    let dir = checkout().join("models/all-MiniLM-L6-v2");
-    assert!(
-        dir.join("akidb-embed.json").exists(),
-        "no provisioned model in {} (run `make models`)",
-        dir.display()
-    );
-    dir
-}
 
 #[derive(Deserialize)]
 struct ModelMetadata {
@@ -151,10 +124,6 @@ async fn spawn(config: WorkerConfig) -> WorkerClient {
     WorkerClient::spawn(config).await.expect("the worker starts")
 }
 
-async fn within<T>(test: impl Future<Output = T>) -> T {
-    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("the test finished in time")
-}
-
 /// Waits (bounded) until `condition` holds.
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     for _ in 0..2400 {
@@ -164,24 +133,6 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("never happened: {what}");
-}
-
-fn signal(pid: u32, name: &str) {
-    let status = std::process::Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{name} {pid}");
-}
-
-fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
-    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    dot / (norm(a) * norm(b))
 }
 
 fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
@@ -236,11 +187,7 @@ async fn model_info_and_hello_match_the_model_directory() {
         assert_eq!(models[0].info(), info);
         assert_eq!(client.model_info_for("").unwrap(), info);
         assert_eq!(client.model_info_for(&info.model).unwrap(), info);
-        let error = client.model_info_for("no/such-model").unwrap_err();
-        assert!(
-            matches!(&error, EmbeddingError::ModelNotFound(m) if m.contains(&info.model)),
-            "{error:?}"
-        );
+        expect_error(client.model_info_for("no/such-model"), MODEL_NOT_FOUND, &[&info.model]);
         client.close().await;
     })
     .await;
@@ -331,15 +278,12 @@ async fn an_over_long_input_is_invalid_input_only_without_truncation() {
         let info = client.model_info().await.unwrap();
         let long_text = vec!["word ".repeat(info.max_tokens * 2)];
         let refused = EmbedOptions { truncate: Some(false), ..EmbedOptions::default() };
-        let error =
-            client.embed_batch_with(request(&info.model, &long_text), &refused).await.unwrap_err();
+        let refused_long =
+            client.embed_batch_with(request(&info.model, &long_text), &refused).await;
         // in this crate's words, not the wire's
-        assert!(
-            matches!(&error, EmbeddingError::InvalidInput(m)
-                if m.contains("more than max_tokens") && m.contains("EmbedOptions::truncate")
-                    && !m.contains("send truncate")),
-            "{error:?}"
-        );
+        let parts = ["more than max_tokens", "EmbedOptions::truncate"];
+        let message = expect_error(refused_long, INVALID_INPUT, &parts);
+        assert!(!message.contains("send truncate"), "{message}");
         let truncated = client.embed_batch(request(&info.model, &long_text)).await.unwrap();
         assert_eq!(truncated.usage.total_tokens, info.max_tokens);
         client.close().await;
@@ -445,22 +389,14 @@ async fn an_error_about_one_text_of_a_split_batch_names_the_callers_index() {
         // The worker refuses it: sent last (the longest), in the fourth wire request.
         let over_long = request(&info.model, &with_text_13("word ".repeat(info.max_tokens * 2)));
         let refuse = EmbedOptions { truncate: Some(false), ..EmbedOptions::default() };
-        match client.embed_batch_with(over_long, &refuse).await.unwrap_err() {
-            EmbeddingError::InvalidInput(message) => {
-                assert!(message.starts_with("inputs[13] has "), "{message}");
-                assert!(message.contains("tokens"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
+        let refused = client.embed_batch_with(over_long, &refuse).await;
+        let message = expect_error(refused, INVALID_INPUT, &["tokens"]);
+        assert!(message.starts_with("inputs[13] has "), "{message}");
 
         // The client refuses it before sending anything.
         let too_big = request(&info.model, &with_text_13("y".repeat(5000)));
-        match client.embed_batch(too_big).await.unwrap_err() {
-            EmbeddingError::InvalidInput(message) => {
-                assert!(message.starts_with("inputs[13] has 5000 UTF-8 bytes"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        let message = expect_error(client.embed_batch(too_big).await, INVALID_INPUT, &[]);
+        assert!(message.starts_with("inputs[13] has 5000 UTF-8 bytes"), "{message}");
 
         // The worker keeps serving after the error reply.
         let fine = client.embed_batch(request(&info.model, &with_text_13("fine".into()))).await;
@@ -522,6 +458,18 @@ async fn golden_answers(
     answered
 }
 
+/// SIGKILLs `pid` once `golden_load` has answered a few calls per task (`done`) and before it
+/// is over; how many calls were answered then.
+async fn kill_under_load(pid: u32, done: &AtomicUsize) -> usize {
+    while done.load(Ordering::SeqCst) < TASKS * 3 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    signal(pid, "KILL");
+    let done_at_kill = done.load(Ordering::SeqCst);
+    assert!(done_at_kill < TASKS * CALLS_PER_TASK, "the kill came under load");
+    done_at_kill
+}
+
 #[tokio::test]
 async fn a_killed_worker_loses_no_request() {
     killed_under_load_loses_no_request(WorkerConfig { lanes: Some(1), ..config() }).await;
@@ -545,12 +493,7 @@ async fn killed_under_load_loses_no_request(config: WorkerConfig) {
         let first_pid = client.worker_pid().unwrap();
         let done = Arc::new(AtomicUsize::new(0));
         let tasks = golden_load(&client, &golden, &done);
-        while done.load(Ordering::SeqCst) < TASKS * 3 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        signal(first_pid, "KILL");
-        let done_before_kill = done.load(Ordering::SeqCst);
-        assert!(done_before_kill < TASKS * CALLS_PER_TASK, "the kill came under load");
+        kill_under_load(first_pid, &done).await;
         let answered = golden_answers(tasks, &golden).await;
         assert_eq!(answered, TASKS * CALLS_PER_TASK);
         let second_pid = client.worker_pid().expect("a new worker serves");
@@ -664,13 +607,8 @@ async fn a_request_that_always_times_out_fails_with_service_unavailable() {
         config.max_attempts = 1;
         let client = spawn(config).await;
         signal(client.worker_pid().unwrap(), "STOP");
-        let error = client.embed_batch(request("", &["never".to_owned()])).await.unwrap_err();
-        match error {
-            EmbeddingError::ServiceUnavailable(message) => {
-                assert!(message.contains("timed out"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        let never = client.embed_batch(request("", &["never".to_owned()])).await;
+        expect_error(never, SERVICE_UNAVAILABLE, &["timed out"]);
         // The replacement serves the next call.
         client.embed_batch(request("", &["answered".to_owned()])).await.unwrap();
         client.close().await;
@@ -694,14 +632,9 @@ async fn the_restart_budget_ends_in_service_unavailable() {
         signal(client.worker_pid().unwrap(), "KILL");
         // With the budget spent the client gives up instead of starting a third worker.
         eventually("the client stops serving", || client.worker_pid().is_none()).await;
-        let error = client.embed_batch(request("", &["x".to_owned()])).await.unwrap_err();
-        match error {
-            EmbeddingError::ServiceUnavailable(message) => {
-                assert!(message.contains("restart_limit"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(client.model_info().await, Err(EmbeddingError::ServiceUnavailable(_))));
+        let after = client.embed_batch(request("", &["x".to_owned()])).await;
+        expect_error(after, SERVICE_UNAVAILABLE, &["restart_limit"]);
+        expect_error(client.model_info().await, SERVICE_UNAVAILABLE, &["restart_limit"]);
     })
     .await;
 }
@@ -711,13 +644,7 @@ async fn a_worker_without_its_model_fails_fast_with_model_not_found() {
     within(async {
         let mut config = config();
         config.model_dirs = vec![checkout().join("models/no-such-model")];
-        let error = WorkerClient::spawn(config).await.err().expect("no worker starts");
-        match error {
-            EmbeddingError::ModelNotFound(message) => {
-                assert!(message.contains("no-such-model"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        expect_error(WorkerClient::spawn(config).await, MODEL_NOT_FOUND, &["no-such-model"]);
     })
     .await;
 }
@@ -733,17 +660,11 @@ async fn a_worker_command_that_exits_at_start_is_service_unavailable_with_its_re
             ],
             ..config()
         };
-        let error = WorkerClient::spawn(config).await.err().expect("no worker starts");
-        match error {
-            EmbeddingError::ServiceUnavailable(message) => {
-                assert!(message.contains("cannot go on"), "{message}");
-                assert!(message.contains("exit status: 3"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
+        let parts = ["cannot go on", "exit status: 3"];
+        expect_error(WorkerClient::spawn(config).await, SERVICE_UNAVAILABLE, &parts);
         let missing = WorkerConfig::with_command([checkout().join("no-such-program")]);
-        let error = WorkerClient::spawn(missing).await.err().expect("nothing to run");
-        assert!(matches!(error, EmbeddingError::ServiceUnavailable(_)), "{error:?}");
+        let parts = ["cannot run the worker", "no-such-program"];
+        expect_error(WorkerClient::spawn(missing).await, SERVICE_UNAVAILABLE, &parts);
     })
     .await;
 }
@@ -835,14 +756,8 @@ async fn a_worker_serving_another_model_than_expected_fails_fast_with_model_not_
     within(async {
         let other =
             WorkerConfig { expected_model: Some("intfloat/e5-small-v2".into()), ..config() };
-        let error = WorkerClient::spawn(other).await.err().expect("the start is refused");
-        match error {
-            EmbeddingError::ModelNotFound(message) => {
-                assert!(message.contains("expected \"intfloat/e5-small-v2\""), "{message}");
-                assert!(message.contains(&metadata().model), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
+        let parts = ["expected \"intfloat/e5-small-v2\"", &metadata().model];
+        expect_error(WorkerClient::spawn(other).await, MODEL_NOT_FOUND, &parts);
         let matching = WorkerConfig { expected_model: Some(metadata().model), ..config() };
         let client = spawn(matching).await;
         client.embed_batch(request("", &["the expected model".to_owned()])).await.unwrap();
@@ -861,14 +776,9 @@ async fn a_python_without_the_worker_module_fails_with_its_own_message() {
         std::process::Command::new("chmod").arg("+x").arg(&bare).status().unwrap();
         let config =
             WorkerConfig { model_dirs: vec![model_dir()], ..WorkerConfig::from_python(&bare) };
-        let error = WorkerClient::spawn(config).await.err().expect("no worker starts");
+        let started = WorkerClient::spawn(config).await;
         std::fs::remove_file(&bare).unwrap();
-        match error {
-            EmbeddingError::ServiceUnavailable(message) => {
-                assert!(message.contains("No module named"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        expect_error(started, SERVICE_UNAVAILABLE, &["No module named"]);
     })
     .await;
 }
@@ -888,35 +798,6 @@ async fn the_workers_stderr_and_the_supervisors_events_go_to_tracing() {
         assert_eq!(Log::get().lines_with(&["akidb_embed_client", "INFO", &stopped]).len(), 1);
     })
     .await;
-}
-
-/// Runs `test` on a thread of its own and fails if it does not end within `TEST_TIMEOUT`
-/// (for tests that build and drop runtimes themselves).
-fn on_a_thread_within(test: impl FnOnce() + Send + 'static) {
-    let (done, finished) = std::sync::mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        test();
-        let _ = done.send(());
-    });
-    match finished.recv_timeout(TEST_TIMEOUT) {
-        Ok(()) => thread.join().unwrap(),
-        // the thread panicked: join gives its panic
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => thread.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("the test hung"),
-    }
-}
-
-/// Whether process `pid` is gone or a zombie within a few seconds (it may still be tearing
-/// down its memory when a SIGKILL has just been sent).
-fn dies_soon(pid: u32) -> bool {
-    (0..200).any(|_| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let dead = stat.is_empty() || stat.contains(") Z ");
-        if !dead {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        dead
-    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -957,11 +838,8 @@ fn a_dropped_runtime_fails_every_call_at_once_with_service_unavailable() {
         let started = std::time::Instant::now();
         drop(spawning);
 
-        let unavailable = |result: Result<_, EmbeddingError>| match result {
-            Err(EmbeddingError::ServiceUnavailable(message)) => {
-                assert!(message.contains("runtime"), "{message}")
-            }
-            other => panic!("{other:?}"),
+        let unavailable = |result: Result<(), EmbeddingError>| {
+            expect_error(result, SERVICE_UNAVAILABLE, &["runtime"]);
         };
         unavailable(other.block_on(in_flight).unwrap().map(drop));
         unavailable(
@@ -1049,12 +927,9 @@ async fn two_models_are_served_by_name_with_their_prompts() {
         assert!(cosine(&prompted.embeddings[0], &plain.embeddings[0]) < 0.999, "the prompt counts");
 
         let unknown = EmbedOptions { prompt_name: Some("passage".into()), ..query.clone() };
-        match client.embed_batch_with(request(SECOND_MODEL, &texts), &unknown).await {
-            Err(EmbeddingError::InvalidInput(message)) => {
-                assert!(message.contains("query"), "the message lists the prompts: {message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        let unknown_prompt = client.embed_batch_with(request(SECOND_MODEL, &texts), &unknown).await;
+        // the message lists the prompts
+        expect_error(unknown_prompt, INVALID_INPUT, &["query"]);
         client.close().await;
     })
     .await;
@@ -1122,12 +997,7 @@ async fn a_killed_worker_of_a_pool_loses_nothing_while_the_others_answer() {
         let killed = first_pids[1];
         let done = Arc::new(AtomicUsize::new(0));
         let tasks = golden_load(&client, &golden, &done);
-        while done.load(Ordering::SeqCst) < TASKS * 3 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        signal(killed, "KILL");
-        let done_at_kill = done.load(Ordering::SeqCst);
-        assert!(done_at_kill < TASKS * CALLS_PER_TASK, "the kill came under load");
+        let done_at_kill = kill_under_load(killed, &done).await;
         // calls answered before the killed worker's slot has a worker again
         let replaced =
             |client: &WorkerClient| client.stats().workers[1].pid.is_some_and(|pid| pid != killed);
@@ -1181,14 +1051,8 @@ async fn a_pool_whose_second_worker_cannot_start_fails_with_that_workers_error()
             command: vec![script.into_os_string(), "-m".into(), "akidb_embed.worker".into()],
             ..pool_config(2)
         };
-        let error = WorkerClient::spawn(config).await.err().expect("the pool does not start");
-        match error {
-            EmbeddingError::ServiceUnavailable(message) => {
-                assert!(message.contains("this worker cannot start: no room"), "{message}");
-                assert!(message.contains("exit status: 3"), "{message}");
-            }
-            other => panic!("{other:?}"),
-        }
+        let parts = ["this worker cannot start: no room", "exit status: 3"];
+        expect_error(WorkerClient::spawn(config).await, SERVICE_UNAVAILABLE, &parts);
         let started: u32 =
             std::fs::read_to_string(first.join("pid")).unwrap().trim().parse().unwrap();
         assert!(!process_exists(started), "the worker that did start was stopped and reaped");
@@ -1300,19 +1164,13 @@ async fn dimensions_encodings_truncation_side_and_tokenize_reach_the_worker() {
 
         // bad options: invalid_input naming the field
         let too_long = EmbedOptions { dimensions: Some(385), ..EmbedOptions::default() };
-        match client.embed_batch_with(request("", texts), &too_long).await {
-            Err(EmbeddingError::InvalidInput(message)) => {
-                assert!(message.starts_with("dimensions must be from 1 to 384"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        let refused = client.embed_batch_with(request("", texts), &too_long).await;
+        let message = expect_error(refused, INVALID_INPUT, &[]);
+        assert!(message.starts_with("dimensions must be from 1 to 384"), "{message}");
         let unpackable = EmbedOptions { dimensions: Some(100), ..EmbedOptions::default() };
-        match client.embed_encoded(request("", texts), &unpackable, Encoding::Binary).await {
-            Err(EmbeddingError::InvalidInput(message)) => {
-                assert!(message.starts_with("dimensions 100 is not a multiple of 8"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
+        let refused = client.embed_encoded(request("", texts), &unpackable, Encoding::Binary).await;
+        let message = expect_error(refused, INVALID_INPUT, &[]);
+        assert!(message.starts_with("dimensions 100 is not a multiple of 8"), "{message}");
 
         // tokenize: the counts the worker runs with; left truncation keeps the end
         let counts = client.count_tokens("", texts.clone(), &EmbedOptions::default()).await;

@@ -2,10 +2,11 @@
 //! over the real worker (`python -m akidb_embed.worker`) and the real model, every vector
 //! compared with the Python client's (`akidb_embed.host_client`) for the same text.
 //!
-//! The interpreter is `$AKIDB_EMBED_PYTHON`, else the checkout's `.venv/bin/python`; the model
-//! is the checkout's `models/all-MiniLM-L6-v2` (`make models`).
+//! The interpreter and the model are found as `tests/common` of the client crate says.
 
-use std::path::PathBuf;
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -14,35 +15,12 @@ use akidb_embed_client::{WorkerClient, WorkerConfig};
 use akidb_embedding::akidb_embed_provider::AkidbEmbedProvider;
 use akidb_embedding::provider::EmbeddingProvider;
 use akidb_embedding::types::{BatchEmbeddingRequest, EmbeddingError, EmbeddingResult};
+use common::{
+    cosine, dies_soon, expect_error, model_dir, model_id, on_a_thread_within, python, signal,
+    within, MIN_COSINE, MODEL_NOT_FOUND, SERVICE_UNAVAILABLE,
+};
 
-/// A hang guard for a loaded 2-core machine, not a timing expectation.
-const TEST_TIMEOUT: Duration = Duration::from_secs(240);
-const MIN_COSINE: f64 = 0.99999;
 const CALLERS: usize = 64;
-
-fn checkout() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../..")
-}
-
-fn python() -> PathBuf {
-    let python = std::env::var_os("AKIDB_EMBED_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| checkout().join(".venv/bin/python"));
-    assert!(python.exists(), "no Python at {} (run `make venv`)", python.display());
-    python
-}
-
-fn model_dir() -> PathBuf {
-    let dir = checkout().join("models/all-MiniLM-L6-v2");
-    assert!(dir.join("akidb-embed.json").exists(), "no model in {} (`make models`)", dir.display());
-    dir
-}
-
-fn model_id() -> String {
-    let text = std::fs::read_to_string(model_dir().join("akidb-embed.json")).unwrap();
-    let metadata: serde_json::Value = serde_json::from_str(&text).unwrap();
-    metadata["model"].as_str().unwrap().to_owned()
-}
 
 fn config() -> WorkerConfig {
     WorkerConfig {
@@ -104,9 +82,7 @@ fn python_vectors() -> &'static [Vec<f32>] {
 fn assert_like_python(index: usize, vector: &[f32]) {
     let want = &python_vectors()[index];
     assert_eq!(vector.len(), want.len(), "dimension of text {index}");
-    let dot: f64 = vector.iter().zip(want).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
-    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
-    let cosine = dot / (norm(vector) * norm(want));
+    let cosine = cosine(vector, want);
     assert!(cosine >= MIN_COSINE, "text {index}: cosine {cosine} to the Python client's vector");
 }
 
@@ -132,9 +108,7 @@ async fn call_and_check(provider: &dyn EmbeddingProvider, caller: usize, model: 
 fn run(test: impl std::future::Future<Output = ()> + Send + 'static) {
     python_vectors(); // before any worker of ours runs, and outside the timeout
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        tokio::time::timeout(TEST_TIMEOUT, test).await.expect("the test finished in time")
-    });
+    runtime.block_on(within(test));
 }
 
 #[test]
@@ -180,11 +154,7 @@ fn a_sigkill_in_the_middle_of_64_concurrent_callers_loses_no_call() {
         while done.load(Ordering::SeqCst) < CALLERS / 2 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let status = std::process::Command::new("kill")
-            .args(["-KILL", &first_pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        signal(first_pid, "KILL");
         let done_at_kill = done.load(Ordering::SeqCst);
         assert!(done_at_kill < CALLERS * CALLS_PER_CALLER, "the kill came with calls in flight");
         for caller in callers {
@@ -202,8 +172,7 @@ fn a_sigkill_in_the_middle_of_64_concurrent_callers_loses_no_call() {
 #[test]
 fn a_dropped_client_runtime_fails_every_call_at_once_with_service_unavailable() {
     python_vectors();
-    let (done, finished) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    on_a_thread_within(|| {
         let client_runtime =
             tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
         let (provider, pid) = client_runtime.block_on(spawn(config())).unwrap();
@@ -212,8 +181,7 @@ fn a_dropped_client_runtime_fails_every_call_at_once_with_service_unavailable() 
 
         // a call in flight from another runtime, to a worker that cannot answer it
         let other = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-        let status = std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status();
-        assert!(status.unwrap().success());
+        signal(pid, "STOP");
         let in_flight = {
             let (provider, (request, _)) = (provider.clone(), request_of(1, &model));
             other.spawn(async move { provider.embed_batch(request).await.map(drop) })
@@ -222,32 +190,21 @@ fn a_dropped_client_runtime_fails_every_call_at_once_with_service_unavailable() 
 
         let dropped_at = Instant::now();
         drop(client_runtime);
-        let unavailable = |what: &str, result: EmbeddingResult<()>| match result {
-            Err(EmbeddingError::ServiceUnavailable(message)) => {
-                assert!(message.contains("runtime"), "{what}: {message}")
-            }
-            other => panic!("{what}: {other:?}"),
+        let unavailable = |result: EmbeddingResult<()>| {
+            expect_error(result, SERVICE_UNAVAILABLE, &["runtime"]);
         };
-        unavailable("the call in flight", other.block_on(in_flight).unwrap());
+        unavailable(other.block_on(in_flight).unwrap());
         let (request, _) = request_of(2, &model);
-        unavailable("a new call", other.block_on(provider.embed_batch(request)).map(drop));
-        unavailable("model_info", other.block_on(provider.model_info()).map(drop));
-        unavailable("health_check", other.block_on(provider.health_check()));
+        unavailable(other.block_on(provider.embed_batch(request)).map(drop));
+        unavailable(other.block_on(provider.model_info()).map(drop));
+        unavailable(other.block_on(provider.health_check()));
         let elapsed = dropped_at.elapsed();
         eprintln!("dropped runtime: the call in flight and three new calls failed in {elapsed:?}");
+        // a hang guard only: the figure itself is printed (and measured well under a second)
+        assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
         // killed with the runtime: gone or a zombie once the kernel has torn it down
-        let dead = (0..200).any(|_| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let dead = stat.is_empty() || stat.contains(") Z ");
-            std::thread::sleep(Duration::from_millis(if dead { 0 } else { 50 }));
-            dead
-        });
-        assert!(dead, "worker {pid} still runs");
-        done.send(elapsed).unwrap();
+        assert!(dies_soon(pid), "worker {pid} still runs");
     });
-    let elapsed = finished.recv_timeout(TEST_TIMEOUT).expect("no call hangs");
-    // a hang guard only: the figure itself is printed (and measured well under a second)
-    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
 }
 
 #[test]
@@ -255,14 +212,9 @@ fn a_worker_serving_another_model_is_refused_with_akidbs_model_not_found() {
     run(async {
         let expecting_other =
             WorkerConfig { expected_model: Some("BAAI/bge-small-en-v1.5".into()), ..config() };
-        let error = spawn(expecting_other).await.err().expect("the start is refused");
-        let message = error.to_string();
-        assert!(matches!(error, EmbeddingError::ModelNotFound(_)), "{message}");
-        assert!(message.starts_with("Model not found: "), "{message}");
-        assert!(
-            message.contains("BAAI/bge-small-en-v1.5") && message.contains(&model_id()),
-            "{message}"
-        );
+        let refused = spawn(expecting_other).await;
+        let message = expect_error(refused, MODEL_NOT_FOUND, &["BAAI/bge-small-en-v1.5"]);
+        assert!(message.contains(&model_id()), "{message}");
     });
 }
 
