@@ -32,8 +32,8 @@ from akidb_embed.encodings import (
     row_width,
 )
 from akidb_embed.errors import InvalidInput
+from akidb_embed.host_client._hello import Hello
 from akidb_embed.host_client._types import BatchEmbeddingRequest, BatchEmbeddingResponse, ModelInfo
-from akidb_embed.host_client._worker import Hello
 
 __all__ = [
     "TEXT_HEADER_BYTES",
@@ -105,6 +105,8 @@ class EmbedCall:
         self.reply_model = ""
         self.finished = False
         self.started_at = time.perf_counter()
+        self.submitted_ns = 0
+        """``time.monotonic_ns()`` of the submission, when the client traces (``RequestTrace``)."""
         self.admitted_at: float | None = None
         """When its last text was admitted (``Usage.queue_ms``)."""
 
