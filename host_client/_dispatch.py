@@ -219,7 +219,10 @@ class Dispatcher:
         self._started: Future[None] = Future()
         self._hello: Hello | None = None
         spawner = spawner or CommandSpawner(config)
-        self._slots = [WorkerSlot(index, config, spawner, self) for index in range(config.workers)]
+        self._slots = [
+            WorkerSlot(index, config, spawner, self, mark_frames=trace is not None)
+            for index in range(config.workers)
+        ]
         self._trace = trace
         self._ids = itertools.count(1)
         self._pending: dict[int, WireRequest] = {}

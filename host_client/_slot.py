@@ -97,9 +97,17 @@ class WorkerSlot:
     """Worker slot ``index`` of a client: spawns, watches and replaces its worker."""
 
     def __init__(
-        self, index: int, config: ClientConfig, spawner: Spawner, owner: SlotOwner
+        self,
+        index: int,
+        config: ClientConfig,
+        spawner: Spawner,
+        owner: SlotOwner,
+        *,
+        mark_frames: bool = False,
     ) -> None:
         self.index = index
+        self.mark_frames = mark_frames
+        """Whether its workers' readers note when each frame was read (the client traces)."""
         self.config = config
         self._spawner = spawner
         self._owner = owner
@@ -287,6 +295,7 @@ class WorkerSlot:
                 ),
                 on_exit=lambda worker: self._on_exit(generation, worker),
             )
+            worker.mark_frames = self.mark_frames
             self._starting_worker = worker
             first_start = not self.ever_ready
         try:
