@@ -71,7 +71,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy.typing as npt
 
@@ -128,8 +128,7 @@ def run(deferred: Deferred) -> None:
         action()
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """Where a request of the table was written: a slot's worker of one generation."""
 
     slot: int
@@ -272,11 +271,12 @@ class Dispatcher:
         hello = self._started_hello()
         served = hello.served(request.model)
         encoding = check_encoding(encoding)
-        texts, sizes = self._checked_texts(request, hello)
+        limits = self._limits(hello, request)
+        texts, sizes = self._checked_texts(request, hello, limits)
         call = EmbedCall(request, texts, sizes, served, encoding)
         if self._trace is not None:
             call.submitted_ns = submitted
-        if not self._waiting and self._send_whole(call, hello):
+        if not self._waiting and self._send_whole(call, hello, limits):
             return call.future
         with self._lock:
             refusal = self._refusal_locked()
@@ -302,8 +302,8 @@ class Dispatcher:
         request = BatchEmbeddingRequest(model, texts, prompt_name=prompt_name)
         truncation_side = check_truncation_side(truncation_side)
         served = hello.served(model)
-        texts, sizes = self._checked_texts(request, hello)
         limits = self._limits(hello, request)
+        texts, sizes = self._checked_texts(request, hello, limits)
         chunks: list[Future[dict[str, Any]]] = []
         start = 0
         while start < len(texts):
@@ -486,12 +486,15 @@ class Dispatcher:
                 return  # else from a worker already given up on: its requests went elsewhere
             del self._pending[request.request_id]
             self._in_flight_texts -= request.text_count
-            slot.replied(generation, request.proves_progress)
-            admitted = self._admit_locked() if request.text_count and self._waiting else []
+            slot.answered_requests += 1
+            if request.proves_progress:  # the hang watch's clock (see _slot.py)
+                worker.last_reply_at = time.monotonic()
+            admitted = self._admit_locked() if self._waiting and request.text_count else None
         request.settle(message)
         if request.marks is not None:
             self._report_trace(request, worker, message)
-        self._pump(admitted)
+        if admitted:
+            self._pump(admitted)
 
     def slot_lost(self, slot: WorkerSlot, generation: int, reason: str, *, hung: bool) -> None:
         """Worker ``generation`` of ``slot`` died or hung: each request routed to it spends an
@@ -579,8 +582,9 @@ class Dispatcher:
             return _copy(self._failure)
         return None
 
+    @staticmethod
     def _checked_texts(
-        self, request: BatchEmbeddingRequest, hello: Hello
+        request: BatchEmbeddingRequest, hello: Hello, limits: ChunkLimits
     ) -> tuple[list[str], list[int]]:
         """The inputs as a list of str and their UTF-8 sizes, each text encodable and small
         enough for the worker (a text too large for one frame would break the stream and kill
@@ -590,7 +594,7 @@ class Dispatcher:
         texts = list(request.inputs)
         if not texts:
             raise InvalidInput(EMPTY_BATCH)
-        frame_room = self._limits(hello, request).max_payload_bytes - TEXT_HEADER_BYTES
+        frame_room = limits.max_payload_bytes - TEXT_HEADER_BYTES
         max_text_bytes = min(hello.max_text_bytes, frame_room)
         sizes = []
         for index, text in enumerate(texts):
@@ -684,16 +688,17 @@ class Dispatcher:
     def _count_in_locked(self, request: WireRequest) -> None:
         self._pending[request.request_id] = request
         self._in_flight_texts += request.text_count
-        self._peak_in_flight_texts = max(self._peak_in_flight_texts, self._in_flight_texts)
+        if self._in_flight_texts > self._peak_in_flight_texts:
+            self._peak_in_flight_texts = self._in_flight_texts
 
-    def _send_whole(self, call: EmbedCall, hello: Hello) -> bool:
+    def _send_whole(self, call: EmbedCall, hello: Hello, limits: ChunkLimits) -> bool:
         """The lone path: a call that fits one wire request, with no call waiting before it,
         is encoded before the lock is taken, then admitted, routed and written under a single
         acquisition of it. False, with nothing done, when the call must take the queue path
         (it needs several requests, the bound has no room, another call waits, the client
         refuses, the frame does not encode): that path then does what it always did."""
         count = len(call.texts)
-        if chunk_end(call.texts, call.sizes, 0, self._limits(hello, call)) != count:
+        if chunk_end(call.texts, call.sizes, 0, limits) != count:
             return False
         request = self._wire_request(call, 0, count)
         try:
@@ -755,12 +760,17 @@ class Dispatcher:
             or self._pending.get(request.request_id) is not request
         ):
             return
-        ready = [slot for slot in self._slots if slot.serving is not None]
-        if not ready:
-            return
-        target = ready[0] if len(ready) == 1 else self._least_loaded_locked(ready)
+        slots = self._slots
+        if len(slots) == 1:  # a single worker (the lone path's common case): no loads to weigh
+            target = slots[0]
+        else:
+            ready = [slot for slot in slots if slot.serving is not None]
+            if not ready:
+                return
+            target = ready[0] if len(ready) == 1 else self._least_loaded_locked(ready)
         serving = target.serving
-        assert serving is not None
+        if serving is None:
+            return
         generation, worker = serving
         if request.attempts:
             self._resent_requests += 1
@@ -856,6 +866,15 @@ class Dispatcher:
             run(deferred)
             return
         call.place(start, stop, vectors)
+        if call.outstanding == 1 and call.fully_admitted:
+            # the call's only request in flight (fully admitted first: no chunk can follow),
+            # so nothing to count with another reply under the lock
+            call.total_tokens += tokens
+            call.reply_model = model
+            call.outstanding = 0
+            call.finished = True
+            _settle_future(call.future, self._response(call))
+            return
         with self._lock:
             call.total_tokens += tokens
             call.reply_model = model

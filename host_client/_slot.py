@@ -35,6 +35,7 @@ client is the dispatcher's decision.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import signal
 import threading
@@ -122,6 +123,7 @@ class WorkerSlot:
         self.spawns = 0
         self.restarts = 0
         self.answered_requests = 0
+        """Replies matched by the dispatcher (it counts them, holding its lock)."""
         self.policy = RestartPolicy(config.restart_limit, config.stable_start_time)
         self._starting_worker: WorkerProcess | None = None
         self._closing_workers: list[WorkerProcess] = []
@@ -148,13 +150,6 @@ class WorkerSlot:
                 target=self._supervise, name=f"akidb-embed-supervisor-{self.index}", daemon=True
             )
             self._supervisor.start()
-
-    def replied(self, generation: int, proves_progress: bool) -> None:
-        """The dispatcher matched a reply of worker ``generation`` (its lock held)."""
-        self.answered_requests += 1
-        serving = self.serving
-        if proves_progress and serving is not None and serving[0] == generation:
-            serving[1].last_reply_at = time.monotonic()
 
     def stats(self, in_flight_texts: int, in_flight_tokens: int) -> WorkerStats:
         serving = self.serving
@@ -290,9 +285,7 @@ class WorkerSlot:
             worker = WorkerProcess(
                 command.argv,
                 command.env,
-                on_frame=lambda worker, message: self._owner.slot_replied(
-                    self, generation, worker, message
-                ),
+                on_frame=functools.partial(self._owner.slot_replied, self, generation),
                 on_exit=lambda worker: self._on_exit(generation, worker),
             )
             worker.mark_frames = self.mark_frames

@@ -256,6 +256,7 @@ class WorkerProcess:
     def _read_frames(self) -> None:
         assert self._process is not None and self._frame_reader is not None
         problem: str | None = None
+        hello_read = False
         try:
             while True:
                 payload = self._frame_reader.read()
@@ -270,7 +271,8 @@ class WorkerProcess:
                     continue
                 if read_at:
                     self.frame_marks = (read_at, time.monotonic_ns())
-                if not self.hello.done():
+                if not hello_read:
+                    hello_read = True
                     self.hello.set_result(message)
                     continue
                 try:
