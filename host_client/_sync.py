@@ -46,15 +46,15 @@ class EmbeddingClient(ClientBase):
     ``EmbeddingClient(model_dir=None, *, workers="auto", provider="auto", threads=None,
     lanes=None, request_timeout=30.0, start_timeout=60.0, close_timeout=10.0, max_attempts=3,
     restart_limit=5, stable_start_time=10.0, max_in_flight_texts=2048, worker_command=None,
-    worker_args=(), env=None, trace=None, spawner=None)`` spawns ``workers`` processes of ``python -m akidb_embed.worker``
-    in parallel (same interpreter; ``worker_command`` replaces that prefix, ``worker_args`` are
-    appended), each serving every model with ``lanes`` ONNX Runtime runs at once on sessions of
-    ``threads`` intra-op threads (by default sized to fill the worker's share of the cores;
-    ``workers="auto"``: one worker per 32 usable CPUs), and returns once
-    every hello has been read and its protocol version checked. A worker that cannot start
-    makes the constructor raise its own reason: ``ModelNotFound`` (no usable model directory)
-    or ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs are
-    described in ``ClientConfig``; the resolved values are ``client.config``. ``trace``, a
+    worker_args=(), env=None, trace=None, spawner=None)`` spawns ``workers`` processes of
+    ``python -m akidb_embed.worker`` in parallel (same interpreter; ``worker_command`` replaces
+    that prefix, ``worker_args`` are appended), each serving every model with ``lanes`` ONNX
+    Runtime runs at once on sessions of ``threads`` intra-op threads (by default sized to fill
+    the worker's share of the cores; ``workers="auto"``: one worker per 32 usable CPUs), and
+    returns once every hello has been read and its protocol version checked. A worker that
+    cannot start makes the constructor raise its own reason: ``ModelNotFound`` (no usable model
+    directory) or ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs
+    are described in ``ClientConfig``; the resolved values are ``client.config``. ``trace``, a
     callable, gets a ``RequestTrace`` (when the call and its reply passed each stage, on
     ``time.monotonic_ns()``, with the worker's own marks) for every embed wire request once
     its reply is handled, in the thread that handled it; ``spawner`` replaces how each
@@ -71,14 +71,14 @@ class EmbeddingClient(ClientBase):
         ``ServiceUnavailable``/``RequestTimeout`` (no worker could answer within the
         supervision budget, or the client is closed) or ``Internal``.
         """
-        return _wait(self._dispatcher.submit_embed(request))
+        return self._dispatcher.embed(request)
 
     def embed_encoded(
         self, request: BatchEmbeddingRequest, encoding: str
     ) -> BatchEmbeddingResponse:
         """``embed_batch`` with the vectors in ``encoding`` (see ``embed``): the response's
         ``embeddings`` is that encoding's array, its usage as ``embed_batch``'s."""
-        return _wait(self._dispatcher.submit_embed(request, encoding))
+        return self._dispatcher.embed(request, encoding)
 
     @overload
     def embed(

@@ -165,6 +165,32 @@ def test_killed_worker_loses_no_request(clients: Callable[..., EmbeddingClient])
     assert stats.in_flight_texts == 0
 
 
+def test_lone_callers_reading_their_own_replies_each_get_theirs(
+    clients: Callable[..., EmbeddingClient],
+) -> None:
+    """Callers that read replies off the pipe themselves (the lone path), the reader thread,
+    and one another: every call gets its own rows, none waits for a frame already taken."""
+    # a reply left unread would hold its request past request_timeout: a hang kill, a restart
+    client = clients(StandIns(), workers=2, request_timeout=5.0)
+    results: dict[tuple[int, int], np.ndarray] = {}
+
+    def caller(thread_index: int) -> None:
+        for call in range(150):
+            results[(thread_index, call)] = client.embed([f"{thread_index}" + "x" * (call % 9)])
+
+    threads = [threading.Thread(target=caller, args=(index,)) for index in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(GUARD_TIMEOUT)
+
+    assert not any(thread.is_alive() for thread in threads), "a caller never got its reply"
+    assert len(results) == 8 * 150
+    for (thread_index, call), vectors in results.items():
+        check_rows(vectors, [f"{thread_index}" + "x" * (call % 9)])
+    assert client.stats().spawns == 2 and client.stats().resent_requests == 0
+
+
 def test_hung_worker_is_killed_and_the_next_one_answers(
     clients: Callable[..., EmbeddingClient],
 ) -> None:
