@@ -25,7 +25,9 @@ routing to the least-loaded of the pool's worker slots.
 
     lone path: a call that fits one wire request, with no call waiting before it, skips the
        waiting line: encoded first, then admitted, routed and written under one acquisition
-       of the lock (same bound, same order, same errors; anything else takes the line above)
+       of the lock (same bound, same order, same errors; anything else takes the line above);
+       a blocking caller (``embed``) then reads its reply off the worker's pipe itself when no
+       other thread is reading it (_worker.py, ``read_until``)
 
     a slot's worker died or hung ──► every entry routed to that (slot, generation) is unrouted
        (one attempt spent) ──► routed again to any ready slot, or left unrouted until one is

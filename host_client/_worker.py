@@ -4,27 +4,34 @@
 ::
 
     slot ──send(frame)──► the caller's own non-blocking write ──► stdin ─┐
-                   │ (pipe full, or frames already waiting)                     │
-                   └──► backlog ──► writer thread (waits until writable) ───────┤
-                                                                                ▼
-                                                              python -m akidb_embed.worker
-                                                                                │
-    slot ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout ◄─────┘
+                   │ (pipe full, or frames already waiting)              │
+                   └──► backlog ──► writer thread (waits until writable) ┤
+                                                                         ▼
+                                                       python -m akidb_embed.worker
+                                                                         │
+    slot ◄─on_frame(msg)─┬─ a waiting caller (read_until) ◄── FrameReader ◄── stdout
+                         └─ reader thread (polls stdout; reads when no caller does)
     logger "akidb_embed.worker" + recent lines ◄── stderr thread ◄── stderr
 
 The caller writes its own frame when nothing is waiting to be written: a lone request reaches
 the worker without a hand-over to another thread. stdin is non-blocking, so a worker that stops
 reading never blocks a caller: what the pipe does not take goes to the backlog, which the writer
-thread alone drains, in order (a frame is never interleaved with another). The reader alone
-reads stdout (so the worker can always write its replies), and stderr is drained all the time (a
-full stderr pipe would block the worker).
+thread alone drains, in order (a frame is never interleaved with another).
+
+stdout is read by one thread at a time, between frames: a caller waiting for its reply reads
+it itself when no one else is reading (``read_until``: it hands over every frame it reads, its
+own and others', and lets go once its reply is in), so its reply reaches it with no thread
+hand-over, as a raw-frame client's does; otherwise the reader thread, which waits on the pipe
+meanwhile, reads. Either way the worker can always write its replies, and stderr is drained all
+the time (a full stderr pipe would block the worker).
 
 When stdout ends (the worker exited, crashed or was killed) or turns to garbage, the reader
-reaps the process (no zombie), lets stderr finish so its last lines explain the exit, stops
-the writer, and reports the exit exactly once through ``on_exit``. A worker that ends before
-its hello fails ``hello`` with ``ServiceUnavailable`` carrying its exit status and last stderr
-lines. Until a worker is ready its error lines are logged at DEBUG: why it could not start
-reaches the caller once, as the start's error.
+thread reads the end itself (a caller that meets it lets go), reaps the process (no zombie),
+lets stderr finish so its last lines explain the exit, stops the writer, and reports the exit
+exactly once through ``on_exit``. A worker that ends before its hello fails ``hello`` with
+``ServiceUnavailable`` carrying its exit status and last stderr lines. Until a worker is ready
+its error lines are logged at DEBUG: why it could not start reaches the caller once, as the
+start's error.
 """
 
 from __future__ import annotations
