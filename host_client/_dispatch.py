@@ -25,9 +25,7 @@ routing to the least-loaded of the pool's worker slots.
 
     lone path: a call that fits one wire request, with no call waiting before it, skips the
        waiting line: encoded first, then admitted, routed and written under one acquisition
-       of the lock (same bound, same order, same errors; anything else takes the line above);
-       a blocking caller (``embed``) then reads its reply off the worker's pipe itself when no
-       other thread is reading it (_worker.py, ``read_until``)
+       of the lock (same bound, same order, same errors; anything else takes the line above)
 
     a slot's worker died or hung ──► every entry routed to that (slot, generation) is unrouted
        (one attempt spent) ──► routed again to any ready slot, or left unrouted until one is
@@ -269,28 +267,6 @@ class Dispatcher:
     ) -> Future[BatchEmbeddingResponse]:
         """Queue one ``embed_batch`` call, its vectors in ``encoding``; it is split, admitted and
         sent as room allows."""
-        return self._submit_embed(request, encoding)[0]
-
-    def embed(
-        self, request: BatchEmbeddingRequest, encoding: str = DEFAULT_ENCODING
-    ) -> BatchEmbeddingResponse:
-        """``submit_embed``, and wait for the response in the calling thread. A call sent
-        whole (the lone path) reads its own reply off its worker's pipe when no other caller
-        is reading it (``WorkerProcess.read_until``): no thread hands the reply over. Any
-        other call waits for its future."""
-        future, worker = self._submit_embed(request, encoding)
-        try:
-            if worker is not None:
-                worker.read_until(future.done)
-            return future.result()
-        except BaseException:
-            future.cancel()  # interrupted (KeyboardInterrupt): what is not sent yet is dropped
-            raise
-
-    def _submit_embed(
-        self, request: BatchEmbeddingRequest, encoding: str
-    ) -> tuple[Future[BatchEmbeddingResponse], WorkerProcess | None]:
-        """The call's future, and the worker it was written to whole (``None``: queued)."""
         submitted = time.monotonic_ns() if self._trace is not None else 0
         hello = self._started_hello()
         served = hello.served(request.model)
@@ -300,10 +276,8 @@ class Dispatcher:
         call = EmbedCall(request, texts, sizes, served, encoding)
         if self._trace is not None:
             call.submitted_ns = submitted
-        if not self._waiting:
-            sent, worker = self._send_whole(call, hello, limits)
-            if sent:
-                return call.future, worker
+        if not self._waiting and self._send_whole(call, hello, limits):
+            return call.future
         with self._lock:
             refusal = self._refusal_locked()
             if refusal is not None:
@@ -311,7 +285,7 @@ class Dispatcher:
             self._waiting.append(call)
             admitted = self._admit_locked()
         self._pump(admitted)
-        return call.future, None
+        return call.future
 
     def submit_tokenize(
         self,
@@ -717,24 +691,20 @@ class Dispatcher:
         if self._in_flight_texts > self._peak_in_flight_texts:
             self._peak_in_flight_texts = self._in_flight_texts
 
-    def _send_whole(
-        self, call: EmbedCall, hello: Hello, limits: ChunkLimits
-    ) -> tuple[bool, WorkerProcess | None]:
+    def _send_whole(self, call: EmbedCall, hello: Hello, limits: ChunkLimits) -> bool:
         """The lone path: a call that fits one wire request, with no call waiting before it,
         is encoded before the lock is taken, then admitted, routed and written under a single
         acquisition of it. False, with nothing done, when the call must take the queue path
         (it needs several requests, the bound has no room, another call waits, the client
-        refuses, the frame does not encode): that path then does what it always did. With
-        True, the worker it was written to (``None``: none was ready; it waits in the
-        table)."""
+        refuses, the frame does not encode): that path then does what it always did."""
         count = len(call.texts)
         if chunk_end(call.texts, call.sizes, 0, limits) != count:
-            return False, None
+            return False
         request = self._wire_request(call, 0, count)
         try:
             self._encode(request)
         except ENCODE_ERRORS:
-            return False, None  # the queue path fails the call with the reason
+            return False  # the queue path fails the call with the reason
         with self._lock:
             if (
                 self._state not in _SERVING
@@ -742,11 +712,12 @@ class Dispatcher:
                 or self._hello is not hello
                 or self._in_flight_texts + count > self.config.max_in_flight_texts
             ):
-                return False, None
+                return False
             self._count_in_locked(request)
             call.next_index = count
             call.outstanding = 1
-            return True, self._route_locked(request)
+            self._route_locked(request)
+        return True
 
     def _pump(self, requests: list[WireRequest]) -> None:
         """Encode newly admitted requests (outside the lock) and route them."""
@@ -779,7 +750,7 @@ class Dispatcher:
         if marks is not None:
             marks["encoded"] = time.monotonic_ns()
 
-    def _route_locked(self, request: WireRequest) -> WorkerProcess | None:
+    def _route_locked(self, request: WireRequest) -> None:
         """Write ``request`` to the ready worker with the fewest estimated tokens routed to it
         in the table (ties: fewer requests, then the lower slot); with none ready it stays in
         the table unrouted, and goes to the next worker that becomes ready."""
@@ -788,18 +759,18 @@ class Dispatcher:
             or request.route is not None
             or self._pending.get(request.request_id) is not request
         ):
-            return None
+            return
         slots = self._slots
         if len(slots) == 1:  # a single worker (the lone path's common case): no loads to weigh
             target = slots[0]
         else:
             ready = [slot for slot in slots if slot.serving is not None]
             if not ready:
-                return None
+                return
             target = ready[0] if len(ready) == 1 else self._least_loaded_locked(ready)
         serving = target.serving
         if serving is None:
-            return None
+            return
         generation, worker = serving
         if request.attempts:
             self._resent_requests += 1
@@ -810,7 +781,6 @@ class Dispatcher:
         worker.send(request.frame)
         if marks is not None:
             marks["written"] = time.monotonic_ns()
-        return worker
 
     def _least_loaded_locked(self, ready: list[WorkerSlot]) -> WorkerSlot:
         """The slot of ``ready`` whose worker holds the fewest estimated tokens, then the fewest

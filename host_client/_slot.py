@@ -20,11 +20,10 @@ happens to its worker.
                                                        is routed again at the cost of one
                                                        attempt
 
-    the worker's frames (its reader thread, or a caller reading its own reply)
-        ── owner.slot_replied(slot, generation, ...) ──► the table
+    reader thread of the worker ── owner.slot_replied(slot, generation, ...) ──► the table
 
 Events go to the owner (the dispatcher) as they happen: ``slot_ready``, ``slot_replied`` (in the
-thread that read the frame), ``slot_lost`` and ``slot_gave_up``. A slot calls its owner without
+worker's reader thread), ``slot_lost`` and ``slot_gave_up``. A slot calls its owner without
 holding its own lock, except ``oldest_request`` from the hang watch: the lock order is slot,
 then dispatcher, and the dispatcher never takes a slot's lock while holding its own.
 

@@ -71,14 +71,14 @@ class EmbeddingClient(ClientBase):
         ``ServiceUnavailable``/``RequestTimeout`` (no worker could answer within the
         supervision budget, or the client is closed) or ``Internal``.
         """
-        return self._dispatcher.embed(request)
+        return _wait(self._dispatcher.submit_embed(request))
 
     def embed_encoded(
         self, request: BatchEmbeddingRequest, encoding: str
     ) -> BatchEmbeddingResponse:
         """``embed_batch`` with the vectors in ``encoding`` (see ``embed``): the response's
         ``embeddings`` is that encoding's array, its usage as ``embed_batch``'s."""
-        return self._dispatcher.embed(request, encoding)
+        return _wait(self._dispatcher.submit_embed(request, encoding))
 
     @overload
     def embed(

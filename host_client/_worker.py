@@ -9,29 +9,22 @@
                                                                          ▼
                                                        python -m akidb_embed.worker
                                                                          │
-    slot ◄─on_frame(msg)─┬─ a waiting caller (read_until) ◄── FrameReader ◄── stdout
-                         └─ reader thread (polls stdout; reads when no caller does)
+    slot ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout ◄────┘
     logger "akidb_embed.worker" + recent lines ◄── stderr thread ◄── stderr
 
 The caller writes its own frame when nothing is waiting to be written: a lone request reaches
 the worker without a hand-over to another thread. stdin is non-blocking, so a worker that stops
 reading never blocks a caller: what the pipe does not take goes to the backlog, which the writer
-thread alone drains, in order (a frame is never interleaved with another).
-
-stdout is read by one thread at a time, between frames: a caller waiting for its reply reads
-it itself when no one else is reading (``read_until``: it hands over every frame it reads, its
-own and others', and lets go once its reply is in), so its reply reaches it with no thread
-hand-over, as a raw-frame client's does; otherwise the reader thread, which waits on the pipe
-meanwhile, reads. Either way the worker can always write its replies, and stderr is drained all
-the time (a full stderr pipe would block the worker).
+thread alone drains, in order (a frame is never interleaved with another). The reader alone
+reads stdout (so the worker can always write its replies), and stderr is drained all the time (a
+full stderr pipe would block the worker).
 
 When stdout ends (the worker exited, crashed or was killed) or turns to garbage, the reader
-thread reads the end itself (a caller that meets it lets go), reaps the process (no zombie),
-lets stderr finish so its last lines explain the exit, stops the writer, and reports the exit
-exactly once through ``on_exit``. A worker that ends before its hello fails ``hello`` with
-``ServiceUnavailable`` carrying its exit status and last stderr lines. Until a worker is ready
-its error lines are logged at DEBUG: why it could not start reaches the caller once, as the
-start's error.
+reaps the process (no zombie), lets stderr finish so its last lines explain the exit, stops
+the writer, and reports the exit exactly once through ``on_exit``. A worker that ends before
+its hello fails ``hello`` with ``ServiceUnavailable`` carrying its exit status and last stderr
+lines. Until a worker is ready its error lines are logged at DEBUG: why it could not start
+reaches the caller once, as the start's error.
 """
 
 from __future__ import annotations
@@ -161,15 +154,6 @@ class WorkerProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._frame_reader: wire.FrameReader | None = None
         self._threads: list[threading.Thread] = []
-        self._baton = threading.Condition()
-        """Guards ``_reading``: who reads stdout."""
-        self._reading: str | None = None
-        """``"caller"`` or ``"reader"`` while one reads a frame; ``None`` between frames."""
-        self._reader_waits = False
-        """The reader thread waits for a caller to finish reading (it must be told)."""
-        self._reader_done = False
-        """The reader thread saw the end: nobody reads any more."""
-        self._stdout_fd = -1
 
     @property
     def pid(self) -> int | None:
@@ -198,10 +182,7 @@ class WorkerProcess:
             self.exit_description = f"could not be started: {exc}"
             self._exited.set()
             raise ServiceUnavailable(f"cannot start the worker {self.argv!r}: {exc}") from None
-        # the raw file: poll() then sees every byte not yet read (no buffer in between)
-        stdout = cast(BinaryIO, _stream(self._process.stdout).raw)  # type: ignore[attr-defined]
-        self._frame_reader = wire.FrameReader(stdout)
-        self._stdout_fd = stdout.fileno()
+        self._frame_reader = wire.FrameReader(_stream(self._process.stdout))
         self._stdin_fd = _stream(self._process.stdin).fileno()
         os.set_blocking(self._stdin_fd, False)
         name = f"akidb-embed-worker-{self._process.pid}"
@@ -272,112 +253,41 @@ class WorkerProcess:
         state = self.exit_description or "is running"
         return f"worker {self.pid} {state}"
 
-    def read_until(self, done: Callable[[], bool]) -> None:
-        """Read and hand over this worker's frames in the calling thread until ``done()``: a
-        caller waiting for its reply reads it itself, and no thread hands the reply over
-        (raw frames' cost). Returns at once when another thread is reading, and early at the
-        end of stdout: the reader thread, which polls stdout meanwhile without reading, then
-        reads the end itself and reports it."""
-        with self._baton:
-            if self._reading is not None or self._reader_done:
-                return
-            self._reading = "caller"
-        reader = self._frame_reader
-        assert reader is not None
-        try:
-            # frames that came in the same read as its reply are handed over too: the reader
-            # thread waits for the pipe, and would not see them in the buffer
-            while not done() or reader.buffered:
-                payload = reader.read()
-                if payload is None:
-                    break
-                self._handle(payload)
-        except (wire.FrameError, OSError, ValueError) as exc:
-            problem = f"broken stream from the worker: {exc}"
-            logger.error("worker %s: %s", self.pid, problem)
-            self.kill(problem)  # the reader thread then sees the end and reports it
-        finally:
-            with self._baton:
-                self._reading = None
-                if self._reader_waits:
-                    self._baton.notify()
-
     def _read_frames(self) -> None:
-        """The reader thread: waits for stdout to be readable, then reads a frame unless a
-        caller is reading (``read_until``); it alone reads the end and reaps the process."""
         assert self._process is not None and self._frame_reader is not None
-        reader = self._frame_reader
         problem: str | None = None
-        readable = select.poll()
-        readable.register(self._stdout_fd, select.POLLIN)
         hello_read = False
         try:
             while True:
-                if not reader.buffered:
-                    readable.poll()  # a frame, or the end
-                with self._baton:
-                    while self._reading is not None:  # a caller reads: let it finish
-                        self._reader_waits = True
-                        self._baton.wait()
-                    self._reader_waits = False
-                    if not reader.buffered and not readable.poll(0):
-                        continue  # what woke the poll was the caller's, and it took it
-                    self._reading = "reader"
-                payload: bytes | None = None
-                try:
-                    payload = reader.read()
-                    if payload is not None:
-                        # handed over before the reading is let go: a caller that takes it
-                        # next then finds its reply delivered, instead of waiting for a frame
-                        # that came already
-                        hello_read = self._hand_over(payload, hello_read)
-                finally:
-                    with self._baton:
-                        self._reading = None
-                        # the end (or a broken stream): no caller may start reading it
-                        self._reader_done = payload is None
+                payload = self._frame_reader.read()
                 if payload is None:
                     break
+                read_at = time.monotonic_ns() if self.mark_frames else 0
+                try:
+                    message = wire.unpack(payload)
+                except wire.MalformedMessage as exc:
+                    # Still in step (the frame was delimited): report it and read on.
+                    logger.error("worker %s sent a malformed frame: %s", self.pid, exc)
+                    continue
+                if read_at:
+                    self.frame_marks = (read_at, time.monotonic_ns())
+                if not hello_read:
+                    hello_read = True
+                    self.hello.set_result(message)
+                    continue
+                try:
+                    self._on_frame(self, message)
+                except Exception:  # a bug in the client must not stop the reader
+                    logger.exception("handling a frame from worker %s failed", self.pid)
         except wire.FrameError as exc:
             problem = f"broken stream from the worker: {exc}"
         except OSError as exc:
             problem = f"reading the worker's stdout failed: {exc}"
         finally:
-            with self._baton:
-                self._reader_done = True
             if problem is not None:
                 logger.error("worker %s: %s", self.pid, problem)
                 self.kill(problem)
             self._reap()
-
-    def _hand_over(self, payload: bytes, hello_read: bool) -> bool:
-        """The reader thread's frame: the hello first, then to ``_handle``; whether the hello
-        was read."""
-        if hello_read:
-            self._handle(payload)
-            return True
-        try:
-            self.hello.set_result(wire.unpack(payload))
-        except wire.MalformedMessage as exc:  # in step still: the next may be a hello
-            logger.error("worker %s sent a malformed frame: %s", self.pid, exc)
-            return False
-        return True
-
-    def _handle(self, payload: bytes) -> None:
-        """One frame after the hello, read by whichever thread reads: to ``on_frame``."""
-        read_at = time.monotonic_ns() if self.mark_frames else 0
-        try:
-            message = wire.unpack(payload)
-        except wire.MalformedMessage as exc:
-            # Still in step (the frame was delimited): report it and read on.
-            logger.error("worker %s sent a malformed frame: %s", self.pid, exc)
-            return
-        if read_at:
-            self.frame_marks = (read_at, time.monotonic_ns())
-        try:
-            self._on_frame(self, message)
-        except Exception:  # a bug in the client must not stop the reading
-            logger.exception("handling a frame from worker %s failed", self.pid)
 
     def _reap(self) -> None:
         assert self._process is not None

@@ -165,12 +165,11 @@ def test_killed_worker_loses_no_request(clients: Callable[..., EmbeddingClient])
     assert stats.in_flight_texts == 0
 
 
-def test_lone_callers_reading_their_own_replies_each_get_theirs(
+def test_many_lone_callers_each_get_their_own_rows(
     clients: Callable[..., EmbeddingClient],
 ) -> None:
-    """Callers that read replies off the pipe themselves (the lone path), the reader thread,
-    and one another: every call gets its own rows, none waits for a frame already taken."""
-    # a reply left unread would hold its request past request_timeout: a hang kill, a restart
+    """Lone calls from many threads over a pool: every call gets its own rows, and no reply is
+    left unhandled (it would hold its request past request_timeout: a hang kill, a restart)."""
     client = clients(StandIns(), workers=2, request_timeout=5.0)
     results: dict[tuple[int, int], np.ndarray] = {}
 
