@@ -69,7 +69,7 @@ build-rust:
 	MAKEFLAGS= .ci/cargo-offline test --no-run --quiet
 
 test-rust: models build-rust
-	MAKEFLAGS= AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/cargo-offline test
+	AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/rust-tests
 
 # Processes running the Python suite (pytest-xdist): its tests mostly wait on the worker
 # processes they start, so more of them than cores; PYTEST_WORKERS=0 runs it in this process.

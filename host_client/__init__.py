@@ -35,6 +35,7 @@ from akidb_embed.host_client._types import (
     BatchEmbeddingResponse,
     ClientStats,
     ModelInfo,
+    RequestTrace,
     Usage,
     WorkerStats,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "ModelNotFound",
     "ProtocolError",
     "RequestTimeout",
+    "RequestTrace",
     "ServiceUnavailable",
     "Usage",
     "WorkerStats",

@@ -35,9 +35,10 @@ from akidb_embed.host_client._config import (
     as_paths,
     resolve_workers,
 )
-from akidb_embed.host_client._dispatch import Dispatcher
+from akidb_embed.host_client._dispatch import Dispatcher, TraceHook
+from akidb_embed.host_client._hello import Hello
 from akidb_embed.host_client._types import BatchEmbeddingRequest, ClientStats, ModelInfo
-from akidb_embed.host_client._worker import Hello
+from akidb_embed.host_client._worker import Spawner
 
 __all__ = ["ClientBase", "embed_request", "ranges_of"]
 
@@ -94,6 +95,8 @@ class ClientBase:
         worker_command: Sequence[str] | str | None = None,
         worker_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        trace: TraceHook | None = None,
+        spawner: Spawner | None = None,
     ) -> None:
         self.config = ClientConfig(
             model_dirs=as_paths(model_dir),
@@ -112,7 +115,7 @@ class ClientBase:
             worker_args=tuple(worker_args),
             env=dict(env) if env is not None else None,
         )
-        self._dispatcher = Dispatcher(self.config)
+        self._dispatcher = Dispatcher(self.config, spawner=spawner, trace=trace)
         self._finalizer = weakref.finalize(self, self._dispatcher.close)
         self._after_init()
 

@@ -70,9 +70,6 @@ keeping the frames held for re-sending small."""
 
 DEFAULT_WORKER_MODULE = "akidb_embed.worker"
 
-RESTART_BACKOFF_FIRST = 0.05
-RESTART_BACKOFF_MAX = 2.0
-
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -154,12 +151,6 @@ class ClientConfig:
         merged = dict(os.environ)
         merged.update(self.env or {})
         return merged
-
-    @staticmethod
-    def restart_delay(consecutive_restarts: int) -> float:
-        """Seconds to wait before the ``consecutive_restarts``-th restart in a row (1-based)."""
-        exponent = max(consecutive_restarts - 1, 0)
-        return float(min(RESTART_BACKOFF_FIRST * 2**exponent, RESTART_BACKOFF_MAX))
 
 
 def resolve_workers(workers: int | Literal["auto"]) -> int:

@@ -1,32 +1,38 @@
-"""The dispatcher under both client twins: admission, chunking, and routing to the least-loaded
-of the pool's worker connections.
+"""The dispatcher under both client twins: admission, chunking, the one table of requests, and
+routing to the least-loaded of the pool's worker slots.
 
 ::
 
     caller threads / asyncio tasks
        │ submit_embed(request) ──► Future           submit_op("health") ──► Future
        ▼                                             │
-    waiting calls (round robin) ──admit──► pending table {id: wire request + its frame}
+    waiting calls (round robin) ──admit──► the table {id: wire request, its frame, its route}
        one chunk per turn, cut to the       │  texts in flight ≤ max_in_flight_texts, over
        hello's max_texts_per_request,       │  the whole pool (the rest waits here, as
        max_frame_bytes and ~4 runs of       │  references to the caller's strings)
        max_batch_tokens (estimated;         │
-       _chunking.py)                        │ route: the ready connection with the fewest
-                                            │ estimated tokens in flight
+       chunking.py)                         │ route = (slot, generation of its worker): the
+                                            │ ready slot with the fewest estimated tokens
+                                            │ routed to it, summed over the table
                   ┌─────────────────┬───────┴─────────┐
                   ▼                 ▼                 ▼
-             Connection 0      Connection 1   ...  Connection N-1     (_connection.py: its
-             └ worker process  └ worker process    └ worker process    pending requests,
-                  │                 │                 │                 supervision)
-                  └───── reply by id ──► rows copied into the call's output array
-                                         call's Future resolved when its last chunk is in
+             WorkerSlot 0      WorkerSlot 1   ...  WorkerSlot N-1      (_slot.py: the worker
+             └ worker process  └ worker process    └ worker process    process, its hello,
+                  │                 │                 │                 hang watch, restarts)
+                  └───── reply by id ──► the entry leaves the table ──► rows copied into the
+                                         call's output array; the call's Future resolved when
+                                         its last chunk is in
 
     lone path: a call that fits one wire request, with no call waiting before it, skips the
        waiting line: encoded first, then admitted, routed and written under one acquisition
        of the lock (same bound, same order, same errors; anything else takes the line above)
 
-    a connection's worker died or hung ──► every request it held comes back here
-       (one attempt spent) ──► routed again to any ready connection, or held until one is
+    a slot's worker died or hung ──► every entry routed to that (slot, generation) is unrouted
+       (one attempt spent) ──► routed again to any ready slot, or left unrouted until one is
+
+A request lives in one place, this table, from admission to its settling; where it was written
+is a field of its entry (``route``), and what each worker holds (its load, its oldest request
+for the hang watch, the stats) is read from the table. The slots own no request.
 
 What a caller sees on failure:
 
@@ -47,9 +53,10 @@ What a caller sees on failure:
   whatever is not answered within ``close_timeout`` fails with ``ServiceUnavailable`` after a
   SIGKILL. Every process is reaped.
 
-One lock guards the dispatcher and all its connections (the pool's state is small; one lock
-keeps "no request lost" easy to see). Futures are always resolved outside it: their callbacks
-(asyncio's, the chunk assembly) may take it.
+The dispatcher's lock guards the table and the waiting line. A slot has a lock of its own: a
+slot may call the dispatcher holding it, the dispatcher never takes a slot's lock holding its
+own (what it asks of a slot then runs after it is released). Futures are always resolved
+outside the lock: their callbacks (asyncio's, the chunk assembly) may take it.
 """
 
 from __future__ import annotations
@@ -61,9 +68,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import numpy.typing as npt
 
@@ -82,7 +90,18 @@ from akidb_embed.errors import (
     ServiceUnavailable,
     from_wire,
 )
-from akidb_embed.host_client._chunking import (
+from akidb_embed.host_client._config import ClientConfig
+from akidb_embed.host_client._hello import Hello
+from akidb_embed.host_client._slot import WorkerSlot
+from akidb_embed.host_client._types import (
+    BatchEmbeddingRequest,
+    BatchEmbeddingResponse,
+    ClientStats,
+    RequestTrace,
+    Usage,
+)
+from akidb_embed.host_client._worker import REAP_TIMEOUT, CommandSpawner, Spawner, WorkerProcess
+from akidb_embed.host_client.chunking import (
     TEXT_HEADER_BYTES,
     ChunkLimits,
     EmbedCall,
@@ -90,28 +109,58 @@ from akidb_embed.host_client._chunking import (
     estimated_tokens,
     utf8_size,
 )
-from akidb_embed.host_client._config import ClientConfig
-from akidb_embed.host_client._connection import (
-    Connection,
-    Deferred,
-    Outcome,
-    WireRequest,
-    run,
-)
-from akidb_embed.host_client._types import (
-    BatchEmbeddingRequest,
-    BatchEmbeddingResponse,
-    ClientStats,
-    Usage,
-)
-from akidb_embed.host_client._worker import REAP_TIMEOUT, Hello
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "TraceHook"]
 
 logger = logging.getLogger("akidb_embed.host_client")
 
 T = TypeVar("T")
 
+Outcome = dict[str, Any] | EmbeddingError
+"""What settles a wire request: its reply (ok or error), or a failure found by the client."""
+Deferred = list[Callable[[], None]]
+"""Future resolutions (and slot commands) collected under the lock and run after releasing it."""
+TraceHook = Callable[[RequestTrace], None]
+
+
+def run(deferred: Deferred) -> None:
+    for action in deferred:
+        action()
+
+
+class Route(NamedTuple):
+    """Where a request of the table was written: a slot's worker of one generation."""
+
+    slot: int
+    generation: int
+    sent_at: float
+    """``time.monotonic()`` of the write: the hang watch's clock."""
+
+
+@dataclass(eq=False)
+class WireRequest:
+    """An entry of the table: one request frame, what to do with its outcome, and its route."""
+
+    request_id: int
+    text_count: int
+    tokens: int
+    """Estimated tokens of its texts: what routing weighs (0 for text-free ops)."""
+    settle: Callable[[Outcome], None]
+    message: dict[str, Any] | None
+    frame: bytes | None = None
+    route: Route | None = None
+    """``None`` while no worker holds it (not yet written, or its worker is gone)."""
+    attempts: int = 0
+    """Workers that died or hung holding it."""
+    proves_progress: bool = True
+    """Whether its reply shows the worker's model at work. A ``ping`` is answered by the
+    worker's reader alone, so a worker stuck in the model would still answer it."""
+    marks: dict[str, int] | None = None
+    """The client's ``RequestTrace`` marks so far, when the client traces."""
+
+
+ENCODE_ERRORS = (UnicodeEncodeError, TypeError, ValueError, OverflowError)
+"""What ``wire.pack`` raises for a message it cannot encode."""
 EMPTY_BATCH = "empty input batch"
 TRUNCATE_WORDING = "pass truncate=True (the default)"
 """What this client says in place of the worker's ``wire.TRUNCATE_HINT``."""
@@ -150,11 +199,17 @@ def _settle_future(future: Future[T], outcome: T | EmbeddingError) -> None:
 
 
 class Dispatcher:
-    """Admission and routing over the pool's connections, shared by ``EmbeddingClient`` and
-    ``AsyncEmbeddingClient``; it hands out ``concurrent.futures.Future`` objects and leaves the
-    waiting to them. It is the connections' ``ConnectionOwner``."""
+    """Admission, the table and routing over the pool's worker slots, shared by
+    ``EmbeddingClient`` and ``AsyncEmbeddingClient``; it hands out ``concurrent.futures.Future``
+    objects and leaves the waiting to them. It is the slots' ``SlotOwner``."""
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        spawner: Spawner | None = None,
+        trace: TraceHook | None = None,
+    ) -> None:
         self.config = config
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -162,12 +217,15 @@ class Dispatcher:
         self._failure: EmbeddingError | None = None
         self._started: Future[None] = Future()
         self._hello: Hello | None = None
-        self._connections = [
-            Connection(index, config, self._lock, self) for index in range(config.workers)
+        spawner = spawner or CommandSpawner(config)
+        self._slots = [
+            WorkerSlot(index, config, spawner, self, mark_frames=trace is not None)
+            for index in range(config.workers)
         ]
+        self._trace = trace
         self._ids = itertools.count(1)
         self._pending: dict[int, WireRequest] = {}
-        """Every admitted request not yet settled, held by a connection or by no one."""
+        """The table: every admitted request not yet settled, routed or not."""
         self._waiting: deque[EmbedCall] = deque()
         self._in_flight_texts = 0
         self._peak_in_flight_texts = 0
@@ -187,10 +245,9 @@ class Dispatcher:
         """Start every worker slot (idempotent); the future resolves once each has said hello,
         or fails with the reason the first one that could not start gave."""
         with self._lock:
-            if self._state is _State.NEW:
+            starting = self._state is _State.NEW
+            if starting:
                 self._state = _State.STARTING
-                for connection in self._connections:
-                    connection.start_locked()
             waiter: Future[None] = Future()
 
             def relay(started: Future[None]) -> None:
@@ -200,19 +257,26 @@ class Dispatcher:
             # A future of its own per caller: cancelling one wait (asyncio wraps the future it
             # is given and cancels it with the task) must not cancel the start for everyone.
             self._started.add_done_callback(relay)
-            return waiter
+        if starting:
+            for slot in self._slots:
+                slot.start()
+        return waiter
 
     def submit_embed(
         self, request: BatchEmbeddingRequest, encoding: str = DEFAULT_ENCODING
     ) -> Future[BatchEmbeddingResponse]:
         """Queue one ``embed_batch`` call, its vectors in ``encoding``; it is split, admitted and
         sent as room allows."""
+        submitted = time.monotonic_ns() if self._trace is not None else 0
         hello = self._started_hello()
         served = hello.served(request.model)
         encoding = check_encoding(encoding)
-        texts, sizes = self._checked_texts(request, hello)
+        limits = self._limits(hello, request)
+        texts, sizes = self._checked_texts(request, hello, limits)
         call = EmbedCall(request, texts, sizes, served, encoding)
-        if not self._waiting and self._send_whole(call, hello):
+        if self._trace is not None:
+            call.submitted_ns = submitted
+        if not self._waiting and self._send_whole(call, hello, limits):
             return call.future
         with self._lock:
             refusal = self._refusal_locked()
@@ -238,8 +302,8 @@ class Dispatcher:
         request = BatchEmbeddingRequest(model, texts, prompt_name=prompt_name)
         truncation_side = check_truncation_side(truncation_side)
         served = hello.served(model)
-        texts, sizes = self._checked_texts(request, hello)
         limits = self._limits(hello, request)
+        texts, sizes = self._checked_texts(request, hello, limits)
         chunks: list[Future[dict[str, Any]]] = []
         start = 0
         while start < len(texts):
@@ -327,7 +391,13 @@ class Dispatcher:
 
     def stats(self) -> ClientStats:
         with self._lock:
-            workers = tuple(connection.stats_locked() for connection in self._connections)
+            loads = {slot.index: [0, 0] for slot in self._slots}
+            for request in self._pending.values():
+                route = request.route
+                if route is not None:
+                    loads[route.slot][0] += request.text_count
+                    loads[route.slot][1] += request.tokens
+            workers = tuple(slot.stats(*loads[slot.index]) for slot in self._slots)
             return ClientStats(
                 worker_pid=workers[0].pid,
                 spawns=sum(worker.spawns for worker in workers),
@@ -357,18 +427,18 @@ class Dispatcher:
             for call in self._waiting:
                 deferred += self._finish_call_locked(call, closed)
             self._waiting.clear()
-            unsent = [r for r in self._pending.values() if r.connection is None]
+            unsent = [r for r in self._pending.values() if r.route is None]
             deferred += self._drop_requests_locked(unsent, closed)
             deferred.append(functools.partial(_settle_future, self._started, _copy(closed)))
-            for connection in self._connections:
-                connection.begin_close_locked()
             self._wakeup.notify_all()
+        for slot in self._slots:
+            slot.begin_close()
         run(deferred)
         deadline = time.monotonic() + grace
-        for connection in self._connections:
-            connection.close_input()  # all at once: the workers finish in parallel
-        for connection in self._connections:
-            connection.finish_close(deadline)
+        for slot in self._slots:
+            slot.close_input()  # all at once: the workers finish in parallel
+        for slot in self._slots:
+            slot.finish_close(deadline)
         with self._lock:
             left = ServiceUnavailable("the client was closed before the worker answered")
             deferred = self._drop_requests_locked(list(self._pending.values()), left)
@@ -376,83 +446,131 @@ class Dispatcher:
             self._wakeup.notify_all()
         run(deferred)
 
-    # ------------------------------------------------------------ hooks of the connections
+    # ------------------------------------------------------------------ hooks of the slots
 
-    def ready_locked(self, connection: Connection, hello: Hello) -> Deferred:
-        """``connection`` has a ready worker: send it what waits for one, admit more."""
-        self._hello = hello
+    def slot_ready(self, slot: WorkerSlot, hello: Hello) -> None:
+        """``slot`` has a ready worker: send it what waits for one, admit more."""
         deferred: Deferred = []
-        if self._state is _State.STARTING and all(c.ever_ready for c in self._connections):
-            self._state = _State.RUNNING
-            deferred.append(functools.partial(_settle_future, self._started, None))
-        if self._state in _SERVING:
-            for request in list(self._pending.values()):
-                if request.connection is None:
-                    self._route_locked(request)
-            admitted = self._admit_locked()
-            if admitted:
-                deferred.append(functools.partial(self._pump, admitted))
-        return deferred
+        admitted: list[WireRequest] = []
+        with self._lock:
+            self._hello = hello
+            if self._state is _State.STARTING and all(s.ever_ready for s in self._slots):
+                self._state = _State.RUNNING
+                deferred.append(functools.partial(_settle_future, self._started, None))
+            if self._state in _SERVING:
+                for request in list(self._pending.values()):
+                    if request.route is None:
+                        self._route_locked(request)
+                admitted = self._admit_locked()
+        run(deferred)
+        self._pump(admitted)
 
-    def replied_locked(self, connection: Connection, request: WireRequest) -> Deferred:
-        """``request`` was answered (its ``settle`` runs next): free its texts' room."""
-        if self._pending.pop(request.request_id, None) is not request:
-            return []
-        self._in_flight_texts -= request.text_count
-        admitted = self._admit_locked() if request.text_count and self._waiting else []
-        return [functools.partial(self._pump, admitted)] if admitted else []
+    def slot_replied(
+        self, slot: WorkerSlot, generation: int, worker: WorkerProcess, message: dict[str, Any]
+    ) -> None:
+        """A reply from worker ``generation`` of ``slot`` (its reader thread): the request it
+        answers leaves the table and is settled; its texts' room goes to waiting calls."""
+        request_id = message.get("id")
+        with self._lock:
+            request = self._pending.get(request_id) if isinstance(request_id, int) else None
+            route = request.route if request is not None else None
+            if (
+                request is None
+                or route is None
+                or route.slot != slot.index
+                or route.generation != generation
+            ):
+                serving = slot.serving
+                if serving is not None and serving[0] == generation:
+                    _log_unmatched(worker, message)
+                return  # else from a worker already given up on: its requests went elsewhere
+            del self._pending[request.request_id]
+            self._in_flight_texts -= request.text_count
+            slot.answered_requests += 1
+            if request.proves_progress:  # the hang watch's clock (see _slot.py)
+                worker.last_reply_at = time.monotonic()
+            admitted = self._admit_locked() if self._waiting and request.text_count else None
+        request.settle(message)
+        if request.marks is not None:
+            self._report_trace(request, worker, message)
+        if admitted:
+            self._pump(admitted)
 
-    def lost_locked(
-        self, connection: Connection, requests: list[WireRequest], reason: str, *, hung: bool
-    ) -> Deferred:
-        """``connection``'s worker died or hung holding ``requests``: each spends an attempt
-        and goes to another ready worker (or waits for one), or fails when out of attempts."""
-        if self._state in (_State.CLOSING, _State.CLOSED):
-            gone = ServiceUnavailable(f"the client was closing and {reason}")
-            return self._drop_requests_locked(requests, gone)
-        deferred: Deferred = []
-        moved = 0
-        for request in requests:
-            if self._pending.get(request.request_id) is not request:
-                continue
-            request.attempts += 1
-            if request.attempts >= self.config.max_attempts:
-                error_type = RequestTimeout if hung else ServiceUnavailable
-                error = error_type(f"gave up after {request.attempts} attempt(s): {reason}")
-                deferred += self._drop_requests_locked([request], error)
+    def slot_lost(self, slot: WorkerSlot, generation: int, reason: str, *, hung: bool) -> None:
+        """Worker ``generation`` of ``slot`` died or hung: each request routed to it spends an
+        attempt and goes to another ready worker (or waits for one), or fails when out of
+        attempts."""
+        with self._lock:
+            held = [
+                request
+                for request in self._pending.values()
+                if request.route is not None
+                and request.route.slot == slot.index
+                and request.route.generation == generation
+            ]
+            if self._state in (_State.CLOSING, _State.CLOSED):
+                gone = ServiceUnavailable(f"the client was closing and {reason}")
+                deferred = self._drop_requests_locked(held, gone)
             else:
-                moved += 1
-                self._route_locked(request)
-        others = sum(c.ready for c in self._connections)
-        logger.warning(
-            "%s; %d request(s) it held go to %s, %d ran out of attempts",
-            reason,
-            moved,
-            f"the {others} other ready worker(s)" if others else "the next ready worker",
-            len(deferred),
-        )
-        return deferred
+                deferred = []
+                moved = 0
+                for request in held:
+                    request.route = None
+                    request.attempts += 1
+                    if request.attempts >= self.config.max_attempts:
+                        error_type = RequestTimeout if hung else ServiceUnavailable
+                        error = error_type(f"gave up after {request.attempts} attempt(s): {reason}")
+                        deferred += self._drop_requests_locked([request], error)
+                    else:
+                        moved += 1
+                        self._route_locked(request)
+                others = sum(s.serving is not None for s in self._slots)
+                logger.warning(
+                    "%s; %d request(s) it held go to %s, %d ran out of attempts",
+                    reason,
+                    moved,
+                    f"the {others} other ready worker(s)" if others else "the next ready worker",
+                    len(deferred),
+                )
+        run(deferred)
 
-    def gave_up_locked(self, connection: Connection, error: EmbeddingError) -> Deferred:
-        """``connection`` will start no more workers. Before the client is ready that fails
-        the start; later it fails the client only when no slot is left."""
-        if self._state not in _SERVING:
-            return []
-        if self._state is _State.STARTING:
-            return self._fail_locked(error)
-        left = sum(not c.given_up for c in self._connections)
-        if left == 0:
-            if len(self._connections) > 1:
-                error = _reworded(error, f"every worker slot gave up; the last: {error.message}")
-            return self._fail_locked(error)
-        logger.error(
-            "worker slot %d gave up (%s); %d of %d slot(s) serve on",
-            connection.index,
-            error.message,
-            left,
-            len(self._connections),
-        )
-        return []
+    def slot_gave_up(self, slot: WorkerSlot, error: EmbeddingError) -> None:
+        """``slot`` will start no more workers. Before the client is ready that fails the
+        start; later it fails the client only when no slot is left."""
+        deferred: Deferred = []
+        with self._lock:
+            if self._state is _State.STARTING:
+                deferred = self._fail_locked(error)
+            elif self._state in _SERVING:
+                left = sum(not s.given_up for s in self._slots)
+                if left == 0:
+                    if len(self._slots) > 1:
+                        error = _reworded(
+                            error, f"every worker slot gave up; the last: {error.message}"
+                        )
+                    deferred = self._fail_locked(error)
+                else:
+                    logger.error(
+                        "worker slot %d gave up (%s); %d of %d slot(s) serve on",
+                        slot.index,
+                        error.message,
+                        left,
+                        len(self._slots),
+                    )
+        run(deferred)
+
+    def oldest_request(self, slot: WorkerSlot, generation: int) -> tuple[float, int] | None:
+        """When the oldest request routed to worker ``generation`` of ``slot`` was written, and
+        how many are routed there; ``None`` for none (the hang watch's question)."""
+        with self._lock:
+            sent = [
+                request.route.sent_at
+                for request in self._pending.values()
+                if request.route is not None
+                and request.route.slot == slot.index
+                and request.route.generation == generation
+            ]
+        return (min(sent), len(sent)) if sent else None
 
     # --------------------------------------------------------------------------- admission
 
@@ -464,8 +582,9 @@ class Dispatcher:
             return _copy(self._failure)
         return None
 
+    @staticmethod
     def _checked_texts(
-        self, request: BatchEmbeddingRequest, hello: Hello
+        request: BatchEmbeddingRequest, hello: Hello, limits: ChunkLimits
     ) -> tuple[list[str], list[int]]:
         """The inputs as a list of str and their UTF-8 sizes, each text encodable and small
         enough for the worker (a text too large for one frame would break the stream and kill
@@ -475,7 +594,7 @@ class Dispatcher:
         texts = list(request.inputs)
         if not texts:
             raise InvalidInput(EMPTY_BATCH)
-        frame_room = self._limits(hello, request).max_payload_bytes - TEXT_HEADER_BYTES
+        frame_room = limits.max_payload_bytes - TEXT_HEADER_BYTES
         max_text_bytes = min(hello.max_text_bytes, frame_room)
         sizes = []
         for index, text in enumerate(texts):
@@ -560,29 +679,32 @@ class Dispatcher:
         max_tokens = call.served.max_tokens
         tokens = sum(estimated_tokens(text, max_tokens) for text in texts)
         settle = functools.partial(self._settle_chunk, call, start, stop)
-        return WireRequest(request_id, stop - start, tokens, settle, message)
+        request = WireRequest(request_id, stop - start, tokens, settle, message)
+        if self._trace is not None:
+            message["trace"] = True
+            request.marks = {"submitted": call.submitted_ns}
+        return request
 
     def _count_in_locked(self, request: WireRequest) -> None:
         self._pending[request.request_id] = request
         self._in_flight_texts += request.text_count
-        self._peak_in_flight_texts = max(self._peak_in_flight_texts, self._in_flight_texts)
+        if self._in_flight_texts > self._peak_in_flight_texts:
+            self._peak_in_flight_texts = self._in_flight_texts
 
-    def _send_whole(self, call: EmbedCall, hello: Hello) -> bool:
+    def _send_whole(self, call: EmbedCall, hello: Hello, limits: ChunkLimits) -> bool:
         """The lone path: a call that fits one wire request, with no call waiting before it,
         is encoded before the lock is taken, then admitted, routed and written under a single
         acquisition of it. False, with nothing done, when the call must take the queue path
         (it needs several requests, the bound has no room, another call waits, the client
         refuses, the frame does not encode): that path then does what it always did."""
         count = len(call.texts)
-        if chunk_end(call.texts, call.sizes, 0, self._limits(hello, call)) != count:
+        if chunk_end(call.texts, call.sizes, 0, limits) != count:
             return False
         request = self._wire_request(call, 0, count)
-        assert request.message is not None
         try:
-            request.frame = wire.pack(request.message)
-        except (UnicodeEncodeError, TypeError, ValueError, OverflowError):
+            self._encode(request)
+        except ENCODE_ERRORS:
             return False  # the queue path fails the call with the reason
-        request.message = None
         with self._lock:
             if (
                 self._state not in _SERVING
@@ -602,12 +724,10 @@ class Dispatcher:
         while requests:
             failures: list[tuple[WireRequest, EmbeddingError]] = []
             for request in requests:
-                assert request.message is not None
                 try:
-                    request.frame = wire.pack(request.message)
-                except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as exc:
+                    self._encode(request)
+                except ENCODE_ERRORS as exc:
                     failures.append((request, InvalidInput(f"cannot encode the request: {exc}")))
-                request.message = None
             with self._lock:
                 for request in requests:
                     self._route_locked(request)
@@ -617,35 +737,101 @@ class Dispatcher:
                 requests = self._admit_locked() if failures else []
             run(deferred)
 
+    @staticmethod
+    def _encode(request: WireRequest) -> None:
+        """Encode ``request``'s message into its frame; one of ``ENCODE_ERRORS`` for a message
+        the wire cannot carry."""
+        message, request.message = request.message, None
+        assert message is not None
+        marks = request.marks
+        if marks is not None:
+            marks["encoding"] = time.monotonic_ns()
+        request.frame = wire.pack(message)
+        if marks is not None:
+            marks["encoded"] = time.monotonic_ns()
+
     def _route_locked(self, request: WireRequest) -> None:
-        """Send ``request`` to the ready connection with the fewest estimated tokens in flight
-        (ties: fewer requests, then the lower slot); with none ready it stays pending, held by
-        no one, and goes to the next connection that becomes ready."""
+        """Write ``request`` to the ready worker with the fewest estimated tokens routed to it
+        in the table (ties: fewer requests, then the lower slot); with none ready it stays in
+        the table unrouted, and goes to the next worker that becomes ready."""
         if (
             request.frame is None
-            or request.connection is not None
+            or request.route is not None
             or self._pending.get(request.request_id) is not request
         ):
             return
-        ready = [connection for connection in self._connections if connection.ready]
-        if not ready:
+        slots = self._slots
+        if len(slots) == 1:  # a single worker (the lone path's common case): no loads to weigh
+            target = slots[0]
+        else:
+            ready = [slot for slot in slots if slot.serving is not None]
+            if not ready:
+                return
+            target = ready[0] if len(ready) == 1 else self._least_loaded_locked(ready)
+        serving = target.serving
+        if serving is None:
             return
-        target = ready[0] if len(ready) == 1 else min(ready, key=Connection.load_locked)
+        generation, worker = serving
         if request.attempts:
             self._resent_requests += 1
-        target.send_locked(request)
+        request.route = Route(target.index, generation, time.monotonic())
+        marks = request.marks
+        if marks is not None:
+            marks["writing"] = time.monotonic_ns()
+        worker.send(request.frame)
+        if marks is not None:
+            marks["written"] = time.monotonic_ns()
+
+    def _least_loaded_locked(self, ready: list[WorkerSlot]) -> WorkerSlot:
+        """The slot of ``ready`` whose worker holds the fewest estimated tokens, then the fewest
+        requests, then the lowest index: loads summed over the table."""
+        loads = {slot.index: [0, 0, slot.index] for slot in ready}
+        generations = {slot.index: slot.serving[0] for slot in ready if slot.serving is not None}
+        for request in self._pending.values():
+            route = request.route
+            if route is not None and generations.get(route.slot) == route.generation:
+                load = loads[route.slot]
+                load[0] += request.tokens
+                load[1] += 1
+        return self._slots[min(loads.values())[2]]
 
     def _drop_requests_locked(self, requests: list[WireRequest], error: EmbeddingError) -> Deferred:
-        """Remove requests from the table (and their connection), free their texts, and fail
-        them with ``error``."""
+        """Remove requests from the table, free their texts, and fail them with ``error``; a
+        late reply to one of them is then ignored."""
         deferred: Deferred = []
         for request in requests:
             if self._pending.pop(request.request_id, None) is request:
-                if request.connection is not None:
-                    request.connection.forget_locked(request)
+                request.route = None
                 self._in_flight_texts -= request.text_count
                 deferred.append(functools.partial(request.settle, _copy(error)))
         return deferred
+
+    def _report_trace(
+        self, request: WireRequest, worker: WorkerProcess, reply: dict[str, Any]
+    ) -> None:
+        """Hand the ``trace`` hook the marks of ``request``, settled just now."""
+        delivered = time.monotonic_ns()
+        marks = request.marks
+        assert marks is not None and self._trace is not None
+        read, decoded = worker.frame_marks
+        worker_marks = reply.get("trace")
+        trace = RequestTrace(
+            request_id=request.request_id,
+            texts=request.text_count,
+            submitted=marks["submitted"],
+            encoding=marks["encoding"],
+            encoded=marks["encoded"],
+            writing=marks["writing"],
+            written=marks["written"],
+            read=read,
+            decoded=decoded,
+            delivered=delivered,
+            worker=dict(worker_marks) if isinstance(worker_marks, dict) else {},
+        )
+        try:
+            self._trace(trace)
+        except Exception:  # the host's hook must not break the reader
+            logger.exception("the client's trace hook failed")
 
     # ----------------------------------------------------------------------------- replies
 
@@ -680,6 +866,15 @@ class Dispatcher:
             run(deferred)
             return
         call.place(start, stop, vectors)
+        if call.outstanding == 1 and call.fully_admitted:
+            # the call's only request in flight (fully admitted first: no chunk can follow),
+            # so nothing to count with another reply under the lock
+            call.total_tokens += tokens
+            call.reply_model = model
+            call.outstanding = 0
+            call.finished = True
+            _settle_future(call.future, self._response(call))
+            return
         with self._lock:
             call.total_tokens += tokens
             call.reply_model = model
@@ -738,10 +933,11 @@ class Dispatcher:
             deferred += self._finish_call_locked(call, error)
         self._waiting.clear()
         deferred.append(functools.partial(_settle_future, self._started, _copy(error)))
-        for connection in self._connections:
-            connection.give_up_locked("the client gave up on it")
         self._wakeup.notify_all()
-        return deferred
+        # the slots first: a caller told of the failure may close the client at once
+        return [functools.partial(s.give_up, "the client gave up on it") for s in self._slots] + (
+            deferred
+        )
 
 
 def _token_ids(
@@ -762,3 +958,13 @@ def _reworded(error: EmbeddingError, message: str) -> EmbeddingError:
     if isinstance(error, InvalidInput):
         return InvalidInput(message, error.index)
     return type(error)(message)
+
+
+def _log_unmatched(worker: WorkerProcess, message: dict[str, Any]) -> None:
+    error = message.get("error")
+    if message.get("ok") is False and isinstance(error, dict):
+        logger.error(
+            "worker %s reported %s: %s", worker.pid, error.get("code"), error.get("message")
+        )
+    else:
+        logger.warning("worker %s answered unknown request id %r", worker.pid, message.get("id"))

@@ -3,7 +3,7 @@
 Every method hands its work to the shared dispatcher (``_dispatch.Dispatcher``) and blocks on
 the ``concurrent.futures.Future`` it gets back; any number of threads may call at once and their
 requests are in flight together. See ``_dispatch`` for the data path and what happens on
-failure, ``_connection`` for the supervision of each worker.
+failure, ``_slot`` for the supervision of each worker.
 """
 
 from __future__ import annotations
@@ -46,15 +46,19 @@ class EmbeddingClient(ClientBase):
     ``EmbeddingClient(model_dir=None, *, workers="auto", provider="auto", threads=None,
     lanes=None, request_timeout=30.0, start_timeout=60.0, close_timeout=10.0, max_attempts=3,
     restart_limit=5, stable_start_time=10.0, max_in_flight_texts=2048, worker_command=None,
-    worker_args=(), env=None)`` spawns ``workers`` processes of ``python -m akidb_embed.worker``
-    in parallel (same interpreter; ``worker_command`` replaces that prefix, ``worker_args`` are
-    appended), each serving every model with ``lanes`` ONNX Runtime runs at once on sessions of
-    ``threads`` intra-op threads (by default sized to fill the worker's share of the cores;
-    ``workers="auto"``: one worker per 32 usable CPUs), and returns once
-    every hello has been read and its protocol version checked. A worker that cannot start
-    makes the constructor raise its own reason: ``ModelNotFound`` (no usable model directory)
-    or ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs are
-    described in ``ClientConfig``; the resolved values are ``client.config``.
+    worker_args=(), env=None, trace=None, spawner=None)`` spawns ``workers`` processes of
+    ``python -m akidb_embed.worker`` in parallel (same interpreter; ``worker_command`` replaces
+    that prefix, ``worker_args`` are appended), each serving every model with ``lanes`` ONNX
+    Runtime runs at once on sessions of ``threads`` intra-op threads (by default sized to fill
+    the worker's share of the cores; ``workers="auto"``: one worker per 32 usable CPUs), and
+    returns once every hello has been read and its protocol version checked. A worker that
+    cannot start makes the constructor raise its own reason: ``ModelNotFound`` (no usable model
+    directory) or ``ServiceUnavailable`` (anything else, with its last stderr lines). The knobs
+    are described in ``ClientConfig``; the resolved values are ``client.config``. ``trace``, a
+    callable, gets a ``RequestTrace`` (when the call and its reply passed each stage, on
+    ``time.monotonic_ns()``, with the worker's own marks) for every embed wire request once
+    its reply is handled, in the thread that handled it; ``spawner`` replaces how each
+    worker is started (``akidb_embed.host_client.supervision.Spawner``).
 
     Use it as a context manager, or call ``close()``; it is also closed when garbage-collected
     and at interpreter exit.

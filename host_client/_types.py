@@ -6,7 +6,7 @@ normalize}`` and so on); ``truncate`` is this project's addition (protocol.md, `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ __all__ = [
     "BatchEmbeddingResponse",
     "ClientStats",
     "ModelInfo",
+    "RequestTrace",
     "Usage",
     "WorkerStats",
 ]
@@ -154,3 +155,38 @@ class ClientStats:
     """The most ``in_flight_texts`` ever reached; never above ``max_in_flight_texts``."""
     workers: tuple[WorkerStats, ...] = ()
     """Each worker slot, in slot order."""
+
+
+@dataclass(frozen=True)
+class RequestTrace:
+    """When one embed wire request passed each stage, for measuring the client (the ``trace``
+    option of ``EmbeddingClient``, ``AsyncEmbeddingClient`` and a pool).
+
+    Every mark is ``time.monotonic_ns()`` of this process; ``worker`` holds the reply's own
+    ``trace`` marks (protocol.md, ``embed``), on the same clock on Linux. A call cut into
+    several wire requests gives one trace per request, all with the call's ``submitted``; a
+    request sent again after its worker died or hung has the marks of its last attempt.
+    """
+
+    request_id: int
+    texts: int
+    """Texts the request carried."""
+    submitted: int
+    """The call entered the client."""
+    encoding: int
+    encoded: int
+    """Its frame was encoded (msgpack) between these two marks."""
+    writing: int
+    written: int
+    """Its frame was written to the worker's pipe (or queued for the writer thread) between
+    these two marks."""
+    read: int
+    """The reply's frame was read whole off the pipe."""
+    decoded: int
+    """The reply was decoded (msgpack)."""
+    delivered: int
+    """The reply was handed over: its rows placed and, for a call's last reply, the call's
+    result given to the waiting caller."""
+    worker: Mapping[str, int]
+    """The reply's ``trace``: ``read``, ``parsed``, ``tokenized``, ``queued`` (when it
+    waited), ``started``, ``ran``, ``pooled`` and ``encode_ns``; empty for an error reply."""

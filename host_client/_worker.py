@@ -1,14 +1,15 @@
-"""One worker process: spawn it, read its hello, and move its frames and stderr lines.
+"""One worker process: spawn it, read its hello, and move its frames and stderr lines; and the
+``Spawner`` seam through which a worker slot says what to spawn.
 
 ::
 
-    connection ──send(frame)──► the caller's own non-blocking write ──► stdin ─┐
-                   │ (pipe full, or frames already waiting)                     │
-                   └──► backlog ──► writer thread (waits until writable) ───────┤
-                                                                                ▼
-                                                              python -m akidb_embed.worker
-                                                                                │
-    connection ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout ◄─────┘
+    slot ──send(frame)──► the caller's own non-blocking write ──► stdin ─┐
+                   │ (pipe full, or frames already waiting)              │
+                   └──► backlog ──► writer thread (waits until writable) ┤
+                                                                         ▼
+                                                       python -m akidb_embed.worker
+                                                                         │
+    slot ◄─on_frame(msg)── reader thread ◄── FrameReader ◄── stdout ◄────┘
     logger "akidb_embed.worker" + recent lines ◄── stderr thread ◄── stderr
 
 The caller writes its own frame when nothing is waiting to be written: a lone request reaches
@@ -40,19 +41,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, Any, BinaryIO, Protocol, cast
 
 from akidb_embed import wire
-from akidb_embed.errors import (
-    EmbeddingError,
-    ModelNotFound,
-    ProtocolError,
-    ServiceUnavailable,
-    from_wire,
-)
-from akidb_embed.host_client._types import ModelInfo
+from akidb_embed.errors import EmbeddingError, ServiceUnavailable
+from akidb_embed.host_client._config import ClientConfig
 
-__all__ = ["Hello", "WorkerProcess", "parse_hello"]
+__all__ = ["CommandSpawner", "Spawner", "WorkerCommand", "WorkerProcess", "describe_returncode"]
 
 worker_logger = logging.getLogger("akidb_embed.worker")
 """Where every line the worker writes to stderr ends up (it logs there, and only there)."""
@@ -64,12 +59,6 @@ STDERR_LINES_KEPT = 40
 REAP_TIMEOUT = 5.0
 """How long a worker whose stdout ended may take to exit before it is killed."""
 STDERR_DRAIN_TIMEOUT = 2.0
-REPLY_HEADROOM_BYTES = 64 * 1024
-"""Allowance for a reply's fields beyond its embedding bytes (protocol.md: a few hundred)."""
-
-REQUIRED_LIMITS = ("max_frame_bytes", "max_texts_per_request", "max_text_bytes", "max_batch_tokens")
-"""The hello's limits a client needs to split requests (protocol.md section 7)."""
-
 _LEVELS = {
     "DEBUG": logging.DEBUG,
     "INFO": logging.INFO,
@@ -80,134 +69,32 @@ _LEVELS = {
 
 
 @dataclass(frozen=True)
-class Hello:
-    """What a ready worker announced about itself (protocol.md section 3)."""
+class WorkerCommand:
+    """What one worker process is started as: its argv and its whole environment."""
 
-    protocol: int
-    pid: int
-    model: str
-    dimension: int
-    max_tokens: int
-    normalize_default: bool
-    providers: tuple[str, ...]
-    limits: Mapping[str, int]
-    worker_version: str
-    models: tuple[ModelInfo, ...] = ()
-    """Every model the worker serves, the default (``model``) first."""
-    lanes: int = 1
-    """ONNX Runtime runs the worker makes at once (1 from a worker that does not say)."""
-    threads: int = 0
-    """Intra-op threads of the worker's sessions (0: ONNX Runtime's choice, or not said)."""
-
-    def served(self, model: str | None) -> ModelInfo:
-        """The served model named ``model`` (``None``: the default one; a short name such as
-        ``all-MiniLM-L6-v2`` when only one id ends with it); ``ModelNotFound`` listing the
-        loaded ids otherwise."""
-        if model is None:
-            return self.models[0]
-        found = wire.served_model_id(model, [info.model for info in self.models])
-        for info in self.models:
-            if info.model == found:
-                return info
-        loaded = ", ".join(repr(info.model) for info in self.models)
-        raise ModelNotFound(f"model {model!r} is not loaded; the worker serves {loaded}")
-
-    @property
-    def max_frame_bytes(self) -> int:
-        return int(self.limits["max_frame_bytes"])
-
-    @property
-    def max_texts_per_request(self) -> int:
-        return int(self.limits["max_texts_per_request"])
-
-    @property
-    def max_text_bytes(self) -> int:
-        return int(self.limits["max_text_bytes"])
-
-    @property
-    def max_batch_tokens(self) -> int:
-        return int(self.limits["max_batch_tokens"])
-
-    def max_reply_bytes(self) -> int:
-        """The largest reply this worker can send: its frame limit or a full embed reply."""
-        full_reply = self.max_texts_per_request * self.dimension * 4 + REPLY_HEADROOM_BYTES
-        return max(self.max_frame_bytes, full_reply)
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
 
 
-def parse_hello(message: Mapping[str, Any]) -> Hello:
-    """The ``Hello`` of a worker's first frame.
+class Spawner(Protocol):
+    """How a worker slot starts its workers: the command of each spawn, asked once per spawn
+    (the first one and every restart). The default (``CommandSpawner``) runs the client's
+    ``worker_command``; a test passes one that runs misbehaving stand-ins."""
 
-    Raises the worker's own error for ``ok: false`` (``ModelNotFound``, ``ServiceUnavailable``
-    ...), and ``ProtocolError`` for another protocol version or a frame that is no hello.
-    """
-    if message.get("op") != "hello":
-        raise ProtocolError(f"the worker's first frame is not a hello: {_summary(message)}")
-    protocol = message.get("protocol")
-    if protocol != wire.PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"the worker speaks protocol {protocol!r}, this client speaks "
-            f"{wire.PROTOCOL_VERSION}: install matching versions of the worker and the client"
-        )
-    if message.get("ok") is not True:
-        error = message.get("error")
-        if not isinstance(error, Mapping):
-            raise ProtocolError(f"failed hello without an error: {_summary(message)}")
-        raise from_wire(error.get("code"), error.get("message"))
-    try:
-        model = message["model"]
-        limits = message["limits"]
-        default = ModelInfo(
-            model=str(model["model"]),
-            dimension=int(model["dimension"]),
-            max_tokens=int(model["max_tokens"]),
-            normalize_default=bool(message.get("normalize_default", True)),
-        )
-        # a worker of protocol 1's first release announces only its one model
-        served = [_model_info(entry) for entry in message.get("models") or ()] or [default]
-        hello = Hello(
-            protocol=int(protocol),
-            pid=int(message["pid"]),
-            model=str(model["model"]),
-            dimension=int(model["dimension"]),
-            max_tokens=int(model["max_tokens"]),
-            normalize_default=bool(message.get("normalize_default", True)),
-            providers=tuple(str(name) for name in message.get("providers", ())),
-            limits={str(name): int(value) for name, value in limits.items()},
-            worker_version=str(message.get("worker_version", "")),
-            models=tuple(served),
-            lanes=int(message.get("lanes", 1)),
-            threads=int(message.get("threads", 0)),
-        )
-        for name in REQUIRED_LIMITS:
-            if name not in hello.limits:
-                raise KeyError(f"limits.{name}")
-        return hello
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ProtocolError(f"malformed hello ({exc!r}): {_summary(message)}") from None
+    def command(self, slot: int) -> WorkerCommand:
+        """The command of the next worker of slot ``slot`` (0 to ``workers - 1``)."""
+        ...
 
 
-def _model_info(entry: Mapping[str, Any]) -> ModelInfo:
-    """One entry of the hello's ``models`` list."""
-    default_prompt = entry.get("default_prompt_name")
-    variant, base_model = entry.get("variant"), entry.get("base_model")
-    return ModelInfo(
-        model=str(entry["model"]),
-        dimension=int(entry["dimension"]),
-        max_tokens=int(entry["max_tokens"]),
-        normalize_default=bool(entry.get("normalize_default", True)),
-        pooling=str(entry.get("pooling", "mean")),
-        prompts=tuple(str(name) for name in entry.get("prompts") or ()),
-        default_prompt_name=None if default_prompt is None else str(default_prompt),
-        variant=None if variant is None else str(variant),
-        base_model=None if base_model is None else str(base_model),
-        encodings=tuple(str(name) for name in entry.get("encodings") or ("float32",)),
-        matryoshka_dimensions=tuple(int(d) for d in entry.get("matryoshka_dimensions") or ()),
-    )
+class CommandSpawner:
+    """Every spawn runs the configured worker command (``ClientConfig.worker_argv``) in the
+    configured environment."""
 
+    def __init__(self, config: ClientConfig) -> None:
+        self._config = config
 
-def _summary(message: Mapping[str, Any]) -> str:
-    text = repr(dict(message))
-    return text if len(text) <= 300 else text[:300] + "..."
+    def command(self, slot: int) -> WorkerCommand:
+        return WorkerCommand(tuple(self._config.worker_argv()), self._config.worker_env())
 
 
 def describe_returncode(returncode: int | None) -> str:
@@ -248,6 +135,11 @@ class WorkerProcess:
         """Killed for answering nothing for ``request_timeout`` (its requests timed out)."""
         self.ready_at: float | None = None
         self.last_reply_at = 0.0
+        self.mark_frames = False
+        """Whether the reader notes ``frame_marks`` for every frame (the client's trace)."""
+        self.frame_marks = (0, 0)
+        """``time.monotonic_ns()`` when the frame being handed to ``on_frame`` was read whole
+        off the pipe, and when it was decoded."""
         self._env = dict(env)
         self._on_frame = on_frame
         self._on_exit = on_exit
@@ -364,18 +256,23 @@ class WorkerProcess:
     def _read_frames(self) -> None:
         assert self._process is not None and self._frame_reader is not None
         problem: str | None = None
+        hello_read = False
         try:
             while True:
                 payload = self._frame_reader.read()
                 if payload is None:
                     break
+                read_at = time.monotonic_ns() if self.mark_frames else 0
                 try:
                     message = wire.unpack(payload)
                 except wire.MalformedMessage as exc:
                     # Still in step (the frame was delimited): report it and read on.
                     logger.error("worker %s sent a malformed frame: %s", self.pid, exc)
                     continue
-                if not self.hello.done():
+                if read_at:
+                    self.frame_marks = (read_at, time.monotonic_ns())
+                if not hello_read:
+                    hello_read = True
                     self.hello.set_result(message)
                     continue
                 try:

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from akidb_embed.host_client._chunking import (
+from akidb_embed.host_client import ModelInfo
+from akidb_embed.host_client.chunking import (
     ChunkLimits,
     chunk_end,
     estimated_tokens,
     utf8_size,
 )
-from akidb_embed.host_client._types import ModelInfo
 
 GOLDEN = Path(__file__).parent / "golden" / "chunking.json"
 CASES: list[dict[str, Any]] = json.loads(GOLDEN.read_text(encoding="utf-8"))["cases"]

@@ -29,6 +29,7 @@ from akidb_embed.host_client import (
     InvalidInput,
     ModelInfo,
     ModelNotFound,
+    RequestTrace,
     ServiceUnavailable,
 )
 from akidb_embed.models import ModelMetadata
@@ -116,6 +117,23 @@ def test_model_info_comes_from_the_model_metadata(
 def test_health_check_and_ping_answer(client: EmbeddingClient) -> None:
     assert client.health_check() is True
     assert client.ping() > 0
+
+
+def test_trace_hook_places_the_workers_marks_among_the_clients(metadata: ModelMetadata) -> None:
+    traces: list[RequestTrace] = []
+    with EmbeddingClient(metadata.directory, trace=traces.append) as traced:
+        traced.embed(["a traced query"])
+        traced.health_check()  # text-free ops are not traced
+
+    assert len(traces) == 1
+    trace, worker = traces[0], traces[0].worker
+    assert trace.texts == 1
+    # one clock (Linux CLOCK_MONOTONIC) on both sides of the pipe
+    host = [trace.submitted, trace.encoding, trace.encoded, trace.writing, trace.written]
+    assert host == sorted(host)
+    assert trace.written <= worker["read"] <= worker["parsed"] <= worker["tokenized"]
+    assert worker["tokenized"] <= worker["started"] <= worker["ran"] <= worker["pooled"]
+    assert worker["pooled"] <= trace.read <= trace.decoded <= trace.delivered
 
 
 def test_empty_batch_is_invalid_input_as_akidb_providers_answer_it(

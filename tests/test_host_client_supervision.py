@@ -1,14 +1,13 @@
-"""Supervision with a real worker and the real model: kill -9 under load, a stopped worker, workers
-that cannot start, the restart budget, close under load, and a bounded stress run.
+"""Supervision with a real worker and the real model: kill -9 under load, a stopped worker, a
+missing model, the restart budget, close under load, and a bounded stress run.
 
-Every fault is real (signals to the real worker process) except one: no worker speaking another
-protocol version exists, so ``test_worker_of_another_protocol_version_is_refused`` uses a
-stand-in that writes such a hello and says so.
+Every fault is real (signals to the real worker process). The same logic is tested in
+milliseconds against stand-in workers in ``test_host_client_stand_ins.py`` (workers that cannot
+start, hangs, crash loops); these tests prove the whole path with the model.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import os
@@ -34,12 +33,10 @@ from supervision_helpers import (
 )
 
 from akidb_embed.host_client import (
-    AsyncEmbeddingClient,
     BatchEmbeddingRequest,
     EmbeddingClient,
     InvalidInput,
     ModelNotFound,
-    ProtocolError,
     RequestTimeout,
     ServiceUnavailable,
 )
@@ -157,73 +154,12 @@ def test_restart_budget_spent_makes_calls_fail_fast(metadata: ModelMetadata) -> 
 
 # -------------------------------------------------------------- workers that cannot start
 
-EXIT_WITH_REASON = (
-    "import sys\n"
-    "with open(sys.argv[1], 'a') as spawns: spawns.write('spawned\\n')\n"
-    "sys.stderr.write('loading libonnxruntime_providers_cuda.so failed: no such file\\n')\n"
-    "sys.exit(1)\n"
-)
-
 
 def test_missing_model_directory_fails_fast_with_the_workers_reason(tmp_path: Path) -> None:
     missing = tmp_path / "no-model-here"
 
     with pytest.raises(ModelNotFound, match="no-model-here"):
         EmbeddingClient(missing)
-
-
-def test_worker_that_exits_at_start_fails_fast_with_its_stderr(tmp_path: Path) -> None:
-    spawns = tmp_path / "spawns.txt"
-    command = [sys.executable, "-c", EXIT_WITH_REASON, str(spawns)]
-
-    with pytest.raises(ServiceUnavailable, match="exited with code 1") as raised:
-        EmbeddingClient(worker_command=command)
-
-    assert "libonnxruntime_providers_cuda.so failed" in raised.value.message
-    assert spawns.read_text().splitlines() == ["spawned"]
-
-
-def test_failed_start_is_never_retried_in_a_loop(tmp_path: Path) -> None:
-    spawns = tmp_path / "spawns.txt"
-    command = [sys.executable, "-c", EXIT_WITH_REASON, str(spawns)]
-
-    async def scenario() -> None:
-        client = AsyncEmbeddingClient(worker_command=command, restart_limit=5)
-        try:
-            with pytest.raises(ServiceUnavailable, match="cuda"):
-                await client.start()
-            for _ in range(3):
-                with pytest.raises(ServiceUnavailable, match="cuda"):
-                    await client.embed(["anyone?"])
-            assert client.stats().spawns == 1
-        finally:
-            await client.aclose()
-
-    asyncio.run(asyncio.wait_for(scenario(), GUARD_TIMEOUT))
-    assert spawns.read_text().splitlines() == ["spawned"]
-
-
-def test_worker_without_a_hello_is_killed_after_start_timeout(tmp_path: Path) -> None:
-    silent = [sys.executable, "-c", "import time; time.sleep(600)"]
-
-    with pytest.raises(ServiceUnavailable, match="no hello within 1 s"):
-        EmbeddingClient(worker_command=silent, start_timeout=1.0)
-
-
-def test_worker_of_another_protocol_version_is_refused() -> None:
-    # A stand-in: no worker of protocol 2 exists. It waits for its stdin to close, as the
-    # protocol asks a refusing client to do.
-    future_worker = (
-        "import os, sys\n"
-        "from akidb_embed import wire\n"
-        "hello = {'op': 'hello', 'ok': True, 'protocol': wire.PROTOCOL_VERSION + 1,\n"
-        "         'pid': os.getpid(), 'model': {}, 'limits': {}}\n"
-        "sys.stdout.buffer.write(wire.pack(hello)); sys.stdout.flush()\n"
-        "sys.stdin.buffer.read()\n"
-    )
-
-    with pytest.raises(ProtocolError, match="protocol 2"):
-        EmbeddingClient(worker_command=[sys.executable, "-c", future_worker])
 
 
 # ----------------------------------------------------------------------------------- close

@@ -27,8 +27,7 @@ from supervision_helpers import (
 from akidb_embed.bench.sweep import client_grid
 from akidb_embed.cores import CPUS_PER_WORKER, auto_workers, size_lanes, usable_cores
 from akidb_embed.errors import Internal
-from akidb_embed.host_client import EmbeddingClient
-from akidb_embed.host_client._config import ClientConfig
+from akidb_embed.host_client import ClientConfig, EmbeddingClient
 from akidb_embed.models import ModelMetadata
 from akidb_embed.worker.batcher import MAX_PADDING, Batcher, Job, plan_micro_batches
 from akidb_embed.worker.config import WorkerConfig

@@ -2,10 +2,10 @@
 the same vectors as one worker, kill -9 and SIGSTOP of one worker while the others serve, a
 worker slot that cannot start, the per-slot restart budget, and close.
 
-Worker processes start through ``GATED_WORKER``, a few lines that claim a spawn number and then
-``exec`` the real worker (same pid, same pipes). Spawns from ``first_gated`` on wait for a gate
-file first: a test can hold a replacement back for as long as it needs to observe the pool
-without it, with no timing involved.
+Worker processes start through ``fake_workers/gated_worker.py``, a few lines that claim a spawn
+number and then ``exec`` the real worker (same pid, same pipes). Spawns from ``first_gated`` on
+wait for a gate file first: a test can hold a replacement back for as long as it needs to observe
+the pool without it, with no timing involved.
 """
 
 from __future__ import annotations
@@ -37,25 +37,7 @@ from akidb_embed.host_client import (
 )
 from akidb_embed.models import ModelMetadata
 
-GATED_WORKER = """\
-import os, sys, time
-spawn_dir, gate, first_gated = sys.argv[1], sys.argv[2], int(sys.argv[3])
-number = 0
-while True:
-    try:
-        claim = os.open(os.path.join(spawn_dir, str(number)), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        break
-    except FileExistsError:
-        number += 1
-os.write(claim, str(os.getpid()).encode()); os.close(claim)
-if number == int(os.environ.get("FAIL_SPAWN", "-1")):
-    sys.stderr.write("spawn %d: cannot open the accelerator\\n" % number)
-    sys.exit(1)
-if number >= first_gated:
-    while not os.path.exists(gate):
-        time.sleep(0.05)
-os.execv(sys.executable, [sys.executable, "-m", "akidb_embed.worker", *sys.argv[4:]])
-"""
+GATED_WORKER = Path(__file__).parent / "fake_workers" / "gated_worker.py"
 
 
 class Spawns:
@@ -67,8 +49,7 @@ class Spawns:
         self.gate = directory / "gate"
         self.command = [
             sys.executable,
-            "-c",
-            GATED_WORKER,
+            str(GATED_WORKER),
             str(self.directory),
             str(self.gate),
             str(first_gated),

@@ -3,21 +3,21 @@ in-process, through raw frames (akidb_embed/bench/raw.py), the Python client and
 there, the Rust client, from the worker's own marks (``trace: true``, protocol.md) and the
 host's, on the same monotonic clock.
 
-The Python client's stages are timed by wrapping its functions for the run (``_ClientProbe``):
-the client itself carries no timing code. Beside the stages it prints this machine's floor for
-any process bridge (floor.py): two bare pipe wake-ups around a model run's time of busy CPU,
-and one reply's encoding in a loop against right after a model run, the factor every Python
-step of a bridge pays.
+The Python client's stages come from its ``trace`` hook (``RequestTrace``). A worker may read a
+frame before its writer has noted the write done (the writer is descheduled between the two):
+a write then ends at the worker's read, so no stage is negative. Beside the stages it prints
+this machine's floor for any process bridge (floor.py): two bare pipe wake-ups around a model
+run's time of busy CPU, and one reply's encoding in a loop against right after a model run, the
+factor every Python step of a bridge pays.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from akidb_embed.bench.floor import cold_python, wake_up_floor
 from akidb_embed.bench.lone import PAUSE_SECONDS
 from akidb_embed.bench.raw import start_worker
 from akidb_embed.bench.runner import rust_example
+from akidb_embed.host_client import RequestTrace
 from akidb_embed.models import load_metadata
 
 __all__ = ["BREAKDOWN_CALLS", "STAGES", "run_breakdown"]
@@ -59,62 +60,14 @@ PIPES = ("pipes_and_wakeups_us", "both pipes and wake-ups: pipe_in_us + pipe_out
 
 
 class _ClientProbe:
-    """Marks (``time.monotonic_ns()``) of the Python client's stages for one call at a time,
-    taken by wrapping the functions the client calls on its data path; ``trace: true`` is added
-    to every embed request it encodes."""
+    """The Python client's ``trace`` hook for one call at a time: the ``RequestTrace`` of the
+    latest reply handed over (the client asks the worker for its marks, ``trace: true``)."""
 
     def __init__(self) -> None:
-        self.marks: dict[str, int] = {}
-        self.reply: dict[str, Any] | None = None
+        self.trace: RequestTrace | None = None
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        from akidb_embed.host_client import _connection, _worker
-
-        marks = self.marks
-        real_pack, real_unpack = wire.pack, wire.unpack
-        real_send = _worker.WorkerProcess.send
-        real_on_frame = _connection.Connection._on_frame
-
-        def pack(message: Any) -> bytes:
-            if message.get("op") == "embed":
-                message = {**message, "trace": True}
-            marks["encoding"] = time.monotonic_ns()
-            frame = real_pack(message)
-            marks["encoded"] = time.monotonic_ns()
-            return frame
-
-        def send(process: Any, frame: bytes) -> None:
-            marks["writing"] = time.monotonic_ns()
-            real_send(process, frame)
-            marks["written"] = time.monotonic_ns()
-
-        def unpack(payload: bytes) -> dict[str, Any]:
-            marks["decoding"] = time.monotonic_ns()
-            message = real_unpack(payload)
-            marks["decoded"] = time.monotonic_ns()
-            if "trace" in message:
-                self.reply = message
-            return message
-
-        def on_frame(connection: Any, process: Any, message: dict[str, Any]) -> None:
-            real_on_frame(connection, process, message)
-            marks["delivered"] = time.monotonic_ns()
-
-        patches = [
-            (wire, "pack", pack),  # the module both client modules call it through
-            (wire, "unpack", unpack),
-            (_worker.WorkerProcess, "send", send),
-            (_connection.Connection, "_on_frame", on_frame),
-        ]
-        originals = [(target, name, getattr(target, name)) for target, name, _ in patches]
-        try:
-            for target, name, replacement in patches:
-                setattr(target, name, replacement)
-            yield
-        finally:
-            for target, name, original in originals:
-                setattr(target, name, original)
+    def __call__(self, trace: RequestTrace) -> None:
+        self.trace = trace
 
 
 def _stage_medians(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -192,29 +145,29 @@ def _python_breakdown(
 
     probe = _ClientProbe()
     rows: list[dict[str, float]] = []
-    with probe.installed(), EmbeddingClient(model_dir, threads=threads) as client:
+    with EmbeddingClient(model_dir, threads=threads, trace=probe) as client:
         for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
-            probe.marks.clear()
+            probe.trace = None
             called = time.monotonic_ns()
             client.embed([sentences[index % len(sentences)]])
             returned = time.monotonic_ns()
-            m, reply = probe.marks, probe.reply
-            assert reply is not None
-            trace = reply["trace"]
+            mark = probe.trace
+            assert mark is not None
+            trace = mark.worker
+            written = min(mark.written, trace["read"])
             row = {
-                "client_submit_us": (m["encoding"] - called) / 1000,
-                "client_encode_us": (m["encoded"] - m["encoding"]) / 1000,
-                "client_write_us": (m["written"] - m["writing"]) / 1000,
-                "pipe_in_us": (trace["read"] - m["written"]) / 1000,
+                # routing happens after encoding: counted with the submit, not the write
+                "client_submit_us": (mark.encoding - called + mark.writing - mark.encoded) / 1000,
+                "client_encode_us": (mark.encoded - mark.encoding) / 1000,
+                "client_write_us": (written - mark.writing) / 1000,
+                "pipe_in_us": (trace["read"] - written) / 1000,
                 **_worker_stages(trace),
-                "pipe_out_us": _pipe_out(m["decoding"], trace),
-                "client_decode_us": (m["decoded"] - m["decoding"]) / 1000,
-                "client_deliver_us": (m["delivered"] - m["decoded"]) / 1000,
-                "caller_wakeup_us": (returned - m["delivered"]) / 1000,
+                "pipe_out_us": _pipe_out(mark.read, trace),
+                "client_decode_us": (mark.decoded - mark.read) / 1000,
+                "client_deliver_us": (mark.delivered - mark.decoded) / 1000,
+                "caller_wakeup_us": (returned - mark.delivered) / 1000,
                 "total_us": (returned - called) / 1000,
             }
-            # routing happens after encoding: count it with the submit, not the write
-            row["client_submit_us"] += (m["writing"] - m["encoded"]) / 1000
             row["outside_model_us"] = _outside_model(row)
             if index >= BREAKDOWN_WARM_UP_CALLS:
                 rows.append(row)
@@ -240,6 +193,7 @@ def _raw_breakdown(
             wire.embeddings_from_bytes(reply["embeddings"], tuple(reply["shape"]))
             returned = time.monotonic_ns()
             trace = reply["trace"]
+            written = min(written, trace["read"])
             row = {
                 "client_submit_us": 0.0,
                 "client_encode_us": (encoded - called) / 1000,

@@ -2,7 +2,7 @@
 //! frame, and the worker answers it within a few of its batches.
 //!
 //! protocol.md section 10 ("Cutting a call into requests") is the definition of the cut and of
-//! every constant below; the Python client's `host_client/_chunking.py` follows the same page,
+//! every constant below; the Python client's `host_client/chunking.py` follows the same page,
 //! and both are checked against the cases of `tests/golden/chunking.json`.
 //!
 //! ```text
@@ -17,7 +17,7 @@ use std::ops::Range;
 use crate::types::{EmbeddingError, EmbeddingResult, ModelDescription};
 use crate::wire::{Limits, BYTES_PER_VALUE};
 
-// The constants of protocol.md section 10: change them there and in host_client/_chunking.py
+// The constants of protocol.md section 10: change them there and in host_client/chunking.py
 // together (tests/golden/chunking.json checks both). Its `BYTES_PER_VALUE` is the codec's
 // (`wire::BYTES_PER_VALUE`, a float32: the widest encoding bounds a reply row).
 

@@ -1,5 +1,7 @@
 """One ``embed_batch`` call cut into wire requests: its texts in sending order, its output
-array, and how many texts each wire request may carry.
+array, and how many texts each wire request may carry. Public, because the cut is part of the
+contract (protocol.md section 10): tests/golden/chunking.json checks this module and the Rust
+client's against the same cases.
 
 ::
 
@@ -37,8 +39,8 @@ from akidb_embed.encodings import (
     row_width,
 )
 from akidb_embed.errors import InvalidInput
+from akidb_embed.host_client._hello import Hello
 from akidb_embed.host_client._types import BatchEmbeddingRequest, BatchEmbeddingResponse, ModelInfo
-from akidb_embed.host_client._worker import Hello
 
 __all__ = [
     "TEXT_HEADER_BYTES",
@@ -117,6 +119,8 @@ class EmbedCall:
         self.reply_model = ""
         self.finished = False
         self.started_at = time.perf_counter()
+        self.submitted_ns = 0
+        """``time.monotonic_ns()`` of the submission, when the client traces (``RequestTrace``)."""
         self.admitted_at: float | None = None
         """When its last text was admitted (``Usage.queue_ms``)."""
 
