@@ -153,9 +153,9 @@ def test_after_sigterm_the_worker_reads_one_more_frame_refuses_it_and_exits_0(
 ) -> None:
     worker = spawn_worker()
     long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
-    # a few seconds of work in hand, so that the worker is still finishing it when the frames
-    # below arrive
-    held = [embed_request([long_text] * 16) for _ in range(2)]
+    # seconds of work in hand, so that the worker is still finishing it when the frames below
+    # arrive, even with this test's process held off the CPU a while (a loaded machine)
+    held = [embed_request([long_text] * 16) for _ in range(6)]
     ping_id = next(_ids)
     worker.send(*held, {"id": ping_id, "op": "ping"})
     assert worker.recv() == {"id": ping_id, "ok": True}  # everything before it has been read

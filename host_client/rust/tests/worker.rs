@@ -247,9 +247,15 @@ async fn a_traced_call_gives_the_workers_marks_in_order_and_the_same_vectors() {
         for stage in [trace.client_encode, trace.client_write, trace.client_decode] {
             assert!(stage > Duration::ZERO, "{trace:?}");
         }
-        // the stages happen one after the other within the round trip
-        assert!(trace.measured() <= trace.total, "{trace:?}");
-        assert_eq!(trace.pipes_and_wakeups(), trace.total - trace.measured());
+        // the host's stages follow one another within the round trip, and so do the worker's;
+        // the two may overlap (a writer descheduled after its write while the worker reads)
+        let host = trace.client_encode
+            + trace.client_write
+            + trace.reader_read
+            + trace.caller_wakeup
+            + trace.client_decode;
+        assert!(host <= trace.total, "{trace:?}");
+        assert!(worker.stages() <= trace.total, "{trace:?}");
         client.close().await;
     })
     .await;
