@@ -1,11 +1,14 @@
-"""Helpers of the tests that kill, stop and restart workers under a real client
-(test_host_client_supervision.py, test_pool.py): texts, the vector check, waiting and reaping."""
+"""Helpers of the tests that kill, stop and restart workers under a client
+(test_host_client_supervision.py, test_pool.py, test_host_client_stand_ins.py): texts, the
+vector check, a call left waiting, waiting and reaping."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +32,24 @@ def min_cosine(actual: npt.NDArray[np.float32], expected: npt.NDArray[np.float32
     dots = np.sum(actual.astype(np.float64) * expected, axis=1)
     norms = np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1)
     return float(np.min(dots / norms))
+
+
+def call_in_background(
+    embed: Callable[[list[str]], Any], failure: type[BaseException]
+) -> tuple[threading.Thread, list[BaseException]]:
+    """``embed(["never answered"])`` on a started thread; the ``failure`` it raises is appended
+    to the returned list (any other outcome leaves the list empty)."""
+    outcome: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            embed(["never answered"])
+        except failure as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    return thread, outcome
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:

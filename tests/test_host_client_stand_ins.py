@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from supervision_helpers import GUARD_TIMEOUT, assert_reaped, wait_until
+from supervision_helpers import GUARD_TIMEOUT, assert_reaped, call_in_background, wait_until
 
 from akidb_embed import wire
 from akidb_embed.host_client import (
@@ -415,16 +415,7 @@ def test_close_kills_a_hung_worker_and_fails_its_callers(
     client = clients(spawner, workers=1, request_timeout=60.0, close_timeout=0.2)
     pid = client.stats().worker_pid
     assert pid is not None
-    outcome: list[BaseException] = []
-
-    def caller() -> None:
-        try:
-            client.embed(["never answered"])
-        except ServiceUnavailable as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=caller)
-    thread.start()
+    thread, outcome = call_in_background(client.embed, ServiceUnavailable)
     wait_until(lambda: client.stats().in_flight_texts > 0, "the call in flight")
     client.close()
     thread.join(GUARD_TIMEOUT)

@@ -27,6 +27,7 @@ from supervision_helpers import (
     GUARD_TIMEOUT,
     MIN_COSINE,
     assert_reaped,
+    call_in_background,
     min_cosine,
     sentences,
     wait_until,
@@ -202,16 +203,7 @@ def test_close_kills_a_stopped_worker_and_fails_its_callers(metadata: ModelMetad
     pid = client.stats().worker_pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
-    outcome: list[BaseException] = []
-
-    def caller() -> None:
-        try:
-            client.embed(["never answered"])
-        except ServiceUnavailable as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=caller)
-    thread.start()
+    thread, outcome = call_in_background(client.embed, ServiceUnavailable)
     try:
         wait_until(lambda: client.stats().in_flight_texts > 0, "the call in flight")
         client.close()

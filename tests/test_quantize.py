@@ -87,12 +87,15 @@ def test_gate_figures_see_moved_neighbours_that_cosines_hide() -> None:
     assert recall < 0.95
 
 
+@pytest.fixture(scope="module")
+def fp32_engine(fp32: ModelMetadata) -> Engine:
+    return Engine.load(WorkerConfig(provider="cpu"), fp32.directory)
+
+
 def test_smoothing_moves_activation_range_into_the_weights_and_keeps_the_fp32_vectors(
-    fp32: ModelMetadata, tmp_path: Path
+    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
 ) -> None:
-    engine = Engine.load(WorkerConfig(provider="cpu"), fp32.directory)
-    texts = FIXTURE_TEXTS[:48]
-    facts = graph_facts(fp32.path(MODEL_FILE))
+    engine, texts, facts = fp32_engine, FIXTURE_TEXTS[:48], graph_facts(fp32.path(MODEL_FILE))
     calibration = Calibration.of(engine, FIXTURE_TEXTS[48:96])
     smooth_activations(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts, calibration, 0.5)
     smoothed = open_candidate(fp32, tmp_path)
@@ -102,13 +105,11 @@ def test_smoothing_moves_activation_range_into_the_weights_and_keeps_the_fp32_ve
 
 
 def test_per_token_int8_runs_every_weight_matmul_on_int8_codes_near_the_fp32_vectors(
-    fp32: ModelMetadata, tmp_path: Path
+    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
 ) -> None:
     import onnx
 
-    engine = Engine.load(WorkerConfig(provider="cpu"), fp32.directory)
-    texts = FIXTURE_TEXTS[:48]
-    facts = graph_facts(fp32.path(MODEL_FILE))
+    engine, texts, facts = fp32_engine, FIXTURE_TEXTS[:48], graph_facts(fp32.path(MODEL_FILE))
     per_token_int8(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts)
     ops = [node.op_type for node in onnx.load(str(tmp_path / MODEL_FILE)).graph.node]
     assert ops.count("MatMulInteger") == len(facts.weight_matmuls) > 0

@@ -105,12 +105,32 @@ pub fn expect_error<T, E: Display>(result: Result<T, E>, kind: &str, parts: &[&s
 }
 
 /// Sends signal `name` (`KILL`, `STOP`) to process `pid`.
+/// Sends signal `name` to `pid`; after `STOP`, returns once every thread of it is stopped (the
+/// kernel stops each thread on its way back to user space, not at the `kill`).
 pub fn signal(pid: u32, name: &str) {
     let status = std::process::Command::new("kill")
         .args([format!("-{name}"), pid.to_string()])
         .status()
         .expect("kill runs");
     assert!(status.success(), "kill -{name} {pid}");
+    if name == "STOP" {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !all_threads_stopped(pid) {
+            assert!(std::time::Instant::now() < deadline, "{pid} did not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Whether every thread of `pid` is in state T (stopped), from /proc/PID/task/*/stat.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return true };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).map_or(true, |stat| {
+            // the state follows the command name, which is in parentheses and may hold spaces
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
 }
 
 pub fn process_exists(pid: u32) -> bool {
