@@ -131,7 +131,8 @@ def test_trace_hook_places_the_workers_marks_among_the_clients(metadata: ModelMe
     # one clock (Linux CLOCK_MONOTONIC) on both sides of the pipe
     host = [trace.submitted, trace.encoding, trace.encoded, trace.writing, trace.written]
     assert host == sorted(host)
-    assert trace.written <= worker["read"] <= worker["parsed"] <= worker["tokenized"]
+    # the worker may read the frame before the writer, descheduled after its write, notes it
+    assert trace.writing <= worker["read"] <= worker["parsed"] <= worker["tokenized"]
     assert worker["tokenized"] <= worker["started"] <= worker["ran"] <= worker["pooled"]
     assert worker["pooled"] <= trace.read <= trace.decoded <= trace.delivered
 
