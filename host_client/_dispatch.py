@@ -102,7 +102,6 @@ from akidb_embed.host_client._types import (
 )
 from akidb_embed.host_client._worker import REAP_TIMEOUT, CommandSpawner, Spawner, WorkerProcess
 from akidb_embed.host_client.chunking import (
-    TEXT_HEADER_BYTES,
     ChunkLimits,
     EmbedCall,
     chunk_end,
@@ -272,7 +271,7 @@ class Dispatcher:
         served = hello.served(request.model)
         encoding = check_encoding(encoding)
         limits = self._limits(hello, request)
-        texts, sizes = self._checked_texts(request, hello, limits)
+        texts, sizes = self._checked_texts(request, limits)
         call = EmbedCall(request, texts, sizes, served, encoding)
         if self._trace is not None:
             call.submitted_ns = submitted
@@ -303,7 +302,7 @@ class Dispatcher:
         truncation_side = check_truncation_side(truncation_side)
         served = hello.served(model)
         limits = self._limits(hello, request)
-        texts, sizes = self._checked_texts(request, hello, limits)
+        texts, sizes = self._checked_texts(request, limits)
         chunks: list[Future[dict[str, Any]]] = []
         start = 0
         while start < len(texts):
@@ -584,7 +583,7 @@ class Dispatcher:
 
     @staticmethod
     def _checked_texts(
-        request: BatchEmbeddingRequest, hello: Hello, limits: ChunkLimits
+        request: BatchEmbeddingRequest, limits: ChunkLimits
     ) -> tuple[list[str], list[int]]:
         """The inputs as a list of str and their UTF-8 sizes, each text encodable and small
         enough for the worker (a text too large for one frame would break the stream and kill
@@ -594,8 +593,7 @@ class Dispatcher:
         texts = list(request.inputs)
         if not texts:
             raise InvalidInput(EMPTY_BATCH)
-        frame_room = limits.max_payload_bytes - TEXT_HEADER_BYTES
-        max_text_bytes = min(hello.max_text_bytes, frame_room)
+        max_text_bytes = limits.max_text_bytes
         sizes = []
         for index, text in enumerate(texts):
             if not isinstance(text, str):
