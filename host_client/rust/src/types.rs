@@ -25,27 +25,44 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Everything that can go wrong in an embedding call: AkiDB's variants and messages. Each
-/// carries one line of English for logs and people; match on the variant, not on the text.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EmbeddingError {
-    /// The model named is not loaded, or the worker found no usable model directory.
-    #[error("Model not found: {0}")]
-    ModelNotFound(String),
-    /// The request is malformed or exceeds a limit the worker announced. Not retryable. When
-    /// it is about one text, the message starts with `inputs[i]`, `i` that text's index in the
-    /// caller's `inputs` (however the batch was split and ordered on the wire).
-    #[error("Invalid input: {0}")]
-    InvalidInput(String),
-    /// No worker can answer now (start failure, deaths or hangs beyond the budgets, timeouts,
-    /// a closed client, a supervisor whose runtime is gone). Retrying later, or with a new
-    /// client, may succeed.
-    #[error("Service unavailable: {0}")]
-    ServiceUnavailable(String),
-    /// A bug or broken invariant: an unexpected failure in the worker, or a frame that broke
-    /// the wire contract.
-    #[error("Internal error: {0}")]
-    Internal(String),
+/// Declares an error enum of AkiDB's shape: its four variants, in AkiDB's order, each holding
+/// one line of English and displayed with AkiDB's words. The attributes given (documentation,
+/// derives, which must include `thiserror::Error`) go on the enum. [`EmbeddingError`] is one;
+/// the `akidb/` crate declares its stand-in for AkiDB's own with it, so that the two display
+/// alike.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! akidb_error_enum {
+    ($(#[$attribute:meta])* $visibility:vis enum $name:ident) => {
+        $(#[$attribute])*
+        $visibility enum $name {
+            /// The model named is not loaded, or the worker found no usable model directory.
+            #[error("Model not found: {0}")]
+            ModelNotFound(String),
+            /// The request is malformed or exceeds a limit the worker announced. Not
+            /// retryable. When it is about one text, the message starts with `inputs[i]`, `i`
+            /// that text's index in the caller's `inputs` (however the batch was split and
+            /// ordered on the wire).
+            #[error("Invalid input: {0}")]
+            InvalidInput(String),
+            /// No worker can answer now (start failure, deaths or hangs beyond the budgets,
+            /// timeouts, a closed client, a supervisor whose runtime is gone). Retrying later,
+            /// or with a new client, may succeed.
+            #[error("Service unavailable: {0}")]
+            ServiceUnavailable(String),
+            /// A bug or broken invariant: an unexpected failure in the worker, or a frame that
+            /// broke the wire contract.
+            #[error("Internal error: {0}")]
+            Internal(String),
+        }
+    };
+}
+
+akidb_error_enum! {
+    /// Everything that can go wrong in an embedding call: AkiDB's variants and messages. Each
+    /// carries one line of English for logs and people; match on the variant, not on the text.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum EmbeddingError
 }
 
 impl EmbeddingError {

@@ -1,20 +1,15 @@
 //! AkiDB's embedding types: the same fields, derives and error messages as AkiDB's own, so that
 //! the adapter meets exactly what it meets there (no `PartialEq` or `Clone` on the error, a
-//! `u64` duration, a `normalize` that is `false` when absent).
+//! `u64` duration, a `normalize` that is `false` when absent). The error's variants and
+//! messages come from the client crate's `akidb_error_enum!`, which declares its own
+//! `EmbeddingError` too.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-#[derive(Debug, Error)]
-pub enum EmbeddingError {
-    #[error("Model not found: {0}")]
-    ModelNotFound(String),
-    #[error("Invalid input: {0}")]
-    InvalidInput(String),
-    #[error("Service unavailable: {0}")]
-    ServiceUnavailable(String),
-    #[error("Internal error: {0}")]
-    Internal(String),
+akidb_embed_client::akidb_error_enum! {
+    #[derive(Debug, Error)]
+    pub enum EmbeddingError
 }
 
 pub type EmbeddingResult<T> = Result<T, EmbeddingError>;
