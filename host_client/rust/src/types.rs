@@ -404,7 +404,6 @@ pub struct WorkerTrace {
     /// Its texts were tokenized.
     pub tokenized: u64,
     /// It was put in the batching queue; `None` when the worker ran it at once (a lone query).
-    #[serde(default)]
     pub queued: Option<u64>,
     /// The model run holding its first text began.
     pub started: u64,
@@ -535,20 +534,16 @@ pub struct ModelDescription {
     /// Whether the model's own pipeline normalises (a Normalize module).
     pub normalize_default: bool,
     /// `mean`, `cls`, `max` or `lasttoken`.
-    #[serde(default)]
     pub pooling: Option<String>,
     /// The names [`EmbedOptions::prompt_name`] accepts.
     #[serde(default)]
     pub prompts: Vec<String>,
     /// The prompt applied when a request names none.
-    #[serde(default)]
     pub default_prompt_name: Option<String>,
     /// `None`: the model as exported; `Some("int8")`: a quantised variant of `base_model`
     /// that passed the quality gate against it.
-    #[serde(default)]
     pub variant: Option<String>,
     /// A variant's fp32 model id.
-    #[serde(default)]
     pub base_model: Option<String>,
     /// The encodings ([`Encoding::as_str`]) an embed of this model may ask for; empty from a
     /// worker older than encodings (float32 only).

@@ -10,6 +10,10 @@
 //! decodes the op-specific body ([`EmbedReply`], [`HealthReply`]) from the same bytes. The
 //! embeddings `bin` is borrowed from the payload, not copied, and becomes `f32`s in one bulk
 //! conversion ([`embeddings_from_bytes`]).
+//!
+//! A field a message may lack is an `Option` where `None` means absent: decoding gives `None`
+//! for a missing one (serde's rule for `Option`, here and in `types.rs`; other types say
+//! `#[serde(default)]`), and a request leaves a `None` out of its map (`requests!`).
 
 use std::time::Instant;
 
@@ -32,72 +36,84 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// Bytes of one embedding value on the wire (little-endian IEEE 754 binary32).
 pub const BYTES_PER_VALUE: usize = 4;
 
-/// An `embed` request: AkiDB's `BatchEmbeddingRequest` with the envelope.
-#[derive(Debug, Clone, Serialize)]
-pub struct EmbedRequest<'a> {
-    pub id: u64,
-    /// Always `"embed"`; kept as a field so that it is encoded second, as in the examples.
-    pub op: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<&'a str>,
-    pub inputs: &'a [String],
-    pub normalize: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub truncate: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_name: Option<&'a str>,
-    /// Ask the worker for its stage marks in the reply ([`EmbedReply::trace`]); written only
-    /// when `true`, so an untraced request is the same bytes as before the field existed.
-    #[serde(skip_serializing_if = "is_false")]
-    pub trace: bool,
-    /// `"left"` or `"right"`; written only when set, as the two below.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub truncation_side: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dimensions: Option<u32>,
-    /// An [`Encoding`](crate::Encoding)'s name; the reply then names it in `dtype`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub encoding: Option<&'static str>,
+/// Declares request messages, each `Name = "op" { fields }`: the envelope's `id` and `op`
+/// (always `"op"`, the struct's `OP`), then the fields given, in that order. A field of type
+/// `Option<T>` is left out of the map while `None` (protocol.md: an absent field is the
+/// worker's default), so that a request without options is the same bytes as before they
+/// existed.
+macro_rules! requests {
+    ($($(#[$attribute:meta])* $name:ident = $op:literal { $($fields:tt)* })*) => {
+        $(requests!(@fields [$(#[$attribute])* $name $op] [] $($fields)*);)*
+    };
+    (@fields $head:tt [$($done:tt)*]
+        $(#[$field_attribute:meta])* $field:ident: Option<$inner:ty> $(, $($rest:tt)*)?
+    ) => {
+        requests!(@fields $head [$($done)*
+            $(#[$field_attribute])*
+            #[serde(skip_serializing_if = "Option::is_none")]
+            pub $field: Option<$inner>,
+        ] $($($rest)*)?);
+    };
+    (@fields $head:tt [$($done:tt)*]
+        $(#[$field_attribute:meta])* $field:ident: $type:ty $(, $($rest:tt)*)?
+    ) => {
+        requests!(@fields $head [$($done)*
+            $(#[$field_attribute])*
+            pub $field: $type,
+        ] $($($rest)*)?);
+    };
+    (@fields [$(#[$attribute:meta])* $name:ident $op:literal] [$($done:tt)*]) => {
+        $(#[$attribute])*
+        #[derive(Debug, Clone, Serialize)]
+        pub struct $name<'a> {
+            pub id: u64,
+            /// Always `OP`; a field so that it is encoded second, as in the examples.
+            pub op: &'static str,
+            $($done)*
+        }
+
+        impl<'a> $name<'a> {
+            pub const OP: &'static str = $op;
+        }
+    };
 }
 
-/// A `tokenize` request (protocol.md): the same text fields as `embed`.
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenizeRequest<'a> {
-    pub id: u64,
-    /// Always `"tokenize"`.
-    pub op: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<&'a str>,
-    pub inputs: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub truncate: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub truncation_side: Option<&'static str>,
-}
+requests! {
+    /// An `embed` request: AkiDB's `BatchEmbeddingRequest` with the envelope.
+    EmbedRequest = "embed" {
+        model: Option<&'a str>,
+        inputs: &'a [String],
+        normalize: bool,
+        truncate: Option<bool>,
+        prompt_name: Option<&'a str>,
+        /// Ask the worker for its stage marks in the reply ([`EmbedReply::trace`]); written
+        /// only when `true`, so an untraced request is the same bytes as before the field
+        /// existed.
+        #[serde(skip_serializing_if = "is_false")]
+        trace: bool,
+        /// `"left"` or `"right"`.
+        truncation_side: Option<&'static str>,
+        dimensions: Option<u32>,
+        /// An [`Encoding`](crate::Encoding)'s name; the reply then names it in `dtype`.
+        encoding: Option<&'static str>,
+    }
 
-impl<'a> TokenizeRequest<'a> {
-    pub const OP: &'static str = "tokenize";
-}
+    /// A `tokenize` request (protocol.md): the same text fields as `embed`.
+    TokenizeRequest = "tokenize" {
+        model: Option<&'a str>,
+        inputs: &'a [String],
+        prompt_name: Option<&'a str>,
+        truncate: Option<bool>,
+        truncation_side: Option<&'static str>,
+    }
 
-/// A `quantization_ranges` request (protocol.md): the int8/uint8 ranges of an embed of the
-/// same model, dimensions and normalisation.
-#[derive(Debug, Clone, Serialize)]
-pub struct RangesRequest<'a> {
-    pub id: u64,
-    /// Always `"quantization_ranges"`.
-    pub op: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dimensions: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub normalize: Option<bool>,
-}
-
-impl<'a> RangesRequest<'a> {
-    pub const OP: &'static str = "quantization_ranges";
+    /// A `quantization_ranges` request (protocol.md): the int8/uint8 ranges of an embed of the
+    /// same model, dimensions and normalisation.
+    RangesRequest = "quantization_ranges" {
+        model: Option<&'a str>,
+        dimensions: Option<u32>,
+        normalize: Option<bool>,
+    }
 }
 
 /// The body of a successful `quantization_ranges` reply: `shape` is `(2, dimensions)`.
@@ -120,10 +136,6 @@ fn is_false(value: &bool) -> bool {
     !*value
 }
 
-impl<'a> EmbedRequest<'a> {
-    pub const OP: &'static str = "embed";
-}
-
 /// A request that is only an envelope: `info`, `health`, `ping`, `shutdown`.
 #[derive(Debug, Clone, Serialize)]
 pub struct OpRequest<'a> {
@@ -138,7 +150,6 @@ pub struct WireError {
     pub message: String,
     /// For an error about one text: its position in the request's `inputs` (the message then
     /// starts with `inputs[index]`).
-    #[serde(default)]
     pub index: Option<usize>,
 }
 
@@ -226,13 +237,11 @@ pub struct EmbedReply<'a> {
     pub model: String,
     pub shape: (usize, usize),
     /// The encoding's name when the request named one (absent: float32).
-    #[serde(default)]
     pub dtype: Option<String>,
     #[serde(borrow)]
     pub embeddings: &'a serde_bytes::Bytes,
     pub usage: WireUsage,
     /// The worker's stage marks, present when the request had `trace: true`.
-    #[serde(default)]
     pub trace: Option<WorkerTrace>,
 }
 
@@ -282,15 +291,12 @@ pub struct Hello {
     pub model: Option<ModelInfo>,
     pub normalize_default: Option<bool>,
     /// Every loaded model, the default first; absent from a worker that serves one model only.
-    #[serde(default)]
     pub models: Option<Vec<ModelDescription>>,
     #[serde(default)]
     pub providers: Vec<String>,
     /// ONNX Runtime runs the worker makes at once; absent from a worker without lanes.
-    #[serde(default)]
     pub lanes: Option<usize>,
     /// Intra-op threads of the worker's sessions (0: ONNX Runtime's choice).
-    #[serde(default)]
     pub threads: Option<usize>,
     pub limits: Option<Limits>,
     pub error: Option<WireError>,
