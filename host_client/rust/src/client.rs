@@ -10,9 +10,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use serde::Serialize;
+
 use crate::chunking::{shortest_first, ChunkPlan};
 use crate::config::WorkerConfig;
-use crate::dispatch::{ClientStats, Dispatcher};
+use crate::dispatch::{ClientStats, Dispatcher, PendingReply};
 use crate::types::{
     BatchEmbeddingRequest, BatchEmbeddingResponse, EmbedOptions, EmbeddingError, EmbeddingProvider,
     EmbeddingResult, EncodedEmbeddings, EncodedValues, Encoding, FlatEmbeddings, ModelDescription,
@@ -185,19 +187,15 @@ impl WorkerClient {
         let mut replies = Vec::new();
         for range in plan.split(&inputs) {
             let chunk = &inputs[range.clone()];
-            // no text permits: the worker answers at once, without the model
             let pending = self
-                .service
-                .submit(0, 0, (true, false), |id| {
-                    wire::encode_frame(&TokenizeRequest {
-                        id,
-                        op: TokenizeRequest::OP,
-                        model: wire_model,
-                        inputs: chunk,
-                        prompt_name: options.prompt_name.as_deref(),
-                        truncate: options.truncate,
-                        truncation_side: options.truncation_side.map(TruncationSide::as_str),
-                    })
+                .submit_without_texts(true, |id| TokenizeRequest {
+                    id,
+                    op: TokenizeRequest::OP,
+                    model: wire_model,
+                    inputs: chunk,
+                    prompt_name: options.prompt_name.as_deref(),
+                    truncate: options.truncate,
+                    truncation_side: options.truncation_side.map(TruncationSide::as_str),
                 })
                 .await?;
             replies.push((range, pending));
@@ -233,15 +231,12 @@ impl WorkerClient {
     ) -> EmbeddingResult<(Vec<f32>, Vec<f32>)> {
         let wire_model = wire_model(model);
         let pending = self
-            .service
-            .submit(0, 0, (true, false), |id| {
-                wire::encode_frame(&RangesRequest {
-                    id,
-                    op: RangesRequest::OP,
-                    model: wire_model,
-                    dimensions,
-                    normalize,
-                })
+            .submit_without_texts(true, |id| RangesRequest {
+                id,
+                op: RangesRequest::OP,
+                model: wire_model,
+                dimensions,
+                normalize,
             })
             .await?;
         let payload = pending.wait().await?;
@@ -451,14 +446,23 @@ impl WorkerClient {
     }
 
     async fn call_op(&self, op: &str) -> EmbeddingResult<Vec<u8>> {
-        let shows_progress = op != "ping";
-        let pending = self
-            .service
-            .submit(0, 0, (shows_progress, false), |id| wire::encode_frame(&OpRequest { id, op }))
-            .await?;
+        let pending = self.submit_without_texts(op != "ping", |id| OpRequest { id, op }).await?;
         let payload = pending.wait().await?;
         wire::decode_payload::<ReplyEnvelope>(&payload)?.into_result()?;
         Ok(payload)
+    }
+
+    /// Submits `request(id)`, a request that holds none of the caller's texts to embed (an op,
+    /// `tokenize`, `quantization_ranges`): it takes no in-flight text permits and weighs
+    /// nothing in routing. `shows_progress`: whether its reply shows the worker's model path
+    /// alive (a `ping`'s does not: the worker's reader answers it alone).
+    async fn submit_without_texts<R: Serialize>(
+        &self,
+        shows_progress: bool,
+        request: impl FnOnce(u64) -> R,
+    ) -> EmbeddingResult<PendingReply> {
+        let encode = |id| wire::encode_frame(&request(id));
+        self.service.submit(0, 0, (shows_progress, false), encode).await
     }
 }
 
