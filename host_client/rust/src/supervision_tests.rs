@@ -11,6 +11,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,9 +85,30 @@ fn config() -> WorkerConfig {
     }
 }
 
-async fn start(config: WorkerConfig, workers: &Arc<FakeWorkers>) -> Dispatcher {
-    let spawner: Arc<dyn Spawner> = workers.clone();
-    Dispatcher::start_with(config, spawner).await.expect("the fake workers start")
+/// Runs `test` (within the hang guard) on a dispatcher started with `config` over fake workers
+/// whose one slot behaves as `script` says, given the two; closes the dispatcher after it.
+async fn with_fake_workers<F: Future<Output = ()>>(
+    script: &[&'static str],
+    config: WorkerConfig,
+    test: impl FnOnce(Arc<FakeWorkers>, Arc<Dispatcher>) -> F,
+) {
+    with_fake_pool(FakeWorkers::one(script), config, test).await;
+}
+
+/// [`with_fake_workers`] with `workers` as the spawner, for a pool of several slots.
+async fn with_fake_pool<F: Future<Output = ()>>(
+    workers: Arc<FakeWorkers>,
+    config: WorkerConfig,
+    test: impl FnOnce(Arc<FakeWorkers>, Arc<Dispatcher>) -> F,
+) {
+    within(async {
+        let spawner: Arc<dyn Spawner> = workers.clone();
+        let started = Dispatcher::start_with(config, spawner).await;
+        let dispatcher = Arc::new(started.expect("the fake workers start"));
+        test(workers, dispatcher.clone()).await;
+        dispatcher.close().await;
+    })
+    .await;
 }
 
 /// One `health` request through the dispatcher: `Ok` when a worker answered it.
@@ -105,9 +127,7 @@ async fn eventually(condition: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn a_worker_that_dies_holding_a_request_is_replaced_and_the_request_answered() {
-    within(async {
-        let workers = FakeWorkers::one(&["dies-on-request", "serves"]);
-        let dispatcher = start(config(), &workers).await;
+    with_fake_workers(&["dies-on-request", "serves"], config(), |workers, dispatcher| async move {
         let first_pid = dispatcher.worker_pid().unwrap();
         call(&dispatcher).await.expect("the replacement answers the request sent again");
         let stats = dispatcher.stats();
@@ -115,76 +135,63 @@ async fn a_worker_that_dies_holding_a_request_is_replaced_and_the_request_answer
         assert_ne!(dispatcher.worker_pid(), Some(first_pid));
         assert!(!process_exists(first_pid), "the dead worker was reaped");
         assert_eq!(workers.spawned(0).len(), 2);
-        dispatcher.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_worker_that_breaks_the_frame_stream_or_its_stdin_is_replaced() {
-    within(async {
-        for broken in ["answers-garbage", "closes-its-stdin"] {
-            let workers = FakeWorkers::one(&[broken, "serves"]);
-            let dispatcher = start(config(), &workers).await;
+    for broken in ["answers-garbage", "closes-its-stdin"] {
+        with_fake_workers(&[broken, "serves"], config(), |_, dispatcher| async move {
             call(&dispatcher).await.expect("the replacement answers");
             assert_eq!(dispatcher.stats().restarts, 1, "{broken}");
-            dispatcher.close().await;
-        }
-    })
-    .await;
+        })
+        .await;
+    }
 }
 
 #[tokio::test]
 async fn a_request_whose_every_worker_dies_fails_after_max_attempts() {
-    within(async {
-        let workers = FakeWorkers::one(&["dies-on-request"]);
-        let dispatcher = start(WorkerConfig { max_attempts: 2, ..config() }, &workers).await;
+    let config = WorkerConfig { max_attempts: 2, ..config() };
+    with_fake_workers(&["dies-on-request"], config, |workers, dispatcher| async move {
         // the reason quotes the worker's stderr
         let parts = ["the worker died on each of 2 attempts", "fake worker: dying on request"];
         expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         // the second death is replaced too
         eventually(|| dispatcher.worker_pid().is_some()).await;
         assert_eq!(workers.spawned(0).len(), 3, "two deaths, two replacements");
-        dispatcher.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_hung_worker_is_killed_and_its_request_answered_by_the_next() {
-    within(async {
-        let workers = FakeWorkers::one(&["hangs-on-request", "serves"]);
-        let config = WorkerConfig { request_timeout: HANG_TIMEOUT, ..config() };
-        let dispatcher = start(config, &workers).await;
+    let config = WorkerConfig { request_timeout: HANG_TIMEOUT, ..config() };
+    with_fake_workers(&["hangs-on-request", "serves"], config, |_, dispatcher| async move {
         let hung_pid = dispatcher.worker_pid().unwrap();
         call(&dispatcher).await.expect("the replacement answers");
         assert!(!process_exists(hung_pid), "the hung worker was killed and reaped");
         assert_eq!(dispatcher.stats().restarts, 1);
-        dispatcher.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_request_that_always_hangs_fails_as_timed_out() {
-    within(async {
-        let workers = FakeWorkers::one(&["hangs-on-request"]);
-        let config = WorkerConfig { request_timeout: HANG_TIMEOUT, max_attempts: 1, ..config() };
-        let dispatcher = start(config, &workers).await;
+    let config = WorkerConfig { request_timeout: HANG_TIMEOUT, max_attempts: 1, ..config() };
+    with_fake_workers(&["hangs-on-request"], config, |_, dispatcher| async move {
         let parts = ["request timed out on each of 1 attempts", "answered nothing for"];
         expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
-        dispatcher.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_crash_loop_spends_the_restart_budget_with_growing_backoff_then_every_call_fails() {
-    within(async {
-        let workers = FakeWorkers::one(&["dies-on-request", "dies-after-hello"]);
-        // attempts to spare: the request outlives the budget and fails with the give-up
-        let config = WorkerConfig { restart_limit: 2, max_attempts: 10, ..config() };
-        let dispatcher = start(config, &workers).await;
+    // attempts to spare: the request outlives the budget and fails with the give-up
+    let config = WorkerConfig { restart_limit: 2, max_attempts: 10, ..config() };
+    let script = ["dies-on-request", "dies-after-hello"];
+    with_fake_workers(&script, config, |workers, dispatcher| async move {
         let parts = ["failed 3 times in a row (restart_limit 2)"];
         let message = expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         let spawned = workers.spawned(0);
@@ -198,20 +205,18 @@ async fn a_crash_loop_spends_the_restart_budget_with_growing_backoff_then_every_
         assert_eq!(expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &[]), message);
         assert_eq!(dispatcher.stats().workers[0].state, "given up");
         assert_eq!(workers.spawned(0).len(), 3);
-        dispatcher.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn replacements_that_cannot_start_spend_the_budget_and_are_named() {
-    within(async {
-        let workers = FakeWorkers::one(&["dies-on-request", "exits-at-start"]);
-        let dispatcher = start(WorkerConfig { restart_limit: 2, ..config() }, &workers).await;
+    let config = WorkerConfig { restart_limit: 2, ..config() };
+    let script = ["dies-on-request", "exits-at-start"];
+    with_fake_workers(&script, config, |workers, dispatcher| async move {
         let parts = ["restart_limit 2", "fake worker: cannot start", "exit status: 3"];
         expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         assert_eq!(workers.spawned(0).len(), 3);
-        dispatcher.close().await;
     })
     .await;
 }
@@ -221,45 +226,37 @@ const THREE_DEATHS: [&str; 4] = ["dies-on-request", "dies-on-request", "dies-on-
 
 #[tokio::test]
 async fn a_worker_that_ran_its_stable_start_time_resets_the_restart_budget() {
-    within(async {
-        // every worker counts as stable: three deaths in a row under a budget of one
-        let stable = WorkerConfig {
-            restart_limit: 1,
-            stable_start_time: Duration::ZERO,
-            max_attempts: 4,
-            ..config()
-        };
-        let workers = FakeWorkers::one(&THREE_DEATHS);
-        let dispatcher = start(stable, &workers).await;
+    // every worker counts as stable: three deaths in a row under a budget of one
+    let stable = WorkerConfig {
+        restart_limit: 1,
+        stable_start_time: Duration::ZERO,
+        max_attempts: 4,
+        ..config()
+    };
+    with_fake_workers(&THREE_DEATHS, stable, |_, dispatcher| async move {
         call(&dispatcher).await.expect("the fourth worker answers");
         assert_eq!(dispatcher.stats().restarts, 3);
-        dispatcher.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn deaths_within_the_stable_start_time_spend_the_restart_budget() {
-    within(async {
-        let unstable = WorkerConfig { restart_limit: 1, max_attempts: 4, ..config() };
-        let workers = FakeWorkers::one(&THREE_DEATHS);
-        let dispatcher = start(unstable, &workers).await;
+    let unstable = WorkerConfig { restart_limit: 1, max_attempts: 4, ..config() };
+    with_fake_workers(&THREE_DEATHS, unstable, |workers, dispatcher| async move {
         let parts = ["failed 2 times in a row (restart_limit 1)"];
         expect_error(call(&dispatcher).await, SERVICE_UNAVAILABLE, &parts);
         assert_eq!(workers.spawned(0).len(), 2);
-        dispatcher.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_replacement_that_refuses_to_start_gives_up_at_once() {
-    within(async {
-        let workers = FakeWorkers::one(&["dies-on-request", "refuses-to-start"]);
-        let dispatcher = start(config(), &workers).await;
+    let script = ["dies-on-request", "refuses-to-start"];
+    with_fake_workers(&script, config(), |workers, dispatcher| async move {
         expect_error(call(&dispatcher).await, MODEL_NOT_FOUND, &["fake worker: no model here"]);
         assert_eq!(workers.spawned(0).len(), 2, "a worker that says why is not retried");
-        dispatcher.close().await;
     })
     .await;
 }
@@ -287,10 +284,9 @@ async fn a_first_worker_that_does_not_start_fails_the_start_with_its_reason() {
 
 #[tokio::test]
 async fn a_slot_that_gives_up_leaves_the_others_serving() {
-    within(async {
-        let workers = FakeWorkers::pool(&[&["serves"], &["dies-on-request", "exits-at-start"]]);
-        let config = WorkerConfig { workers: 2, restart_limit: 1, ..config() };
-        let dispatcher = start(config, &workers).await;
+    let workers = FakeWorkers::pool(&[&["serves"], &["dies-on-request", "exits-at-start"]]);
+    let config = WorkerConfig { workers: 2, restart_limit: 1, ..config() };
+    with_fake_pool(workers, config, |_, dispatcher| async move {
         // requests take turns between idle workers: some reach slot 1, whose worker dies, and
         // are answered by slot 0
         let calls = tokio::join!(call(&dispatcher), call(&dispatcher), call(&dispatcher));
@@ -302,17 +298,14 @@ async fn a_slot_that_gives_up_leaves_the_others_serving() {
         eventually(|| dispatcher.stats().workers[1].state == "given up").await;
         assert_eq!(dispatcher.stats().workers[0].state, "ready");
         call(&dispatcher).await.expect("slot 0 serves on");
-        dispatcher.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn closing_kills_a_hung_worker_after_close_timeout_and_fails_its_request() {
-    within(async {
-        let workers = FakeWorkers::one(&["hangs-on-request"]);
-        let config = WorkerConfig { close_timeout: Duration::from_millis(200), ..config() };
-        let dispatcher = start(config, &workers).await;
+    let config = WorkerConfig { close_timeout: Duration::from_millis(200), ..config() };
+    with_fake_workers(&["hangs-on-request"], config, |_, dispatcher| async move {
         let pid = dispatcher.worker_pid().unwrap();
         let (result, ()) = tokio::join!(call(&dispatcher), dispatcher.close());
         expect_error(result, SERVICE_UNAVAILABLE, &["closed before the worker answered"]);
