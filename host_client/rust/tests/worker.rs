@@ -124,6 +124,20 @@ async fn spawn(config: WorkerConfig) -> WorkerClient {
     WorkerClient::spawn(config).await.expect("the worker starts")
 }
 
+/// Runs `test` (within the hang guard) on a client started with `config`; closes the client
+/// after it.
+async fn with_client<F: Future<Output = ()>>(
+    config: WorkerConfig,
+    test: impl FnOnce(WorkerClient) -> F,
+) {
+    within(async {
+        let client = spawn(config).await;
+        test(client.clone()).await;
+        client.close().await;
+    })
+    .await;
+}
+
 /// Waits (bounded) until `condition` holds.
 async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     for _ in 0..2400 {
@@ -150,9 +164,8 @@ fn request(client_model: &str, inputs: &[String]) -> BatchEmbeddingRequest {
 
 #[tokio::test]
 async fn golden_sentences_embed_like_sentence_transformers() {
-    within(async {
+    with_client(config(), |client| async move {
         let golden = golden();
-        let client = spawn(config()).await;
         let model = client.model_info().await.unwrap().model;
         let mut batch = request(&model, &golden.sentences);
         batch.normalize = golden.normalize;
@@ -162,16 +175,14 @@ async fn golden_sentences_embed_like_sentence_transformers() {
         assert_eq!(response.usage.total_tokens, golden.token_counts.iter().sum::<usize>());
         // 21 sentences, some of 256 tokens: well over a millisecond in the worker
         assert!(response.usage.duration_ms > 0);
-        client.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn model_info_and_hello_match_the_model_directory() {
-    within(async {
+    with_client(config(), |client| async move {
         let expected = metadata();
-        let client = spawn(config()).await;
         let info = EmbeddingProvider::model_info(&client).await.unwrap();
         assert_eq!(info.model, expected.model);
         assert_eq!(info.dimension, expected.dimension);
@@ -188,15 +199,13 @@ async fn model_info_and_hello_match_the_model_directory() {
         assert_eq!(client.model_info_for("").unwrap(), info);
         assert_eq!(client.model_info_for(&info.model).unwrap(), info);
         expect_error(client.model_info_for("no/such-model"), MODEL_NOT_FOUND, &[&info.model]);
-        client.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_models_short_name_names_it() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         let info = client.model_info().await.unwrap();
         let short_name = info.model.rsplit('/').next().unwrap().to_owned();
         assert_ne!(short_name, info.model, "the model id has an organisation part");
@@ -206,26 +215,22 @@ async fn a_models_short_name_names_it() {
         let by_id = client.embed_batch(request(&info.model, &texts)).await.unwrap();
         assert_eq!(by_short_name.model, info.model);
         assert_eq!(by_short_name.embeddings, by_id.embeddings);
-        client.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn health_check_and_ping_succeed() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         EmbeddingProvider::health_check(&client).await.unwrap();
         client.ping().await.unwrap();
-        client.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_traced_call_gives_the_workers_marks_in_order_and_the_same_vectors() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         let texts = vec!["where does the time of a lone query go?".to_owned()];
         let untraced = client.embed_batch(request("", &texts)).await.unwrap();
         let traced =
@@ -256,15 +261,13 @@ async fn a_traced_call_gives_the_workers_marks_in_order_and_the_same_vectors() {
             + trace.client_decode;
         assert!(host <= trace.total, "{trace:?}");
         assert!(worker.stages() <= trace.total, "{trace:?}");
-        client.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn a_request_for_another_model_is_model_not_found() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         let error = client
             .embed_batch(request("sentence-transformers/not-this-one", &["hi".to_owned()]))
             .await
@@ -272,15 +275,13 @@ async fn a_request_for_another_model_is_model_not_found() {
         assert!(matches!(error, EmbeddingError::ModelNotFound(_)), "{error:?}");
         // The worker keeps serving after an error reply.
         client.embed_batch(request("", &["hi".to_owned()])).await.unwrap();
-        client.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn an_over_long_input_is_invalid_input_only_without_truncation() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         let info = client.model_info().await.unwrap();
         let long_text = vec!["word ".repeat(info.max_tokens * 2)];
         let refused = EmbedOptions { truncate: Some(false), ..EmbedOptions::default() };
@@ -292,28 +293,24 @@ async fn an_over_long_input_is_invalid_input_only_without_truncation() {
         assert!(!message.contains("send truncate"), "{message}");
         let truncated = client.embed_batch(request(&info.model, &long_text)).await.unwrap();
         assert_eq!(truncated.usage.total_tokens, info.max_tokens);
-        client.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn an_empty_batch_is_invalid_input_as_akidb_providers_answer() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         let error = client.embed_batch(request("", &[])).await.unwrap_err();
         assert_eq!(error, EmbeddingError::InvalidInput("empty input batch".into()));
         assert_eq!(error.to_string(), "Invalid input: empty input batch");
-        client.close().await;
     })
     .await;
 }
 
 #[tokio::test]
 async fn many_concurrent_tasks_each_get_their_own_vectors() {
-    within(async {
+    with_client(config(), |client| async move {
         let golden = Arc::new(golden());
-        let client = spawn(config()).await;
         let tasks: Vec<_> = (0..64)
             .map(|task| {
                 let (client, golden) = (client.clone(), golden.clone());
@@ -329,7 +326,6 @@ async fn many_concurrent_tasks_each_get_their_own_vectors() {
             let (index, embeddings) = task.await.unwrap();
             assert_close(&embeddings, &golden.embeddings[index..=index]);
         }
-        client.close().await;
     })
     .await;
 }
@@ -492,9 +488,8 @@ async fn a_killed_worker_with_busy_lanes_loses_no_request() {
 /// still gets its golden vectors, and the replacement has the same lanes.
 async fn killed_under_load_loses_no_request(config: WorkerConfig) {
     let lanes = config.lanes.expect("the test names its lanes");
-    within(async {
+    with_client(config, |client| async move {
         let golden = Arc::new(golden());
-        let client = spawn(config).await;
         assert_eq!(client.hello().unwrap().lanes, lanes);
         let first_pid = client.worker_pid().unwrap();
         let done = Arc::new(AtomicUsize::new(0));
@@ -509,7 +504,6 @@ async fn killed_under_load_loses_no_request(config: WorkerConfig) {
             .expect("a restart note");
         assert!(resent > 0, "requests were in flight when the worker was killed");
         assert_eq!(client.hello().unwrap().lanes, lanes);
-        client.close().await;
     })
     .await;
 }
@@ -550,8 +544,7 @@ fn over_a_pipe() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_larger_than_the_pipe_are_finished_before_the_next_ones() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         let long = over_a_pipe();
         let short: Vec<String> = (0..20).map(|i| format!("a short sentence {i}")).collect();
         let alone = client.embed_batch(request("", std::slice::from_ref(&long))).await.unwrap();
@@ -581,7 +574,6 @@ async fn frames_larger_than_the_pipe_are_finished_before_the_next_ones() {
         }
         assert_eq!(client.worker_pid(), pid, "the same worker answered all");
         assert_eq!(client.stats().restarts, 0);
-        client.close().await;
     })
     .await;
 }
@@ -607,17 +599,15 @@ async fn a_stopped_worker_with_a_full_pipe_blocks_no_caller() {
 
 #[tokio::test]
 async fn a_request_that_always_times_out_fails_with_service_unavailable() {
-    within(async {
-        let mut config = config();
-        config.request_timeout = Duration::from_secs(2);
-        config.max_attempts = 1;
-        let client = spawn(config).await;
+    let mut config = config();
+    config.request_timeout = Duration::from_secs(2);
+    config.max_attempts = 1;
+    with_client(config, |client| async move {
         signal(client.worker_pid().unwrap(), "STOP");
         let never = client.embed_batch(request("", &["never".to_owned()])).await;
         expect_error(never, SERVICE_UNAVAILABLE, &["timed out"]);
         // The replacement serves the next call.
         client.embed_batch(request("", &["answered".to_owned()])).await.unwrap();
-        client.close().await;
     })
     .await;
 }
@@ -677,9 +667,8 @@ async fn a_worker_command_that_exits_at_start_is_service_unavailable_with_its_re
 
 #[tokio::test]
 async fn closing_answers_requests_in_flight_and_reaps_the_worker() {
-    within(async {
+    with_client(config(), |client| async move {
         let golden = golden();
-        let client = spawn(config()).await;
         let pid = client.worker_pid().unwrap();
         // join! polls the call first, so its request is written before close begins.
         let (response, ()) =
@@ -688,7 +677,6 @@ async fn closing_answers_requests_in_flight_and_reaps_the_worker() {
         assert!(!process_exists(pid), "worker {pid} reaped");
         let error = client.embed_batch(request("", &["late".to_owned()])).await.unwrap_err();
         assert!(matches!(error, EmbeddingError::ServiceUnavailable(_)), "{error:?}");
-        client.close().await;
     })
     .await;
 }
@@ -709,8 +697,7 @@ async fn dropping_the_client_leaves_no_worker_process() {
 
 #[tokio::test]
 async fn distinct_ids_route_replies_under_pipelining() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         let texts: Vec<String> = (0..200).map(|i| format!("sentence number {i}")).collect();
         let calls =
             texts.iter().map(|text| client.embed_batch(request("", std::slice::from_ref(text))));
@@ -724,7 +711,6 @@ async fn distinct_ids_route_replies_under_pipelining() {
         assert_eq!(seen.len(), texts.len(), "every call got a vector of its own");
         let batch = client.embed_batch(request("", &texts)).await.unwrap();
         assert_close(&single, &batch.embeddings);
-        client.close().await;
     })
     .await;
 }
@@ -894,15 +880,14 @@ fn second_model_dir() -> PathBuf {
 
 #[tokio::test]
 async fn two_models_are_served_by_name_with_their_prompts() {
-    within(async {
-        let golden = golden();
-        let default_model = metadata().model;
-        let config = WorkerConfig {
-            model_dirs: vec![model_dir(), second_model_dir()],
-            expected_model: Some(default_model.clone()),
-            ..config()
-        };
-        let client = spawn(config).await;
+    let golden = golden();
+    let default_model = metadata().model;
+    let config = WorkerConfig {
+        model_dirs: vec![model_dir(), second_model_dir()],
+        expected_model: Some(default_model.clone()),
+        ..config()
+    };
+    with_client(config, |client| async move {
         let models = client.models().unwrap();
         let ids: Vec<&str> = models.iter().map(|m| m.model.as_str()).collect();
         assert_eq!(ids, [default_model.as_str(), SECOND_MODEL]);
@@ -936,7 +921,6 @@ async fn two_models_are_served_by_name_with_their_prompts() {
         let unknown_prompt = client.embed_batch_with(request(SECOND_MODEL, &texts), &unknown).await;
         // the message lists the prompts
         expect_error(unknown_prompt, INVALID_INPUT, &["query"]);
-        client.close().await;
     })
     .await;
 }
@@ -1101,8 +1085,7 @@ fn sign_bits(vector: &[f32]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimensions_encodings_truncation_side_and_tokenize_reach_the_worker() {
-    within(async {
-        let client = spawn(config()).await;
+    with_client(config(), |client| async move {
         let golden = golden();
         let texts = &golden.sentences;
         let described = &client.models().unwrap()[0];
@@ -1200,7 +1183,6 @@ async fn dimensions_encodings_truncation_side_and_tokenize_reach_the_worker() {
             client.embed_batch_with(request("", std::slice::from_ref(&long)), &left).await.unwrap();
         let by_right = client.embed_batch(request("", &[long])).await.unwrap();
         assert!(cosine(&by_side.embeddings[0], &by_right.embeddings[0]) < 0.99);
-        client.close().await;
     })
     .await;
 }
