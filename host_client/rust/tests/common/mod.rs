@@ -104,9 +104,9 @@ pub fn expect_error<T, E: Display>(result: Result<T, E>, kind: &str, parts: &[&s
     message.to_owned()
 }
 
-/// Sends signal `name` (`KILL`, `STOP`) to process `pid`.
-/// Sends signal `name` to `pid`; after `STOP`, returns once every thread of it is stopped (the
-/// kernel stops each thread on its way back to user space, not at the `kill`).
+/// Sends signal `name` (`KILL`, `STOP`) to process `pid`; after `STOP`, returns once every
+/// thread of it is stopped (the kernel stops each thread on its way back to user space, not at
+/// the `kill`).
 pub fn signal(pid: u32, name: &str) {
     let status = std::process::Command::new("kill")
         .args([format!("-{name}"), pid.to_string()])
