@@ -113,22 +113,12 @@ class ClientConfig:
     """Variables added to (and overriding) this process's environment for the worker."""
 
     def __post_init__(self) -> None:
-        positive = {
-            "request_timeout": self.request_timeout,
-            "start_timeout": self.start_timeout,
-            "max_attempts": self.max_attempts,
-            "max_in_flight_texts": self.max_in_flight_texts,
-            "workers": self.workers,
-            "lanes": 1 if self.lanes is None else self.lanes,
-        }
-        for name, value in positive.items():
-            if not value > 0:
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        for name, value in {
-            "close_timeout": self.close_timeout,
-            "restart_limit": self.restart_limit,
-            "stable_start_time": self.stable_start_time,
-        }.items():
+        for name in _NOT_NEGATIVE:
+            value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name} must not be negative, got {value!r}")
 
@@ -151,6 +141,18 @@ class ClientConfig:
         merged = dict(os.environ)
         merged.update(self.env or {})
         return merged
+
+
+# The knobs ``ClientConfig`` checks, by name.
+_POSITIVE = (
+    "request_timeout",
+    "start_timeout",
+    "max_attempts",
+    "max_in_flight_texts",
+    "workers",
+    "lanes",  # None: the worker's default
+)
+_NOT_NEGATIVE = ("close_timeout", "restart_limit", "stable_start_time")
 
 
 def resolve_workers(workers: int | Literal["auto"]) -> int:

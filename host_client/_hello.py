@@ -57,26 +57,10 @@ class Hello:
         loaded = ", ".join(repr(info.model) for info in self.models)
         raise ModelNotFound(f"model {model!r} is not loaded; the worker serves {loaded}")
 
-    @property
-    def max_frame_bytes(self) -> int:
-        return int(self.limits["max_frame_bytes"])
-
-    @property
-    def max_texts_per_request(self) -> int:
-        return int(self.limits["max_texts_per_request"])
-
-    @property
-    def max_text_bytes(self) -> int:
-        return int(self.limits["max_text_bytes"])
-
-    @property
-    def max_batch_tokens(self) -> int:
-        return int(self.limits["max_batch_tokens"])
-
     def max_reply_bytes(self) -> int:
         """The largest reply this worker can send: its frame limit or a full embed reply."""
-        full_reply = self.max_texts_per_request * self.dimension * 4 + REPLY_HEADROOM_BYTES
-        return max(self.max_frame_bytes, full_reply)
+        full_reply = self.limits["max_texts_per_request"] * self.dimension * 4
+        return max(self.limits["max_frame_bytes"], full_reply + REPLY_HEADROOM_BYTES)
 
 
 def parse_hello(message: Mapping[str, Any]) -> Hello:

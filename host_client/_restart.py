@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 __all__ = ["RESTART_BACKOFF_FIRST", "RESTART_BACKOFF_MAX", "GiveUp", "RestartPolicy"]
 
@@ -41,27 +41,20 @@ class GiveUp:
         )
 
 
+@dataclass(eq=False)
 class RestartPolicy:
     """``restart_limit`` consecutive restarts, a count reset by a worker that served
     ``stable_start_time`` seconds, and an exponential backoff between restarts."""
 
-    def __init__(
-        self,
-        restart_limit: int,
-        stable_start_time: float,
-        *,
-        backoff_first: float = RESTART_BACKOFF_FIRST,
-        backoff_max: float = RESTART_BACKOFF_MAX,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.restart_limit = restart_limit
-        self.stable_start_time = stable_start_time
-        self.backoff_first = backoff_first
-        self.backoff_max = backoff_max
-        self.clock = clock
-        self.consecutive_restarts = 0
-        """Failures since the last stable worker (or the start)."""
-        self._ready_at: float | None = None
+    restart_limit: int
+    stable_start_time: float
+    _: KW_ONLY
+    backoff_first: float = RESTART_BACKOFF_FIRST
+    backoff_max: float = RESTART_BACKOFF_MAX
+    clock: Callable[[], float] = time.monotonic
+    consecutive_restarts: int = field(default=0, init=False)
+    """Failures since the last stable worker (or the start)."""
+    _ready_at: float | None = field(default=None, init=False, repr=False)
 
     def ready(self) -> None:
         """A worker said hello: its uptime counts from now."""

@@ -1,33 +1,23 @@
 """``EmbeddingClient``: the blocking twin, for threads.
 
-Every method hands its work to the shared dispatcher (``_dispatch.Dispatcher``) and blocks on
-the ``concurrent.futures.Future`` it gets back; any number of threads may call at once and their
-requests are in flight together. See ``_dispatch`` for the data path and what happens on
-failure, ``_slot`` for the supervision of each worker.
+Every method is a call of ``ClientBase`` (``_base``) that blocks on the
+``concurrent.futures.Future`` the shared dispatcher (``_dispatch.Dispatcher``) gives back; any
+number of threads may call at once and their requests are in flight together. See ``_dispatch``
+for the data path and what happens on failure, ``_slot`` for the supervision of each worker.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Concatenate, ParamSpec, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
-from akidb_embed.encodings import DEFAULT_ENCODING
-from akidb_embed.host_client._base import ClientBase, ranges_of
-from akidb_embed.host_client._base import embed_request as _request
-from akidb_embed.host_client._types import (
-    BatchEmbeddingRequest,
-    BatchEmbeddingResponse,
-    ModelInfo,
-)
+from akidb_embed.host_client._base import ClientBase, Pending, twin, twin_method
 
 __all__ = ["EmbeddingClient"]
 
+P = ParamSpec("P")
 T = TypeVar("T")
 
 
@@ -39,6 +29,19 @@ def _wait(future: Future[T]) -> T:
         raise
 
 
+def blocking(
+    op: Callable[Concatenate[ClientBase, P], Pending[T]],
+) -> Callable[Concatenate[EmbeddingClient, P], T]:
+    """The sync twin's method of ``op``: the call's answer, once its reply is in."""
+
+    def method(self: EmbeddingClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        pending = op(self, *args, **kwargs)
+        return pending.answer(_wait(pending.reply))
+
+    return twin_method(method, op, None)
+
+
+@twin
 class EmbeddingClient(ClientBase):
     """Embeds texts through a pool of supervised worker processes (one by default);
     thread-safe and pipelined.
@@ -64,145 +67,16 @@ class EmbeddingClient(ClientBase):
     and at interpreter exit.
     """
 
-    def embed_batch(self, request: BatchEmbeddingRequest) -> BatchEmbeddingResponse:
-        """One vector per input of ``request``, in order; any number of inputs.
-
-        Raises ``InvalidInput``, ``ModelNotFound`` (``request.model`` is not a loaded model),
-        ``ServiceUnavailable``/``RequestTimeout`` (no worker could answer within the
-        supervision budget, or the client is closed) or ``Internal``.
-        """
-        return _wait(self._dispatcher.submit_embed(request))
-
-    def embed_encoded(
-        self, request: BatchEmbeddingRequest, encoding: str
-    ) -> BatchEmbeddingResponse:
-        """``embed_batch`` with the vectors in ``encoding`` (see ``embed``): the response's
-        ``embeddings`` is that encoding's array, its usage as ``embed_batch``'s."""
-        return _wait(self._dispatcher.submit_embed(request, encoding))
-
-    @overload
-    def embed(
-        self,
-        texts: Sequence[str],
-        normalize: bool | None = None,
-        *,
-        model: str | None = None,
-        prompt_name: str | None = None,
-        dimensions: int | None = None,
-        encoding: Literal["float32"] = "float32",
-        truncate: bool = True,
-        truncation_side: str = "right",
-    ) -> npt.NDArray[np.float32]: ...
-
-    @overload
-    def embed(
-        self,
-        texts: Sequence[str],
-        normalize: bool | None = None,
-        *,
-        model: str | None = None,
-        prompt_name: str | None = None,
-        dimensions: int | None = None,
-        encoding: str,
-        truncate: bool = True,
-        truncation_side: str = "right",
-    ) -> npt.NDArray[Any]: ...
-
-    def embed(
-        self,
-        texts: Sequence[str],
-        normalize: bool | None = None,
-        *,
-        model: str | None = None,
-        prompt_name: str | None = None,
-        dimensions: int | None = None,
-        encoding: str = DEFAULT_ENCODING,
-        truncate: bool = True,
-        truncation_side: str = "right",
-    ) -> npt.NDArray[Any]:
-        """The vectors of ``texts`` from ``model`` (``None``: the default model), one row per
-        text: ``(len(texts), dimensions)`` float32 by default; ``normalize`` and
-        ``prompt_name`` ``None``: the model's own defaults. ``dimensions`` keeps each vector's
-        first components (re-normalised when normalising; ``None``: all). ``encoding``:
-        ``float16``, ``int8`` or ``uint8`` give that dtype, ``binary`` (int8) and ``ubinary``
-        (uint8) ``dimensions / 8`` bytes of packed sign bits per row, as sentence-transformers'
-        ``quantize_embeddings``. ``truncation_side="left"`` keeps an over-long text's end;
-        ``truncate=False``: a text over the model's ``max_tokens`` fails the call with
-        ``InvalidInput`` instead of being cut."""
-        request = _request(
-            texts, normalize, model, prompt_name, dimensions, truncate, truncation_side
-        )
-        return self.embed_encoded(request, encoding).embeddings
-
-    def quantization_ranges(
-        self,
-        *,
-        model: str | None = None,
-        dimensions: int | None = None,
-        normalize: bool | None = None,
-    ) -> npt.NDArray[np.float32]:
-        """The ``(2, dimensions)`` per-dimension min and max that ``int8``/``uint8`` codes of
-        an ``embed`` with the same arguments are cut over: ``akidb_embed.encodings.dequantize``
-        maps codes back with them (compare codes that way, not by their raw dot product)."""
-        reply = _wait(self._dispatcher.submit_ranges(model, dimensions, normalize))
-        return ranges_of(reply)
-
-    def tokenize(
-        self,
-        texts: Sequence[str],
-        *,
-        model: str | None = None,
-        prompt_name: str | None = None,
-        truncate: bool = True,
-        truncation_side: str = "right",
-    ) -> list[list[int]]:
-        """The token ids each text would run with (special tokens and the prompt included,
-        cut to ``max_tokens`` unless ``truncate`` is false, which raises ``InvalidInput`` for an
-        over-long text instead), without embedding anything."""
-        future = self._dispatcher.submit_tokenize(
-            texts, model, prompt_name, truncate, truncation_side
-        )
-        return _wait(future)
-
-    def count_tokens(
-        self,
-        texts: Sequence[str],
-        *,
-        model: str | None = None,
-        prompt_name: str | None = None,
-        truncate: bool = True,
-        truncation_side: str = "right",
-    ) -> list[int]:
-        """How many tokens each text would run with; see ``tokenize``."""
-        ids = self.tokenize(
-            texts,
-            model=model,
-            prompt_name=prompt_name,
-            truncate=truncate,
-            truncation_side=truncation_side,
-        )
-        return [len(row) for row in ids]
-
-    def model_info(self, model: str | None = None) -> ModelInfo:
-        """A loaded model (``None``: the default one) as the worker announced it (no round
-        trip); ``ModelNotFound`` listing the loaded ids for another name."""
-        return self._model_info(model)
-
-    def models(self) -> list[ModelInfo]:
-        """Every model the worker serves, the default first (no round trip)."""
-        return self._models()
-
-    def health_check(self) -> bool:
-        """True when the worker embedded its check sentence correctly through its queue;
-        raises ``Internal`` (a failed check) or ``ServiceUnavailable`` otherwise."""
-        _wait(self._dispatcher.submit_op("health"))
-        return True
-
-    def ping(self) -> float:
-        """Seconds for one ``ping`` round trip: the cost of the bridge without the model."""
-        started = time.perf_counter()
-        _wait(self._dispatcher.submit_op("ping"))
-        return time.perf_counter() - started
+    embed_batch = blocking(ClientBase._embed_batch)
+    embed_encoded = blocking(ClientBase._embed_encoded)
+    embed = blocking(ClientBase._embed)
+    quantization_ranges = blocking(ClientBase._quantization_ranges)
+    tokenize = blocking(ClientBase._tokenize)
+    count_tokens = blocking(ClientBase._count_tokens)
+    model_info = blocking(ClientBase._model_info)
+    models = blocking(ClientBase._models)
+    health_check = blocking(ClientBase._health_check)
+    ping = blocking(ClientBase._ping)
 
     def close(self) -> None:
         """Let the worker answer what it holds (up to ``close_timeout``), then stop it.

@@ -10,6 +10,7 @@ the caller's decoding.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import re
@@ -18,7 +19,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ def missing_extra() -> str | None:
     return None
 
 
-class HttpServer:
+class HttpServer(contextlib.AbstractContextManager["HttpServer"]):
     """``akidb-embed serve --port 0`` until ``close``; ``embed`` is safe from many threads."""
 
     def __init__(self, model_dir: Path, provider: str, threads: int) -> None:
@@ -105,13 +105,5 @@ class HttpServer:
             self._process.terminate()  # SIGTERM: answers what is in flight, stops the workers
         self._process.wait(START_TIMEOUT)
 
-    def __enter__(self) -> HttpServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
