@@ -1,17 +1,17 @@
 """Tiny random-weight sentence-transformers models, built offline, for tests of the generic path.
 
-Each ``build_<name>(directory)`` writes one model directory in the layout
-``SentenceTransformer.save()`` writes (it is written by that method, from sentence-transformers'
-own module classes around a locally built transformers model and tokenizer, so every config is
-genuine) and returns it::
+``FIXTURES`` names each fixture's ``FixtureSpec``: what its model directory declares (pooling,
+Normalize, prompts, ...) and the seed of its weights. ``spec.build(directory)`` writes that
+directory in the layout ``SentenceTransformer.save()`` writes (it is written by that method, from
+sentence-transformers' own module classes around a locally built transformers model and
+tokenizer, so every config is genuine) and returns it::
 
     fixed word list / fixed corpus --tokenizers--> tokenizer (WordPiece or trained byte-level BPE)
     seeded torch init --transformers--> BertModel / MPNetModel / Qwen3Model (hidden 32, 2 layers)
         --> Transformer -> Pooling -> [Dense] -> [Normalize] --SentenceTransformer.save--> directory
 
 Builds are deterministic (fixed seeds, fixed data), take seconds and a few hundred kB.
-``FIXTURES`` maps each name to its builder and to what the directory is expected to declare
-(``FixtureSpec``); ``FIXTURE_TEXTS`` are texts for parity tests, some longer than every fixture's
+``FIXTURE_TEXTS`` are texts for parity tests, some longer than every fixture's
 ``max_seq_length``. torch, transformers, tokenizers and sentence-transformers are imported only
 inside the builders.
 """
@@ -26,16 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "FIXTURES",
-    "FIXTURE_TEXTS",
-    "FixtureSpec",
-    "build_bert_cls",
-    "build_bert_dense",
-    "build_bert_max",
-    "build_mpnet_prompts",
-    "build_qwen3_lasttoken",
-]
+__all__ = ["FIXTURES", "FIXTURE_TEXTS", "FixtureSpec"]
 
 HIDDEN = 32
 """Hidden size of every fixture: big enough that vectors of different texts differ clearly."""
@@ -82,14 +73,18 @@ QWEN3_INSTRUCTION = "Instruct: Given a query, retrieve passages\nQuery: "
 
 @dataclass(frozen=True)
 class FixtureSpec:
-    """One fixture: its builder and what the built directory declares."""
+    """One fixture: the seed its weights start from and what the built directory declares (by
+    default mean pooling, Normalize and 32 tokens). ``build`` writes it with the builder of its
+    ``architecture``, from these same fields."""
 
-    build: Callable[[Path], Path]
     architecture: str
-    pooling: str
-    normalize: bool
-    dimension: int
-    max_seq_length: int
+    """"bert", "mpnet" or "qwen3": which builder writes it."""
+    seed: int
+    pooling: str = "mean"
+    normalize: bool = True
+    max_seq_length: int = 32
+    dimension: int = HIDDEN
+    """The sentence embedding's: another than ``HIDDEN`` puts a Dense module to it after pooling."""
     prompts: dict[str, str] = field(default_factory=dict)
     """The non-empty prompts. config_sentence_transformers.json may list empty ones as well
     (sentence-transformers 5+ writes "query": "" and "document": ""), which mean no prompt."""
@@ -101,6 +96,10 @@ class FixtureSpec:
     padding_side: str = "right"
     refused: str | None = None
     """Why provisioning must refuse the model (a word the error must name), None when served."""
+
+    def build(self, directory: Path) -> Path:
+        """Writes the model directory and returns it."""
+        return _BUILDERS[self.architecture](directory, self)
 
 
 def _sentences(seed: int, count: int, low: int, high: int) -> list[str]:
@@ -190,144 +189,91 @@ def _wordpiece_vocab(specials: list[str]) -> dict[str, int]:
     return vocab
 
 
+_SHARED_SIZES: dict[str, Any] = {
+    "hidden_size": HIDDEN,
+    "num_hidden_layers": LAYERS,
+    "intermediate_size": 2 * HIDDEN,
+    "initializer_range": INITIALIZER_RANGE,
+}
+"""What the transformers config of every fixture holds alike."""
+
+
 def _save_sentence_transformer(
     directory: Path,
-    raw_model: Any,
+    spec: FixtureSpec,
     tokenizer: Any,
+    model_class: Any,
+    config: Any,
     *,
-    max_seq_length: int,
-    pooling: str,
-    normalize: bool,
     do_lower_case: bool = False,
-    include_prompt: bool = True,
-    dense_features: int | None = None,
-    prompts: dict[str, str] | None = None,
-    default_prompt_name: str | None = None,
-    seed: int = 0,
 ) -> Path:
+    """The seeded ``model_class(config)`` and ``tokenizer`` in the module chain ``spec`` states,
+    saved by ``SentenceTransformer.save`` to ``directory``. ``do_lower_case`` is the
+    Transformer module's own (it puts a Lowercase in front of the tokenizer's normaliser)."""
     import torch
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     modules = _modules()
+    torch.manual_seed(spec.seed)
+    raw_model = model_class(config)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="st-fixture-") as raw:
         raw_model.save_pretrained(raw)
         tokenizer.save_pretrained(raw)
         transformer = modules.Transformer(
-            raw, max_seq_length=max_seq_length, do_lower_case=do_lower_case
+            raw, max_seq_length=spec.max_seq_length, do_lower_case=do_lower_case
         )
-        chain: list[Any] = [
-            transformer,
-            modules.Pooling(HIDDEN, pooling_mode=pooling, include_prompt=include_prompt),
-        ]
-        if dense_features is not None:
-            torch.manual_seed(seed + 1)
-            chain.append(modules.Dense(HIDDEN, dense_features))
-        if normalize:
+        pooling = modules.Pooling(
+            HIDDEN, pooling_mode=spec.pooling, include_prompt=spec.include_prompt
+        )
+        chain: list[Any] = [transformer, pooling]
+        if spec.dimension != HIDDEN:
+            torch.manual_seed(spec.seed + 1)
+            chain.append(modules.Dense(HIDDEN, spec.dimension))
+        if spec.normalize:
             chain.append(modules.Normalize())
         model = SentenceTransformer(
             modules=chain,
             device="cpu",
-            prompts=prompts or {},
-            default_prompt_name=default_prompt_name,
+            prompts=dict(spec.prompts),
+            default_prompt_name=spec.default_prompt_name,
         )
         model.save(str(directory))
     return directory
 
 
-def _bert(directory: Path, *, seed: int, lowercase: bool, **options: Any) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel
+def _wordpiece_encoder(directory: Path, spec: FixtureSpec) -> Path:
+    """BERT, or MPNet (no token_type_ids), over the fixed WordPiece vocabulary."""
+    import transformers
 
-    vocab = _wordpiece_vocab(_SPECIAL_WORDPIECE)
+    bert = spec.architecture == "bert"
+    family = "Bert" if bert else "MPNet"
+    vocab = _wordpiece_vocab(_SPECIAL_WORDPIECE if bert else _SPECIAL_MPNET)
     # The tokenizer itself lowercases when the fixture does: transformers 5 rebuilds a BERT
     # tokenizer's normaliser from tokenizer_config.json's do_lower_case on load, so a Lowercase
     # that sentence-transformers' do_lower_case adds only to tokenizer.json would be lost.
-    tokenizer = _tokenizer_class("BertTokenizerFast")(vocab=vocab, do_lower_case=lowercase)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=2 * HIDDEN,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-        initializer_range=INITIALIZER_RANGE,
-        pad_token_id=vocab["[PAD]"],
+    tokenizer = _tokenizer_class(f"{family}TokenizerFast")(
+        vocab=vocab, do_lower_case=spec.lowercase
     )
-    torch.manual_seed(seed)
-    model = BertModel(config)
+    if bert:
+        own = {"max_position_embeddings": 64, "type_vocab_size": 2, "pad_token_id": vocab["[PAD]"]}
+    else:
+        own = {
+            "max_position_embeddings": 64 + 2,  # positions start after the padding index
+            "pad_token_id": vocab["<pad>"],
+            "bos_token_id": vocab["<s>"],
+            "eos_token_id": vocab["</s>"],
+        }
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=len(vocab), num_attention_heads=HEADS, **own, **_SHARED_SIZES
+    )
+    model_class = getattr(transformers, f"{family}Model")
+    # The lowercasing BERT fixtures take sentence-transformers' do_lower_case as well, so that
+    # a tokenizer.json with the Lowercase it adds is served too (MPNet's has none).
     return _save_sentence_transformer(
-        directory, model, tokenizer, seed=seed, do_lower_case=lowercase, **options
-    )
-
-
-def build_bert_cls(directory: Path) -> Path:
-    """BERT, WordPiece, CLS pooling, Normalize, do_lower_case, max_seq_length 32."""
-    return _bert(
-        directory,
-        seed=11,
-        lowercase=True,
-        max_seq_length=32,
-        pooling="cls",
-        normalize=True,
-    )
-
-
-def build_bert_max(directory: Path) -> Path:
-    """BERT, cased WordPiece, max pooling, no Normalize, max_seq_length 24."""
-    return _bert(
-        directory, seed=12, lowercase=False, max_seq_length=24, pooling="max", normalize=False
-    )
-
-
-def build_bert_dense(directory: Path) -> Path:
-    """BERT, mean pooling, Dense 32 -> 16, Normalize: a chain provisioning must refuse."""
-    return _bert(
-        directory,
-        seed=13,
-        lowercase=True,
-        max_seq_length=32,
-        pooling="mean",
-        normalize=True,
-        dense_features=16,
-    )
-
-
-def build_mpnet_prompts(directory: Path) -> Path:
-    """MPNet (no token_type_ids), mean pooling without the prompt's tokens, no Normalize, two
-    prompts and no default, max_seq_length 40."""
-    import torch
-    from transformers import MPNetConfig, MPNetModel
-
-    vocab = _wordpiece_vocab(_SPECIAL_MPNET)
-    tokenizer = _tokenizer_class("MPNetTokenizerFast")(vocab=vocab, do_lower_case=True)
-    config = MPNetConfig(
-        vocab_size=len(vocab),
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        intermediate_size=2 * HIDDEN,
-        max_position_embeddings=64 + 2,  # positions start after the padding index, as in MPNet
-        initializer_range=INITIALIZER_RANGE,
-        pad_token_id=vocab["<pad>"],
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-    )
-    torch.manual_seed(21)
-    return _save_sentence_transformer(
-        directory,
-        MPNetModel(config),
-        tokenizer,
-        max_seq_length=40,
-        pooling="mean",
-        normalize=False,
-        include_prompt=False,
-        prompts={"query": "query: ", "passage": "passage: "},
-        default_prompt_name=None,
-        seed=21,
+        directory, spec, tokenizer, model_class, config, do_lower_case=bert and spec.lowercase
     )
 
 
@@ -338,7 +284,7 @@ def _bpe_corpus() -> list[str]:
     return corpus
 
 
-def _byte_level_tokenizer(max_seq_length: int) -> Any:
+def _byte_level_tokenizer(spec: FixtureSpec) -> Any:
     """A byte-level BPE trained on ``_bpe_corpus`` with Qwen2's normaliser and pre-tokeniser (the
     ones transformers' Qwen2Tokenizer rebuilds on load), appending <|endoftext|> to every text."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -367,8 +313,8 @@ def _byte_level_tokenizer(max_seq_length: int) -> Any:
         merges=[tuple(merge) for merge in trained["merges"]],
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
-        padding_side="left",
-        model_max_length=max_seq_length,
+        padding_side=spec.padding_side,
+        model_max_length=spec.max_seq_length,
     )
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS_TOKEN}",
@@ -378,25 +324,18 @@ def _byte_level_tokenizer(max_seq_length: int) -> Any:
     return tokenizer
 
 
-def build_qwen3_lasttoken(directory: Path) -> Path:
-    """Qwen3 decoder, trained byte-level BPE appending <|endoftext|>, left padding, last-token
-    pooling, Normalize, an instruction prompt and no default, max_seq_length 48."""
-    import torch
+def _qwen3_decoder(directory: Path, spec: FixtureSpec) -> Path:
+    """A Qwen3 decoder over a trained byte-level BPE appending <|endoftext|> to every text."""
     from transformers import Qwen3Config, Qwen3Model
 
-    max_seq_length = 48
-    tokenizer = _byte_level_tokenizer(max_seq_length)
+    tokenizer = _byte_level_tokenizer(spec)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=128,
-        initializer_range=INITIALIZER_RANGE,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         # No pad id: the embedding row of a pad id is zeroed at init, and the pad token here is
@@ -404,69 +343,42 @@ def build_qwen3_lasttoken(directory: Path) -> Path:
         pad_token_id=None,
         tie_word_embeddings=False,
         use_cache=False,
+        **_SHARED_SIZES,
     )
-    torch.manual_seed(41)
-    return _save_sentence_transformer(
-        directory,
-        Qwen3Model(config),
-        tokenizer,
-        max_seq_length=max_seq_length,
-        pooling="lasttoken",
-        normalize=True,
-        prompts={"query": QWEN3_INSTRUCTION},
-        default_prompt_name=None,
-        seed=41,
-    )
+    return _save_sentence_transformer(directory, spec, tokenizer, Qwen3Model, config)
 
+
+_BUILDERS: dict[str, Callable[[Path, FixtureSpec], Path]] = {
+    "bert": _wordpiece_encoder,
+    "mpnet": _wordpiece_encoder,
+    "qwen3": _qwen3_decoder,
+}
 
 FIXTURES: dict[str, FixtureSpec] = {
-    "bert_cls": FixtureSpec(
-        build=build_bert_cls,
-        architecture="bert",
-        pooling="cls",
-        normalize=True,
-        dimension=HIDDEN,
-        max_seq_length=32,
-        lowercase=True,
-    ),
-    "bert_max": FixtureSpec(
-        build=build_bert_max,
-        architecture="bert",
-        pooling="max",
-        normalize=False,
-        dimension=HIDDEN,
-        max_seq_length=24,
-    ),
+    # BERT, WordPiece, CLS pooling, Normalize, lowercasing.
+    "bert_cls": FixtureSpec("bert", 11, pooling="cls", lowercase=True),
+    # BERT, cased WordPiece, max pooling, no Normalize.
+    "bert_max": FixtureSpec("bert", 12, pooling="max", normalize=False, max_seq_length=24),
+    # MPNet, mean pooling without the prompt's tokens, no Normalize, two prompts and no default.
     "mpnet_prompts": FixtureSpec(
-        build=build_mpnet_prompts,
-        architecture="mpnet",
-        pooling="mean",
+        "mpnet",
+        21,
         normalize=False,
-        dimension=HIDDEN,
         max_seq_length=40,
         prompts={"query": "query: ", "passage": "passage: "},
         include_prompt=False,
         lowercase=True,
     ),
+    # Qwen3 decoder, left padding, last-token pooling, Normalize, an instruction prompt.
     "qwen3_lasttoken": FixtureSpec(
-        build=build_qwen3_lasttoken,
-        architecture="qwen3",
+        "qwen3",
+        41,
         pooling="lasttoken",
-        normalize=True,
-        dimension=HIDDEN,
         max_seq_length=48,
         prompts={"query": QWEN3_INSTRUCTION},
         padding_side="left",
     ),
-    "bert_dense": FixtureSpec(
-        build=build_bert_dense,
-        architecture="bert",
-        pooling="mean",
-        normalize=True,
-        dimension=16,
-        max_seq_length=32,
-        lowercase=True,
-        refused="Dense",
-    ),
+    # BERT, mean pooling, Dense 32 -> 16, Normalize: a chain provisioning must refuse.
+    "bert_dense": FixtureSpec("bert", 13, dimension=16, lowercase=True, refused="Dense"),
 }
-"""Every fixture by name. ``dimension`` is the sentence embedding's (after Dense, if any)."""
+"""Every fixture by name."""
