@@ -117,8 +117,22 @@ PROVISION_HINT = (
 
 @dataclass(frozen=True)
 class FileRecord:
+    """A listed file's sha256 and size as provisioning found them: loading checks the file
+    against them. Its entry in the metadata's ``files`` is ``to_json``'s."""
+
     sha256: str
     bytes: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileRecord:
+        return cls(sha256=file_sha256(path), bytes=path.stat().st_size)
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> FileRecord:
+        return cls(sha256=str(entry["sha256"]), bytes=int(entry["bytes"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "bytes": self.bytes}
 
 
 @dataclass(frozen=True)
@@ -180,9 +194,7 @@ class ModelMetadata:
                 else {}
             ),
             **({"calibration": self.calibration} if self.calibration else {}),
-            "files": {
-                name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in self.files.items()
-            },
+            "files": {name: record.to_json() for name, record in self.files.items()},
             "source": self.source,
             "parity": self.parity,
             **(
@@ -247,12 +259,7 @@ def file_sha256(path: Path) -> str:
 
 def file_records(directory: Path, names: Iterable[str]) -> dict[str, FileRecord]:
     """The sha256 and size of each file ``names`` of ``directory``, as the metadata lists them."""
-    return {
-        name: FileRecord(
-            sha256=file_sha256(directory / name), bytes=(directory / name).stat().st_size
-        )
-        for name in names
-    }
+    return {name: FileRecord.of(directory / name) for name in names}
 
 
 def write_metadata(metadata: ModelMetadata, directory: Path) -> None:
@@ -287,10 +294,7 @@ def load_metadata(directory: Path | str | None = None) -> ModelMetadata:
             max_tokens=int(raw["max_tokens"]),
             pooling=str(raw["pooling"]),
             normalize=bool(raw["normalize"]),
-            files={
-                name: FileRecord(sha256=str(r["sha256"]), bytes=int(r["bytes"]))
-                for name, r in raw["files"].items()
-            },
+            files={name: FileRecord.from_json(entry) for name, entry in raw["files"].items()},
             source=dict(raw.get("source") or {}),
             parity=dict(raw.get("parity") or {}),
             include_prompt=bool(raw.get("include_prompt", True)),

@@ -61,6 +61,8 @@ _FIELD = re.compile(r"inputs\[\d+\]|[^.\[]*")
 
 @dataclass(frozen=True)
 class RequestLimits:
+    """The worker's limits that a request is checked against here (WorkerConfig's)."""
+
     max_texts_per_request: int
     max_text_bytes: int
 
