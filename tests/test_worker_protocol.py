@@ -8,20 +8,19 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
+from golden_frames import GOLDEN, assert_golden_bytes, golden_reply, send_golden_request
 from tokenizers import Tokenizer
 
 from akidb_embed import __version__
-from akidb_embed.models import ModelMetadata
-from akidb_embed.wire import LENGTH_PREFIX, MAX_NESTING, embeddings_from_bytes, unpack
+from akidb_embed.models import METADATA_FILE, ModelMetadata
+from akidb_embed.wire import LENGTH_PREFIX, MAX_NESTING, embeddings_from_bytes
 from akidb_embed.worker.config import WorkerConfig, size_lanes, usable_cores
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
 MIN_COSINE = 0.99999
 
 _ids = itertools.count(100)
@@ -80,16 +79,16 @@ def test_hello_announces_protocol_model_providers_and_limits(
 
 
 def _model_entry(metadata: ModelMetadata) -> dict[str, Any]:
+    """The model's entry as protocol.md lists it, from what the model directory's metadata file
+    states (``normalize`` as ``normalize_default``, the prompts by name), with every encoding."""
+    stated = json.loads(metadata.path(METADATA_FILE).read_text())
+    as_stated = ("model", "dimension", "max_tokens", "pooling", "default_prompt_name")
     return {
-        "model": metadata.model,
-        "dimension": metadata.dimension,
-        "max_tokens": metadata.max_tokens,
-        "normalize_default": metadata.normalize,
-        "pooling": metadata.pooling,
-        "prompts": list(metadata.prompts),
-        "default_prompt_name": metadata.default_prompt_name,
-        "variant": metadata.variant,
-        "base_model": metadata.base_model,
+        **{name: stated[name] for name in as_stated},
+        "normalize_default": stated["normalize"],
+        "prompts": list(stated["prompts"]),
+        "variant": stated.get("variant"),
+        "base_model": stated.get("base_model"),
         "encodings": ["float32", "float16", "int8", "uint8", "binary", "ubinary"],
     }
 
@@ -127,10 +126,8 @@ def test_health_runs_a_real_embedding(shared_worker: Any, metadata: ModelMetadat
 def test_live_worker_answers_golden_requests_with_golden_bytes(
     shared_worker: Any, case: str
 ) -> None:
-    shared_worker.send_bytes((GOLDEN / f"{case}_request.bin").read_bytes())
-    payload = shared_worker.recv_payload()
-    expected = (GOLDEN / f"{case}_reply.bin").read_bytes()
-    assert LENGTH_PREFIX.pack(len(payload)) + payload == expected
+    send_golden_request(shared_worker, case)
+    assert_golden_bytes(shared_worker, case)
 
 
 def test_an_id_comes_back_by_value_in_its_shortest_form(shared_worker: Any) -> None:
@@ -145,24 +142,16 @@ def test_live_worker_refuses_the_golden_duplicate_id_with_golden_bytes(
 ) -> None:
     long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
     shared_worker.send({"id": 15, "op": "embed", "inputs": [long_text] * 12})
-    shared_worker.send_bytes((GOLDEN / "duplicate_id_request.bin").read_bytes())
-    payload = shared_worker.recv_payload()
-    expected = (GOLDEN / "duplicate_id_reply.bin").read_bytes()
-    assert LENGTH_PREFIX.pack(len(payload)) + payload == expected
+    send_golden_request(shared_worker, "duplicate_id")
+    assert_golden_bytes(shared_worker, "duplicate_id")
     assert vectors_of(shared_worker.recv()).shape == (12, metadata.dimension)
 
 
 def test_live_worker_answers_the_golden_embed_request_with_the_reference_vectors(
     shared_worker: Any,
 ) -> None:
-    shared_worker.send_bytes((GOLDEN / "embed_two_texts_request.bin").read_bytes())
-    reply = shared_worker.recv()
-    expected = unpack((GOLDEN / "embed_two_texts_reply.bin").read_bytes()[4:])
+    reply = golden_reply(shared_worker, "embed_two_texts", ("id", "ok", "model", "shape"))
     reference = json.loads((GOLDEN / "embed_two_texts_vectors.json").read_text(encoding="utf-8"))
-    assert list(reply) == list(expected)
-    for key in ("id", "ok", "model", "shape"):
-        assert reply[key] == expected[key]
-    assert reply["usage"]["total_tokens"] == expected["usage"]["total_tokens"]
     vectors = vectors_of(reply)
     assert cosines(vectors, np.asarray(reference["embeddings"])).min() >= MIN_COSINE
 
@@ -170,7 +159,7 @@ def test_live_worker_answers_the_golden_embed_request_with_the_reference_vectors
 def test_live_worker_embeds_the_golden_embed_request(
     shared_worker: Any, metadata: ModelMetadata
 ) -> None:
-    shared_worker.send_bytes((GOLDEN / "embed_request.bin").read_bytes())
+    send_golden_request(shared_worker, "embed")
     reply = shared_worker.recv()
     assert reply["id"] == 7
     assert reply["model"] == metadata.model

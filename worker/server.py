@@ -157,6 +157,11 @@ class FrameWriter:
                 self.on_broken()
 
 
+_ENTRY_FACTS = ("default_prompt_name", "variant", "base_model")
+"""The metadata's fields that each model's entry carries as they are, after ModelInfo's,
+``normalize_default`` and the prompts' names."""
+
+
 def _model_info(engine: Engine) -> dict[str, Any]:
     """AkiDB's ModelInfo, as the hello's and the ``info`` reply's ``model`` carry it."""
     metadata = engine.metadata
@@ -175,9 +180,7 @@ def _model_entry(engine: Engine) -> dict[str, Any]:
         "normalize_default": metadata.normalize,
         "pooling": metadata.pooling,
         "prompts": list(metadata.prompts),
-        "default_prompt_name": metadata.default_prompt_name,
-        "variant": metadata.variant,
-        "base_model": metadata.base_model,
+        **{name: getattr(metadata, name) for name in _ENTRY_FACTS},
         "encodings": engine.encodings,
         **(
             {"matryoshka_dimensions": list(metadata.matryoshka_dimensions)}
