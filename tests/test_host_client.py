@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from supervision_helpers import join_all, start_threads
 
 from akidb_embed.host_client import (
     AsyncEmbeddingClient,
@@ -159,11 +159,7 @@ def test_any_number_of_threads_share_one_client(
         results[index] = vectors
         assert min_cosine(vectors, expected[picked]) >= GOLDEN_MIN_COSINE
 
-    threads = [threading.Thread(target=call, args=(index,)) for index in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(CALL_TIMEOUT)
+    join_all(start_threads(call, 16))
     assert sorted(results) == list(range(16))
 
 
@@ -278,11 +274,7 @@ def test_texts_in_flight_never_exceed_the_bound(small_frames_client: EmbeddingCl
     def call(index: int) -> None:
         results[index] = small_frames_client.embed(words(300, prefix=f"t{index}-"))
 
-    threads = [threading.Thread(target=call, args=(index,)) for index in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(CALL_TIMEOUT)
+    join_all(start_threads(call, 4))
 
     stats = small_frames_client.stats()
     assert sorted(results) == [0, 1, 2, 3]
@@ -309,12 +301,7 @@ def test_lone_calls_among_queued_calls_keep_the_bound_and_their_own_vectors(
     def big_caller(index: int) -> None:
         big[index] = small_frames_client.embed(words(100, prefix=f"b{index}-"))
 
-    threads = [threading.Thread(target=lone_caller, args=(index,)) for index in range(8)]
-    threads += [threading.Thread(target=big_caller, args=(index,)) for index in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(CALL_TIMEOUT)
+    join_all(start_threads(lone_caller, 8) + start_threads(big_caller, 2))
 
     for index, vectors in lone.items():
         assert len(vectors) == 5

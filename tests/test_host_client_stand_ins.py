@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from supervision_helpers import GUARD_TIMEOUT, assert_reaped, call_in_background, wait_until
+from supervision_helpers import (
+    GUARD_TIMEOUT,
+    assert_reaped,
+    call_in_background,
+    join_all,
+    start_threads,
+    wait_until,
+)
 
 from akidb_embed import wire
 from akidb_embed.host_client import (
@@ -150,11 +157,7 @@ def test_killed_worker_loses_no_request(clients: Callable[..., EmbeddingClient])
     def caller(index: int) -> None:
         results[index] = client.embed(texts[index : index + 20])
 
-    threads = [threading.Thread(target=caller, args=(index,)) for index in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(GUARD_TIMEOUT)
+    join_all(start_threads(caller, 8))
 
     assert sorted(results) == list(range(8))
     for index, vectors in results.items():
@@ -177,13 +180,8 @@ def test_many_lone_callers_each_get_their_own_rows(
         for call in range(150):
             results[(thread_index, call)] = client.embed([f"{thread_index}" + "x" * (call % 9)])
 
-    threads = [threading.Thread(target=caller, args=(index,)) for index in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(GUARD_TIMEOUT)
+    join_all(start_threads(caller, 8))
 
-    assert not any(thread.is_alive() for thread in threads), "a caller never got its reply"
     assert len(results) == 8 * 150
     for (thread_index, call), vectors in results.items():
         check_rows(vectors, [f"{thread_index}" + "x" * (call % 9)])

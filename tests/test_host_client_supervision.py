@@ -15,10 +15,8 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,8 +26,11 @@ from supervision_helpers import (
     MIN_COSINE,
     assert_reaped,
     call_in_background,
+    close_under_load,
+    join_all,
     min_cosine,
     sentences,
+    start_threads,
     wait_until,
 )
 
@@ -44,12 +45,6 @@ from akidb_embed.host_client import (
 from akidb_embed.models import ModelMetadata
 
 STRESS_SECONDS = 8.0
-
-
-def join_all(threads: list[threading.Thread]) -> None:
-    for thread in threads:
-        thread.join(GUARD_TIMEOUT)
-    assert not any(thread.is_alive() for thread in threads), "a caller never got an answer"
 
 
 def resume(pid: int) -> None:
@@ -79,9 +74,7 @@ def test_killed_worker_loses_no_request(metadata: ModelMetadata) -> None:
             except BaseException as exc:
                 failures.append(exc)
 
-        threads = [threading.Thread(target=caller, args=(index,)) for index in range(6)]
-        for thread in threads:
-            thread.start()
+        threads = start_threads(caller, 6)
         wait_until(lambda: client.stats().in_flight_texts >= 6 * 40, "every caller in flight")
         os.kill(doomed, signal.SIGKILL)
         join_all(threads)
@@ -177,24 +170,8 @@ def test_close_with_requests_in_flight_answers_or_fails_every_caller(
     )
     pid = client.stats().worker_pid
     assert pid is not None
-    outcomes: dict[int, Any] = {}
 
-    def caller(index: int) -> None:
-        try:
-            outcomes[index] = client.embed(sentences(400))
-        except ServiceUnavailable as exc:
-            outcomes[index] = exc
-
-    threads = [threading.Thread(target=caller, args=(index,)) for index in range(4)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: client.stats().in_flight_texts > 0, "texts in flight")
-    client.close()
-    join_all(threads)
-
-    assert sorted(outcomes) == [0, 1, 2, 3]
-    for outcome in outcomes.values():
-        assert isinstance(outcome, ServiceUnavailable) or outcome.shape[0] == 400
+    close_under_load(client, 400, lambda: client.stats().in_flight_texts > 0, "texts in flight")
     assert_reaped(pid)
 
 
@@ -286,9 +263,7 @@ def test_stress_mixed_calls_with_a_kill_lose_nothing(metadata: ModelMetadata) ->
             except BaseException as exc:
                 failures.append(exc)
 
-        threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(5)]
-        for thread in threads:
-            thread.start()
+        threads = start_threads(caller, 5)
         wait_until(lambda: len(checked) >= 10, "some load")
         victim = client.stats().worker_pid
         assert victim is not None

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,8 +26,10 @@ from supervision_helpers import (
     GUARD_TIMEOUT,
     MIN_COSINE,
     assert_reaped,
+    close_under_load,
     min_cosine,
     sentences,
+    start_threads,
     wait_until,
 )
 
@@ -55,6 +58,18 @@ class Spawns:
             str(first_gated),
         ]
 
+    def pool(self, metadata: ModelMetadata, workers: int, **options: Any) -> EmbeddingClient:
+        """A pool of one-thread workers started through the gated worker; a start may wait at the
+        gate as long as a test holds it."""
+        return EmbeddingClient(
+            metadata.directory,
+            workers=workers,
+            threads=1,
+            start_timeout=GUARD_TIMEOUT,
+            worker_command=self.command,
+            **options,
+        )
+
     def open_gate(self) -> None:
         self.gate.touch()
 
@@ -81,9 +96,7 @@ class Load:
         self._threads: list[threading.Thread] = []
 
     def start(self, threads: int) -> None:
-        self._threads = [threading.Thread(target=self._call, args=(i,)) for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
+        self._threads = start_threads(self._call, threads)
 
     def _call(self, seed: int) -> None:
         call = 0
@@ -166,14 +179,7 @@ def test_killed_pool_worker_loses_nothing_while_the_others_answer(
 ) -> None:
     texts = sentences(240)
     spawns = Spawns(tmp_path, first_gated=3)  # the replacement waits for the gate
-    with EmbeddingClient(
-        metadata.directory,
-        workers=3,
-        threads=1,
-        request_timeout=120.0,
-        start_timeout=GUARD_TIMEOUT,
-        worker_command=spawns.command,
-    ) as pool:
+    with spawns.pool(metadata, workers=3, request_timeout=120.0) as pool:
         reference = pool.embed(texts)
         load = Load(pool, texts, reference)
         load.start(8)
@@ -209,15 +215,7 @@ def test_stopped_pool_worker_hands_its_requests_to_the_others(
     metadata: ModelMetadata, tmp_path: Path
 ) -> None:
     spawns = Spawns(tmp_path, first_gated=2)  # the replacement cannot answer for it
-    with EmbeddingClient(
-        metadata.directory,
-        workers=2,
-        threads=1,
-        request_timeout=5.0,
-        max_attempts=2,
-        start_timeout=GUARD_TIMEOUT,
-        worker_command=spawns.command,
-    ) as pool:
+    with spawns.pool(metadata, workers=2, request_timeout=5.0, max_attempts=2) as pool:
         expected = pool.embed(["is anybody there?"])
         stopped = pool.stats().workers[0].pid
         assert stopped is not None
@@ -328,27 +326,13 @@ def test_pool_close_under_load_leaves_no_process(metadata: ModelMetadata) -> Non
         worker_args=("--max-texts-per-request", "16"),
     )
     pids = [worker.pid for worker in pool.stats().workers]
-    outcomes: dict[int, object] = {}
 
-    def caller(index: int) -> None:
-        try:
-            outcomes[index] = pool.embed(sentences(300))
-        except ServiceUnavailable as exc:
-            outcomes[index] = exc
-
-    threads = [threading.Thread(target=caller, args=(index,)) for index in range(4)]
-    for thread in threads:
-        thread.start()
-    wait_until(
-        lambda: all(w.in_flight_texts > 0 for w in pool.stats().workers), "work on every worker"
+    close_under_load(
+        pool,
+        300,
+        lambda: all(w.in_flight_texts > 0 for w in pool.stats().workers),
+        "work on every worker",
     )
-    pool.close()
-    for thread in threads:
-        thread.join(GUARD_TIMEOUT)
-
-    assert sorted(outcomes) == [0, 1, 2, 3]
-    for outcome in outcomes.values():
-        assert isinstance(outcome, ServiceUnavailable) or np.shape(outcome)[0] == 300
     for pid in pids:
         assert pid is not None
         assert_reaped(pid)

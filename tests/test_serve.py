@@ -27,8 +27,16 @@ import numpy as np
 import numpy.typing as npt
 import openai
 import pytest
+from fresh_python import run_python
 from prometheus_client.parser import text_string_to_metric_families
-from supervision_helpers import GUARD_TIMEOUT, MIN_COSINE, min_cosine, sentences, wait_until
+from supervision_helpers import (
+    GUARD_TIMEOUT,
+    MIN_COSINE,
+    min_cosine,
+    sentences,
+    start_threads,
+    wait_until,
+)
 
 from akidb_embed.models import ModelMetadata
 from akidb_embed.serve import truncate_dimensions
@@ -431,14 +439,12 @@ def test_an_api_key_from_the_environment_is_required() -> None:
 
 
 def test_serve_without_the_extra_is_one_line() -> None:
-    script = (
-        "import sys\n"
-        "sys.modules['uvicorn'] = None  # as if the serve extra were not installed\n"
-        "from akidb_embed.cli import main\n"
-        "sys.exit(main(['serve']))\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=GUARD_TIMEOUT
+    done = run_python(
+        "import sys",
+        "sys.modules['uvicorn'] = None  # as if the serve extra were not installed",
+        "from akidb_embed.cli import main",
+        "sys.exit(main(['serve']))",
+        timeout=GUARD_TIMEOUT,
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "`serve` extra" in done.stderr, done.stderr
@@ -480,10 +486,7 @@ def _callers_until(
             call += 1
         connection.close()
 
-    threads = [threading.Thread(target=caller, args=(index,)) for index in range(CALLERS)]
-    for thread in threads:
-        thread.start()
-    return answered, failures, threads
+    return answered, failures, start_threads(caller, CALLERS)
 
 
 def test_killed_worker_under_32_callers_loses_no_request(metadata: ModelMetadata) -> None:
