@@ -98,15 +98,6 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 SERVED_MODULES = ("Transformer", "Pooling", "Normalize")
 """The module chain served: Transformer -> Pooling -> optional Normalize, in this order."""
-_LEGACY_POOLING_KEYS = {
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-"""Pooling configs written before sentence-transformers 5 name their mode with these flags."""
 _CAUSAL_TASKS = ("text-generation", "any-to-any")
 """Transformer tasks that sentence-transformers pads on the left, whatever the tokenizer says."""
 
@@ -191,6 +182,17 @@ def _module_chain(config_dir: Path) -> dict[str, str]:
     if "Pooling" not in kinds:
         raise UnsupportedModel(f"{config_dir / 'modules.json'} lists no Pooling module")
     return kinds
+
+
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+"""Pooling configs written before sentence-transformers 5 name their mode with these flags."""
 
 
 def _pooling(pooling_config: dict[str, Any], path: Path) -> tuple[str, bool, int | None]:
