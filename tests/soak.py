@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from akidb_embed.bench.runner import proc_status_mb
 from akidb_embed.host_client import BatchEmbeddingRequest, EmbeddingClient, InvalidInput
 from akidb_embed.models import default_model_dir, load_metadata
 
@@ -41,15 +42,7 @@ BAD_REQUEST_PAUSE_SECONDS = 0.2
 
 def rss_mb(pid: int | None) -> float | None:
     """Resident memory of ``pid`` in MB (Linux /proc), None if unknown."""
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+    return None if pid is None else proc_status_mb(pid, "VmRSS")
 
 
 class Soak:

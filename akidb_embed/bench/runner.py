@@ -47,6 +47,7 @@ from akidb_embed.models import load_metadata
 __all__ = [
     "CONCURRENT_CALLERS",
     "peak_rss_mb",
+    "proc_status_mb",
     "run_benchmark",
     "run_callers",
     "rust_example",
@@ -193,15 +194,22 @@ class _JsonLinesBaseline:
         self._process.wait(timeout=30)
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """The high-water resident set of a live process, where /proc tells it (Linux)."""
+def proc_status_mb(pid: int, field: str) -> float | None:
+    """A memory figure of a live process's /proc status, in MB (``VmHWM``: its high-water
+    resident set; ``VmRSS``: its resident set now); None where /proc does not tell it (not
+    Linux, or the process is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The high-water resident set of a live process, where /proc tells it (Linux)."""
+    return proc_status_mb(pid, "VmHWM")
 
 
 def _sentence_transformers_weights() -> Path | None:
