@@ -17,7 +17,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +70,16 @@ class _ClientProbe:
         self.trace = trace
 
 
-def _stage_medians(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Each stage's median over the timed calls of one breakdown column."""
-    return {name: statistics.median(row[name] for row in rows) for name, _ in STAGES}
+def _stage_medians(calls: int, traced_call: Callable[[int], dict[str, float]]) -> dict[str, float]:
+    """One breakdown column: each stage's median over ``calls`` timed calls, made after
+    ``BREAKDOWN_WARM_UP_CALLS`` that are not counted. ``traced_call(index)`` makes call ``index``
+    and returns its stages."""
+    rows = [traced_call(index) for index in range(BREAKDOWN_WARM_UP_CALLS + calls)]
+    timed = rows[BREAKDOWN_WARM_UP_CALLS:]
+    return {name: statistics.median(row[name] for row in timed) for name, _ in STAGES}
 
 
-def _worker_stages(trace: dict[str, int]) -> dict[str, float]:
+def _worker_stages(trace: Mapping[str, int]) -> dict[str, float]:
     queued_from = trace.get("queued", trace["tokenized"])
     return {
         "worker_parse_us": (trace["parsed"] - trace["read"]) / 1000,
@@ -93,10 +97,33 @@ def _outside_model(row: dict[str, float]) -> float:
     return row["total_us"] - sum(row[stage] for stage in MODEL_STAGES) - row["reply_encode_us"]
 
 
-def _pipe_out(decoding: int, trace: dict[str, int]) -> float:
+def _pipe_out(decoding: int, trace: Mapping[str, int]) -> float:
     """From the reply's vectors being ready to the host decoding it, less the two encodings
     of a traced reply (one counted as reply_encode_us, the other an artefact of tracing)."""
     return (decoding - trace["pooled"] - 2 * trace["encode_ns"]) / 1000
+
+
+def _host_row(called: int, mark: RequestTrace, returned: int) -> dict[str, float]:
+    """One traced call's stages: the host's marks from ``called`` to ``returned`` around the
+    worker's own (``mark.worker``). A write noted done after the worker read the frame ends at
+    that read."""
+    trace = mark.worker
+    written = min(mark.written, trace["read"])
+    row = {
+        # routing happens after encoding: counted with the submit, not the write
+        "client_submit_us": (mark.encoding - called + mark.writing - mark.encoded) / 1000,
+        "client_encode_us": (mark.encoded - mark.encoding) / 1000,
+        "client_write_us": (written - mark.writing) / 1000,
+        "pipe_in_us": (trace["read"] - written) / 1000,
+        **_worker_stages(trace),
+        "pipe_out_us": _pipe_out(mark.read, trace),
+        "client_decode_us": (mark.decoded - mark.read) / 1000,
+        "client_deliver_us": (mark.delivered - mark.decoded) / 1000,
+        "caller_wakeup_us": (returned - mark.delivered) / 1000,
+        "total_us": (returned - called) / 1000,
+    }
+    row["outside_model_us"] = _outside_model(row)
+    return row
 
 
 def _in_process_breakdown(
@@ -122,8 +149,8 @@ def _in_process_breakdown(
     engine.tokenize = timed("tokenize_us", engine.tokenize)  # type: ignore[method-assign]
     engine.forward = timed("ort_run_us", engine.forward)  # type: ignore[method-assign]
     engine.pool = timed("pool_us", engine.pool)  # type: ignore[method-assign]
-    rows: list[dict[str, float]] = []
-    for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
+
+    def traced_call(index: int) -> dict[str, float]:
         spans.clear()
         called = time.monotonic_ns()
         engine.embed([sentences[index % len(sentences)]])
@@ -133,9 +160,9 @@ def _in_process_breakdown(
         row["total_us"] = total / 1000
         row["queue_us"] = row["total_us"] - sum(span / 1000 for span in spans.values())
         row["outside_model_us"] = row["queue_us"]
-        if index >= BREAKDOWN_WARM_UP_CALLS:
-            rows.append(row)
-    return _stage_medians(rows)
+        return row
+
+    return _stage_medians(calls, traced_call)
 
 
 def _python_breakdown(
@@ -144,74 +171,48 @@ def _python_breakdown(
     from akidb_embed.host_client import EmbeddingClient
 
     probe = _ClientProbe()
-    rows: list[dict[str, float]] = []
     with EmbeddingClient(model_dir, threads=threads, trace=probe) as client:
-        for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
+
+        def traced_call(index: int) -> dict[str, float]:
             probe.trace = None
             called = time.monotonic_ns()
             client.embed([sentences[index % len(sentences)]])
             returned = time.monotonic_ns()
-            mark = probe.trace
-            assert mark is not None
-            trace = mark.worker
-            written = min(mark.written, trace["read"])
-            row = {
-                # routing happens after encoding: counted with the submit, not the write
-                "client_submit_us": (mark.encoding - called + mark.writing - mark.encoded) / 1000,
-                "client_encode_us": (mark.encoded - mark.encoding) / 1000,
-                "client_write_us": (written - mark.writing) / 1000,
-                "pipe_in_us": (trace["read"] - written) / 1000,
-                **_worker_stages(trace),
-                "pipe_out_us": _pipe_out(mark.read, trace),
-                "client_decode_us": (mark.decoded - mark.read) / 1000,
-                "client_deliver_us": (mark.delivered - mark.decoded) / 1000,
-                "caller_wakeup_us": (returned - mark.delivered) / 1000,
-                "total_us": (returned - called) / 1000,
-            }
-            row["outside_model_us"] = _outside_model(row)
-            if index >= BREAKDOWN_WARM_UP_CALLS:
-                rows.append(row)
-    return _stage_medians(rows)
+            assert probe.trace is not None
+            return _host_row(called, probe.trace, returned)
+
+        return _stage_medians(calls, traced_call)
 
 
 def _raw_breakdown(
     model_dir: Path, threads: int, sentences: Sequence[str], calls: int
 ) -> dict[str, float]:
     raw = start_worker(model_dir, threads)
-    rows: list[dict[str, float]] = []
+
+    def traced_call(index: int) -> dict[str, float]:
+        called = time.monotonic_ns()
+        frame = wire.pack({"id": index + 1, "op": "embed", "trace": True,
+                           "inputs": [sentences[index % len(sentences)]]})  # fmt: skip
+        encoded = time.monotonic_ns()
+        raw.send_bytes(frame)
+        written = time.monotonic_ns()
+        payload = raw.recv_payload()
+        decoding = time.monotonic_ns()
+        reply = wire.unpack(payload)
+        wire.embeddings_from_bytes(reply["embeddings"], tuple(reply["shape"]))
+        returned = time.monotonic_ns()
+        # Raw frames have no admission, routing or caller to hand the reply to: the client's
+        # marks around those steps coincide here, and the steps count 0.
+        moments = {"submitted": called, "encoding": called, "encoded": encoded, "writing": encoded,
+                   "written": written, "read": decoding, "decoded": returned,
+                   "delivered": returned}  # fmt: skip
+        mark = RequestTrace(request_id=index + 1, texts=1, worker=reply["trace"], **moments)
+        return _host_row(called, mark, returned)
+
     try:
-        for index in range(BREAKDOWN_WARM_UP_CALLS + calls):
-            called = time.monotonic_ns()
-            frame = wire.pack({"id": index + 1, "op": "embed", "trace": True,
-                               "inputs": [sentences[index % len(sentences)]]})  # fmt: skip
-            encoded = time.monotonic_ns()
-            raw.send_bytes(frame)
-            written = time.monotonic_ns()
-            payload = raw.recv_payload()
-            decoding = time.monotonic_ns()
-            reply = wire.unpack(payload)
-            wire.embeddings_from_bytes(reply["embeddings"], tuple(reply["shape"]))
-            returned = time.monotonic_ns()
-            trace = reply["trace"]
-            written = min(written, trace["read"])
-            row = {
-                "client_submit_us": 0.0,
-                "client_encode_us": (encoded - called) / 1000,
-                "client_write_us": (written - encoded) / 1000,
-                "pipe_in_us": (trace["read"] - written) / 1000,
-                **_worker_stages(trace),
-                "pipe_out_us": _pipe_out(decoding, trace),
-                "client_decode_us": (returned - decoding) / 1000,
-                "client_deliver_us": 0.0,
-                "caller_wakeup_us": 0.0,
-                "total_us": (returned - called) / 1000,
-            }
-            row["outside_model_us"] = _outside_model(row)
-            if index >= BREAKDOWN_WARM_UP_CALLS:
-                rows.append(row)
+        return _stage_medians(calls, traced_call)
     finally:
         raw.close()
-    return _stage_medians(rows)
 
 
 def run_breakdown(
