@@ -80,10 +80,11 @@ PYTEST_WORKERS ?= 3
 test-python: models
 	$(PY) -m pytest -m "not mpnet and not ray" -n $(PYTEST_WORKERS) --dist loadfile
 
-# The suites are independent: `make test` runs them at once (lint and typecheck beside the
-# model's provisioning and the Rust build, then the Rust and the Python tests side by side),
-# prints each one's output whole when it ends (-O), and fails when any of them fails.
-test: venv
+# The suites are independent: `make test` runs them at once (the Rust build beside the virtual
+# environment's install, which waits on pip more than it uses a core; lint and typecheck beside
+# the model's provisioning; then the Rust and the Python tests side by side), prints each one's
+# output whole when it ends (-O), and fails when any of them fails.
+test:
 	$(MAKE) --no-print-directory -j4 -O test-suites
 
 test-suites: lint typecheck test-rust test-python

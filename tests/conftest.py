@@ -109,3 +109,11 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelMeta
             provisioned[name] = result.metadata
         built.touch()
     return provisioned
+
+
+@pytest.fixture(scope="session")
+def bench_model(tiny_models: dict[str, ModelMetadata]) -> ModelMetadata:
+    """The model the bench tests run the bench on: a tiny one, since they check the bench's
+    structure and not its figures (tiny models run in microseconds, so the bench's own work is
+    what they exercise)."""
+    return tiny_models["bert_cls"]

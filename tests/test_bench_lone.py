@@ -1,7 +1,7 @@
 """``akidb-embed bench --breakdown`` and ``--lone`` (quick, without the Rust column): the stages
 of one lone request through raw frames and the Python client, and the lone-query table with
-and without ``--spin-wait``, measured through the real worker. Structure only: speed is what the
-benchmark prints, never a test's assertion."""
+and without ``--spin-wait``, measured through the real worker on a tiny model. Structure only:
+speed is what the benchmark prints, never a test's assertion."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from akidb_embed.bench.breakdown import STAGES
 from akidb_embed.models import ModelMetadata
 
 
-def run_bench(metadata: ModelMetadata, tmp_path: Path, *flags: str) -> None:
+def run_bench(model: ModelMetadata, tmp_path: Path, *flags: str) -> None:
     subprocess.run(
         [sys.executable, "-m", "akidb_embed.cli", "bench", *flags, "--quick", "--no-rust",
-         "--model-dir", str(metadata.directory), "-o", str(tmp_path / "bench.json")],
+         "--corpus-size", "16", "--model-dir", str(model.directory),
+         "-o", str(tmp_path / "bench.json")],
         check=True,
         capture_output=True,
         timeout=600,
@@ -25,9 +26,9 @@ def run_bench(metadata: ModelMetadata, tmp_path: Path, *flags: str) -> None:
 
 
 def test_breakdown_times_every_stage_of_a_lone_request(
-    metadata: ModelMetadata, tmp_path: Path
+    bench_model: ModelMetadata, tmp_path: Path
 ) -> None:
-    run_bench(metadata, tmp_path, "--breakdown")
+    run_bench(bench_model, tmp_path, "--breakdown")
     document = json.loads((tmp_path / "bench-breakdown.json").read_text())
     stages = document["stages"]
     assert list(stages) == ["in-process", "raw frames", "python"]
@@ -43,9 +44,9 @@ def test_breakdown_times_every_stage_of_a_lone_request(
 
 
 def test_lone_table_compares_every_side_with_and_without_spin_wait(
-    metadata: ModelMetadata, tmp_path: Path
+    bench_model: ModelMetadata, tmp_path: Path
 ) -> None:
-    run_bench(metadata, tmp_path, "--lone")
+    run_bench(bench_model, tmp_path, "--lone")
     document = json.loads((tmp_path / "bench-lone.json").read_text())
     assert list(document["modes"]) == ["--no-spin-wait", "--spin-wait"]
     for figures in document["modes"].values():

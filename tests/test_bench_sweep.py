@@ -1,6 +1,6 @@
 """``akidb-embed bench --sweep --quick``: the in-process rows, the default client and the grid
-that fills the cores, each measured through the real client and worker, with its vectors
-checked against in-process ones."""
+that fills the cores, each measured through the real client and worker (on a tiny model: the
+structure is checked, not the figures), with its vectors checked against in-process ones."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from akidb_embed.models import ModelMetadata
 
 
 def test_quick_sweep_measures_in_process_the_default_and_the_grid(
-    metadata: ModelMetadata, tmp_path: Path
+    bench_model: ModelMetadata, tmp_path: Path
 ) -> None:
     output = tmp_path / "bench.json"
     subprocess.run(
         [
             *(sys.executable, "-m", "akidb_embed.cli", "bench", "--sweep", "--quick"),
-            *("--model-dir", str(metadata.directory), "-o", str(output)),
+            *("--corpus-size", "16", "--single-calls", "16"),
+            *("--model-dir", str(bench_model.directory), "-o", str(output)),
         ],
         check=True,
         capture_output=True,

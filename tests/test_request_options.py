@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +74,32 @@ def _encode(reference: Any, texts: list[str], **options: Any) -> np.ndarray:
     return vectors
 
 
+@pytest.fixture(scope="module")
+def reference_normalised(reference: Any) -> Callable[[int | None], np.ndarray]:
+    """sentence-transformers' normalised vectors of TEXTS cut to ``dimensions`` (its
+    ``truncate_dim``), each computed once for the module's tests."""
+    computed: dict[int | None, np.ndarray] = {}
+
+    def vectors(dimensions: int | None) -> np.ndarray:
+        if dimensions not in computed:
+            options = {"truncate_dim": dimensions, "normalize_embeddings": True}
+            computed[dimensions] = _encode(reference, TEXTS, **options)
+        return computed[dimensions]
+
+    return vectors
+
+
 # -- dimensions ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dimensions", [384, 256, 64, 1])
 def test_dimensions_equal_truncate_dim_then_normalisation(
-    client: EmbeddingClient, reference: Any, dimensions: int
+    client: EmbeddingClient,
+    reference_normalised: Callable[[int | None], np.ndarray],
+    dimensions: int,
 ) -> None:
     ours = client.embed(TEXTS, dimensions=dimensions)
-    theirs = _encode(reference, TEXTS, truncate_dim=dimensions, normalize_embeddings=True)
+    theirs = reference_normalised(dimensions)
     assert ours.shape == theirs.shape == (len(TEXTS), dimensions)
     assert ours.dtype == np.float32
     if dimensions > 1:  # one component normalised is its sign: compared below
@@ -105,11 +122,14 @@ def test_dimensions_without_normalisation_are_the_first_components(
 @pytest.mark.parametrize("encoding", ["binary", "ubinary"])
 @pytest.mark.parametrize("dimensions", [None, 128])
 def test_packed_encodings_equal_quantize_embeddings_bit_for_bit(
-    client: EmbeddingClient, reference: Any, encoding: str, dimensions: int | None
+    client: EmbeddingClient,
+    reference_normalised: Callable[[int | None], np.ndarray],
+    encoding: str,
+    dimensions: int | None,
 ) -> None:
     from sentence_transformers.util.quantization import quantize_embeddings
 
-    floats = _encode(reference, TEXTS, truncate_dim=dimensions, normalize_embeddings=True)
+    floats = reference_normalised(dimensions)
     theirs = quantize_embeddings(floats, precision=encoding)
     ours = client.embed(TEXTS, dimensions=dimensions, encoding=encoding)
     assert ours.dtype == theirs.dtype == ENCODINGS[encoding]
@@ -368,10 +388,11 @@ def test_int8_without_calibration_says_how_to_add_it(
 
 
 def test_provisioning_adds_calibration_to_a_directory_that_lacks_it(
-    metadata: ModelMetadata, tmp_path: Path
+    tiny_models: dict[str, ModelMetadata], tmp_path: Path
 ) -> None:
     from akidb_embed.models.provision import CALIBRATED, NOTHING_TO_DO, provision
 
+    metadata = tiny_models["bert_cls"]  # normalised: its Normalize comes after the pooled vectors
     older = tmp_path / "older-model"
     shutil.copytree(metadata.directory, older, ignore=shutil.ignore_patterns(CALIBRATION_FILE))
     document = json.loads((older / METADATA_FILE).read_text(encoding="utf-8"))

@@ -55,7 +55,8 @@ PAUSE_SECONDS = 0.3
 FIRST_CALLS = 30
 """Calls timed right after start, against steady state."""
 X16_CALLS = 160
-"""Calls of one 16-way block (10 per caller); the figure is the median of ``ROUNDS`` blocks."""
+"""Calls of one 16-way block (10 per caller; --quick: 2); the figure is the median of
+``ROUNDS`` blocks."""
 BULK_ROUNDS = 2
 FRESH = "in-process (fresh interpreter)"
 """The side whose ready_s is a fresh interpreter importing and loading the engine."""
@@ -223,6 +224,7 @@ def _spin_mode(
     corpus: Sequence[str],
     rounds: int,
     calls: int,
+    x16_calls: int,
     rust_argv: list[str] | None,
     corpus_file: Path,
 ) -> dict[str, dict[str, float]]:
@@ -269,7 +271,7 @@ def _spin_mode(
         for _ in range(rounds):
             for side in sides:
                 time.sleep(PAUSE_SECONDS)
-                x16[side.name].append(side.concurrent(short, X16_CALLS))
+                x16[side.name].append(side.concurrent(short, x16_calls))
         bulk: dict[str, list[float]] = {side.name: [] for side in sides}
         for _ in range(min(rounds, BULK_ROUNDS)):
             for side in sides:
@@ -329,7 +331,7 @@ def run_lone_benchmark(
     metadata = load_metadata(model_dir)
     corpus = build_corpus(min(corpus_size, 64) if quick else corpus_size)
     short = [text for text in corpus if len(text) < 120][:50] or corpus[:50]
-    rounds, calls = (1, 10) if quick else (ROUNDS, BLOCK_CALLS)
+    rounds, calls, x16_calls = (1, 10, 32) if quick else (ROUNDS, BLOCK_CALLS, X16_CALLS)
     print(
         f"akidb-embed bench --lone: {metadata.model}, {threads} threads, lone blocks of {calls} "
         f"calls x {rounds} rounds, {PAUSE_SECONDS} s pauses",
@@ -345,7 +347,7 @@ def run_lone_benchmark(
             mode = "--spin-wait" if spin_wait else "--no-spin-wait"
             print(f"  {mode}", file=sys.stderr)
             figures = _spin_mode(
-                metadata.directory, threads, spin_wait, short, corpus, rounds, calls,
+                metadata.directory, threads, spin_wait, short, corpus, rounds, calls, x16_calls,
                 rust_argv if rust else None, corpus_file,
             )  # fmt: skip
             document["modes"][mode] = figures

@@ -17,7 +17,7 @@ Workloads:
     single          one short sentence per call, one caller: p50/p95/p99 latency
     concurrent      16 callers (threads) each sending one sentence per call: requests/s
     bulk            one call over a mixed-length corpus of real text: texts/s
-    cold start      a fresh process to its first answer
+    cold start      a fresh process to its first answer (median of 3 starts; --quick: 1)
 
 Every figure is printed with its ratio to in-process, and all of it is written as JSON.
 """
@@ -141,10 +141,11 @@ def _bulk(embed: EmbedFn, corpus: Sequence[str]) -> dict[str, float]:
     return {"texts_per_s": len(corpus) / elapsed, "seconds": elapsed}
 
 
-def _cold_start(argv: list[str], stdin_line: str | None = None) -> float:
-    """Milliseconds from spawning ``argv`` to its first line on stdout (after ``stdin_line``)."""
+def _cold_start(argv: list[str], runs: int, stdin_line: str | None = None) -> float:
+    """Milliseconds from spawning ``argv`` to its first line on stdout (after ``stdin_line``),
+    the median of ``runs`` starts."""
     samples = []
-    for _ in range(COLD_START_RUNS):
+    for _ in range(runs):
         started = time.perf_counter()
         process = subprocess.Popen(
             argv,
@@ -336,8 +337,9 @@ def run_benchmark(
     from akidb_embed.worker.config import WorkerConfig, default_threads
     from akidb_embed.worker.engine import Engine
 
+    cold_starts = COLD_START_RUNS
     if quick:
-        corpus_size, single_calls = min(corpus_size, 64), min(single_calls, 32)
+        corpus_size, single_calls, cold_starts = min(corpus_size, 64), min(single_calls, 32), 1
     metadata = load_metadata(model_dir)
     threads = default_threads() or os.cpu_count() or 1
     corpus = build_corpus(corpus_size)
@@ -352,6 +354,7 @@ def run_benchmark(
             "corpus_digest": corpus_digest(corpus),
             "single_calls": single_calls,
             "concurrent_callers": CONCURRENT_CALLERS,
+            "cold_start_runs": cold_starts,
             "python": platform.python_version(),
             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         }
@@ -428,19 +431,20 @@ def run_benchmark(
             "from akidb_embed.worker.config import WorkerConfig; "
             "from akidb_embed.worker.engine import Engine; "
             f"e = Engine.load(WorkerConfig(model_dir={model!r}, threads={threads})); "
-            + first.format("e")]),
+            + first.format("e")], cold_starts),
     )  # fmt: skip
     results.put(
         "cold start", "ms_to_first_answer", "bridge",
         _cold_start([sys.executable, "-c",
             "from akidb_embed.host_client import EmbeddingClient; "
-            f"c = EmbeddingClient({model!r}, threads={threads}); " + first.format("c")]),
+            f"c = EmbeddingClient({model!r}, threads={threads}); " + first.format("c")],
+            cold_starts),
     )  # fmt: skip
     results.put(
         "cold start",
         "ms_to_first_answer",
         "jsonl",
-        _cold_start(baseline.argv, json.dumps({"inputs": ["hello world"]})),
+        _cold_start(baseline.argv, cold_starts, json.dumps({"inputs": ["hello world"]})),
     )
     if st_weights is not None:
         results.put(
@@ -449,7 +453,7 @@ def run_benchmark(
                 f"import torch; torch.set_num_threads({threads}); "
                 "from sentence_transformers import SentenceTransformer; "
                 f"m = SentenceTransformer({str(st_weights)!r}, device='cpu'); "
-                "m.encode(['hello world']); print('ready', flush=True)"]),
+                "m.encode(['hello world']); print('ready', flush=True)"], cold_starts),
         )  # fmt: skip
 
     print()

@@ -17,7 +17,11 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "-o", "--output", type=Path, default=Path("bench-results/bench.json"), help="JSON results"
     )
-    bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: small corpus, few calls, one cold start each",
+    )
     bench.add_argument(
         "--two-models",
         action="store_true",
