@@ -77,8 +77,12 @@ test-rust: models build-rust
 # process (loadfile), so its module-scoped workers start once.
 PYTEST_WORKERS ?= 3
 
+# OMP_NUM_THREADS=1: the tests' sentence-transformers references (torch) run one thread in each
+# of the processes sharing the cores, not OpenMP threads that spin waiting for work (9 of 93
+# CPU-seconds of test_any_model and test_request_options on the 2-core VM). The workers' ONNX
+# Runtime threads are set by their own options.
 test-python: models
-	$(PY) -m pytest -m "not mpnet and not ray" -n $(PYTEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not mpnet and not ray" -n $(PYTEST_WORKERS) --dist loadfile
 
 # The suites are independent: `make test` runs them at once (the Rust build beside the virtual
 # environment's install, which waits on pip more than it uses a core; lint and typecheck beside

@@ -17,7 +17,7 @@ Workloads:
     single          one short sentence per call, one caller: p50/p95/p99 latency
     concurrent      16 callers (threads) each sending one sentence per call: requests/s
     bulk            one call over a mixed-length corpus of real text: texts/s
-    cold start      a fresh process to its first answer (median of 3 starts; --quick: 1)
+    cold start      a fresh process to its first answer (median of 3 starts; --quick: 1, st none)
 
 Every figure is printed with its ratio to in-process, and all of it is written as JSON.
 """
@@ -446,7 +446,9 @@ def run_benchmark(
         "jsonl",
         _cold_start(baseline.argv, cold_starts, json.dumps({"inputs": ["hello world"]})),
     )
-    if st_weights is not None:
+    if st_weights is not None and quick:
+        results.notes.append("st cold start left out of a --quick run (torch's import)")
+    elif st_weights is not None:
         results.put(
             "cold start", "ms_to_first_answer", "st",
             _cold_start([sys.executable, "-c",

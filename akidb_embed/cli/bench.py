@@ -20,7 +20,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     bench.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: small corpus, few calls, one cold start each",
+        help="a smoke run: small corpus, few calls, one cold start each (none for st)",
     )
     bench.add_argument(
         "--two-models",
