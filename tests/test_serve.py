@@ -351,24 +351,20 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read() -> None:
     limited = Server("--max-body-bytes", "1000")
     try:
         limited.wait_ready()
-        with socket.create_connection(("127.0.0.1", limited.port), timeout=GUARD_TIMEOUT) as sock:
-            sock.sendall(
-                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 50000000\r\n\r\n" + b'{"input": "' + b"a" * 500
-            )
-            received = b""
-            while chunk := sock.recv(65536):  # the server closes the connection after it
-                received += chunk
-        head, _, body = received.decode().partition("\r\n\r\n")
-        assert head.startswith("HTTP/1.1 413"), head
-        assert _error(json.loads(body))["code"] == "request_too_large"
-        connection = http.client.HTTPConnection("127.0.0.1", limited.port, timeout=GUARD_TIMEOUT)
-        chunks = (b"x" * 400 for _ in range(10))
-        connection.request("POST", "/v1/embeddings", chunks, encode_chunked=True)
-        response = connection.getresponse()
-        assert response.status == 413
-        assert _error(json.loads(response.read()))["code"] == "request_too_large"
-        connection.close()
+        request = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        declared = request + b"Content-Length: 50000000\r\n\r\n" + b'{"input": "' + b"a" * 500
+        chunk = b"190\r\n" + b"x" * 400 + b"\r\n"  # 400 bytes a chunk, 4,000 in all
+        chunked = request + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 10 + b"0\r\n\r\n"
+        for sent in (declared, chunked):
+            # sent whole at once: the server answers, then closes, part-way through the body
+            with socket.create_connection(("127.0.0.1", limited.port), GUARD_TIMEOUT) as sock:
+                sock.sendall(sent)
+                received = b""
+                while part := sock.recv(65536):  # the server closes the connection after it
+                    received += part
+            head, _, body = received.decode().partition("\r\n\r\n")
+            assert head.startswith("HTTP/1.1 413"), head
+            assert _error(json.loads(body))["code"] == "request_too_large"
         status, reply = limited.embed({"input": "under the limit"})
         assert status == 200 and len(reply["data"]) == 1
         assert (
