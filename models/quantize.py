@@ -6,7 +6,8 @@
        |
        +-- each RECIPE (onnxruntime.quantization: dynamic per-channel, static QDQ calibrated
        |   on the gate corpus' calibration texts, block-wise MatMulNBits, SmoothQuant then
-       |   dynamic, per-token activation scales; some leave sensitive nodes in fp32)
+       |   dynamic, per-token activation scales; some leave sensitive nodes in fp32 or
+       |   block-wise)
        |   --> candidate model.onnx
        |
        v   the worker's own Engine runs the gate corpus' evaluation texts (gate_corpus.py)
@@ -451,6 +452,28 @@ def _per_token(alpha: float | None) -> Callable[[Path, Path, GraphFacts, Calibra
     return build
 
 
+def _per_token_beside_blockwise(
+    alpha: float, blockwise: Callable[[GraphFacts], Sequence[str]]
+) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+    """SmoothQuant then per-token int8 on every weight MatMul but ``blockwise``'s, which then
+    become ``MatMulNBits`` (blocks of 32): the long-tailed inputs get fine scales, the rest the
+    fast kernels."""
+    per_token = _per_token(alpha)
+    block_wise = _blockwise(32)
+
+    def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
+        fine = set(blockwise(facts))
+        rest = replace(facts, weight_matmuls=[n for n in facts.weight_matmuls if n not in fine])
+        stage = target.with_name(f"per-token-{target.name}")
+        per_token(source, stage, rest, calibration)
+        try:  # the per-token MatMuls are MatMulInteger now: only ``fine`` is left to quantise
+            block_wise(stage, target, facts, calibration)
+        finally:
+            stage.unlink()
+
+    return build
+
+
 def _last_layer(facts: GraphFacts) -> Sequence[str]:
     return facts.last_layer
 
@@ -538,6 +561,12 @@ RECIPES: tuple[Recipe, ...] = (
         "smoothquant-per-token",
         "SmoothQuant (alpha 0.5) then per-token",
         _per_token(0.5),
+    ),
+    Recipe(
+        "smoothquant-per-token-blockwise-ffn-output",
+        "smoothquant-per-token, the feed-forward output projections (GELU inputs, long tails) "
+        "as blockwise-32",
+        _per_token_beside_blockwise(0.5, _feed_forward_outputs),
     ),
 )
 
@@ -662,17 +691,20 @@ def _measure(
 
 @contextlib.contextmanager
 def _quiet_onnxruntime_tools() -> Iterator[None]:
-    """onnxruntime.quantization logs advice and per-node progress at INFO/WARNING on the root
-    logger; the table says what matters."""
+    """onnxruntime.quantization logs advice and per-node progress at INFO/WARNING; the table
+    says what matters. Its own logger is silenced too: importing the MatMulNBits quantiser
+    calls ``logging.basicConfig(level=INFO)``, which sets the root logger's level."""
     import logging
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        root.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _already_made(out: Path, base: ModelMetadata, base_sha: str, gate: Gate) -> bool:

@@ -29,6 +29,7 @@ from akidb_embed.models import (
 from akidb_embed.models.__main__ import main
 from akidb_embed.models.gate_corpus import EVALUATION_TEXTS, gate_corpus
 from akidb_embed.models.metadata import CALIBRATION_FILE
+from akidb_embed.models.quantize import RECIPES as ALL_RECIPES
 from akidb_embed.models.quantize import (
     Calibration,
     gate_figures,
@@ -43,6 +44,7 @@ from akidb_embed.worker.engine import Engine
 
 TINY = "bert_cls"
 RECIPES = "dynamic-weights,blockwise-32-fp32-last-layer"
+MIXED = "smoothquant-per-token-blockwise-ffn-output"
 TINY_MIN_RECALL = "0.75"
 """Below what both recipes reach on the tiny model (0.85-0.92 measured), far above chance."""
 
@@ -118,6 +120,27 @@ def test_per_token_int8_runs_every_weight_matmul_on_int8_codes_near_the_fp32_vec
     theirs = engine.embed(texts, normalize=True)
     cosines = np.sum(ours.astype(np.float64) * theirs, axis=1)
     assert 0.98 <= cosines.min() < 1 - 1e-7  # rounded, so never exact
+
+
+def test_per_token_beside_blockwise_puts_the_feed_forward_outputs_on_block_scales(
+    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
+) -> None:
+    import onnx
+
+    recipe = next(r for r in ALL_RECIPES if r.name == MIXED)
+    facts = graph_facts(fp32.path(MODEL_FILE))
+    calibration = Calibration.of(fp32_engine, FIXTURE_TEXTS[48:96])
+    recipe.build(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts, calibration)
+    ops = [node.op_type for node in onnx.load(str(tmp_path / MODEL_FILE)).graph.node]
+    blockwise = len(facts.feed_forward_outputs)
+    assert ops.count("MatMulNBits") == blockwise > 0
+    assert ops.count("MatMulInteger") == len(facts.weight_matmuls) - blockwise > 0
+    assert ops.count("MatMul") == len(facts.activation_matmuls)
+    assert not list(tmp_path.glob("per-token-*"))  # the intermediate graph is removed
+    texts = FIXTURE_TEXTS[:48]
+    ours = open_candidate(fp32, tmp_path).embed(texts, normalize=True)
+    theirs = fp32_engine.embed(texts, normalize=True)
+    assert np.sum(ours.astype(np.float64) * theirs, axis=1).min() >= 0.98
 
 
 def test_a_variant_passing_the_gate_is_a_model_directory_that_says_where_it_came_from(
