@@ -5,7 +5,8 @@ Implementations, all on the same model file with the same ONNX Runtime thread co
     in-process      the worker's own engine called directly: no pipe, no process (the limit)
     bridge          akidb_embed.host_client -> worker process (what a host uses)
     http            `akidb-embed serve` in a child process, called over HTTP with OpenAI's body
-                    (base64 replies) from keep-alive connections, when the serve extra is there
+                    (base64 replies) from keep-alive connections, when the serve extra is there;
+                    it and the bridge serve at once and take turns (SIDE_BY_SIDE_ROUNDS)
     jsonl           a JSON-lines subprocess, one request at a time, floats as text (the naive
                     design the bridge replaces)
     st              sentence-transformers in PyTorch, when it is importable
@@ -24,6 +25,7 @@ Every figure is printed with its ratio to in-process, and all of it is written a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -56,6 +58,10 @@ __all__ = [
 
 CONCURRENT_CALLERS = 16
 COLD_START_RUNS = 3
+SIDE_BY_SIDE_ROUNDS = 3
+"""Rounds in which the bridge and the http column take turns (--quick: 1)."""
+SIDE_PAUSE = 0.5
+"""Seconds between two sides' turns: the previous side's threads settle first."""
 CHECKOUT = Path(__file__).resolve().parents[2]
 RUST_TIMEOUT = 1800  # seconds: a first release build of the crate and its dependencies
 EmbedFn = Callable[[Sequence[str]], Any]
@@ -77,15 +83,26 @@ def _percentiles(samples_ms: list[float]) -> dict[str, float]:
     return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99)}
 
 
-def _single(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, float]:
-    for sentence in sentences[:10]:  # warm-up
+def _warm_up(embed: EmbedFn, sentences: Sequence[str]) -> None:
+    for sentence in sentences[:10]:
         embed([sentence])
+
+
+def _single_samples(
+    embed: EmbedFn, sentences: Sequence[str], calls: int, first: int = 0
+) -> list[float]:
+    """Milliseconds of ``calls`` lone calls, one after another."""
     samples = []
-    for index in range(calls):
+    for index in range(first, first + calls):
         started = time.perf_counter()
         embed([sentences[index % len(sentences)]])
         samples.append((time.perf_counter() - started) * 1000)
-    return _percentiles(samples)
+    return samples
+
+
+def _single(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, float]:
+    _warm_up(embed, sentences)
+    return _percentiles(_single_samples(embed, sentences, calls))
 
 
 def run_callers(caller: Callable[[int], None], callers: int = CONCURRENT_CALLERS) -> float:
@@ -114,7 +131,11 @@ def run_callers(caller: Callable[[int], None], callers: int = CONCURRENT_CALLERS
     return time.perf_counter() - started
 
 
-def _concurrent(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, float]:
+def _concurrent_samples(
+    embed: EmbedFn, sentences: Sequence[str], calls: int
+) -> tuple[list[float], float]:
+    """Milliseconds of each call of ``CONCURRENT_CALLERS`` callers sharing ``calls``, and the
+    seconds they took together."""
     per_caller = max(1, calls // CONCURRENT_CALLERS)
     samples: list[float] = []
     lock = threading.Lock()
@@ -128,17 +149,72 @@ def _concurrent(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[st
         with lock:
             samples.extend(mine)
 
-    elapsed = run_callers(caller)
+    return samples, run_callers(caller)
+
+
+def _concurrent(embed: EmbedFn, sentences: Sequence[str], calls: int) -> dict[str, float]:
+    samples, elapsed = _concurrent_samples(embed, sentences, calls)
     return {"requests_per_s": len(samples) / elapsed, **_percentiles(samples)}
 
 
-def _bulk(embed: EmbedFn, corpus: Sequence[str]) -> dict[str, float]:
+def _bulk_seconds(embed: EmbedFn, corpus: Sequence[str]) -> float:
     started = time.perf_counter()
     vectors = embed(list(corpus))
     elapsed = time.perf_counter() - started
     if len(vectors) != len(corpus):
         raise RuntimeError(f"bulk returned {len(vectors)} vectors for {len(corpus)} texts")
+    return elapsed
+
+
+def _bulk(embed: EmbedFn, corpus: Sequence[str]) -> dict[str, float]:
+    elapsed = _bulk_seconds(embed, corpus)
     return {"texts_per_s": len(corpus) / elapsed, "seconds": elapsed}
+
+
+def _side_by_side(
+    sides: dict[str, EmbedFn],
+    sentences: Sequence[str],
+    calls: int,
+    corpus: Sequence[str],
+    rounds: int,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """figures[workload][metric] of each side, the sides serving at once and taking turns:
+    each workload in ``rounds`` rounds, every side once a round (a share of ``calls`` each),
+    ``SIDE_PAUSE`` apart; the figures pool each side's rounds. A drift of the machine's speed
+    during the run then falls on every side alike."""
+    for embed in sides.values():
+        _warm_up(embed, sentences)
+    share = max(1, calls // rounds)
+    single: dict[str, list[float]] = {name: [] for name in sides}
+    concurrent: dict[str, list[float]] = {name: [] for name in sides}
+    concurrent_seconds = dict.fromkeys(sides, 0.0)
+    bulk_seconds = dict.fromkeys(sides, 0.0)
+    for workload in ("single", "concurrent", "bulk"):
+        for turn in range(rounds):
+            for name, embed in sides.items():
+                time.sleep(SIDE_PAUSE)
+                if workload == "single":
+                    single[name] += _single_samples(embed, sentences, share, turn * share)
+                elif workload == "concurrent":
+                    samples, elapsed = _concurrent_samples(embed, sentences, share)
+                    concurrent[name] += samples
+                    concurrent_seconds[name] += elapsed
+                else:
+                    bulk_seconds[name] += _bulk_seconds(embed, corpus)
+    return {
+        name: {
+            "single": _percentiles(single[name]),
+            f"concurrent x{CONCURRENT_CALLERS}": {
+                "requests_per_s": len(concurrent[name]) / concurrent_seconds[name],
+                **_percentiles(concurrent[name]),
+            },
+            "bulk": {
+                "texts_per_s": rounds * len(corpus) / bulk_seconds[name],
+                "seconds": bulk_seconds[name] / rounds,
+            },
+        }
+        for name in sides
+    }
 
 
 def _cold_start(argv: list[str], runs: int, stdin_line: str | None = None) -> float:
@@ -380,22 +456,31 @@ def run_benchmark(
     measure("in-process", engine.embed)
     del engine
 
-    with EmbeddingClient(metadata.directory, provider=provider, threads=threads) as client:
-        measure("bridge", client.embed)
+    from akidb_embed.bench.http_column import HttpServer, missing_extra
+
+    http_missing = missing_extra()
+    if http_missing is not None:
+        results.notes.append(http_missing)
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(
+            EmbeddingClient(metadata.directory, provider=provider, threads=threads)
+        )
+        sides: dict[str, EmbedFn] = {"bridge": client.embed}
+        if http_missing is None:
+            server = stack.enter_context(HttpServer(metadata.directory, provider, threads))
+            sides["http"] = server.embed
+            implementations.insert(implementations.index("bridge") + 1, "http")
+        rounds = 1 if quick else SIDE_BY_SIDE_ROUNDS
+        print(f"  {', '.join(sides)}: single, concurrent, bulk, taking turns (rounds: {rounds})",
+              file=sys.stderr)  # fmt: skip
+        for name, workloads in _side_by_side(sides, short, single_calls, corpus, rounds).items():
+            for workload, metrics in workloads.items():
+                for metric, value in metrics.items():
+                    results.put(workload, metric, name, value)
         pid = client.stats().worker_pid
         rss = peak_rss_mb(pid) if pid is not None else None
         if rss is not None:
             results.put("worker", "peak_rss_mb", "bridge", rss)
-
-    from akidb_embed.bench.http_column import HttpServer, missing_extra
-
-    http_missing = missing_extra()
-    if http_missing is None:
-        with HttpServer(metadata.directory, provider, threads) as server:
-            implementations.insert(implementations.index("bridge") + 1, "http")
-            measure("http", server.embed)
-    else:
-        results.notes.append(http_missing)
 
     print("  rust: single, concurrent, bulk, cold start", file=sys.stderr)
     report, note = rust_example(metadata.directory, threads, corpus, single_calls, quick)
