@@ -377,6 +377,28 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read() -> None:
         limited.stop()
 
 
+def test_each_reply_leaves_in_one_write(server: Server, metadata: ModelMetadata) -> None:
+    """Headers and body come in one segment, so the caller's first read holds the whole reply
+    (uvicorn alone writes them apart, and a caller woken by the headers sleeps again for the
+    body: most replies then took two reads)."""
+    body = json.dumps({"input": "one write", "encoding_format": "base64"}).encode()
+    request = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    with socket.create_connection(("127.0.0.1", server.port), GUARD_TIMEOUT) as sock:
+        for _ in range(20):
+            sock.sendall(request)
+            first = sock.recv(1 << 20)  # returns as soon as the first segment is here
+            head, _, rest = first.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            declared = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+            assert declared is not None, head
+            length = int(declared[1])
+            assert len(rest) == length, f"the first read held {len(rest)} of {length} body bytes"
+            assert _vectors(json.loads(rest)).shape == (1, metadata.dimension)
+
+
 # ------------------------------------------------------------------- health and metrics
 
 

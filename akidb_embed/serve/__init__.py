@@ -19,7 +19,8 @@
       ▼
     [dimensions: first N components, renormalised, unless the workers did it]
       ▼
-    reply: float JSON (orjson) or base64 little-endian float32, usage = the real token counts
+    reply: float JSON (orjson) or base64 little-endian float32, usage = the real token counts;
+      headers and body leave in one write (uvicorn alone writes them apart)     (_protocol.py)
 
     GET /v1/models   the served models (the workers' hello)
     GET /health      200 once every worker slot is ready, else 503 with the reason

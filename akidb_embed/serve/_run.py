@@ -2,8 +2,8 @@
 
 The socket is bound here, before uvicorn starts, so that ``--port 0`` (an ephemeral port) can be
 announced with the port the system chose. uvicorn (uvloop and httptools where installed, which
-the ``serve`` extra installs) runs the ASGI app on one event loop in this process; the workers
-are the host client's processes.
+the ``serve`` extra installs) runs the ASGI app on one event loop in this process, each reply
+leaving in one write (_protocol.py); the workers are the host client's processes.
 
 SIGTERM or SIGINT: uvicorn stops accepting connections, answers the requests in flight, then
 runs the lifespan's shutdown, which closes the client (the workers answer what they hold and
@@ -21,6 +21,7 @@ import uvicorn
 from akidb_embed.errors import EmbeddingError
 from akidb_embed.host_client import AsyncEmbeddingClient, ModelInfo
 from akidb_embed.serve._app import EmbeddingsApp
+from akidb_embed.serve._protocol import OneWriteHttpProtocol
 
 __all__ = [
     "API_KEY_ENV",
@@ -92,8 +93,10 @@ def run_server(
     )
     config = uvicorn.Config(
         app,
+        http=OneWriteHttpProtocol,
         lifespan="on",
         ws="none",
+        proxy_headers=False,  # nothing reads the client's address: one wrapper less per request
         access_log=False,
         log_level=options.log_level,
         server_header=False,
