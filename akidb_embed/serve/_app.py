@@ -134,7 +134,7 @@ class EmbeddingsApp:
             )
 
     def _error_reply(self, error: ApiError) -> Reply:
-        self.metrics.errors.labels(str(error.status), error.code).inc()
+        self.metrics.error(error.status, error.code)
         extra = list(error.headers)
         if error.status == 413:  # the rest of the body was not read: the connection cannot go on
             extra.append((b"connection", b"close"))
@@ -157,7 +157,7 @@ class EmbeddingsApp:
 
     async def _embeddings(self, scope: Scope, receive: Receive) -> Reply:
         metrics = self.metrics
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         try:
             body = await self._read_body(scope, receive)
             started = time.perf_counter()
@@ -182,7 +182,7 @@ class EmbeddingsApp:
             )
             return _reply(200, reply)
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         """The request body, refused with 413 as soon as it is known to pass the limit: a
