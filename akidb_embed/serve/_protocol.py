@@ -9,8 +9,9 @@ as the rest of the server's Python. Measured on the 2-core VM with http.client a
 
 ``OneWriteHttpProtocol`` is uvicorn's own protocol (httptools where installed, else h11) whose
 transport holds the writes made during one turn of the event loop and writes them as one at
-the end of the turn (``loop.call_soon``): the app sends its two messages without yielding, so
-a reply is one write. Closing, or writing EOF, writes what is held first.
+the end of the turn (``loop.call_soon``), or as soon as uvicorn says the reply is complete: the
+app sends its two messages without yielding, so a reply is one write. Closing, or writing EOF,
+writes what is held first.
 """
 
 from __future__ import annotations
@@ -101,5 +102,11 @@ class JoinedWritesTransport(asyncio.Transport):
 class OneWriteHttpProtocol(UvicornHttpProtocol):
     """uvicorn's HTTP/1.1 protocol on a ``JoinedWritesTransport``."""
 
+    transport: JoinedWritesTransport
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(JoinedWritesTransport(transport, asyncio.get_running_loop()))
+
+    def on_response_complete(self) -> None:
+        self.transport.flush()  # the reply is whole: out now, not at the end of the turn
+        super().on_response_complete()
