@@ -103,6 +103,8 @@ def test_quick_bench_measures_every_implementation_side_by_side(tmp_path: Path) 
     for workload in ("single", "concurrent x16", "bulk", "cold start"):
         implementations = set().union(*(values.keys() for values in figures[workload].values()))
         assert {"in-process", "bridge", "jsonl"} <= implementations, workload
+        if workload != "cold start":  # the serve extra is in the dev set-up
+            assert {"http", "http.client"} <= implementations, workload
     assert "st" in figures["bulk"]["texts_per_s"]  # sentence-transformers is in the dev set-up
     assert figures["worker"]["peak_rss_mb"]["bridge"] > 0
     assert "ratio to in-process" in result.stdout

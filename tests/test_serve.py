@@ -399,6 +399,21 @@ def test_each_reply_leaves_in_one_write(server: Server, metadata: ModelMetadata)
             assert _vectors(json.loads(rest)).shape == (1, metadata.dimension)
 
 
+def test_the_bench_callers_get_the_vectors_on_one_connection(
+    server: Server, golden: dict[str, Any]
+) -> None:
+    """The bench's two HTTP callers: a lone text, then the golden sentences many times over
+    (a reply of several reads), on each thread's one keep-alive connection."""
+    from akidb_embed.bench.http_column import LeanCaller, StdlibCaller
+
+    sentences = golden["sentences"]
+    expected = np.asarray(golden["embeddings"], dtype=np.float32)
+    for caller in (LeanCaller(server.port), StdlibCaller(server.port)):
+        assert min_cosine(caller.embed(sentences[:1]), expected[:1]) >= MIN_COSINE
+        many = caller.embed(sentences * 40)
+        assert min_cosine(many, np.tile(expected, (40, 1))) >= MIN_COSINE
+
+
 # ------------------------------------------------------------------- health and metrics
 
 

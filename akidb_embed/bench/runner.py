@@ -5,8 +5,10 @@ Implementations, all on the same model file with the same ONNX Runtime thread co
     in-process      the worker's own engine called directly: no pipe, no process (the limit)
     bridge          akidb_embed.host_client -> worker process (what a host uses)
     http            `akidb-embed serve` in a child process, called over HTTP with OpenAI's body
-                    (base64 replies) from keep-alive connections, when the serve extra is there;
-                    it and the bridge serve at once and take turns (SIDE_BY_SIDE_ROUNDS)
+                    (base64 replies) from keep-alive connections by a caller as lean as a load
+                    generator, when the serve extra is there; it and the bridge serve at once
+                    and take turns (SIDE_BY_SIDE_ROUNDS)
+    http.client     the same server called through Python's http.client (http_column.py)
     jsonl           a JSON-lines subprocess, one request at a time, floats as text (the naive
                     design the bridge replaces)
     st              sentence-transformers in PyTorch, when it is importable
@@ -456,7 +458,7 @@ def run_benchmark(
     measure("in-process", engine.embed)
     del engine
 
-    from akidb_embed.bench.http_column import HttpServer, missing_extra
+    from akidb_embed.bench.http_column import HttpServer, LeanCaller, StdlibCaller, missing_extra
 
     http_missing = missing_extra()
     if http_missing is not None:
@@ -468,8 +470,9 @@ def run_benchmark(
         sides: dict[str, EmbedFn] = {"bridge": client.embed}
         if http_missing is None:
             server = stack.enter_context(HttpServer(metadata.directory, provider, threads))
-            sides["http"] = server.embed
-            implementations.insert(implementations.index("bridge") + 1, "http")
+            sides["http"] = LeanCaller(server.port).embed
+            sides["http.client"] = StdlibCaller(server.port).embed
+            implementations[implementations.index("bridge") + 1 : 0] = ["http", "http.client"]
         rounds = 1 if quick else SIDE_BY_SIDE_ROUNDS
         print(f"  {', '.join(sides)}: single, concurrent, bulk, taking turns (rounds: {rounds})",
               file=sys.stderr)  # fmt: skip
