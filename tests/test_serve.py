@@ -399,6 +399,28 @@ def test_each_reply_leaves_in_one_write(server: Server, metadata: ModelMetadata)
             assert _vectors(json.loads(rest)).shape == (1, metadata.dimension)
 
 
+def test_expect_100_continue_is_answered_before_the_body_is_sent(
+    server: Server, metadata: ModelMetadata
+) -> None:
+    """curl sends ``Expect: 100-continue`` with a large body and waits for the interim reply:
+    a write the server makes outside a reply goes out too (at the end of the loop's turn)."""
+    body = json.dumps({"input": "continued", "encoding_format": "base64"}).encode()
+    head = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), GUARD_TIMEOUT) as sock:
+        sock.sendall(head)
+        assert sock.recv(1 << 16) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        received = b""
+        while b"\r\n\r\n" not in received or not received.endswith(b"}"):
+            received += sock.recv(1 << 20)
+    reply_head, _, reply = received.partition(b"\r\n\r\n")
+    assert reply_head.startswith(b"HTTP/1.1 200"), reply_head
+    assert _vectors(json.loads(reply)).shape == (1, metadata.dimension)
+
+
 def test_the_bench_callers_get_the_vectors_on_one_connection(
     server: Server, golden: dict[str, Any]
 ) -> None:
