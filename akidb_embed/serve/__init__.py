@@ -41,6 +41,11 @@ one-sentence body answered with a small JSON object through uvicorn + uvloop + h
 the same orjson handler either way, 1,500 keep-alive requests per round, rounds alternating:
 the plain app's median round trip 166-168 us against 198-205 us through Starlette 1.x's
 router and Request/Response objects.
+
+Why uvicorn: granian 2.8.7 (a Rust HTTP stack running ASGI apps) served the same app (uvloop,
+one worker, one runtime thread) beside this server, both with the real worker, taking turns on
+the quiet VM (5 rounds of 100 lone one-sentence calls, then 320 calls from 16 callers): lone p50
+4.06 ms against 3.93, 16 callers 490 against 520 requests/s.
 """
 
 from akidb_embed.serve._app import EmbeddingsApp
