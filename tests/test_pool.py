@@ -74,7 +74,10 @@ class Spawns:
         self.gate.touch()
 
     def pids(self) -> list[int]:
-        return [int(path.read_text()) for path in sorted(self.directory.iterdir())]
+        """The pids the spawns wrote; a spawn stopped between claiming its number and writing
+        its pid leaves its file empty."""
+        texts = (path.read_text() for path in sorted(self.directory.iterdir()))
+        return [int(text) for text in texts if text]
 
 
 def resume(pid: int) -> None:
