@@ -6,8 +6,8 @@
        |
        +-- each RECIPE (onnxruntime.quantization: dynamic per-channel, static QDQ calibrated
        |   on the gate corpus' calibration texts, block-wise MatMulNBits, SmoothQuant then
-       |   dynamic, per-token activation scales; some leave sensitive nodes in fp32 or
-       |   block-wise)
+       |   dynamic, per-token activation scales, weights rounded by GPTQ on the calibration
+       |   texts' inputs; some leave sensitive nodes in fp32 or block-wise)
        |   --> candidate model.onnx
        |
        v   the worker's own Engine runs the gate corpus' evaluation texts (gate_corpus.py)
@@ -77,18 +77,25 @@ __all__ = [
     "INT8",
     "RECIPES",
     "Calibration",
+    "Codes",
     "Gate",
     "GraphFacts",
     "Measurement",
     "QuantizeRefused",
     "QuantizeResult",
     "Recipe",
+    "WeightCodes",
+    "column_scales",
     "format_table",
     "gate_figures",
+    "gptq_codes",
+    "gptq_rounding",
     "graph_facts",
+    "input_hessians",
     "open_candidate",
     "per_token_int8",
     "quantize",
+    "round_to_nearest",
     "smooth_activations",
     "variant_model_id",
 ]
