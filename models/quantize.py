@@ -524,12 +524,11 @@ def per_token_int8(
             ("inv255", 1 / 255, np.float32),
             ("tiny", 1e-12, np.float32),
             ("zero", 0.0, np.float32),
-            ("top", 255.0, np.float32),
-            ("offset", 128.0, np.float32),
             ("zero_point", 128, np.uint8),
             ("no_zero_point", 0, np.uint8),
         )
     ]
+    added.append(numpy_helper.from_array(np.array([-1]), "per_token/flat"))
     # activation -> (its uint8 codes, its row scales, its zero point times its scale or None)
     quantised: dict[str, tuple[str, str, str | None]] = {}
     nodes = []
@@ -538,6 +537,7 @@ def per_token_int8(
             nodes.append(node)
             continue
         x, name = node.input[0], node.name
+        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
         if x not in quantised:
             p = f"{x}/per_token"
             if node.name in asymmetric:
@@ -553,13 +553,10 @@ def per_token_int8(
                     helper.make_node("Neg", [f"{p}/low_codes"], [f"{p}/zero_float"]),
                     helper.make_node("Round", [f"{p}/zero_float"], [f"{p}/zero"]),
                     helper.make_node("Mul", [f"{p}/zero", f"{p}/scale"], [f"{p}/offset"]),
-                    helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/scaled"]),
-                    helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"]),
-                    helper.make_node("Add", [f"{p}/rounded", f"{p}/zero"], [f"{p}/shifted0"]),
+                    helper.make_node("Reshape", [f"{p}/scale", "per_token/flat"], [f"{p}/scales"]),
+                    helper.make_node("Reshape", [f"{p}/zero", "per_token/flat"], [f"{p}/zeros"]),
                     helper.make_node(
-                        "Clip",
-                        [f"{p}/shifted0", "per_token/zero", "per_token/top"],
-                        [f"{p}/shifted"],
+                        "Cast", [f"{p}/zeros"], [f"{p}/zero_points"], to=TensorProto.UINT8
                     ),
                 ]
                 offset: str | None = f"{p}/offset"
@@ -571,17 +568,31 @@ def per_token_int8(
                     ),
                     helper.make_node("Mul", [f"{p}/max", "per_token/inv127"], [f"{p}/scale0"]),
                     helper.make_node("Max", [f"{p}/scale0", "per_token/tiny"], [f"{p}/scale"]),
-                    helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/scaled"]),
-                    helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"]),
-                    helper.make_node("Add", [f"{p}/rounded", "per_token/offset"], [f"{p}/shifted"]),
+                    helper.make_node("Reshape", [f"{p}/scale", "per_token/flat"], [f"{p}/scales"]),
+                    helper.make_node("Shape", [f"{p}/scales"], [f"{p}/rows"]),
+                    helper.make_node(
+                        "Expand", ["per_token/zero_point", f"{p}/rows"], [f"{p}/zero_points"]
+                    ),
                 ]
                 offset = None
-            nodes.append(
-                helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/codes"], to=TensorProto.UINT8)
-            )
+            # one QuantizeLinear (round, shift, saturate, cast) over x seen as [rows, K], the
+            # scales along the rows, then back to x's shape
+            rows_of = f"per_token/rows_of_{weight.shape[0]}"
+            if rows_of not in {initializer.name for initializer in added}:
+                added.append(numpy_helper.from_array(np.array([-1, weight.shape[0]]), rows_of))
+            nodes += [
+                helper.make_node("Reshape", [x, rows_of], [f"{p}/rows_x"]),
+                helper.make_node(
+                    "QuantizeLinear",
+                    [f"{p}/rows_x", f"{p}/scales", f"{p}/zero_points"],
+                    [f"{p}/rows_codes"],
+                    axis=0,
+                ),
+                helper.make_node("Shape", [x], [f"{p}/shape"]),
+                helper.make_node("Reshape", [f"{p}/rows_codes", f"{p}/shape"], [f"{p}/codes"]),
+            ]
             quantised[x] = (f"{p}/codes", f"{p}/scale", offset)
         codes, row_scale, row_offset = quantised[x]
-        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
         weight_codes, column_scale = rounding(x, weight)
         added += [
             numpy_helper.from_array(weight_codes, f"{name}/weight_codes"),
