@@ -497,7 +497,7 @@ def per_token_int8(
     run time, and one per output channel (column) of ``W``, fixed here (``rounding`` chooses the
     codes): ONNX Runtime's dynamic mode has one scale per activation tensor, so one outlier
     token costs every other token its resolution. ``x`` is quantised once for every MatMul
-    reading it (query, key and value)::
+    reading it (query, key and value), by one ``QuantizeLinear`` over its rows::
 
         s_x = max|x| per row / 127     q_x = round(x / s_x) + 128  (uint8, zero point 128)
         y   = MatMulInteger(q_x, q_W) * s_x * s_W                  (q_W int8, symmetric)

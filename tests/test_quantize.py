@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -33,6 +34,7 @@ from akidb_embed.models.metadata import CALIBRATION_FILE
 from akidb_embed.models.quantize import RECIPES as ALL_RECIPES
 from akidb_embed.models.quantize import (
     Calibration,
+    GraphFacts,
     column_scales,
     gate_figures,
     gptq_codes,
@@ -117,14 +119,12 @@ def test_per_token_int8_runs_every_weight_matmul_on_int8_codes_near_the_fp32_vec
 ) -> None:
     import onnx
 
-    engine, texts, facts = fp32_engine, FIXTURE_TEXTS[:48], graph_facts(fp32.path(MODEL_FILE))
+    engine, facts = fp32_engine, graph_facts(fp32.path(MODEL_FILE))
     per_token_int8(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts)
     ops = [node.op_type for node in onnx.load(str(tmp_path / MODEL_FILE)).graph.node]
     assert ops.count("MatMulInteger") == len(facts.weight_matmuls) > 0
     assert ops.count("MatMul") == len(facts.activation_matmuls)
-    ours = open_candidate(fp32, tmp_path).embed(texts, normalize=True)
-    theirs = engine.embed(texts, normalize=True)
-    cosines = np.sum(ours.astype(np.float64) * theirs, axis=1)
+    cosines = cosines_to_fp32(fp32, engine, tmp_path)
     assert 0.98 <= cosines.min() < 1 - 1e-7  # rounded, so never exact
 
 
@@ -160,45 +160,49 @@ def output_error(
     return float(np.trace(moved.T @ hessian @ moved))
 
 
+def built_recipe(
+    name: str, fp32: ModelMetadata, engine: Engine, directory: Path
+) -> tuple[GraphFacts, list[str]]:
+    """Build the recipe ``name`` of ``fp32`` into ``directory``: the graph's facts and the op
+    types of the built graph."""
+    import onnx
+
+    recipe = next(r for r in ALL_RECIPES if r.name == name)
+    facts = graph_facts(fp32.path(MODEL_FILE))
+    calibration = Calibration.of(engine, FIXTURE_TEXTS[48:96])
+    recipe.build(fp32.path(MODEL_FILE), directory / MODEL_FILE, facts, calibration)
+    return facts, [node.op_type for node in onnx.load(str(directory / MODEL_FILE)).graph.node]
+
+
+def cosines_to_fp32(fp32: ModelMetadata, engine: Engine, directory: Path) -> npt.NDArray[Any]:
+    """Each text's cosine between the vectors of the graph in ``directory`` and fp32's."""
+    texts = FIXTURE_TEXTS[:48]
+    ours = open_candidate(fp32, directory).embed(texts, normalize=True)
+    theirs = engine.embed(texts, normalize=True)
+    return np.sum(ours.astype(np.float64) * theirs, axis=1)
+
+
 def test_gptq_per_token_runs_int8_codes_on_asymmetric_activations_near_the_fp32_vectors(
     fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
 ) -> None:
-    import onnx
-
-    recipe = next(r for r in ALL_RECIPES if r.name == GPTQ)
-    facts = graph_facts(fp32.path(MODEL_FILE))
-    calibration = Calibration.of(fp32_engine, FIXTURE_TEXTS[48:96])
-    recipe.build(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts, calibration)
-    ops = [node.op_type for node in onnx.load(str(tmp_path / MODEL_FILE)).graph.node]
+    facts, ops = built_recipe(GPTQ, fp32, fp32_engine, tmp_path)
     assert ops.count("MatMulInteger") == len(facts.weight_matmuls) > 0
     assert ops.count("MatMul") == len(facts.activation_matmuls)
     assert ops.count("ReduceMin") == ops.count("ReduceMax") > 0  # each input's own min-max
     assert not list(tmp_path.glob("smoothed-*"))
-    texts = FIXTURE_TEXTS[:48]
-    ours = open_candidate(fp32, tmp_path).embed(texts, normalize=True)
-    theirs = fp32_engine.embed(texts, normalize=True)
-    assert 0.98 <= np.sum(ours.astype(np.float64) * theirs, axis=1).min() < 1 - 1e-7
+    assert 0.98 <= cosines_to_fp32(fp32, fp32_engine, tmp_path).min() < 1 - 1e-7
 
 
 def test_per_token_beside_blockwise_puts_the_feed_forward_outputs_on_block_scales(
     fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
 ) -> None:
-    import onnx
-
-    recipe = next(r for r in ALL_RECIPES if r.name == MIXED)
-    facts = graph_facts(fp32.path(MODEL_FILE))
-    calibration = Calibration.of(fp32_engine, FIXTURE_TEXTS[48:96])
-    recipe.build(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts, calibration)
-    ops = [node.op_type for node in onnx.load(str(tmp_path / MODEL_FILE)).graph.node]
+    facts, ops = built_recipe(MIXED, fp32, fp32_engine, tmp_path)
     blockwise = len(facts.feed_forward_outputs)
     assert ops.count("MatMulNBits") == blockwise > 0
     assert ops.count("MatMulInteger") == len(facts.weight_matmuls) - blockwise > 0
     assert ops.count("MatMul") == len(facts.activation_matmuls)
     assert not list(tmp_path.glob("per-token-*"))  # the intermediate graph is removed
-    texts = FIXTURE_TEXTS[:48]
-    ours = open_candidate(fp32, tmp_path).embed(texts, normalize=True)
-    theirs = fp32_engine.embed(texts, normalize=True)
-    assert np.sum(ours.astype(np.float64) * theirs, axis=1).min() >= 0.98
+    assert cosines_to_fp32(fp32, fp32_engine, tmp_path).min() >= 0.98
 
 
 def test_a_variant_passing_the_gate_is_a_model_directory_that_says_where_it_came_from(
