@@ -6,8 +6,8 @@
        |
        +-- each RECIPE (onnxruntime.quantization: dynamic per-channel, static QDQ calibrated
        |   on the gate corpus' calibration texts, block-wise MatMulNBits, SmoothQuant then
-       |   dynamic, per-token activation scales; some leave sensitive nodes in fp32 or
-       |   block-wise)
+       |   dynamic, per-token activation scales, weights rounded by GPTQ on the calibration
+       |   texts' inputs; some leave sensitive nodes in fp32 or block-wise)
        |   --> candidate model.onnx
        |
        v   the worker's own Engine runs the gate corpus' evaluation texts (gate_corpus.py)
@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,18 +77,25 @@ __all__ = [
     "INT8",
     "RECIPES",
     "Calibration",
+    "Codes",
     "Gate",
     "GraphFacts",
     "Measurement",
     "QuantizeRefused",
     "QuantizeResult",
     "Recipe",
+    "WeightCodes",
+    "column_scales",
     "format_table",
     "gate_figures",
+    "gptq_codes",
+    "gptq_rounding",
     "graph_facts",
+    "input_hessians",
     "open_candidate",
     "per_token_int8",
     "quantize",
+    "round_to_nearest",
     "smooth_activations",
     "variant_model_id",
 ]
@@ -301,6 +308,37 @@ def _blockwise(
     return build
 
 
+def _weight_inputs(model: Any, facts: GraphFacts) -> dict[str, list[Any]]:
+    """The activations that weight MatMuls read, each with the MatMul nodes reading it (the
+    query, key and value projections share theirs)."""
+    weights = {initializer.name for initializer in model.graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        if node.name in facts.weight_matmuls and node.input[1] in weights:
+            readers.setdefault(node.input[0], []).append(node)
+    return readers
+
+
+def _probe(
+    model: Any, names: Sequence[str], calibration: Calibration
+) -> Iterator[tuple[str, npt.NDArray[np.float32], npt.NDArray[np.bool_]]]:
+    """The values of the activations ``names`` in ``model`` (an ONNX ModelProto, left as it
+    is) on each calibration batch, with the batch's attention mask (True on real tokens)."""
+    import onnx
+    import onnxruntime as ort  # type: ignore[import-untyped]
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in names:
+        probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in calibration.feeds:
+        mask = feed["attention_mask"].astype(bool)
+        for name, value in zip(names, session.run(list(names), feed), strict=True):
+            yield name, value, mask
+
+
 def smooth_activations(
     source: Path, target: Path, facts: GraphFacts, calibration: Calibration, alpha: float
 ) -> None:
@@ -311,26 +349,15 @@ def smooth_activations(
     the weights, which are quantised per channel. ``s = max|x|^alpha / max|w|^(1 - alpha)``,
     with ``max|x|`` per channel over the calibration texts."""
     import onnx
-    import onnxruntime as ort  # type: ignore[import-untyped]
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(source))
     weights = {initializer.name: initializer for initializer in model.graph.initializer}
-    readers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        if node.name in facts.weight_matmuls and node.input[1] in weights:
-            readers.setdefault(node.input[0], []).append(node)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for name in readers:
-        probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = list(readers)
+    readers = _weight_inputs(model, facts)
     maxima: dict[str, npt.NDArray[np.float32]] = {}
-    for feed in calibration.feeds:
-        for name, value in zip(names, session.run(names, feed), strict=True):
-            channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            maxima[name] = np.maximum(maxima.get(name, channel_max), channel_max)
+    for name, value, _ in _probe(model, list(readers), calibration):
+        channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+        maxima[name] = np.maximum(maxima.get(name, channel_max), channel_max)
     position = {id(node): index for index, node in enumerate(model.graph.node)}
     inserts = []
     for name, nodes in readers.items():
@@ -353,28 +380,135 @@ def smooth_activations(
     onnx.save(model, str(target))
 
 
+@contextlib.contextmanager
+def _smoothed(
+    source: Path, target: Path, facts: GraphFacts, calibration: Calibration, alpha: float | None
+) -> Iterator[Path]:
+    """``source`` after SmoothQuant with ``alpha`` (a graph beside ``target``, removed after),
+    or ``source`` itself when ``alpha`` is None."""
+    if alpha is None:
+        yield source
+        return
+    smoothed = target.with_name(f"smoothed-{target.name}")
+    smooth_activations(source, smoothed, facts, calibration, alpha)
+    try:
+        yield smoothed
+    finally:
+        smoothed.unlink()
+
+
 def _smoothed_dynamic(alpha: float) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
     weights_only = _dynamic(op_types=["MatMul"], weights_only=True)
 
     def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
-        smoothed = target.with_name(f"smoothed-{target.name}")
-        smooth_activations(source, smoothed, facts, calibration, alpha)
-        try:
+        with _smoothed(source, target, facts, calibration, alpha) as smoothed:
             weights_only(smoothed, target, facts, calibration)
-        finally:
-            smoothed.unlink()
 
     return build
 
 
-def per_token_int8(source: Path, target: Path, facts: GraphFacts) -> None:
+Codes = tuple["npt.NDArray[np.int8]", "npt.NDArray[np.float32]"]
+"""A weight's int8 codes and its columns' scales."""
+WeightCodes = Callable[[str, "npt.NDArray[np.float32]"], Codes]
+"""How a weight ``W`` ([inputs, outputs]) of a MatMul reading the named activation becomes
+int8: its codes and one scale per output column, ``W ~ codes * scale``."""
+
+
+def column_scales(weight: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
+    """One symmetric int8 scale per output column of ``weight``: its max |w| / 127."""
+    scale: npt.NDArray[np.float32] = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127).astype(
+        np.float32
+    )
+    return scale
+
+
+def round_to_nearest(activation: str, weight: npt.NDArray[np.float32]) -> Codes:
+    """Each weight to its nearest code on its column's max-abs grid."""
+    scale = column_scales(weight)
+    return np.clip(np.round(weight / scale), -127, 127).astype(np.int8), scale
+
+
+def input_hessians(
+    model: Any, facts: GraphFacts, calibration: Calibration
+) -> dict[str, npt.NDArray[np.float64]]:
+    """``X^T X`` of each weight MatMul's input over the calibration texts' real tokens
+    (padding left out): how much each input channel, and each pair, weighs in the product."""
+    hessians: dict[str, npt.NDArray[np.float64]] = {}
+    for name, value, mask in _probe(model, list(_weight_inputs(model, facts)), calibration):
+        rows = value[mask].astype(np.float64) if value.ndim == 3 else value.astype(np.float64)
+        rows = rows.reshape(-1, value.shape[-1])
+        hessians[name] = hessians.get(name, 0) + rows.T @ rows
+    return hessians
+
+
+def gptq_codes(
+    weight: npt.NDArray[np.float32],
+    hessian: npt.NDArray[np.float64],
+    *,
+    damping: float = 0.01,
+    act_order: bool = True,
+    block: int = 128,
+) -> Codes:
+    """GPTQ (Frantar et al., 2022) for ``x @ W`` with one int8 scale per output column (max
+    |w|, fixed first): the input rows of ``W`` are rounded one at a time (by descending
+    ``diag(hessian)`` with ``act_order``) and each row's rounding error is spread over the rows
+    not yet rounded, weighted through the Cholesky factor of ``hessian^-1``, so that ``x @ W``
+    on the calibration inputs moves least. ``damping`` (a share of the mean diagonal) keeps
+    ``hessian`` invertible."""
+    w, scale = weight.astype(np.float64), column_scales(weight)
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[dead] = 0.0
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(len(h))
+    w, h = w[order], h[np.ix_(order, order)]
+    h[np.diag_indices_from(h)] += damping * np.mean(np.diag(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T  # inv(h) = upper^T @ upper
+    codes = np.empty_like(w)
+    step = scale.astype(np.float64)
+    for start in range(0, len(w), block):
+        end = min(start + block, len(w))
+        rows, errors = w[start:end], np.empty((end - start, w.shape[1]))
+        for i in range(end - start):
+            codes[start + i] = np.clip(np.round(rows[i] / step), -127, 127)
+            errors[i] = (rows[i] - codes[start + i] * step) / upper[start + i, start + i]
+            rows[i + 1 :] -= np.outer(upper[start + i, start + i + 1 : end], errors[i])
+        w[end:] -= upper[start:end, end:].T @ errors
+    return codes[np.argsort(order)].astype(np.int8), scale
+
+
+def gptq_rounding(hessians: dict[str, npt.NDArray[np.float64]]) -> WeightCodes:
+    """``gptq_codes`` for each weight, with the hessian of the activation its MatMul reads."""
+
+    def rounding(activation: str, weight: npt.NDArray[np.float32]) -> Codes:
+        return gptq_codes(weight, hessians[activation])
+
+    return rounding
+
+
+def per_token_int8(
+    source: Path,
+    target: Path,
+    facts: GraphFacts,
+    rounding: WeightCodes = round_to_nearest,
+    asymmetric: Collection[str] = (),
+) -> None:
     """Each weight MatMul ``x @ W`` as int8 with one scale per token (row) of ``x``, computed at
-    run time, and one per output channel (column) of ``W``, fixed here: ONNX Runtime's dynamic
-    mode has one scale per activation tensor, so one outlier token costs every other token its
-    resolution. ``x`` is quantised once for every MatMul reading it (query, key and value)::
+    run time, and one per output channel (column) of ``W``, fixed here (``rounding`` chooses the
+    codes): ONNX Runtime's dynamic mode has one scale per activation tensor, so one outlier
+    token costs every other token its resolution. ``x`` is quantised once for every MatMul
+    reading it (query, key and value), by one ``QuantizeLinear`` over its rows::
 
         s_x = max|x| per row / 127     q_x = round(x / s_x) + 128  (uint8, zero point 128)
         y   = MatMulInteger(q_x, q_W) * s_x * s_W                  (q_W int8, symmetric)
+
+    The inputs of the MatMuls named in ``asymmetric`` get the whole uint8 range between each
+    row's min and max instead (twice the resolution for a one-sided input, such as a GELU's
+    output), the zero point taken out after the product through the weights' column sums::
+
+        s_x = (max(x, 0) - min(x, 0)) / 255   z_x = round(-min(x, 0) / s_x)
+        q_x = clip(round(x / s_x) + z_x, 0, 255)
+        y   = MatMulInteger(q_x, q_W) * s_x * s_W - z_x * s_x * (sum_k q_W * s_W)
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -384,50 +518,108 @@ def per_token_int8(source: Path, target: Path, facts: GraphFacts) -> None:
     weights = {initializer.name: initializer for initializer in graph.initializer}
     chosen = set(facts.weight_matmuls)
     added = [
-        numpy_helper.from_array(np.array(1 / 127, np.float32), "per_token/inv127"),
-        numpy_helper.from_array(np.array(1e-12, np.float32), "per_token/tiny"),
-        numpy_helper.from_array(np.array(128.0, np.float32), "per_token/offset"),
-        numpy_helper.from_array(np.array(128, np.uint8), "per_token/zero_point"),
+        numpy_helper.from_array(np.array(value, dtype), f"per_token/{name}")
+        for name, value, dtype in (
+            ("inv127", 1 / 127, np.float32),
+            ("inv255", 1 / 255, np.float32),
+            ("tiny", 1e-12, np.float32),
+            ("zero", 0.0, np.float32),
+            ("zero_point", 128, np.uint8),
+            ("no_zero_point", 0, np.uint8),
+        )
     ]
-    quantised: dict[str, tuple[str, str]] = {}  # activation -> (its uint8 codes, its row scales)
+    added.append(numpy_helper.from_array(np.array([-1]), "per_token/flat"))
+    # activation -> (its uint8 codes, its row scales, its zero point times its scale or None)
+    quantised: dict[str, tuple[str, str, str | None]] = {}
     nodes = []
     for node in graph.node:
         if node.name not in chosen or node.input[1] not in weights:
             nodes.append(node)
             continue
         x, name = node.input[0], node.name
+        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
         if x not in quantised:
             p = f"{x}/per_token"
+            if node.name in asymmetric:
+                nodes += [
+                    helper.make_node("ReduceMax", [x], [f"{p}/max"], axes=[-1], keepdims=1),
+                    helper.make_node("ReduceMin", [x], [f"{p}/min"], axes=[-1], keepdims=1),
+                    helper.make_node("Max", [f"{p}/max", "per_token/zero"], [f"{p}/high"]),
+                    helper.make_node("Min", [f"{p}/min", "per_token/zero"], [f"{p}/low"]),
+                    helper.make_node("Sub", [f"{p}/high", f"{p}/low"], [f"{p}/range"]),
+                    helper.make_node("Mul", [f"{p}/range", "per_token/inv255"], [f"{p}/scale0"]),
+                    helper.make_node("Max", [f"{p}/scale0", "per_token/tiny"], [f"{p}/scale"]),
+                    helper.make_node("Div", [f"{p}/low", f"{p}/scale"], [f"{p}/low_codes"]),
+                    helper.make_node("Neg", [f"{p}/low_codes"], [f"{p}/zero_float"]),
+                    helper.make_node("Round", [f"{p}/zero_float"], [f"{p}/zero"]),
+                    helper.make_node("Mul", [f"{p}/zero", f"{p}/scale"], [f"{p}/offset"]),
+                    helper.make_node("Reshape", [f"{p}/scale", "per_token/flat"], [f"{p}/scales"]),
+                    helper.make_node("Reshape", [f"{p}/zero", "per_token/flat"], [f"{p}/zeros"]),
+                    helper.make_node(
+                        "Cast", [f"{p}/zeros"], [f"{p}/zero_points"], to=TensorProto.UINT8
+                    ),
+                ]
+                offset: str | None = f"{p}/offset"
+            else:
+                nodes += [
+                    helper.make_node("Abs", [x], [f"{p}/abs"]),
+                    helper.make_node(
+                        "ReduceMax", [f"{p}/abs"], [f"{p}/max"], axes=[-1], keepdims=1
+                    ),
+                    helper.make_node("Mul", [f"{p}/max", "per_token/inv127"], [f"{p}/scale0"]),
+                    helper.make_node("Max", [f"{p}/scale0", "per_token/tiny"], [f"{p}/scale"]),
+                    helper.make_node("Reshape", [f"{p}/scale", "per_token/flat"], [f"{p}/scales"]),
+                    helper.make_node("Shape", [f"{p}/scales"], [f"{p}/rows"]),
+                    helper.make_node(
+                        "Expand", ["per_token/zero_point", f"{p}/rows"], [f"{p}/zero_points"]
+                    ),
+                ]
+                offset = None
+            # one QuantizeLinear (round, shift, saturate, cast) over x seen as [rows, K], the
+            # scales along the rows, then back to x's shape
+            rows_of = f"per_token/rows_of_{weight.shape[0]}"
+            if rows_of not in {initializer.name for initializer in added}:
+                added.append(numpy_helper.from_array(np.array([-1, weight.shape[0]]), rows_of))
             nodes += [
-                helper.make_node("Abs", [x], [f"{p}/abs"]),
-                helper.make_node("ReduceMax", [f"{p}/abs"], [f"{p}/max"], axes=[-1], keepdims=1),
-                helper.make_node("Mul", [f"{p}/max", "per_token/inv127"], [f"{p}/scale0"]),
-                helper.make_node("Max", [f"{p}/scale0", "per_token/tiny"], [f"{p}/scale"]),
-                helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/scaled"]),
-                helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"]),
-                helper.make_node("Add", [f"{p}/rounded", "per_token/offset"], [f"{p}/shifted"]),
-                helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/codes"], to=TensorProto.UINT8),
+                helper.make_node("Reshape", [x, rows_of], [f"{p}/rows_x"]),
+                helper.make_node(
+                    "QuantizeLinear",
+                    [f"{p}/rows_x", f"{p}/scales", f"{p}/zero_points"],
+                    [f"{p}/rows_codes"],
+                    axis=0,
+                ),
+                helper.make_node("Shape", [x], [f"{p}/shape"]),
+                helper.make_node("Reshape", [f"{p}/rows_codes", f"{p}/shape"], [f"{p}/codes"]),
             ]
-            quantised[x] = (f"{p}/codes", f"{p}/scale")
-        codes, row_scale = quantised[x]
-        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        column_scale = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127).astype(np.float32)
-        weight_codes = np.clip(np.round(weight / column_scale), -127, 127).astype(np.int8)
+            quantised[x] = (f"{p}/codes", f"{p}/scale", offset)
+        codes, row_scale, row_offset = quantised[x]
+        weight_codes, column_scale = rounding(x, weight)
         added += [
             numpy_helper.from_array(weight_codes, f"{name}/weight_codes"),
             numpy_helper.from_array(column_scale, f"{name}/column_scale"),
             numpy_helper.from_array(np.zeros(weight.shape[1], np.int8), f"{name}/weight_zero"),
         ]
+        zero_point = "per_token/zero_point" if row_offset is None else "per_token/no_zero_point"
+        product = node.output if row_offset is None else [f"{name}/uncentred"]
         nodes += [
             helper.make_node(
                 "MatMulInteger",
-                [codes, f"{name}/weight_codes", "per_token/zero_point", f"{name}/weight_zero"],
+                [codes, f"{name}/weight_codes", zero_point, f"{name}/weight_zero"],
                 [f"{name}/int32"],
             ),
             helper.make_node("Cast", [f"{name}/int32"], [f"{name}/float"], to=TensorProto.FLOAT),
             helper.make_node("Mul", [f"{name}/float", row_scale], [f"{name}/row_scaled"]),
-            helper.make_node("Mul", [f"{name}/row_scaled", f"{name}/column_scale"], node.output),
+            helper.make_node("Mul", [f"{name}/row_scaled", f"{name}/column_scale"], product),
         ]
+        if row_offset is not None:
+            column_sums = weight_codes.astype(np.float32).sum(axis=0) * column_scale
+            added.append(numpy_helper.from_array(column_sums, f"{name}/column_sums"))
+            nodes += [
+                helper.make_node(
+                    "Mul", [row_offset, f"{name}/column_sums"], [f"{name}/zero_shift"]
+                ),
+                helper.make_node("Sub", [f"{name}/uncentred", f"{name}/zero_shift"], node.output),
+            ]
     del graph.node[:]
     graph.node.extend(nodes)
     read = {name for node in graph.node for name in node.input}
@@ -437,17 +629,29 @@ def per_token_int8(source: Path, target: Path, facts: GraphFacts) -> None:
     onnx.save(model, str(target))
 
 
-def _per_token(alpha: float | None) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+def _per_token(
+    alpha: float | None,
+    *,
+    gptq: bool = False,
+    asymmetric: bool = False,
+    keep: Callable[[GraphFacts], Sequence[str]] = lambda facts: (),
+) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
+    """SmoothQuant with ``alpha`` (None: none), then ``per_token_int8`` on every weight MatMul
+    but ``keep``'s (left in fp32): the weights' codes by GPTQ on the calibration texts' inputs
+    with ``gptq`` (else round-to-nearest), every activation on its own min-max range with
+    ``asymmetric``."""
+
     def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
-        if alpha is None:
-            per_token_int8(source, target, facts)
-            return
-        smoothed = target.with_name(f"smoothed-{target.name}")
-        smooth_activations(source, smoothed, facts, calibration, alpha)
-        try:
-            per_token_int8(smoothed, target, facts)
-        finally:
-            smoothed.unlink()
+        import onnx
+
+        kept = set(keep(facts))
+        chosen = replace(facts, weight_matmuls=[n for n in facts.weight_matmuls if n not in kept])
+        with _smoothed(source, target, chosen, calibration, alpha) as stage:
+            rounding: WeightCodes = round_to_nearest
+            if gptq:
+                rounding = gptq_rounding(input_hessians(onnx.load(str(stage)), chosen, calibration))
+            asymmetric_nodes = chosen.weight_matmuls if asymmetric else ()
+            per_token_int8(stage, target, chosen, rounding, asymmetric_nodes)
 
     return build
 
@@ -561,6 +765,18 @@ RECIPES: tuple[Recipe, ...] = (
         "smoothquant-per-token",
         "SmoothQuant (alpha 0.5) then per-token",
         _per_token(0.5),
+    ),
+    Recipe(
+        "gptq-per-token",
+        "SmoothQuant (alpha 0.5), then per-token with the weights' codes by GPTQ on the "
+        "calibration texts and each token's activations on its own min-max range (asymmetric)",
+        _per_token(0.5, gptq=True, asymmetric=True),
+    ),
+    Recipe(
+        "gptq-per-token-fp32-ffn-output",
+        "gptq-per-token with the feed-forward output projections (GELU inputs, long tails) "
+        "left in fp32",
+        _per_token(0.5, gptq=True, asymmetric=True, keep=_feed_forward_outputs),
     ),
     Recipe(
         "smoothquant-per-token-blockwise-ffn-output",

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from st_fixtures import FIXTURE_TEXTS
 
@@ -32,10 +34,15 @@ from akidb_embed.models.metadata import CALIBRATION_FILE
 from akidb_embed.models.quantize import RECIPES as ALL_RECIPES
 from akidb_embed.models.quantize import (
     Calibration,
+    GraphFacts,
+    column_scales,
     gate_figures,
+    gptq_codes,
     graph_facts,
+    input_hessians,
     open_candidate,
     per_token_int8,
+    round_to_nearest,
     smooth_activations,
     variant_model_id,
 )
@@ -45,6 +52,7 @@ from akidb_embed.worker.engine import Engine
 TINY = "bert_cls"
 RECIPES = "dynamic-weights,blockwise-32-fp32-last-layer"
 MIXED = "smoothquant-per-token-blockwise-ffn-output"
+GPTQ = "gptq-per-token"
 TINY_MIN_RECALL = "0.75"
 """Below what both recipes reach on the tiny model (0.85-0.92 measured), far above chance."""
 
@@ -111,36 +119,90 @@ def test_per_token_int8_runs_every_weight_matmul_on_int8_codes_near_the_fp32_vec
 ) -> None:
     import onnx
 
-    engine, texts, facts = fp32_engine, FIXTURE_TEXTS[:48], graph_facts(fp32.path(MODEL_FILE))
+    engine, facts = fp32_engine, graph_facts(fp32.path(MODEL_FILE))
     per_token_int8(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts)
     ops = [node.op_type for node in onnx.load(str(tmp_path / MODEL_FILE)).graph.node]
     assert ops.count("MatMulInteger") == len(facts.weight_matmuls) > 0
     assert ops.count("MatMul") == len(facts.activation_matmuls)
-    ours = open_candidate(fp32, tmp_path).embed(texts, normalize=True)
-    theirs = engine.embed(texts, normalize=True)
-    cosines = np.sum(ours.astype(np.float64) * theirs, axis=1)
+    cosines = cosines_to_fp32(fp32, engine, tmp_path)
     assert 0.98 <= cosines.min() < 1 - 1e-7  # rounded, so never exact
+
+
+def test_gptq_codes_move_each_projection_less_than_round_to_nearest_on_calibration_inputs(
+    fp32: ModelMetadata, fp32_engine: Engine
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(fp32.path(MODEL_FILE)))
+    facts = graph_facts(fp32.path(MODEL_FILE))
+    hessians = input_hessians(model, facts, Calibration.of(fp32_engine, FIXTURE_TEXTS[48:96]))
+    weights = {initializer.name: initializer for initializer in model.graph.initializer}
+    matmuls = [node for node in model.graph.node if node.name in facts.weight_matmuls]
+    assert {node.input[0] for node in matmuls} == set(hessians)
+    for node in matmuls:
+        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+        hessian = hessians[node.input[0]]
+        ours, theirs = gptq_codes(weight, hessian), round_to_nearest(node.input[0], weight)
+        np.testing.assert_array_equal(ours[1], column_scales(weight))  # the same grid
+        assert np.abs(ours[0].astype(np.int16)).max() <= 127
+        assert output_error(weight, hessian, *ours) < output_error(weight, hessian, *theirs)
+
+
+def output_error(
+    weight: npt.NDArray[np.float32],
+    hessian: npt.NDArray[np.float64],
+    codes: npt.NDArray[np.int8],
+    scale: npt.NDArray[np.float32],
+) -> float:
+    """Sum over the calibration tokens of ``|x @ (weight - codes * scale)|^2``."""
+    moved = (weight - codes * scale).astype(np.float64)
+    return float(np.trace(moved.T @ hessian @ moved))
+
+
+def built_recipe(
+    name: str, fp32: ModelMetadata, engine: Engine, directory: Path
+) -> tuple[GraphFacts, list[str]]:
+    """Build the recipe ``name`` of ``fp32`` into ``directory``: the graph's facts and the op
+    types of the built graph."""
+    import onnx
+
+    recipe = next(r for r in ALL_RECIPES if r.name == name)
+    facts = graph_facts(fp32.path(MODEL_FILE))
+    calibration = Calibration.of(engine, FIXTURE_TEXTS[48:96])
+    recipe.build(fp32.path(MODEL_FILE), directory / MODEL_FILE, facts, calibration)
+    return facts, [node.op_type for node in onnx.load(str(directory / MODEL_FILE)).graph.node]
+
+
+def cosines_to_fp32(fp32: ModelMetadata, engine: Engine, directory: Path) -> npt.NDArray[Any]:
+    """Each text's cosine between the vectors of the graph in ``directory`` and fp32's."""
+    texts = FIXTURE_TEXTS[:48]
+    ours = open_candidate(fp32, directory).embed(texts, normalize=True)
+    theirs = engine.embed(texts, normalize=True)
+    return np.sum(ours.astype(np.float64) * theirs, axis=1)
+
+
+def test_gptq_per_token_runs_int8_codes_on_asymmetric_activations_near_the_fp32_vectors(
+    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
+) -> None:
+    facts, ops = built_recipe(GPTQ, fp32, fp32_engine, tmp_path)
+    assert ops.count("MatMulInteger") == len(facts.weight_matmuls) > 0
+    assert ops.count("MatMul") == len(facts.activation_matmuls)
+    assert ops.count("ReduceMin") == ops.count("ReduceMax") > 0  # each input's own min-max
+    assert not list(tmp_path.glob("smoothed-*"))
+    assert 0.98 <= cosines_to_fp32(fp32, fp32_engine, tmp_path).min() < 1 - 1e-7
 
 
 def test_per_token_beside_blockwise_puts_the_feed_forward_outputs_on_block_scales(
     fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
 ) -> None:
-    import onnx
-
-    recipe = next(r for r in ALL_RECIPES if r.name == MIXED)
-    facts = graph_facts(fp32.path(MODEL_FILE))
-    calibration = Calibration.of(fp32_engine, FIXTURE_TEXTS[48:96])
-    recipe.build(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts, calibration)
-    ops = [node.op_type for node in onnx.load(str(tmp_path / MODEL_FILE)).graph.node]
+    facts, ops = built_recipe(MIXED, fp32, fp32_engine, tmp_path)
     blockwise = len(facts.feed_forward_outputs)
     assert ops.count("MatMulNBits") == blockwise > 0
     assert ops.count("MatMulInteger") == len(facts.weight_matmuls) - blockwise > 0
     assert ops.count("MatMul") == len(facts.activation_matmuls)
     assert not list(tmp_path.glob("per-token-*"))  # the intermediate graph is removed
-    texts = FIXTURE_TEXTS[:48]
-    ours = open_candidate(fp32, tmp_path).embed(texts, normalize=True)
-    theirs = fp32_engine.embed(texts, normalize=True)
-    assert np.sum(ours.astype(np.float64) * theirs, axis=1).min() >= 0.98
+    assert cosines_to_fp32(fp32, fp32_engine, tmp_path).min() >= 0.98
 
 
 def test_a_variant_passing_the_gate_is_a_model_directory_that_says_where_it_came_from(
