@@ -397,6 +397,99 @@ def _smoothed(
         smoothed.unlink()
 
 
+def split_outlier_channels(
+    source: Path, target: Path, facts: GraphFacts, calibration: Calibration, channels: int
+) -> None:
+    """The ``channels`` input channels of each weight MatMul ``x @ W`` that reach the largest
+    ``|x|`` over the calibration texts' real tokens leave the int8 product and go through an
+    fp32 MatMul of their own (the decomposition of LLM.int8(), Dettmers et al., 2022, with the
+    channels fixed here)::
+
+        y = (x * inliers) @ W_inliers  +  x[..., outliers] @ W[outliers]
+             int8 by a later recipe        fp32: [tokens, channels] @ [channels, outputs]
+
+    ``W_inliers`` is ``W`` with the outlier rows zeroed, so the sum is exact in fp32. A
+    token's int8 scale is then set by its inlier channels, no longer by the few channels
+    whose range dwarfs theirs; the extra work is a Gather, a Mul and a MatMul of
+    ``channels`` inputs per activation and weight. The MatMuls reading the same activation
+    share its channels. The outlier MatMuls are named ``<node>/outliers``, so they are not
+    among ``facts.weight_matmuls`` and stay fp32."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    weights = {initializer.name: initializer for initializer in model.graph.initializer}
+    readers = _weight_inputs(model, facts)
+    reach: dict[str, npt.NDArray[np.float32]] = {}
+    for name, value, mask in _probe(model, list(readers), calibration):
+        rows = value[mask] if value.ndim == 3 else value.reshape(-1, value.shape[-1])
+        channel_max = np.abs(rows).max(axis=0)
+        reach[name] = np.maximum(reach.get(name, channel_max), channel_max)
+    split: dict[str, list[Any]] = {}  # activation -> the nodes that compute its two parts
+    nodes = []
+    for node in model.graph.node:
+        x = node.input[0] if node.input else ""
+        if x not in readers or node not in readers[x]:
+            nodes.append(node)
+            continue
+        outliers = np.sort(np.argsort(-reach[x], kind="stable")[:channels]).astype(np.int64)
+        if x not in split:
+            inliers = np.ones(len(reach[x]), np.float32)
+            inliers[outliers] = 0.0
+            model.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(outliers, f"{x}/outlier_channels"),
+                    numpy_helper.from_array(inliers, f"{x}/inlier_mask"),
+                ]
+            )
+            split[x] = [
+                helper.make_node(
+                    "Gather", [x, f"{x}/outlier_channels"], [f"{x}/outliers"], axis=-1
+                ),
+                helper.make_node("Mul", [x, f"{x}/inlier_mask"], [f"{x}/inliers"]),
+            ]
+            nodes += split[x]
+        weight = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
+        outlier_rows = weight[outliers]
+        weight[outliers] = 0.0
+        weights[node.input[1]].CopyFrom(numpy_helper.from_array(weight, node.input[1]))
+        model.graph.initializer.append(
+            numpy_helper.from_array(outlier_rows, f"{node.name}/outlier_rows")
+        )
+        output = node.output[0]
+        node.input[0], node.output[0] = f"{x}/inliers", f"{output}/inlier_part"
+        nodes += [
+            node,
+            helper.make_node(
+                "MatMul",
+                [f"{x}/outliers", f"{node.name}/outlier_rows"],
+                [f"{output}/outlier_part"],
+                name=f"{node.name}/outliers",
+            ),
+            helper.make_node("Add", [f"{output}/inlier_part", f"{output}/outlier_part"], [output]),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(target))
+
+
+@contextlib.contextmanager
+def _split(
+    source: Path, target: Path, facts: GraphFacts, calibration: Calibration, channels: int
+) -> Iterator[Path]:
+    """``source`` with ``channels`` outlier channels split off (a graph beside ``target``,
+    removed after), or ``source`` itself when ``channels`` is 0."""
+    if not channels:
+        yield source
+        return
+    split = target.with_name(f"split-{target.name}")
+    split_outlier_channels(source, split, facts, calibration, channels)
+    try:
+        yield split
+    finally:
+        split.unlink()
+
+
 def _smoothed_dynamic(alpha: float) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
     weights_only = _dynamic(op_types=["MatMul"], weights_only=True)
 
@@ -635,18 +728,23 @@ def _per_token(
     gptq: bool = False,
     asymmetric: bool = False,
     keep: Callable[[GraphFacts], Sequence[str]] = lambda facts: (),
+    outliers: int = 0,
 ) -> Callable[[Path, Path, GraphFacts, Calibration], None]:
-    """SmoothQuant with ``alpha`` (None: none), then ``per_token_int8`` on every weight MatMul
-    but ``keep``'s (left in fp32): the weights' codes by GPTQ on the calibration texts' inputs
-    with ``gptq`` (else round-to-nearest), every activation on its own min-max range with
-    ``asymmetric``."""
+    """SmoothQuant with ``alpha`` (None: none), then ``outliers`` channels of each input split
+    off in fp32 (``split_outlier_channels``; 0: none), then ``per_token_int8`` on every weight
+    MatMul but ``keep``'s (left in fp32): the weights' codes by GPTQ on the calibration texts'
+    inputs with ``gptq`` (else round-to-nearest), every activation on its own min-max range
+    with ``asymmetric``."""
 
     def build(source: Path, target: Path, facts: GraphFacts, calibration: Calibration) -> None:
         import onnx
 
         kept = set(keep(facts))
         chosen = replace(facts, weight_matmuls=[n for n in facts.weight_matmuls if n not in kept])
-        with _smoothed(source, target, chosen, calibration, alpha) as stage:
+        with (
+            _smoothed(source, target, chosen, calibration, alpha) as smoothed,
+            _split(smoothed, target, chosen, calibration, outliers) as stage,
+        ):
             rounding: WeightCodes = round_to_nearest
             if gptq:
                 rounding = gptq_rounding(input_hessians(onnx.load(str(stage)), chosen, calibration))
@@ -771,6 +869,13 @@ RECIPES: tuple[Recipe, ...] = (
         "SmoothQuant (alpha 0.5), then per-token with the weights' codes by GPTQ on the "
         "calibration texts and each token's activations on its own min-max range (asymmetric)",
         _per_token(0.5, gptq=True, asymmetric=True),
+    ),
+    Recipe(
+        "gptq-per-token-8-outliers",
+        "gptq-per-token with the 8 input channels of each projection that reach furthest "
+        "over the calibration texts computed in fp32 beside the int8 product (LLM.int8()'s "
+        "decomposition, the channels fixed at quantisation)",
+        _per_token(0.5, gptq=True, asymmetric=True, outliers=8),
     ),
     Recipe(
         "gptq-per-token-fp32-ffn-output",

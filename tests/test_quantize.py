@@ -44,6 +44,7 @@ from akidb_embed.models.quantize import (
     per_token_int8,
     round_to_nearest,
     smooth_activations,
+    split_outlier_channels,
     variant_model_id,
 )
 from akidb_embed.worker.config import WorkerConfig
@@ -53,6 +54,7 @@ TINY = "bert_cls"
 RECIPES = "dynamic-weights,blockwise-32-fp32-last-layer"
 MIXED = "smoothquant-per-token-blockwise-ffn-output"
 GPTQ = "gptq-per-token"
+OUTLIERS = "gptq-per-token-8-outliers"
 TINY_MIN_RECALL = "0.75"
 """Below what both recipes reach on the tiny model (0.85-0.92 measured), far above chance."""
 
@@ -190,6 +192,38 @@ def test_gptq_per_token_runs_int8_codes_on_asymmetric_activations_near_the_fp32_
     assert ops.count("MatMul") == len(facts.activation_matmuls)
     assert ops.count("ReduceMin") == ops.count("ReduceMax") > 0  # each input's own min-max
     assert not list(tmp_path.glob("smoothed-*"))
+    assert 0.98 <= cosines_to_fp32(fp32, fp32_engine, tmp_path).min() < 1 - 1e-7
+
+
+def test_splitting_outlier_channels_off_keeps_the_fp32_vectors(
+    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    facts = graph_facts(fp32.path(MODEL_FILE))
+    calibration = Calibration.of(fp32_engine, FIXTURE_TEXTS[48:96])
+    split_outlier_channels(fp32.path(MODEL_FILE), tmp_path / MODEL_FILE, facts, calibration, 4)
+    model = onnx.load(str(tmp_path / MODEL_FILE))
+    ops = [node.op_type for node in model.graph.node]
+    inputs = {node.input[0] for node in model.graph.node if node.name in facts.weight_matmuls}
+    assert ops.count("Gather") >= len(inputs) > 0  # the outlier channels of each input, once
+    outlier_matmuls = [node for node in model.graph.node if node.name.endswith("/outliers")]
+    assert len(outlier_matmuls) == len(facts.weight_matmuls)
+    for node in outlier_matmuls:
+        rows = next(i for i in model.graph.initializer if i.name == node.input[1])
+        assert numpy_helper.to_array(rows).shape[0] == 4
+    assert cosines_to_fp32(fp32, fp32_engine, tmp_path).min() >= 0.99999  # exact in fp32
+
+
+def test_gptq_per_token_with_outliers_runs_them_in_fp32_beside_the_int8_codes(
+    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
+) -> None:
+    facts, ops = built_recipe(OUTLIERS, fp32, fp32_engine, tmp_path)
+    weight_matmuls = len(facts.weight_matmuls)
+    assert ops.count("MatMulInteger") == weight_matmuls > 0
+    assert ops.count("MatMul") == len(facts.activation_matmuls) + weight_matmuls
+    assert not list(tmp_path.glob("smoothed-*")) and not list(tmp_path.glob("split-*"))
     assert 0.98 <= cosines_to_fp32(fp32, fp32_engine, tmp_path).min() < 1 - 1e-7
 
 
