@@ -2,33 +2,43 @@
 
 ``Gate``: what a variant must keep of the fp32 model (recall@10 of corpus neighbours and min
 cosine, both >= 0.98 by default). ``quantize.py`` compares a variant's vectors with the fp32
-model's on real English text: the distinct paragraphs of the docstrings of a fixed list of
-standard-library modules (functions, classes and their methods), so no download is needed and
-the same Python builds the same texts. They are shuffled with a fixed seed and split in two
-disjoint parts::
+model's on real English text shipped with the project, ``gate_corpus.txt`` (one text a line):
+2,000 evaluation texts, then 256 calibration texts, disjoint::
 
-    docstring paragraphs (about 4,400 on CPython 3.11) --shuffle(seed)--> evaluation (2,000)
-                                                                      +-> calibration (256)
+    gate_corpus.txt --> evaluation (lines 1-2,000)    recall@10 and cosine against fp32
+                    +-> calibration (2,001-2,256)    a static recipe's activation ranges, the
+                                                     SmoothQuant scales, GPTQ's statistics
 
-The evaluation texts measure recall@10 and cosine against fp32; the calibration texts feed a
-static recipe's activation ranges, so no text is both calibrated on and judged by. Lengths are
-those of the paragraphs: mostly one or two sentences, some over the model's max tokens.
+so no text is both calibrated on and judged by. Lengths are those of documentation paragraphs:
+mostly one or two sentences, some over the model's max tokens.
+
+The file was drawn once (``draw_from_docstrings``, ``python -m akidb_embed.models.gate_corpus``
+in a fresh CPython 3.11 interpreter): the distinct paragraphs of the docstrings of a fixed list
+of standard-library modules (functions, classes and their methods), shuffled with a fixed seed.
+It is shipped rather than drawn at each run because the draw depends on its interpreter: a
+module imported earlier can patch one docstring (typing_extensions replaces
+``typing._collect_parameters``), and one paragraph more reshuffles every text; so do other
+Python versions' docstrings.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from akidb_embed.bench.corpus import corpus_digest, docstring_paragraphs
 
 __all__ = [
     "CALIBRATION_TEXTS",
+    "CORPUS_FILE",
     "DEFAULT_GATE",
     "EVALUATION_TEXTS",
     "GATE_MODULES",
     "Gate",
     "GateCorpus",
+    "draw_from_docstrings",
     "gate_corpus",
 ]
 
@@ -50,6 +60,8 @@ GATE_MODULES = (
 EVALUATION_TEXTS = 2000
 CALIBRATION_TEXTS = 256
 SEED = 20261204
+CORPUS_FILE = Path(__file__).with_name("gate_corpus.txt")
+"""The texts, one a line: the evaluation texts, then the calibration texts."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +98,27 @@ class GateCorpus:
 def gate_corpus(
     evaluation: int = EVALUATION_TEXTS, calibration: int = CALIBRATION_TEXTS
 ) -> GateCorpus:
-    """The first ``evaluation`` shuffled paragraphs to judge on, the next ``calibration`` to
-    calibrate with; the same for the same sizes and Python. ``ValueError`` when the standard
-    library documents fewer paragraphs than asked for."""
+    """The first ``evaluation`` texts of ``CORPUS_FILE`` to judge on, the ``calibration`` texts
+    after its evaluation texts to calibrate with; the same wherever it runs."""
+    lines = CORPUS_FILE.read_text(encoding="utf-8").splitlines()
+    if evaluation > EVALUATION_TEXTS or calibration > len(lines) - EVALUATION_TEXTS:
+        raise ValueError(
+            f"{evaluation} + {calibration} texts asked for, {CORPUS_FILE.name} holds "
+            f"{EVALUATION_TEXTS} + {len(lines) - EVALUATION_TEXTS}"
+        )
+    return GateCorpus(
+        evaluation=lines[:evaluation],
+        calibration=lines[EVALUATION_TEXTS : EVALUATION_TEXTS + calibration],
+    )
+
+
+def draw_from_docstrings(
+    evaluation: int = EVALUATION_TEXTS, calibration: int = CALIBRATION_TEXTS
+) -> GateCorpus:
+    """How ``CORPUS_FILE`` was drawn: the distinct paragraphs of ``GATE_MODULES``' docstrings,
+    shuffled with ``SEED``, the first ``evaluation`` to judge on and the next ``calibration``
+    to calibrate with. ``ValueError`` when the standard library documents fewer paragraphs
+    than asked for."""
     paragraphs = docstring_paragraphs(GATE_MODULES, methods=True)
     if evaluation + calibration > len(paragraphs):
         raise ValueError(
@@ -100,3 +130,8 @@ def gate_corpus(
         evaluation=paragraphs[:evaluation],
         calibration=paragraphs[evaluation : evaluation + calibration],
     )
+
+
+if __name__ == "__main__":  # the draw, one text a line: ... > models/gate_corpus.txt
+    drawn = draw_from_docstrings()
+    sys.stdout.writelines(f"{text}\n" for text in drawn.evaluation + drawn.calibration)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from fresh_python import run_python
 from st_fixtures import FIXTURE_TEXTS
 
 from akidb_embed.host_client import EmbeddingClient
@@ -85,6 +86,21 @@ def test_the_gate_corpus_is_real_text_and_calibrates_apart_from_what_it_judges()
     assert len(set(corpus.evaluation)) == len(corpus.evaluation)
     assert not set(corpus.evaluation) & set(corpus.calibration)
     assert gate_corpus().evaluation_digest == corpus.evaluation_digest
+
+
+def test_the_shipped_gate_corpus_is_the_draw_of_a_fresh_interpreter() -> None:
+    """The file is the standard library's docstrings drawn by ``draw_from_docstrings`` in a
+    fresh interpreter of the project's Python (3.11), text for text; this test process has
+    imported much more (typing_extensions among it), and reads the same file."""
+    drawn = run_python(
+        "from akidb_embed.models.gate_corpus import draw_from_docstrings",
+        "corpus = draw_from_docstrings()",
+        "print(corpus.evaluation_digest, corpus.calibration_digest)",
+        timeout=120,
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    shipped = gate_corpus()
+    assert drawn.stdout.split() == [shipped.evaluation_digest, shipped.calibration_digest]
 
 
 def test_gate_figures_see_moved_neighbours_that_cosines_hide() -> None:
