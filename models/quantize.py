@@ -7,7 +7,8 @@
        +-- each RECIPE (onnxruntime.quantization: dynamic per-channel, static QDQ calibrated
        |   on the gate corpus' calibration texts, block-wise MatMulNBits, SmoothQuant then
        |   dynamic, per-token activation scales, weights rounded by GPTQ on the calibration
-       |   texts' inputs; some leave sensitive nodes in fp32 or block-wise)
+       |   texts' inputs; some leave sensitive nodes in fp32 or block-wise, or each input's
+       |   outlier channels in fp32 beside the int8 product)
        |   --> candidate model.onnx
        |
        v   the worker's own Engine runs the gate corpus' evaluation texts (gate_corpus.py)
@@ -97,6 +98,7 @@ __all__ = [
     "quantize",
     "round_to_nearest",
     "smooth_activations",
+    "split_outlier_channels",
     "variant_model_id",
 ]
 
