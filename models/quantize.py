@@ -383,20 +383,32 @@ def smooth_activations(
 
 
 @contextlib.contextmanager
-def _smoothed(
-    source: Path, target: Path, facts: GraphFacts, calibration: Calibration, alpha: float | None
+def _stage(
+    source: Path, target: Path, name: str, make: Callable[[Path, Path], None] | None
 ) -> Iterator[Path]:
-    """``source`` after SmoothQuant with ``alpha`` (a graph beside ``target``, removed after),
-    or ``source`` itself when ``alpha`` is None."""
-    if alpha is None:
+    """The graph ``make(source, stage)`` writes beside ``target`` (``<name>-<target's name>``,
+    removed after), or ``source`` itself when there is nothing to make."""
+    if make is None:
         yield source
         return
-    smoothed = target.with_name(f"smoothed-{target.name}")
-    smooth_activations(source, smoothed, facts, calibration, alpha)
+    stage = target.with_name(f"{name}-{target.name}")
+    make(source, stage)
     try:
-        yield smoothed
+        yield stage
     finally:
-        smoothed.unlink()
+        stage.unlink()
+
+
+def _smoothed(
+    source: Path, target: Path, facts: GraphFacts, calibration: Calibration, alpha: float | None
+) -> contextlib.AbstractContextManager[Path]:
+    """``source`` after SmoothQuant with ``alpha`` (None: ``source`` itself), while in use."""
+
+    def make(graph: Path, stage: Path) -> None:
+        assert alpha is not None
+        smooth_activations(graph, stage, facts, calibration, alpha)
+
+    return _stage(source, target, "smoothed", None if alpha is None else make)
 
 
 def split_outlier_channels(
@@ -475,21 +487,16 @@ def split_outlier_channels(
     onnx.save(model, str(target))
 
 
-@contextlib.contextmanager
 def _split(
     source: Path, target: Path, facts: GraphFacts, calibration: Calibration, channels: int
-) -> Iterator[Path]:
-    """``source`` with ``channels`` outlier channels split off (a graph beside ``target``,
-    removed after), or ``source`` itself when ``channels`` is 0."""
-    if not channels:
-        yield source
-        return
-    split = target.with_name(f"split-{target.name}")
-    split_outlier_channels(source, split, facts, calibration, channels)
-    try:
-        yield split
-    finally:
-        split.unlink()
+) -> contextlib.AbstractContextManager[Path]:
+    """``source`` with ``channels`` outlier channels split off (0: ``source`` itself), while in
+    use."""
+
+    def make(graph: Path, stage: Path) -> None:
+        split_outlier_channels(graph, stage, facts, calibration, channels)
+
+    return _stage(source, target, "split", make if channels else None)
 
 
 def _smoothed_dynamic(alpha: float) -> Callable[[Path, Path, GraphFacts, Calibration], None]:

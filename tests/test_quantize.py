@@ -200,17 +200,6 @@ def cosines_to_fp32(fp32: ModelMetadata, engine: Engine, directory: Path) -> npt
     return np.sum(ours.astype(np.float64) * theirs, axis=1)
 
 
-def test_gptq_per_token_runs_int8_codes_on_asymmetric_activations_near_the_fp32_vectors(
-    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
-) -> None:
-    facts, ops = built_recipe(GPTQ, fp32, fp32_engine, tmp_path)
-    assert ops.count("MatMulInteger") == len(facts.weight_matmuls) > 0
-    assert ops.count("MatMul") == len(facts.activation_matmuls)
-    assert ops.count("ReduceMin") == ops.count("ReduceMax") > 0  # each input's own min-max
-    assert not list(tmp_path.glob("smoothed-*"))
-    assert 0.98 <= cosines_to_fp32(fp32, fp32_engine, tmp_path).min() < 1 - 1e-7
-
-
 def test_splitting_outlier_channels_off_keeps_the_fp32_vectors(
     fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
 ) -> None:
@@ -232,13 +221,18 @@ def test_splitting_outlier_channels_off_keeps_the_fp32_vectors(
     assert cosines_to_fp32(fp32, fp32_engine, tmp_path).min() >= 0.99999  # exact in fp32
 
 
-def test_gptq_per_token_with_outliers_runs_them_in_fp32_beside_the_int8_codes(
-    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path
+@pytest.mark.parametrize(("recipe", "fp32_per_projection"), [(GPTQ, 0), (OUTLIERS, 1)])
+def test_gptq_per_token_recipes_run_int8_codes_on_asymmetric_activations_near_fp32(
+    fp32: ModelMetadata, fp32_engine: Engine, tmp_path: Path, recipe: str, fp32_per_projection: int
 ) -> None:
-    facts, ops = built_recipe(OUTLIERS, fp32, fp32_engine, tmp_path)
+    """Every weight MatMul on ``MatMulInteger`` over each input's own min-max; with outlier
+    channels, one fp32 MatMul beside each for them."""
+    facts, ops = built_recipe(recipe, fp32, fp32_engine, tmp_path)
     weight_matmuls = len(facts.weight_matmuls)
     assert ops.count("MatMulInteger") == weight_matmuls > 0
-    assert ops.count("MatMul") == len(facts.activation_matmuls) + weight_matmuls
+    fp32_matmuls = len(facts.activation_matmuls) + fp32_per_projection * weight_matmuls
+    assert ops.count("MatMul") == fp32_matmuls
+    assert ops.count("ReduceMin") == ops.count("ReduceMax") > 0  # each input's own min-max
     assert not list(tmp_path.glob("smoothed-*")) and not list(tmp_path.glob("split-*"))
     assert 0.98 <= cosines_to_fp32(fp32, fp32_engine, tmp_path).min() < 1 - 1e-7
 
