@@ -3,9 +3,9 @@
 uvicorn writes a reply's status line and headers on ``http.response.start`` and its body on
 ``http.response.body``: two writes on the transport, each sent at once (the socket has
 TCP_NODELAY), so two TCP segments. A caller woken by the first reads the headers, then sleeps
-again until the body comes: one more wake-up on every reply, which on a busy CPU costs as much
-as the rest of the server's Python. Measured on the 2-core VM with http.client as the caller,
-258 of 300 one-sentence replies took two reads; joined, every one took one.
+again until the body comes: one more wake-up on most replies. Measured on the 2-core VM with
+http.client as the caller, 258 of 300 one-sentence replies took two reads; joined, every one
+took one (docs/performance.md, "Over HTTP", has what it did to a lone query's time).
 
 ``OneWriteHttpProtocol`` is uvicorn's own protocol (httptools where installed, else h11) whose
 transport holds the writes made during one turn of the event loop and writes them as one at
