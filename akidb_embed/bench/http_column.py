@@ -89,6 +89,8 @@ class HttpServer(contextlib.AbstractContextManager["HttpServer"]):
 
 Post = Callable[[bytes], tuple[int, bytes]]
 """One POST of a body to /v1/embeddings on the calling thread's connection: status, reply."""
+Connection = tuple[Post, Callable[[], None]]
+"""A connection's ``post``, and what closes it."""
 
 
 class _Caller:
@@ -110,26 +112,28 @@ class _Caller:
         return np.frombuffer(b"".join(rows), "<f4").reshape(len(rows), -1)
 
     def _post(self, body: bytes) -> tuple[int, bytes]:
-        post: Post | None = getattr(self._local, "post", None)
-        for fresh in (post is None, True):
+        connection: Connection | None = getattr(self._local, "connection", None)
+        for fresh in (connection is None, True):
             if fresh:
-                post = self._local.post = self._connect()
-            assert post is not None
+                if connection is not None:
+                    connection[1]()
+                connection = self._local.connection = self._connect()
+            assert connection is not None
             try:
-                return post(body)
+                return connection[0](body)
             except (ConnectionError, http.client.RemoteDisconnected):
                 if fresh:
                     raise
         raise AssertionError("unreachable")
 
-    def _connect(self) -> Post:
+    def _connect(self) -> Connection:
         raise NotImplementedError
 
 
 class StdlibCaller(_Caller):
     """Python's ``http.client``."""
 
-    def _connect(self) -> Post:
+    def _connect(self) -> Connection:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=START_TIMEOUT)
 
         def post(body: bytes) -> tuple[int, bytes]:
@@ -137,7 +141,7 @@ class StdlibCaller(_Caller):
             response = connection.getresponse()
             return response.status, response.read()
 
-        return post
+        return post, connection.close
 
 
 _STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
@@ -148,7 +152,7 @@ class LeanCaller(_Caller):
     """HTTP/1.1 as a load generator speaks it: one write of the request, the reply's head read
     up to its blank line and its body by Content-Length (which the server always sends)."""
 
-    def _connect(self) -> Post:
+    def _connect(self) -> Connection:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=START_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         head = (
@@ -178,4 +182,4 @@ class LeanCaller(_Caller):
             del pending[:stop]
             return int(status[1]), reply
 
-        return post
+        return post, sock.close
