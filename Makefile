@@ -71,9 +71,9 @@ build-rust:
 test-rust: models build-rust
 	AKIDB_EMBED_PYTHON="$(CURDIR)/$(PY)" .ci/rust-tests
 
-# Processes running the Python suite (pytest-xdist): on the 2-core VM three take it from 6 min
-# 12 s in one process to 4 min 56 s, using 1.75 cores (more processes cannot help a suite that
-# keeps the cores busy); PYTEST_WORKERS=0 runs it in this process. A test module stays on one
+# Processes running the Python suite (pytest-xdist): on the 2-core VM three take it from 5 min
+# 5 s in one process to 3 min 30 s (356 and 387 CPU-seconds; more processes cannot help a suite
+# that keeps the cores busy); PYTEST_WORKERS=0 runs it in this process. A test module stays on one
 # process (loadfile), so its module-scoped workers start once.
 PYTEST_WORKERS ?= 3
 
