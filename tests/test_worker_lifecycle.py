@@ -151,11 +151,10 @@ def test_stop_signal_finishes_the_requests_already_read_then_exits_0(
 def test_after_sigterm_the_worker_reads_one_more_frame_refuses_it_and_exits_0(
     spawn_worker: Any, metadata: ModelMetadata, golden: dict[str, Any]
 ) -> None:
-    # replies are read only when asked for (no collector thread): the held requests' replies
-    # (6 x 16 vectors, 147 KB) fill the stdout pipe, so the worker cannot have finished them,
-    # and exited, before the frames below arrive, however long this process is held off the CPU
-    worker = spawn_worker(collect=False)
+    worker = spawn_worker()
     long_text = golden["sentences"][golden["token_counts"].index(metadata.max_tokens)]
+    # seconds of work in hand, so that the worker is still finishing it when the frames below
+    # arrive, even with this test's process held off the CPU a while (a loaded machine)
     held = [embed_request([long_text] * 16) for _ in range(6)]
     ping_id = next(_ids)
     worker.send(*held, {"id": ping_id, "op": "ping"})
